@@ -1,0 +1,104 @@
+"""``staircase sim``: compare policies on simulated engines.
+
+With no arguments it runs the embedded default: MoA with 6 proposers and one
+aggregator, wait-all vs staircase (paper schedule, r=2, both prompt layouts) vs a
+single model, on a Poisson workload with the bundled (uncalibrated) profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from staircase.cli import add_output_arguments, finish_run, parse_int_list
+from staircase.policy import (PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, SCOPES, ChunkSchedule,
+                              make_policies)
+from staircase.report import summary_frame
+from staircase.topology import TOPOLOGY_KINDS, build
+
+from .profile import default_profile_path, load_profile
+from .simulate import simulate_policies
+from .workload import WORKLOAD_KINDS, Workload
+
+DEFAULT_POLICIES = "wait-all,staircase,single"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "sim", help="simulate policies on SimPy engines (no arguments: the embedded default)",
+        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("topology")
+    g.add_argument("--topology", choices=TOPOLOGY_KINDS, default="moa",
+                   help="moa: layers of proposers -> aggregator; mad: debate agents x rounds -> judge")
+    g.add_argument("--proposers", type=int, default=6, help="MoA proposers per layer")
+    g.add_argument("--layers", type=int, default=1, help="MoA proposer layers before the aggregator")
+    g.add_argument("--agents", type=int, default=3, help="MAD agents per round")
+    g.add_argument("--rounds", type=int, default=2, help="MAD rounds before the judge")
+    g = p.add_argument_group("policies")
+    g.add_argument("--policies", default=DEFAULT_POLICIES,
+                   help="comma list of: wait-all, single, staircase (both layouts), staircase-standard, "
+                        "staircase-prefix-cache, staircase-deadline (adaptive first step)")
+    g.add_argument("--redundancy", default="2",
+                   help="redundancy r of staircase policies; a comma list gives one policy per value")
+    g.add_argument("--scope", choices=SCOPES, default="first", help="apply r to the first step only, or every step")
+    g.add_argument("--proposer-schedule", default=",".join(map(str, PAPER_PROPOSER_SCHEDULE)),
+                   help="proposer chunk sizes in tokens; the last repeats")
+    g.add_argument("--aggregator-schedule", default=",".join(map(str, PAPER_AGGREGATOR_SCHEDULE)),
+                   help="aggregator (final node) chunk sizes in tokens; the last repeats")
+    g.add_argument("--max-wait-s", type=float, default=0.5, help="staircase-deadline: longest wait for the first step")
+    g.add_argument("--max-tokens", type=int, default=512, help="max tokens of every node's answer (MoA uses 512)")
+    g = p.add_argument_group("workload")
+    g.add_argument("--workload", choices=WORKLOAD_KINDS, default="poisson",
+                   help="poisson or gamma arrivals, closed loop, or replay of the Azure conversation trace")
+    g.add_argument("--requests", type=int, default=300, help="number of requests")
+    g.add_argument("--rate", type=float, default=0.4, help="arrivals per second (poisson, gamma)")
+    g.add_argument("--cv", type=float, default=2.0, help="gamma: coefficient of variation of inter-arrival times")
+    g.add_argument("--concurrency", type=int, default=8, help="closed: number of users")
+    g.add_argument("--query-tokens", type=int, default=200, help="median query length (synthetic workloads)")
+    g.add_argument("--output-tokens", type=int, default=300, help="median answer length (synthetic workloads)")
+    g.add_argument("--trace", default=None, help="azure: trace CSV (default: the bundled copy)")
+    g.add_argument("--time-scale", type=float, default=1.0, help="azure: divide arrival times by this")
+    g = p.add_argument_group("simulation")
+    g.add_argument("--profile", default=None, help=f"engine profile JSON (default: {default_profile_path().name} bundled)")
+    g.add_argument("--seed", type=int, default=0, help="random seed; a run is a pure function of its inputs and seed")
+    g.add_argument("--no-noise", action="store_true", help="turn the profile's noise off")
+    g.add_argument("--summary-only", action="store_true", help="keep no per-chunk rows (large runs)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: only when stderr is a terminal)")
+    add_output_arguments(p, "sim")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    topology = build(args.topology, proposers=args.proposers, layers=args.layers, agents=args.agents, rounds=args.rounds)
+    policies = make_policies(
+        args.policies.split(","),
+        redundancies=parse_int_list(args.redundancy, "redundancy"),
+        proposer_schedule=ChunkSchedule.parse(args.proposer_schedule, "proposer_schedule"),
+        aggregator_schedule=ChunkSchedule.parse(args.aggregator_schedule, "aggregator_schedule"),
+        scope=args.scope, max_wait_s=args.max_wait_s)
+    for pol in policies:
+        pol.validate_for(topology)
+    workload = Workload(args.workload, args.requests, args.rate, args.cv, args.concurrency, args.query_tokens,
+                        args.output_tokens, trace=args.trace, time_scale=args.time_scale)
+    profile = load_profile(args.profile)
+    started = time.perf_counter()
+    traces = simulate_policies(topology, policies, workload, profile, seed=args.seed, max_tokens=args.max_tokens,
+                               noise=not args.no_noise, keep_chunks=not args.summary_only, progress=args.progress)
+    wall_s = time.perf_counter() - started
+    summary = summary_frame(traces)
+    config = {
+        "command": "sim",
+        "topology": topology.describe(),
+        "topology_args": {"kind": args.topology, "proposers": args.proposers, "layers": args.layers,
+                          "agents": args.agents, "rounds": args.rounds},
+        "policies": [p.describe() for p in policies],
+        "workload": workload.describe(),
+        "profile": {"path": profile.source, "name": profile.name, "calibrated": profile.calibrated,
+                    "note": profile.note},
+        "seed": args.seed, "max_tokens": args.max_tokens, "noise": not args.no_noise,
+        "summary_only": args.summary_only, "wall_s": round(wall_s, 3),
+    }
+    if not profile.calibrated and args.format == "table":
+        print(f"note: profile '{profile.name}' is not calibrated; figures show shapes, not a deployment.\n")
+    return finish_run(args, "sim", traces, summary, config)

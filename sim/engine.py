@@ -1,0 +1,313 @@
+"""A simulated LLM engine: continuous batching, prefill cost, prefix cache, API overhead.
+
+Events are at chunk granularity, never one per token. Decoding is modelled in
+virtual iterations: every sequence in the batch gains one token per iteration, and
+one iteration takes ``base + per_seq * B + per_context_token * C`` seconds, where C,
+the batch's context, grows by B tokens per iteration. Between two events the batch
+is fixed, so the time for n iterations has a closed form (an arithmetic series) and
+the engine only wakes when some sequence reaches a chunk boundary, a call arrives or
+is cancelled, or a prefill ends.
+
+Prefill: waiting calls are admitted together (up to the batch and KV limits); their
+uncached prompt tokens cost ``prefill_s`` while decoding pauses, and the prefill
+produces each call's first token. The prefix cache keeps, per (request, node), the
+tokens of the node's last prompt plus output (LRU within the KV budget), and the
+system instruction of each prompt kind once seen; hits round down to whole blocks
+and leave at least one token to compute, as vLLM does.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import OrderedDict, deque
+from typing import Callable
+
+import numpy as np
+import simpy
+
+from .profile import EngineModel, Noise
+
+EPS = 1e-9
+
+
+class Draws:
+    """Buffered draws of one noise distribution (1.0 when there is no noise)."""
+
+    def __init__(self, noise: Noise | None, rng: np.random.Generator, block: int = 1024):
+        self._dist = noise.frozen() if noise is not None else None
+        self._rng = rng
+        self._block = block
+        self._buf: list[float] = []
+
+    def __call__(self) -> float:
+        if self._dist is None:
+            return 1.0
+        if not self._buf:
+            self._buf = self._dist.rvs(size=self._block, random_state=self._rng).tolist()
+            self._buf.reverse()
+        return self._buf.pop()
+
+
+class SimCall:
+    """One Generate on an engine, with the callbacks that report its progress."""
+
+    __slots__ = ("key", "prompt_tokens", "reuse_tokens", "shared_tokens", "shared_key", "max_tokens",
+                 "natural_tokens", "boundaries", "on_admit", "on_chunk", "on_finish", "cancelled",
+                 "ends", "reason", "bi", "join_iter", "last_end_s", "sent_s", "cached")
+
+    def __init__(self, key, prompt_tokens: int, reuse_tokens: int, shared_tokens: int, shared_key,
+                 max_tokens: int, natural_tokens: int, boundaries: tuple[int, ...],
+                 on_admit: Callable, on_chunk: Callable, on_finish: Callable):
+        self.key = key
+        self.prompt_tokens = prompt_tokens
+        self.reuse_tokens = reuse_tokens
+        self.shared_tokens = shared_tokens
+        self.shared_key = shared_key
+        self.max_tokens = max_tokens
+        self.natural_tokens = natural_tokens
+        self.boundaries = boundaries
+        self.on_admit = on_admit
+        self.on_chunk = on_chunk
+        self.on_finish = on_finish
+        self.cancelled = False
+        stop = min(max_tokens, max(1, natural_tokens))
+        self.reason = "stop" if natural_tokens <= max_tokens else "length"
+        self.ends = [b for b in boundaries if b < stop] + [stop]
+        self.bi = 0
+        self.join_iter = 0.0
+        self.last_end_s = 0.0
+        self.sent_s = 0.0
+        self.cached = 0
+
+
+class SimEngine:
+    def __init__(self, env: simpy.Environment, name: str, model: EngineModel, rng: np.random.Generator,
+                 noise: bool = True):
+        self.env = env
+        self.name = name
+        self.m = model
+        nz = model.noise if noise else {}
+        self._prefill_noise = Draws(nz.get("prefill"), rng)
+        self._decode_noise = Draws(nz.get("decode"), rng)
+        self._overhead_noise = Draws(nz.get("overhead"), rng)
+        self.batch: set[SimCall] = set()
+        self.heap: list = []  # (target iteration, tie, call)
+        self._tie = 0
+        self.iters = 0.0
+        self.context = 0.0  # context tokens of the batch at self.iters
+        self.last_t = 0.0
+        self.factor = 1.0
+        self.waiting: deque[SimCall] = deque()
+        self.prefilling: list[SimCall] | None = None
+        self.prefill_end = 0.0
+        self._gen = 0
+        self._busy = False
+        self.cache: OrderedDict = OrderedDict()  # (request, node) -> tokens
+        self.cache_tokens = 0
+        self.shared_seen: set = set()
+        self.running_tokens = 0  # KV of admitted calls (prompt + generated at admission + growth)
+        # counters for reports
+        self.iterations_scheduled = 0
+        self.prefills = 0
+
+    # --------------------------------------------------------------------- API
+    def submit(self, call: SimCall) -> None:
+        """Send a call; it reaches the engine after the per-request overhead."""
+        call.sent_s = self.env.now
+        delay = self.m.request_overhead_s * self._overhead_noise()
+        ev = self.env.timeout(delay)
+        ev.callbacks.append(lambda _e, c=call: self._arrive(c))
+
+    def cancel(self, call: SimCall) -> None:
+        if call.cancelled:
+            return
+        call.cancelled = True
+        if call in self.batch:
+            self._advance(self.env.now)
+            self._leave(call)
+            self._reschedule()
+
+    # ---------------------------------------------------------------- internals
+    def _arrive(self, call: SimCall) -> None:
+        if call.cancelled:
+            return
+        self.waiting.append(call)
+        if self.prefilling is None:
+            self._advance(self.env.now)
+            self._reschedule()
+
+    def _u_v(self) -> tuple[float, float]:
+        m = self.m
+        b = len(self.batch)
+        u = (m.decode_base_s + m.decode_per_seq_s * b + m.decode_per_context_token_s * self.context) * self.factor
+        v = m.decode_per_context_token_s * b * self.factor
+        return u, v
+
+    def _advance(self, now: float) -> None:
+        """Bring the fluid decode state up to ``now`` (no-op while prefilling)."""
+        dt = now - self.last_t
+        self.last_t = now
+        if self.prefilling is not None or not self.batch or dt <= 0:
+            return
+        u, v = self._u_v()
+        if v > 0:
+            half = u - v / 2
+            n = (-half + math.sqrt(half * half + 2 * v * dt)) / v
+        else:
+            n = dt / u
+        self.iters += n
+        self.context += len(self.batch) * n
+
+    def _time_for(self, n: float) -> float:
+        u, v = self._u_v()
+        return n * u + v * n * (n - 1) / 2
+
+    def _generated(self, call: SimCall) -> float:
+        return 1 + self.iters - call.join_iter
+
+    def _leave(self, call: SimCall) -> None:
+        self.batch.discard(call)
+        ctx = call.prompt_tokens + self._generated(call)
+        self.context -= ctx
+        self.running_tokens -= call.prompt_tokens + call.ends[-1]
+        if not self.batch:
+            self.context = 0.0
+        self._remember(call.key, int(ctx))
+
+    def _remember(self, key, tokens: int) -> None:
+        old = self.cache.pop(key, 0)
+        self.cache_tokens += tokens - old
+        self.cache[key] = tokens
+        self._evict()
+
+    def _evict(self) -> None:
+        budget = self.m.kv_cache_tokens - self.running_tokens
+        while self.cache_tokens > budget and self.cache:
+            _, t = self.cache.popitem(last=False)
+            self.cache_tokens -= t
+
+    def _cached_tokens(self, call: SimCall) -> int:
+        hit = 0
+        entry = self.cache.get(call.key)
+        if entry is not None and call.reuse_tokens:
+            hit = min(call.reuse_tokens, entry)
+            self.cache.move_to_end(call.key)
+        if call.shared_key in self.shared_seen:
+            hit = max(hit, call.shared_tokens)
+        self.shared_seen.add(call.shared_key)
+        block = self.m.block_size_tokens
+        hit = (hit // block) * block
+        return max(0, min(hit, call.prompt_tokens - 1))
+
+    def _reschedule(self) -> None:
+        """Start a prefill if calls wait, else set a timer for the next chunk boundary."""
+        if self._busy or self.prefilling is not None:
+            return
+        self._gen += 1
+        now = self.env.now
+        if self.waiting:
+            group: list[SimCall] = []
+            uncached = 0
+            squares = 0.0
+            while self.waiting and len(self.batch) + len(group) < self.m.max_batch_size:
+                call = self.waiting[0]
+                if call.cancelled:
+                    self.waiting.popleft()
+                    continue
+                need = call.prompt_tokens + call.ends[-1]
+                if group and self.running_tokens + need > self.m.kv_cache_tokens:
+                    break  # no room now; a first call is always admitted so nothing starves
+                self.waiting.popleft()
+                self.running_tokens += need
+                self._evict()
+                cached = self._cached_tokens(call)
+                new = call.prompt_tokens - cached
+                uncached += new
+                squares += new * new
+                call.on_admit(cached, now)
+                group.append(call)
+            if group:
+                self.prefilling = group
+                self.prefills += 1
+                self.prefill_end = now + self.m.prefill_s(uncached, squares) * self._prefill_noise()
+                gen = self._gen
+                ev = self.env.timeout(self.prefill_end - now)
+                ev.callbacks.append(lambda _e, g=gen: self._prefill_done(g))
+                return
+        if not self.batch:
+            return
+        while self.heap and self.heap[0][2].cancelled:
+            heapq.heappop(self.heap)
+        if not self.heap:
+            return
+        target = self.heap[0][0]
+        self.factor = self._decode_noise()
+        dt = self._time_for(max(0.0, target - self.iters))
+        gen = self._gen
+        self.iterations_scheduled += 1
+        ev = self.env.timeout(dt)
+        ev.callbacks.append(lambda _e, g=gen, t=target: self._boundary(g, t))
+
+    def _push(self, call: SimCall) -> None:
+        target = call.join_iter + call.ends[call.bi] - 1
+        self._tie += 1
+        heapq.heappush(self.heap, (target, self._tie, call))
+
+    def _prefill_done(self, gen: int) -> None:
+        if gen != self._gen:
+            return
+        now = self.env.now
+        group, self.prefilling = self.prefilling, None
+        self.last_t = now
+        self._busy = True
+        for call in group:
+            if call.cancelled:
+                self.running_tokens -= call.prompt_tokens + call.ends[-1]
+                continue
+            call.join_iter = self.iters
+            call.last_end_s = now
+            self.batch.add(call)
+            self.context += call.prompt_tokens + 1
+            self._push(call)
+        self._process(now)
+        self._busy = False
+        self._reschedule()
+
+    def _boundary(self, gen: int, target: float) -> None:
+        if gen != self._gen:
+            return
+        now = self.env.now
+        n = target - self.iters
+        if n > 0:
+            self.context += len(self.batch) * n
+            self.iters = target
+        self.last_t = now
+        self._busy = True
+        self._process(now)
+        self._busy = False
+        self._reschedule()
+
+    def _process(self, now: float) -> None:
+        """Report every chunk boundary reached by ``self.iters``."""
+        heap = self.heap
+        while heap and heap[0][0] <= self.iters + EPS:
+            _, _, call = heapq.heappop(heap)
+            if call.cancelled:
+                continue
+            end = call.ends[call.bi]
+            start = call.ends[call.bi - 1] if call.bi else 0
+            if call.bi == 0:
+                first = call.last_end_s  # the prefill's end: it produced token 1
+            else:
+                first = min(now, call.last_end_s + self._u_v()[0])
+            call.on_chunk(call.bi, end - start, first, now)
+            call.last_end_s = now
+            if call.cancelled:
+                continue
+            call.bi += 1
+            if call.bi < len(call.ends):
+                self._push(call)
+            else:
+                self._leave(call)
+                call.on_finish(call.reason, now)

@@ -1,0 +1,223 @@
+"""Engine latency profiles (JSON): a few fitted parameters per engine model.
+
+    prefill_s(P)          = base + per_token * P + per_token2 * P^2     (P: uncached prompt tokens)
+    decode_iteration_s    = base + per_seq * B + per_context_token * C  (B: batch size, C: context tokens in batch)
+    request_overhead_s    = constant per call (network, API front end)
+
+Each of the three is multiplied by noise drawn from a scipy.stats distribution
+named in the profile (``{"dist": "lognorm", "params": {"s": 0.1, "scale": 1.0}}``).
+Proposer answer lengths are the request's output length times a draw from
+``lengths.proposer_factor``.
+
+``slots`` maps topology slots to engine models: ``proposer-i`` runs ``proposers[i % n]``,
+the final node runs ``aggregator``. With ``engine_sharing: "per-slot"`` every slot has
+its own engine instance (several layers or rounds share their slot's engine); with
+``"one"`` all slots share a single engine (one server hosting every agent).
+
+Bundled profiles live in ``calibration/profiles/``. The simulator finds that folder
+as data, without importing the ``calibration`` package (calibration imports sim,
+never the other way).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import scipy.stats
+
+from staircase.errors import ConfigError
+
+SCHEMA = "staircase-profile/1"
+SHARING = ("per-slot", "one")
+
+
+def profiles_folder() -> Path:
+    spec = importlib.util.find_spec("calibration")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("profile", "calibration/profiles", "the installed staircase distribution's bundled profiles")
+    return Path(list(spec.submodule_search_locations)[0]) / "profiles"
+
+
+def default_profile_path() -> Path:
+    return profiles_folder() / "default.json"
+
+
+@dataclass(frozen=True)
+class Noise:
+    """A multiplicative noise distribution (None: no noise)."""
+
+    dist: str
+    params: dict
+
+    def frozen(self):
+        return getattr(scipy.stats, self.dist)(**self.params)
+
+    def to_json(self) -> dict:
+        return {"dist": self.dist, "params": self.params}
+
+
+@dataclass(frozen=True)
+class EngineModel:
+    name: str
+    prefill_base_s: float
+    prefill_per_token_s: float
+    prefill_per_token2_s: float
+    decode_base_s: float
+    decode_per_seq_s: float
+    decode_per_context_token_s: float
+    request_overhead_s: float
+    max_batch_size: int
+    kv_cache_tokens: int
+    block_size_tokens: int
+    noise: dict[str, Noise | None] = field(default_factory=dict)
+
+    def prefill_s(self, uncached_tokens: float, squares: float | None = None) -> float:
+        sq = uncached_tokens * uncached_tokens if squares is None else squares
+        return self.prefill_base_s + self.prefill_per_token_s * uncached_tokens + self.prefill_per_token2_s * sq
+
+    def decode_iteration_s(self, batch: int, context_tokens: float) -> float:
+        return self.decode_base_s + self.decode_per_seq_s * batch + self.decode_per_context_token_s * context_tokens
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    calibrated: bool
+    note: str
+    engines: dict[str, EngineModel]
+    proposer_engines: tuple[str, ...]
+    aggregator_engine: str
+    engine_sharing: str
+    proposer_length_factor: Noise | None
+    source: str = ""
+    raw: dict = field(default_factory=dict, compare=False)
+
+    def engine_for_slot(self, slot: str) -> tuple[str, EngineModel]:
+        """(engine instance name, its model) for a topology slot."""
+        if slot == "aggregator":
+            model = self.aggregator_engine
+        elif slot.startswith("proposer-") and slot[9:].isdigit():
+            model = self.proposer_engines[int(slot[9:]) % len(self.proposer_engines)]
+        else:
+            raise ConfigError("slot", slot, "aggregator or proposer-<i>")
+        instance = "shared" if self.engine_sharing == "one" else f"{slot}:{model}"
+        return instance, self.engines[model]
+
+
+def _number(raw: dict, key: str, where: str, minimum: float = 0.0, integer: bool = False):
+    if key not in raw:
+        raise ConfigError(f"{where}.{key}", None, "a number (missing)")
+    v = raw[key]
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= minimum
+    if integer:
+        ok = ok and float(v).is_integer()
+    if not ok:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(f"{where}.{key}", v, f"{kind} >= {minimum:g}")
+    return int(v) if integer else float(v)
+
+
+def _noise(raw, where: str) -> Noise | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or "dist" not in raw:
+        raise ConfigError(where, raw, 'null or {"dist": <scipy.stats name>, "params": {...}}')
+    name, params = raw["dist"], raw.get("params", {})
+    dist = getattr(scipy.stats, str(name), None)
+    if not isinstance(dist, scipy.stats.rv_continuous):
+        raise ConfigError(f"{where}.dist", name, "a continuous scipy.stats distribution, e.g. lognorm, gamma")
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}.params", params, "an object of the distribution's keyword parameters")
+    try:
+        frozen = dist(**params)
+        mean = float(frozen.mean())
+        if not math.isfinite(mean) or frozen.support()[0] < 0:
+            raise ValueError
+    except Exception:
+        raise ConfigError(f"{where}.params", params, f"valid parameters of scipy.stats.{name} with support >= 0") from None
+    return Noise(str(name), dict(params))
+
+
+def _engine(name: str, raw: dict) -> EngineModel:
+    where = f"engines.{name}"
+    if not isinstance(raw, dict):
+        raise ConfigError(where, raw, "an object with prefill_s, decode_iteration_s, request_overhead_s, ...")
+    for key in ("prefill_s", "decode_iteration_s"):
+        if not isinstance(raw.get(key), dict):
+            raise ConfigError(f"{where}.{key}", raw.get(key), "an object of coefficients")
+    pre, dec = raw["prefill_s"], raw["decode_iteration_s"]
+    noise_raw = raw.get("noise", {}) or {}
+    if not isinstance(noise_raw, dict):
+        raise ConfigError(f"{where}.noise", noise_raw, "an object with prefill, decode, overhead")
+    unknown = set(noise_raw) - {"prefill", "decode", "overhead"}
+    if unknown:
+        raise ConfigError(f"{where}.noise", sorted(unknown), "keys prefill, decode, overhead")
+    model = EngineModel(
+        name=name,
+        prefill_base_s=_number(pre, "base", f"{where}.prefill_s"),
+        prefill_per_token_s=_number(pre, "per_token", f"{where}.prefill_s"),
+        prefill_per_token2_s=_number(pre, "per_token2", f"{where}.prefill_s"),
+        decode_base_s=_number(dec, "base", f"{where}.decode_iteration_s"),
+        decode_per_seq_s=_number(dec, "per_seq", f"{where}.decode_iteration_s"),
+        decode_per_context_token_s=_number(dec, "per_context_token", f"{where}.decode_iteration_s"),
+        request_overhead_s=_number(raw, "request_overhead_s", where),
+        max_batch_size=_number(raw, "max_batch_size", where, 1, integer=True),
+        kv_cache_tokens=_number(raw, "kv_cache_tokens", where, 1, integer=True),
+        block_size_tokens=_number(raw, "block_size_tokens", where, 1, integer=True),
+        noise={k: _noise(noise_raw.get(k), f"{where}.noise.{k}") for k in ("prefill", "decode", "overhead")},
+    )
+    if model.decode_base_s + model.decode_per_seq_s <= 0:
+        raise ConfigError(f"{where}.decode_iteration_s.base", model.decode_base_s, "a positive iteration time")
+    return model
+
+
+def parse_profile(raw: dict, source: str = "<dict>") -> Profile:
+    if not isinstance(raw, dict):
+        raise ConfigError("profile", type(raw).__name__, "a JSON object")
+    if raw.get("schema") != SCHEMA:
+        raise ConfigError("profile.schema", raw.get("schema"), SCHEMA)
+    engines_raw = raw.get("engines")
+    if not isinstance(engines_raw, dict) or not engines_raw:
+        raise ConfigError("profile.engines", engines_raw, "a non-empty object of engine models")
+    engines = {name: _engine(name, e) for name, e in engines_raw.items()}
+    slots = raw.get("slots")
+    if not isinstance(slots, dict):
+        raise ConfigError("profile.slots", slots, '{"proposers": [model, ...], "aggregator": model}')
+    proposers = slots.get("proposers")
+    if not isinstance(proposers, list) or not proposers:
+        raise ConfigError("profile.slots.proposers", proposers, "a non-empty list of engine model names")
+    for p in proposers + [slots.get("aggregator")]:
+        if p not in engines:
+            raise ConfigError("profile.slots", p, f"one of the engines: {', '.join(engines)}")
+    sharing = raw.get("engine_sharing", "per-slot")
+    if sharing not in SHARING:
+        raise ConfigError("profile.engine_sharing", sharing, ", ".join(SHARING))
+    lengths = raw.get("lengths", {}) or {}
+    return Profile(
+        name=str(raw.get("name", Path(source).stem)),
+        calibrated=bool(raw.get("calibrated", False)),
+        note=str(raw.get("note", "")),
+        engines=engines,
+        proposer_engines=tuple(proposers),
+        aggregator_engine=slots["aggregator"],
+        engine_sharing=sharing,
+        proposer_length_factor=_noise(lengths.get("proposer_factor"), "profile.lengths.proposer_factor"),
+        source=source,
+        raw=raw,
+    )
+
+
+def load_profile(path: Path | str | None = None) -> Profile:
+    """Read and check a profile; ``None`` means the bundled default."""
+    path = Path(path) if path is not None else default_profile_path()
+    if not path.is_file():
+        raise ConfigError("profile", str(path), "an existing profile JSON file")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError("profile", str(path), f"valid JSON (line {err.lineno}: {err.msg})") from None
+    return parse_profile(raw, str(path))

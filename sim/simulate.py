@@ -1,0 +1,231 @@
+"""``simulate``: one policy over one workload on simulated engines; a pure function of
+its inputs and seed. ``simulate_policies`` runs several policies on the same requests
+(same arrivals, lengths and noise streams), so their differences are the policies'.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import simpy
+
+from staircase.metrics import request_metrics
+from staircase.policy import Policy
+from staircase.prompts import TextPieces
+from staircase.scheduler import (Cancel, Chunk, Done, Emit, Finished, Generate, Query, Scheduler,
+                                 SetTimer, TimerFired)
+from staircase.topology import Topology
+from staircase.trace import CHUNK_COLUMNS, REQUEST_COLUMNS, Trace, frame
+
+from .engine import Draws, SimCall, SimEngine
+from .profile import Profile
+from .workload import Request, Workload, make_requests
+
+
+@dataclass
+class _Shared:
+    """What every request of one run shares."""
+
+    env: simpy.Environment
+    topology: Topology
+    policy: Policy
+    profile: Profile
+    engines: dict[str, SimEngine]
+    slot_engine: dict[str, str]
+    lengths: dict[str, np.ndarray]  # node -> natural answer length per request
+    max_tokens: int
+    texts: TextPieces
+    keep_chunks: bool
+    chunk_rows: list
+    request_rows: list
+    on_done: Callable[[int], None]
+
+
+class _RequestRun:
+    """Drives one request's scheduler with simulated engines."""
+
+    __slots__ = ("s", "req", "sched", "calls", "user", "prompt_tokens", "cached_tokens", "n_calls", "arrival_s")
+
+    def __init__(self, shared: _Shared, req: Request, arrival_s: float):
+        self.s = shared
+        self.req = req
+        self.arrival_s = arrival_s
+        self.sched = Scheduler(shared.topology, shared.policy, Query(req.text, req.query_tokens),
+                               shared.max_tokens, texts=shared.texts)
+        self.calls: dict[str, SimCall] = {}
+        self.user: list[tuple[int, float, float]] = []
+        self.prompt_tokens = 0
+        self.cached_tokens = 0
+        self.n_calls = 0
+
+    def start(self) -> None:
+        self._apply(self.sched.start(self.s.env.now))
+
+    def _apply(self, actions) -> None:
+        for a in actions:
+            if isinstance(a, Generate):
+                self._generate(a)
+            elif isinstance(a, Cancel):
+                call = self.calls.get(a.node)
+                if call is not None:
+                    self.s.engines[self.s.slot_engine[self.sched.topology.by_id[a.node].slot]].cancel(call)
+            elif isinstance(a, Emit):
+                pass  # user-visible chunks are recorded with their times in _chunk
+            elif isinstance(a, SetTimer):
+                ev = self.s.env.timeout(a.delay_s)
+                ev.callbacks.append(lambda _e, k=a.key: self._event(TimerFired(k)))
+            elif isinstance(a, Done):
+                self._done(a)
+
+    def _event(self, event) -> None:
+        self._apply(self.sched.on(event, self.s.env.now))
+
+    def _generate(self, g: Generate) -> None:
+        s = self.s
+        node = self.sched.topology.by_id[g.node]
+        natural = int(s.lengths[g.node][self.req.request_id]) - self.sched.states[g.node].tokens
+        prompt = g.prompt
+        call_id, first_index, final = g.call, g.first_chunk_index, node.is_final
+        engine = s.slot_engine[node.slot]
+
+        def on_chunk(index: int, tokens: int, first_s: float, end_s: float) -> None:
+            if final:
+                self.user.append((tokens, first_s, end_s))
+            if s.keep_chunks:
+                first_of_call = index == 0
+                s.chunk_rows.append((
+                    self.req.request_id, s.policy.name, node.id, node.role, node.stage, engine, call_id,
+                    first_index + index, tokens, call.prompt_tokens if first_of_call else 0,
+                    call.cached if first_of_call else 0, call.sent_s if first_of_call else call.last_end_s,
+                    first_s, end_s, final))
+            self._event(Chunk(node.id, call_id, first_index + index, tokens, None))
+
+        def on_finish(reason: str, now: float) -> None:
+            self._event(Finished(node.id, call_id, reason))
+
+        def on_admit(cached: int, now: float) -> None:
+            call.cached = cached
+            self.prompt_tokens += prompt.tokens
+            self.cached_tokens += cached
+
+        shared_key = (s.policy.layout, node.role, prompt.messages[0].pieces[0].key)
+        call = SimCall((self.req.request_id, g.node), prompt.tokens, prompt.reuse_prefix_tokens,
+                       prompt.shared_prefix_tokens, shared_key, g.max_tokens, max(1, natural), g.boundaries,
+                       on_admit, on_chunk, on_finish)
+        self.calls[g.node] = call
+        self.n_calls += 1
+        s.engines[engine].submit(call)
+
+    def _done(self, d: Done) -> None:
+        m = request_metrics(self.user, self.arrival_s)
+        lost = "; ".join(f"{k}: {v}" for k, v in sorted(d.lost.items()))
+        self.s.request_rows.append((
+            self.req.request_id, self.s.policy.name, self.arrival_s, self.sched.query.tokens, d.outcome,
+            d.error or "", lost, m["ttft_s"], m["e2e_s"], m["tpot_s"], m["output_tokens"],
+            m["output_tokens_per_s"], m["longest_stall_s"], m["stalls_over_threshold"], self.n_calls,
+            self.prompt_tokens, self.cached_tokens))
+        self.s.on_done(self.req.request_id)
+
+
+def _node_lengths(topology: Topology, profile: Profile, requests: Sequence[Request], seed: int) -> dict[str, np.ndarray]:
+    """Natural answer length of every node for every request: the request's output
+    length for the final node, times a per-node factor for the others. Drawn for the
+    full topology, whatever the policy, so policies see the same answers."""
+    out_tokens = np.array([r.output_tokens for r in requests], dtype=np.float64)
+    rng = np.random.default_rng([seed, 0x1E4])
+    draws = Draws(profile.proposer_length_factor, rng, block=max(1, len(requests)))
+    lengths = {}
+    for node in topology.nodes:
+        if node.is_final:
+            lengths[node.id] = np.maximum(1, np.rint(out_tokens)).astype(np.int64)
+        else:
+            factor = np.array([draws() for _ in requests])
+            lengths[node.id] = np.maximum(1, np.rint(out_tokens * factor)).astype(np.int64)
+    return lengths
+
+
+def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[Request], profile: Profile, *,
+             seed: int = 0, max_tokens: int = 512, noise: bool = True, keep_chunks: bool = True,
+             progress: bool | None = None) -> Trace:
+    """Run ``policy`` over the workload; returns the trace (requests, and chunks unless
+    ``keep_chunks=False``, the summary-only mode)."""
+    if isinstance(workload, Workload):
+        requests = make_requests(workload, seed)
+        closed = workload.concurrency if workload.closed_loop else None
+        wdesc = workload.describe()
+    else:
+        requests = list(workload)
+        closed = None
+        wdesc = {"kind": "explicit", "requests": len(requests)}
+    # Validate before any work.
+    policy.validate_for(topology)
+    plan = policy.plan(topology)
+    env = simpy.Environment()
+    engine_names = sorted({profile.engine_for_slot(n.slot)[0] for n in topology.nodes})
+    streams = np.random.SeedSequence([seed, 0xE9]).spawn(len(engine_names))
+    engines = {}
+    for name, ss in zip(engine_names, streams):
+        model = next(profile.engine_for_slot(n.slot)[1] for n in topology.nodes
+                     if profile.engine_for_slot(n.slot)[0] == name)
+        engines[name] = SimEngine(env, name, model, np.random.default_rng(ss), noise=noise)
+    slot_engine = {n.slot: profile.engine_for_slot(n.slot)[0] for n in topology.nodes}
+    lengths = _node_lengths(topology, profile, requests, seed)
+    bar = _progress(len(requests), policy.name, progress)
+    pending = iter(requests)
+
+    def on_done(_rid: int) -> None:
+        bar.update(1)
+        if closed is not None:
+            nxt = next(pending, None)
+            if nxt is not None:
+                _RequestRun(shared, nxt, env.now).start()
+
+    shared = _Shared(env, plan, policy, profile, engines, slot_engine, lengths, max_tokens, TextPieces(),
+                     keep_chunks, [], [], on_done)
+    if closed is not None:
+        for _ in range(min(closed, len(requests))):
+            _RequestRun(shared, next(pending), 0.0).start()
+    else:
+        def arrivals():
+            for req in requests:
+                if req.arrival_s > env.now:
+                    yield env.timeout(req.arrival_s - env.now)
+                _RequestRun(shared, req, env.now).start()
+        env.process(arrivals())
+    env.run()
+    bar.close()
+    req_df = frame(shared.request_rows, REQUEST_COLUMNS).sort_values("request_id", kind="stable").reset_index(drop=True)
+    chunk_df = frame(shared.chunk_rows, CHUNK_COLUMNS) if keep_chunks else None
+    meta = {"policy": policy.describe(), "topology": topology.describe(), "workload": wdesc,
+            "profile": profile.name, "profile_calibrated": profile.calibrated, "seed": seed,
+            "max_tokens": max_tokens, "noise": noise, "sim_end_s": env.now,
+            "engines": {n: {"model": e.m.name, "prefills": e.prefills, "decode_intervals": e.iterations_scheduled}
+                        for n, e in engines.items()}}
+    if len(req_df) != len(requests):
+        raise RuntimeError(f"simulation ended with {len(requests) - len(req_df)} requests unfinished (a deadlock)")
+    return Trace(policy.name, req_df, chunk_df, meta)
+
+
+def simulate_policies(topology: Topology, policies: Sequence[Policy], workload, profile: Profile,
+                      **kwargs) -> dict[str, Trace]:
+    for p in policies:
+        p.validate_for(topology)
+    return {p.name: simulate(topology, p, workload, profile, **kwargs) for p in policies}
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None: ...
+    def close(self) -> None: ...
+
+
+def _progress(total: int, label: str, enabled: bool | None):
+    if enabled is None:
+        enabled = sys.stderr.isatty()
+    if not enabled:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=f"sim {label}", unit="req", file=sys.stderr, leave=False, mininterval=0.5)

@@ -1,0 +1,94 @@
+"""The ``staircase`` command's frame.
+
+Subcommands live in the packages that own them (``sim``, ``live``, ``calibration``)
+and are found through the ``staircase.commands`` entry-point group: each entry point
+is a ``register(subparsers)`` function that adds a parser whose ``func(args)`` runs it.
+The core never imports them by name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from .errors import ConfigError, StaircaseError
+from .report import format_table, summary_json, write_results
+
+ENTRY_POINT_GROUP = "staircase.commands"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like our own errors
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="staircase",
+        description="Staircase streaming for multi-agent LLM inference: simulate, run live, calibrate.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        ep.load()(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except StaircaseError as err:
+        print(f"staircase {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"staircase {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+# ------------------------------------------------------------ helpers for subcommands
+def add_output_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+    parser.add_argument("--format", choices=("table", "json"), default="table",
+                        help="stdout format: a table (default) or one JSON object with key 'policies'")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"results folder (default: results/{command}-<UTC timestamp>)")
+    parser.add_argument("--no-figure", action="store_true", help="skip the seaborn figure")
+
+
+def results_folder(args: argparse.Namespace, command: str) -> Path:
+    if args.out is not None:
+        return args.out
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path("results") / f"{command}-{stamp}"
+
+
+def finish_run(args: argparse.Namespace, command: str, traces: Mapping, summary, config: Mapping) -> int:
+    """Write the results folder and print the table or the JSON object."""
+    folder = results_folder(args, command)
+    paths = write_results(folder, traces, summary, config, figure=not args.no_figure)
+    if args.format == "json":
+        out = summary_json(summary)
+        out["results"] = str(folder)
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_table(summary))
+        print(f"\nresults: {folder}/ ({', '.join(p.name for p in paths.values())})")
+    return 0
+
+
+def parse_int_list(text: str, field: str, minimum: int = 0) -> list[int]:
+    try:
+        values = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ConfigError(field, text, f"comma-separated integers >= {minimum}") from None
+    if not values or any(v < minimum for v in values):
+        raise ConfigError(field, text, f"comma-separated integers >= {minimum}")
+    return values

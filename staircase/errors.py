@@ -1,0 +1,21 @@
+"""Errors for bad input: each names the field, the value and what is allowed."""
+
+from __future__ import annotations
+
+
+class StaircaseError(Exception):
+    """Base class for errors a user can fix; the CLI prints them on one line (exit 2)."""
+
+
+class ConfigError(StaircaseError, ValueError):
+    """A field holds a value that is not allowed."""
+
+    def __init__(self, field: str, value: object, allowed: str):
+        self.field = field
+        self.value = value
+        self.allowed = allowed
+        super().__init__(f"{field}: got {value!r}; allowed: {allowed}")
+
+
+class ProtocolError(StaircaseError, RuntimeError):
+    """An event that the scheduler's state does not allow (a runner bug, not user input)."""

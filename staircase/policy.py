@@ -1,0 +1,328 @@
+"""Chunk schedules and policies.
+
+A policy is the small object the scheduler consults: how a source node's stream is
+cut into chunks, how many tokens a consumer's next step generates, and whether a
+consumer may start its next step now (``decide``). Baselines are policies too, so
+every comparison runs through one code path:
+
+- ``StaircasePolicy``: the paper's technique (schedules, redundancy r and its scope,
+  prompt layout).
+- ``WaitAllPolicy``: standard MoA; a consumer starts once all its inputs finished.
+- ``SinglePolicy``: the final node answers the query alone.
+- ``DeadlineStaircasePolicy``: an adaptive example; it also starts the first step
+  when it has waited ``max_wait_s`` since the first input chunk arrived.
+
+Adaptive policies override ``decide`` and/or ``step_tokens``: both see a
+``ConsumerView`` of what has been observed so far, including chunk times.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Sequence
+
+from .errors import ConfigError
+from .topology import Node, Topology
+
+LAYOUTS = ("standard", "prefix-cache")
+SCOPES = ("first", "every")
+PAPER_PROPOSER_SCHEDULE = (8, 128, 256)
+PAPER_AGGREGATOR_SCHEDULE = (8, 128, 128)
+
+
+@dataclass(frozen=True)
+class ChunkSchedule:
+    """Chunk sizes in tokens; chunk k has ``sizes[k]`` tokens and the last size repeats."""
+
+    sizes: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if not self.sizes:
+            raise ConfigError("schedule", self.sizes, "a non-empty list of positive token counts, e.g. 8,128,256")
+        for s in self.sizes:
+            if isinstance(s, bool) or not isinstance(s, int) or s <= 0:
+                raise ConfigError("schedule", tuple(self.sizes), "positive integer token counts, e.g. 8,128,256")
+
+    @classmethod
+    def parse(cls, text: str | Sequence[int], field: str = "schedule") -> "ChunkSchedule":
+        """Parse ``"8,128,256"`` (or a sequence of ints); errors name ``field``."""
+        if isinstance(text, str):
+            parts = [p.strip() for p in text.replace("/", ",").split(",") if p.strip()]
+            try:
+                sizes = tuple(int(p) for p in parts)
+            except ValueError:
+                raise ConfigError(field, text, "comma-separated positive integers, e.g. 8,128,256") from None
+        else:
+            sizes = tuple(text)
+        try:
+            return cls(sizes)
+        except ConfigError as err:
+            raise ConfigError(field, text, err.allowed) from None
+
+    def size(self, index: int) -> int:
+        return self.sizes[index] if index < len(self.sizes) else self.sizes[-1]
+
+    def boundaries(self, start_index: int, max_tokens: int) -> tuple[int, ...]:
+        """Cumulative token counts, within one call that begins at chunk ``start_index``,
+        at which chunks end; the last boundary is ``max_tokens``."""
+        out: list[int] = []
+        total = 0
+        k = start_index
+        while total < max_tokens:
+            total = min(total + self.size(k), max_tokens)
+            out.append(total)
+            k += 1
+        return tuple(out)
+
+    def __str__(self) -> str:
+        return ",".join(map(str, self.sizes))
+
+
+@dataclass(frozen=True)
+class UpstreamView:
+    """What a consumer knows of one of its inputs."""
+
+    node: str
+    chunks: int  # chunks delivered so far
+    tokens: int
+    finished: bool  # answer complete (not failed, not cancelled)
+    failed: bool
+    chunk_end_s: Sequence[float]  # time each chunk was delivered
+
+
+@dataclass(frozen=True)
+class ConsumerView:
+    node: Node
+    step: int  # index of the step about to be decided
+    now_s: float
+    own_tokens: int
+    upstream: tuple[UpstreamView, ...]
+
+    @property
+    def lost(self) -> int:
+        return sum(u.failed for u in self.upstream)
+
+
+@dataclass(frozen=True)
+class Decision:
+    kind: str  # "wait", "step", "final", "fail"
+    wake_after_s: float | None = None  # for "wait": ask for a timer
+    reason: str = ""
+
+
+WAIT = Decision("wait")
+STEP = Decision("step")
+FINAL = Decision("final")
+
+
+class Policy(ABC):
+    """What the scheduler asks; subclasses define the answers."""
+
+    name: str
+    layout: str
+    tolerance: int  # upstream nodes a consumer may lose before the request fails
+
+    def plan(self, topology: Topology) -> Topology:
+        """The topology this policy runs (``single`` keeps only the final node)."""
+        return topology
+
+    def validate_for(self, topology: Topology) -> None:
+        fan_in = topology.min_fan_in
+        if fan_in and self.tolerance >= fan_in:
+            raise ConfigError("redundancy", self.tolerance, f"0 <= r < {fan_in} (the inputs of each consumer)")
+
+    @abstractmethod
+    def output_schedule(self, node: Node) -> ChunkSchedule:
+        """Chunk sizes of ``node``'s output as its readers (or the user) receive it."""
+
+    def source_boundaries(self, node: Node, max_tokens: int) -> tuple[int, ...]:
+        return self.output_schedule(node).boundaries(0, max_tokens)
+
+    def step_tokens(self, view: ConsumerView) -> int:
+        return self.output_schedule(view.node).size(view.step)
+
+    @abstractmethod
+    def decide(self, view: ConsumerView) -> Decision:
+        """May this consumer start step ``view.step`` now, or generate the rest (``final``)?"""
+
+    def describe(self) -> dict:
+        return {"name": self.name, "kind": type(self).__name__, "layout": self.layout, "tolerance": self.tolerance}
+
+
+def _check_choice(field: str, value: str, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ConfigError(field, value, ", ".join(allowed))
+    return value
+
+
+def _check_redundancy(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError("redundancy", value, "an integer >= 0 and below the number of proposers")
+    return value
+
+
+class StaircasePolicy(Policy):
+    """Consumer step k starts once N - r_k inputs delivered chunk k or finished
+    (r_k = r on every step, or on the first step only, by ``scope``); once the inputs
+    it waits for have finished, it generates the rest of its answer in one call."""
+
+    def __init__(
+        self,
+        proposer_schedule: ChunkSchedule | Sequence[int] = PAPER_PROPOSER_SCHEDULE,
+        aggregator_schedule: ChunkSchedule | Sequence[int] = PAPER_AGGREGATOR_SCHEDULE,
+        redundancy: int = 2,
+        scope: str = "first",
+        layout: str = "prefix-cache",
+        name: str | None = None,
+    ):
+        self.proposer_schedule = _as_schedule(proposer_schedule, "proposer_schedule")
+        self.aggregator_schedule = _as_schedule(aggregator_schedule, "aggregator_schedule")
+        self.redundancy = _check_redundancy(redundancy)
+        self.scope = _check_choice("scope", scope, SCOPES)
+        self.layout = _check_choice("layout", layout, LAYOUTS)
+        self.tolerance = self.redundancy
+        self.name = name or f"staircase-{layout}-r{redundancy}"
+
+    def output_schedule(self, node: Node) -> ChunkSchedule:
+        return self.aggregator_schedule if node.is_final else self.proposer_schedule
+
+    def redundancy_at(self, step: int) -> int:
+        return self.redundancy if (self.scope == "every" or step == 0) else 0
+
+    def needed(self, view: ConsumerView) -> int:
+        """How many inputs step ``view.step`` waits for."""
+        n = len(view.upstream)
+        return min(n - self.redundancy_at(view.step), n - view.lost)
+
+    def decide(self, view: ConsumerView) -> Decision:
+        if view.lost > self.tolerance:
+            return Decision("fail", reason=f"lost {view.lost} of {len(view.upstream)} inputs; r={self.tolerance}")
+        need = self.needed(view)
+        if sum(u.finished for u in view.upstream) >= need:
+            return FINAL
+        ready = sum(1 for u in view.upstream if u.finished or u.chunks > view.step)
+        return STEP if ready >= need else WAIT
+
+    def describe(self) -> dict:
+        return super().describe() | {
+            "proposer_schedule": list(self.proposer_schedule.sizes),
+            "aggregator_schedule": list(self.aggregator_schedule.sizes),
+            "redundancy": self.redundancy,
+            "scope": self.scope,
+        }
+
+
+class DeadlineStaircasePolicy(StaircasePolicy):
+    """Adaptive example: like staircase, but the first step also starts once
+    ``max_wait_s`` passed since the first input chunk arrived (any one input)."""
+
+    def __init__(self, max_wait_s: float = 0.5, **kwargs):
+        if not max_wait_s > 0:
+            raise ConfigError("max_wait_s", max_wait_s, "a positive number of seconds")
+        self.max_wait_s = float(max_wait_s)
+        kwargs.setdefault("name", f"staircase-deadline-{max_wait_s:g}s")
+        super().__init__(**kwargs)
+
+    def decide(self, view: ConsumerView) -> Decision:
+        decision = super().decide(view)
+        if decision.kind != "wait" or view.step != 0:
+            return decision
+        firsts = [u.chunk_end_s[0] for u in view.upstream if u.chunks > 0]
+        if not firsts:
+            return WAIT
+        waited = view.now_s - min(firsts)
+        if waited >= self.max_wait_s - 1e-12:
+            return STEP
+        return Decision("wait", wake_after_s=self.max_wait_s - waited)
+
+    def describe(self) -> dict:
+        return super().describe() | {"max_wait_s": self.max_wait_s}
+
+
+class WaitAllPolicy(Policy):
+    """Standard MoA: a consumer starts once every input finished; one call per node.
+    ``report_schedule`` only sets how the final answer's stream is cut into chunks for
+    the trace (it does not change when anything starts)."""
+
+    def __init__(self, report_schedule: ChunkSchedule | Sequence[int] = PAPER_AGGREGATOR_SCHEDULE,
+                 tolerance: int = 0, name: str = "wait-all"):
+        self.report_schedule = _as_schedule(report_schedule, "aggregator_schedule")
+        self.tolerance = _check_redundancy(tolerance)
+        self.layout = "standard"
+        self.name = name
+
+    def output_schedule(self, node: Node) -> ChunkSchedule:
+        return self.report_schedule
+
+    def source_boundaries(self, node: Node, max_tokens: int) -> tuple[int, ...]:
+        if node.is_final:
+            return self.report_schedule.boundaries(0, max_tokens)
+        return (max_tokens,)  # inputs are read only when complete
+
+    def decide(self, view: ConsumerView) -> Decision:
+        if view.lost > self.tolerance:
+            return Decision("fail", reason=f"lost {view.lost} of {len(view.upstream)} inputs; tolerance={self.tolerance}")
+        if all(u.finished or u.failed for u in view.upstream):
+            return FINAL
+        return WAIT
+
+
+class SinglePolicy(WaitAllPolicy):
+    """One model (the final node's engine) answers the query alone."""
+
+    def __init__(self, report_schedule: ChunkSchedule | Sequence[int] = PAPER_AGGREGATOR_SCHEDULE, name: str = "single"):
+        super().__init__(report_schedule, 0, name)
+
+    def plan(self, topology: Topology) -> Topology:
+        return topology.only_final()
+
+    def validate_for(self, topology: Topology) -> None:
+        return None
+
+
+def _as_schedule(value: ChunkSchedule | Sequence[int] | str, field: str) -> ChunkSchedule:
+    return value if isinstance(value, ChunkSchedule) else ChunkSchedule.parse(value, field)
+
+
+BASE_POLICY_NAMES = ("wait-all", "single", "staircase", "staircase-standard", "staircase-prefix-cache", "staircase-deadline")
+
+
+def make_policies(
+    names: Sequence[str],
+    *,
+    redundancies: Sequence[int] = (2,),
+    proposer_schedule: ChunkSchedule | Sequence[int] | str = PAPER_PROPOSER_SCHEDULE,
+    aggregator_schedule: ChunkSchedule | Sequence[int] | str = PAPER_AGGREGATOR_SCHEDULE,
+    scope: str = "first",
+    max_wait_s: float = 0.5,
+) -> list[Policy]:
+    """Policies from names (CLI vocabulary). ``staircase`` means both layouts; each
+    staircase name expands over ``redundancies`` (names end in ``-r<r>``)."""
+    prop = _as_schedule(proposer_schedule, "proposer_schedule")
+    agg = _as_schedule(aggregator_schedule, "aggregator_schedule")
+    out: list[Policy] = []
+    for raw in names:
+        name = raw.strip()
+        if name == "wait-all":
+            out.append(WaitAllPolicy(agg))
+        elif name == "single":
+            out.append(SinglePolicy(agg))
+        elif name in ("staircase", "staircase-standard", "staircase-prefix-cache"):
+            layouts = LAYOUTS if name == "staircase" else (name.removeprefix("staircase-"),)
+            for layout in layouts:
+                for r in redundancies:
+                    out.append(StaircasePolicy(prop, agg, r, scope, layout))
+        elif name == "staircase-deadline":
+            for r in redundancies:
+                out.append(DeadlineStaircasePolicy(max_wait_s, proposer_schedule=prop, aggregator_schedule=agg,
+                                                   redundancy=r, scope=scope, layout="prefix-cache",
+                                                   name=f"staircase-deadline-r{r}"))
+        else:
+            raise ConfigError("policy", name, ", ".join(BASE_POLICY_NAMES))
+    seen: set[str] = set()
+    for p in out:
+        if p.name in seen:
+            raise ConfigError("policy", p.name, "each policy once")
+        seen.add(p.name)
+    return out

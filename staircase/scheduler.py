@@ -1,0 +1,318 @@
+"""The per-request scheduler: a deterministic state machine, events in, actions out.
+
+It knows no clock and does no I/O; the caller owns the clock and passes ``now_s``.
+The simulator turns actions into SimPy work on simulated engines, the live runner
+into streaming requests on real engines; both feed back the same events.
+
+Events: ``Started``, ``Chunk`` (a node delivered chunk k: tokens and text),
+``Finished`` (a call ended: ``stop`` at EOS or ``length`` at max_tokens), ``Failed``,
+``TimerFired``. Actions: ``Generate`` (node, prompt, max tokens, chunk boundaries),
+``Cancel``, ``Emit`` (text to the user), ``SetTimer``, ``Done``.
+
+Events about a call that is no longer current (a chunk that raced a cancel) are
+ignored; events that no runner should produce (a chunk out of order, a node never
+started) raise ``ProtocolError``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import ConfigError, ProtocolError
+from .policy import ConsumerView, Policy, UpstreamView
+from .prompts import ConsumerPrompts, Piece, Prompt, TextPieces, Tokenizer, query_piece, source_prompt
+from .topology import Node, Topology
+
+# ----------------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    node: str
+    call: int
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    node: str
+    call: int
+    index: int  # chunk index over the node's whole answer
+    tokens: int
+    text: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    node: str
+    call: int
+    reason: str = "stop"  # "stop" (EOS) or "length" (reached the call's max_tokens)
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    node: str
+    call: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class TimerFired:
+    key: tuple
+
+
+Event = Started | Chunk | Finished | Failed | TimerFired
+
+# ---------------------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True, slots=True)
+class Generate:
+    node: str
+    call: int
+    prompt: Prompt
+    max_tokens: int
+    boundaries: tuple[int, ...]  # cumulative output tokens of this call at which chunks end
+    first_chunk_index: int
+    step: int
+    final_call: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    node: str
+    call: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Emit:
+    node: str
+    chunk_index: int
+    tokens: int
+    text: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SetTimer:
+    key: tuple
+    delay_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    outcome: str  # "ok" or "error"
+    error: str | None
+    lost: dict  # node -> reason, for every input that failed
+
+
+Action = Generate | Cancel | Emit | SetTimer | Done
+
+PENDING, RUNNING, IDLE, FINISHED, FAILED, CANCELLED = "pending", "running", "idle", "finished", "failed", "cancelled"
+
+
+@dataclass(frozen=True)
+class Query:
+    """The user's request. ``text`` may be absent (the simulator needs only tokens)."""
+
+    text: str | None = None
+    tokens: int | None = None
+
+
+@dataclass
+class _NodeState:
+    node: Node
+    status: str = PENDING
+    call: int = -1
+    pieces: list[Piece] = field(default_factory=list)
+    chunk_end_s: list[float] = field(default_factory=list)
+    tokens: int = 0
+    step: int = 0
+    final_call: bool = False
+    timer_step: int = -1
+    prompts: ConsumerPrompts | None = None
+
+
+class Scheduler:
+    """One request through one topology under one policy.
+
+    ``Scheduler(topology, policy, query).start(now_s) -> [Action]``, then
+    ``.on(event, now_s) -> [Action]`` until a ``Done`` action."""
+
+    def __init__(self, topology: Topology, policy: Policy, query: Query, max_tokens: int = 512,
+                 tokenizer: Tokenizer | None = None, texts: TextPieces | None = None):
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ConfigError("max_tokens", max_tokens, "an integer >= 1")
+        policy.validate_for(topology)
+        self.policy = policy
+        self.topology = policy.plan(topology)
+        self.max_tokens = max_tokens
+        self.texts = texts or TextPieces(tokenizer)
+        self.query = query_piece(query.text, query.tokens, self.texts.tokenizer)
+        self.states = {n.id: _NodeState(n) for n in self.topology.nodes}
+        self.lost: dict[str, str] = {}
+        self.done: Done | None = None
+        for n in self.topology.nodes:
+            if n.upstream:
+                self.states[n.id].prompts = ConsumerPrompts(
+                    policy.layout, n.role, self.query, n.upstream, n.index, self.texts)
+
+    # ------------------------------------------------------------------ public API
+    def start(self, now_s: float = 0.0) -> list[Action]:
+        actions: list[Action] = []
+        for n in self.topology.nodes:
+            if n.is_source:
+                st = self.states[n.id]
+                st.call += 1
+                st.status = RUNNING
+                st.final_call = True
+                actions.append(Generate(n.id, st.call, source_prompt(self.query, self.texts), self.max_tokens,
+                                        self.policy.source_boundaries(n, self.max_tokens), 0, 0, True))
+        return actions
+
+    def on(self, event: Event, now_s: float) -> list[Action]:
+        if self.done is not None:
+            return []
+        if isinstance(event, TimerFired):
+            node_id, step = event.key
+            st = self.states[node_id]
+            if st.status in (PENDING, IDLE) and st.step == step:
+                return self._evaluate([node_id], now_s)
+            return []
+        st = self.states.get(event.node)
+        if st is None:
+            raise ProtocolError(f"event for unknown node {event.node!r}")
+        if event.call != st.call or st.status != RUNNING:
+            if event.call > st.call:
+                raise ProtocolError(f"event for call {event.call} of {event.node}, which was never started")
+            return []  # stale: the call was cancelled or already ended
+        if isinstance(event, Started):
+            return []
+        if isinstance(event, Chunk):
+            return self._on_chunk(st, event, now_s)
+        if isinstance(event, Finished):
+            return self._on_finished(st, event, now_s)
+        if isinstance(event, Failed):
+            return self._on_failed(st, event, now_s)
+        raise ProtocolError(f"unknown event {event!r}")
+
+    # --------------------------------------------------------------- event handlers
+    def _on_chunk(self, st: _NodeState, ev: Chunk, now_s: float) -> list[Action]:
+        if ev.index != len(st.pieces):
+            raise ProtocolError(f"{ev.node}: chunk {ev.index} arrived, expected chunk {len(st.pieces)}")
+        if ev.tokens < 1 or st.tokens + ev.tokens > self.max_tokens:
+            raise ProtocolError(f"{ev.node}: chunk of {ev.tokens} tokens after {st.tokens} (max {self.max_tokens})")
+        piece = Piece(("out", ev.node, ev.index), ev.tokens, ev.text)
+        st.pieces.append(piece)
+        st.chunk_end_s.append(now_s)
+        st.tokens += ev.tokens
+        if st.prompts is not None:
+            st.prompts.add_output(piece)
+        actions: list[Action] = []
+        if st.node.is_final:
+            actions.append(Emit(ev.node, ev.index, ev.tokens, ev.text))
+        actions += self._evaluate(self.topology.downstream[ev.node], now_s)
+        return actions
+
+    def _on_finished(self, st: _NodeState, ev: Finished, now_s: float) -> list[Action]:
+        complete = st.final_call or ev.reason == "stop" or st.tokens >= self.max_tokens
+        if not complete:
+            st.status = IDLE
+            st.step += 1
+            return self._evaluate([st.node.id], now_s)
+        st.status = FINISHED
+        if st.node.is_final:
+            return self._finish("ok", None)
+        actions = self._evaluate(self.topology.downstream[st.node.id], now_s)
+        return actions
+
+    def _on_failed(self, st: _NodeState, ev: Failed, now_s: float) -> list[Action]:
+        st.status = FAILED
+        self.lost[st.node.id] = ev.reason
+        if st.node.is_final:
+            return self._finish("error", f"{st.node.id} failed: {ev.reason}")
+        return self._evaluate(self.topology.downstream[st.node.id], now_s)
+
+    # ------------------------------------------------------------------- decisions
+    def view(self, node_id: str, now_s: float) -> ConsumerView:
+        st = self.states[node_id]
+        ups = []
+        for u in st.node.upstream:
+            us = self.states[u]
+            ups.append(UpstreamView(u, len(us.pieces), us.tokens, us.status == FINISHED,
+                                    us.status == FAILED, us.chunk_end_s))
+        return ConsumerView(st.node, st.step, now_s, st.tokens, tuple(ups))
+
+    def _evaluate(self, node_ids, now_s: float) -> list[Action]:
+        actions: list[Action] = []
+        for node_id in node_ids:
+            if self.done is not None:
+                break
+            st = self.states[node_id]
+            if st.status not in (PENDING, IDLE):
+                continue
+            view = self.view(node_id, now_s)
+            decision = self.policy.decide(view)
+            if decision.kind == "wait":
+                if decision.wake_after_s is not None and st.timer_step != st.step:
+                    st.timer_step = st.step
+                    actions.append(SetTimer((node_id, st.step), max(0.0, decision.wake_after_s)))
+            elif decision.kind == "fail":
+                lost = ", ".join(f"{u} ({self.lost.get(u, '?')})" for u in st.node.upstream if u in self.lost)
+                return actions + self._finish("error", f"{node_id} cannot go on: {decision.reason}: {lost}")
+            elif decision.kind in ("step", "final"):
+                generate = self._generate(st, view, decision.kind == "final")
+                actions.append(generate)
+                if generate.final_call:
+                    actions += self._release_inputs(st.node)
+            else:
+                raise ProtocolError(f"policy {self.policy.name} returned unknown decision {decision.kind!r}")
+        return actions
+
+    def _generate(self, st: _NodeState, view: ConsumerView, final: bool) -> Generate:
+        remaining = self.max_tokens - st.tokens
+        schedule = self.policy.output_schedule(st.node)
+        if final:
+            max_tokens = remaining
+            boundaries = schedule.boundaries(len(st.pieces), remaining)
+        else:
+            size = self.policy.step_tokens(view)
+            if size < 1:
+                raise ProtocolError(f"policy {self.policy.name} chose a step of {size} tokens")
+            max_tokens = min(size, remaining)
+            boundaries = (max_tokens,)
+        inputs = [self.states[u].pieces for u in st.node.upstream]
+        prompt = st.prompts.next(inputs)
+        st.call += 1
+        st.status = RUNNING
+        st.final_call = final or max_tokens == remaining
+        return Generate(st.node.id, st.call, prompt, max_tokens, boundaries, len(st.pieces), st.step, st.final_call)
+
+    def _release_inputs(self, consumer: Node) -> list[Action]:
+        """Cancel inputs that no reader will read again (all readers are in their final call)."""
+        actions: list[Action] = []
+        for u in consumer.upstream:
+            us = self.states[u]
+            if us.status != RUNNING:
+                continue
+            readers = [self.states[d] for d in self.topology.downstream[u]]
+            if all(r.final_call or r.status in (FINISHED, FAILED, CANCELLED) for r in readers):
+                us.status = CANCELLED
+                actions.append(Cancel(u, us.call, "not needed: every reader started its final call"))
+        return actions
+
+    def _finish(self, outcome: str, error: str | None) -> list[Action]:
+        actions: list[Action] = []
+        for st in self.states.values():
+            if st.status == RUNNING:
+                st.status = CANCELLED
+                actions.append(Cancel(st.node.id, st.call, "request ended"))
+        self.done = Done(outcome, error, dict(self.lost))
+        actions.append(self.done)
+        return actions
+
+    # ---------------------------------------------------------------- introspection
+    def output_text(self) -> str:
+        return "".join(p.text or "" for p in self.states[self.topology.final.id].pieces)
+
+    def status(self, node_id: str) -> str:
+        return self.states[node_id].status

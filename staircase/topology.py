@@ -1,0 +1,121 @@
+"""Topologies: which nodes run in which stage and whose output each node reads.
+
+MoA: ``layers`` stages of ``proposers`` nodes, then one aggregator that streams to the
+user; every node of a layer reads every node of the previous layer. MAD: ``agents``
+nodes over ``rounds`` stages (round 0 answers alone, round r reads every agent of
+round r-1), then a judge that streams to the user. Staircase streaming applies
+between every pair of consecutive stages; the scheduler does not care which kind
+it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from .errors import ConfigError
+
+TOPOLOGY_KINDS = ("moa", "mad")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One LLM call site of a request. ``slot`` names the engine role it runs on
+    (``proposer-<i>`` or ``aggregator``): a profile or live config maps slots to engines."""
+
+    id: str
+    role: str  # "proposer", "aggregator", "agent", "judge"
+    stage: int
+    index: int
+    slot: str
+    upstream: tuple[str, ...] = ()
+    is_final: bool = False
+
+    @property
+    def is_source(self) -> bool:
+        return not self.upstream
+
+
+@dataclass(frozen=True)
+class Topology:
+    kind: str  # "moa", "mad", or "single" (a plan that keeps only the final node)
+    nodes: tuple[Node, ...]
+    params: dict = field(default_factory=dict, compare=False)
+
+    @cached_property
+    def by_id(self) -> dict[str, Node]:
+        return {n.id: n for n in self.nodes}
+
+    @cached_property
+    def final(self) -> Node:
+        return next(n for n in self.nodes if n.is_final)
+
+    @cached_property
+    def downstream(self) -> dict[str, tuple[str, ...]]:
+        out: dict[str, list[str]] = {n.id: [] for n in self.nodes}
+        for n in self.nodes:
+            for u in n.upstream:
+                out[u].append(n.id)
+        return {k: tuple(v) for k, v in out.items()}
+
+    @cached_property
+    def min_fan_in(self) -> int:
+        """Smallest number of upstream nodes any consumer reads (bounds the redundancy)."""
+        fan = [len(n.upstream) for n in self.nodes if n.upstream]
+        return min(fan) if fan else 0
+
+    def only_final(self) -> "Topology":
+        """The plan of the ``single`` baseline: the final node answers the query alone."""
+        f = self.final
+        return Topology("single", (Node(f.id, f.role, 0, 0, f.slot, (), True),), dict(self.params))
+
+    def describe(self) -> str:
+        if self.kind == "moa":
+            return f"MoA, {self.params['layers']} layer(s) x {self.params['proposers']} proposers -> aggregator"
+        if self.kind == "mad":
+            return f"MAD, {self.params['agents']} agents x {self.params['rounds']} rounds -> judge"
+        return "single model"
+
+
+def _positive(name: str, value: object, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(name, value, f"an integer >= {minimum}")
+    return value
+
+
+def moa(proposers: int = 3, layers: int = 1) -> Topology:
+    """Mixture-of-Agents: ``layers`` layers of ``proposers`` nodes, then an aggregator."""
+    _positive("proposers", proposers)
+    _positive("layers", layers)
+    nodes: list[Node] = []
+    previous: tuple[str, ...] = ()
+    for layer in range(layers):
+        ids = tuple(f"L{layer}.p{i}" for i in range(proposers))
+        for i, node_id in enumerate(ids):
+            nodes.append(Node(node_id, "proposer", layer, i, f"proposer-{i}", previous))
+        previous = ids
+    nodes.append(Node("agg", "aggregator", layers, 0, "aggregator", previous, True))
+    return Topology("moa", tuple(nodes), {"proposers": proposers, "layers": layers})
+
+
+def mad(agents: int = 3, rounds: int = 2) -> Topology:
+    """Multi-Agent Debate: ``agents`` over ``rounds`` rounds, then a judge streams to the user."""
+    _positive("agents", agents, 2)
+    _positive("rounds", rounds)
+    nodes: list[Node] = []
+    previous: tuple[str, ...] = ()
+    for rnd in range(rounds):
+        ids = tuple(f"R{rnd}.a{j}" for j in range(agents))
+        for j, node_id in enumerate(ids):
+            nodes.append(Node(node_id, "agent", rnd, j, f"proposer-{j}", previous))
+        previous = ids
+    nodes.append(Node("judge", "judge", rounds, 0, "aggregator", previous, True))
+    return Topology("mad", tuple(nodes), {"agents": agents, "rounds": rounds})
+
+
+def build(kind: str, *, proposers: int = 3, layers: int = 1, agents: int = 3, rounds: int = 2) -> Topology:
+    if kind == "moa":
+        return moa(proposers, layers)
+    if kind == "mad":
+        return mad(agents, rounds)
+    raise ConfigError("topology", kind, " or ".join(TOPOLOGY_KINDS))
