@@ -12,7 +12,8 @@ Proposer answer lengths are the request's output length times a draw from
 ``slots`` maps topology slots to engine models: ``proposer-i`` runs ``proposers[i % n]``,
 the final node runs ``aggregator``. With ``engine_sharing: "per-slot"`` every slot has
 its own engine instance (several layers or rounds share their slot's engine); with
-``"one"`` all slots share a single engine (one server hosting every agent).
+``"one"`` all slots share a single engine of the aggregator's model (one server
+hosting every agent).
 
 Bundled profiles live in ``calibration/profiles/``. The simulator finds that folder
 as data, without importing the ``calibration`` package (calibration imports sim,
@@ -98,14 +99,15 @@ class Profile:
 
     def engine_for_slot(self, slot: str) -> tuple[str, EngineModel]:
         """(engine instance name, its model) for a topology slot."""
+        if self.engine_sharing == "one":
+            return "shared", self.engines[self.aggregator_engine]
         if slot == "aggregator":
             model = self.aggregator_engine
         elif slot.startswith("proposer-") and slot[9:].isdigit():
             model = self.proposer_engines[int(slot[9:]) % len(self.proposer_engines)]
         else:
             raise ConfigError("slot", slot, "aggregator or proposer-<i>")
-        instance = "shared" if self.engine_sharing == "one" else f"{slot}:{model}"
-        return instance, self.engines[model]
+        return f"{slot}:{model}", self.engines[model]
 
 
 def _number(raw: dict, key: str, where: str, minimum: float = 0.0, integer: bool = False):

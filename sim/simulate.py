@@ -164,14 +164,12 @@ def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[R
     policy.validate_for(topology)
     plan = policy.plan(topology)
     env = simpy.Environment()
-    engine_names = sorted({profile.engine_for_slot(n.slot)[0] for n in topology.nodes})
-    streams = np.random.SeedSequence([seed, 0xE9]).spawn(len(engine_names))
-    engines = {}
-    for name, ss in zip(engine_names, streams):
-        model = next(profile.engine_for_slot(n.slot)[1] for n in topology.nodes
-                     if profile.engine_for_slot(n.slot)[0] == name)
-        engines[name] = SimEngine(env, name, model, np.random.default_rng(ss), noise=noise)
+    models = dict(profile.engine_for_slot(n.slot) for n in topology.nodes)  # instance -> model
     slot_engine = {n.slot: profile.engine_for_slot(n.slot)[0] for n in topology.nodes}
+    engine_names = sorted(models)
+    streams = np.random.SeedSequence([seed, 0xE9]).spawn(len(engine_names))
+    engines = {name: SimEngine(env, name, models[name], np.random.default_rng(ss), noise=noise)
+               for name, ss in zip(engine_names, streams)}
     lengths = _node_lengths(topology, profile, requests, seed)
     bar = _progress(len(requests), policy.name, progress)
     pending = iter(requests)

@@ -79,6 +79,9 @@ class ChunkSchedule:
         return ",".join(map(str, self.sizes))
 
 
+WHOLE_ANSWER = ChunkSchedule((1 << 30,))
+
+
 @dataclass(frozen=True)
 class UpstreamView:
     """What a consumer knows of one of its inputs."""
@@ -253,12 +256,8 @@ class WaitAllPolicy(Policy):
         self.name = name
 
     def output_schedule(self, node: Node) -> ChunkSchedule:
-        return self.report_schedule
-
-    def source_boundaries(self, node: Node, max_tokens: int) -> tuple[int, ...]:
-        if node.is_final:
-            return self.report_schedule.boundaries(0, max_tokens)
-        return (max_tokens,)  # inputs are read only when complete
+        # inputs are read only when complete: one chunk per intermediate answer
+        return self.report_schedule if node.is_final else WHOLE_ANSWER
 
     def decide(self, view: ConsumerView) -> Decision:
         if view.lost > self.tolerance:

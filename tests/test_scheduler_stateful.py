@@ -1,0 +1,242 @@
+"""Hypothesis stateful tests of the scheduler: random valid policies and topologies,
+random orders of chunk arrivals, finishes and failures, checked against a simple
+reference model of what the scheduler must and must not do."""
+
+from __future__ import annotations
+
+from hypothesis import HealthCheck, assume, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from staircase.policy import ChunkSchedule, SinglePolicy, StaircasePolicy, WaitAllPolicy
+from staircase.prompts import _keyed
+from staircase.scheduler import (Cancel, Chunk, Done, Emit, Failed, Finished, Generate, Query, Scheduler,
+                                 SetTimer)
+from staircase.topology import mad, moa
+
+schedules = st.lists(st.integers(1, 12), min_size=1, max_size=3).map(lambda s: ChunkSchedule(tuple(s)))
+topologies = st.one_of(
+    st.builds(moa, proposers=st.integers(1, 5), layers=st.integers(1, 2)),
+    st.builds(mad, agents=st.integers(2, 3), rounds=st.integers(1, 2)),
+)
+
+
+@st.composite
+def policies(draw, fan_in: int):
+    kind = draw(st.sampled_from(["staircase", "staircase", "staircase", "wait-all", "single"]))
+    if kind == "staircase":
+        return StaircasePolicy(draw(schedules), draw(schedules), draw(st.integers(0, max(0, fan_in - 1))),
+                               draw(st.sampled_from(["first", "every"])),
+                               draw(st.sampled_from(["standard", "prefix-cache"])))
+    if kind == "wait-all":
+        return WaitAllPolicy(draw(schedules), tolerance=draw(st.integers(0, max(0, fan_in - 1))))
+    return SinglePolicy(draw(schedules))
+
+
+class SchedulerMachine(RuleBasedStateMachine):
+    """The runner side: it turns Generate actions into calls and feeds back events."""
+
+    @initialize(data=st.data())
+    def setup(self, data):
+        topo = data.draw(topologies)
+        self.policy = data.draw(policies(topo.min_fan_in))
+        self.max_tokens = data.draw(st.integers(1, 40))
+        self.sched = Scheduler(topo, self.policy, Query("what is two plus two?"), self.max_tokens)
+        self.topo = self.sched.topology
+        nodes = self.topo.nodes
+        # natural answer length of every node (tokens until EOS)
+        self.natural = {n.id: data.draw(st.integers(1, 50)) for n in nodes}
+        self.calls: dict[str, dict] = {}  # node -> active call
+        self.delivered: dict[str, list[tuple[int, str]]] = {n.id: [] for n in nodes}
+        self.finished: set[str] = set()
+        self.failed: set[str] = set()
+        self.cancelled: set[str] = set()
+        self.emitted: list[str] = []
+        self.prompts: dict[str, list] = {n.id: [] for n in nodes}
+        self.done: Done | None = None
+        self.now = 0.0
+        self.apply(self.sched.start(self.now))
+
+    # ----------------------------------------------------------- reference model
+    def lost(self, node) -> int:
+        return sum(u in self.failed for u in node.upstream)
+
+    def needed(self, node, step: int) -> int:
+        n = len(node.upstream)
+        return min(n - self.policy.redundancy_at(step), n - self.lost(node))
+
+    def ready_count(self, node, step: int) -> int:
+        return sum(1 for u in node.upstream if u in self.finished or len(self.delivered[u]) > step)
+
+    def apply(self, actions):
+        for a in actions:
+            assert self.done is None, f"action {a} after Done"
+            if isinstance(a, Generate):
+                self.check_generate(a)
+                natural_left = self.natural[a.node] - sum(t for t, _ in self.delivered[a.node])
+                self.calls[a.node] = {"gen": a, "produced": 0, "chunks": 0,
+                                      "end": min(a.max_tokens, natural_left),
+                                      "reason": "stop" if natural_left <= a.max_tokens else "length"}
+            elif isinstance(a, Cancel):
+                assert a.node in self.calls, f"cancel of {a.node}, which is not running"
+                del self.calls[a.node]
+                self.cancelled.add(a.node)
+            elif isinstance(a, Emit):
+                assert a.node == self.topo.final.id
+                self.emitted.append(a.text)
+            elif isinstance(a, SetTimer):
+                raise AssertionError("no policy under test sets timers")
+            elif isinstance(a, Done):
+                self.done = a
+
+    def check_generate(self, g: Generate):
+        node = self.topo.by_id[g.node]
+        assert g.node not in self.calls, f"{g.node} started while running"
+        assert g.node not in self.finished and g.node not in self.failed
+        produced = sum(t for t, _ in self.delivered[g.node])
+        assert g.max_tokens == min(g.max_tokens, self.max_tokens - produced) and g.max_tokens >= 1
+        assert g.boundaries[-1] == g.max_tokens and list(g.boundaries) == sorted(set(g.boundaries))
+        schedule = self.policy.output_schedule(node)
+        if node.upstream:
+            if isinstance(self.policy, StaircasePolicy):
+                # never starts step k before N - r_k inputs delivered chunk k (or finished) ...
+                assert self.ready_count(node, g.step) >= self.needed(node, g.step), (g.node, g.step)
+                assert self.lost(node) <= self.policy.tolerance
+            else:
+                # ... and wait-all never starts before every input finished
+                assert all(u in self.finished or u in self.failed for u in node.upstream)
+            if not g.final_call:
+                # chunk sizes follow the schedule
+                assert g.max_tokens == min(schedule.size(g.step), self.max_tokens - produced)
+            assert g.first_chunk_index == len(self.delivered[g.node])
+            self.check_prompt(node, g)
+        else:
+            assert g.boundaries == schedule.boundaries(0, self.max_tokens)
+
+    def check_prompt(self, node, g: Generate):
+        history = self.prompts[node.id]
+        if history and self.policy.layout == "prefix-cache":
+            prev_prompt, prev_outputs = history[-1]
+            own_since = self.delivered[node.id][prev_outputs:]
+            prev_keys = prev_prompt.keyed() + [(("out", node.id, prev_outputs + i), t) for i, (t, _) in enumerate(own_since)]
+            keys = g.prompt.keyed()
+            assert keys[:len(prev_keys)] == prev_keys, "prefix-cache prompt is not append-only"
+            prev_text = prev_prompt.render() + "".join(text for _, text in own_since)
+            assert g.prompt.render().startswith(prev_text)
+            assert g.prompt.reuse_prefix_tokens == sum(t for _, t in prev_keys)
+        assert g.prompt.tokens == sum(t for _, t in _keyed(g.prompt.messages))
+        history.append((g.prompt, len(self.delivered[node.id])))
+
+    # ---------------------------------------------------------------- the runner
+    def active(self) -> list[str]:
+        return sorted(self.calls)
+
+    def deliver(self, node_id: str):
+        call = self.calls[node_id]
+        g: Generate = call["gen"]
+        end_of_call = call["end"]
+        boundary = min(g.boundaries[call["chunks"]], end_of_call)
+        tokens = boundary - call["produced"]
+        index = len(self.delivered[node_id])
+        text = f"<{node_id}#{index}:{tokens}>"
+        self.now += 0.01
+        self.delivered[node_id].append((tokens, text))
+        call["produced"] = boundary
+        call["chunks"] += 1
+        self.apply(self.sched.on(Chunk(node_id, g.call, index, tokens, text), self.now))
+        if boundary == end_of_call and node_id in self.calls and self.calls[node_id] is call:
+            reason = call["reason"]
+            del self.calls[node_id]
+            total = sum(t for t, _ in self.delivered[node_id])
+            if reason == "stop" or g.final_call or total >= self.max_tokens:
+                self.finished.add(node_id)
+            self.apply(self.sched.on(Finished(node_id, g.call, reason), self.now))
+
+    @precondition(lambda self: self.done is None and self.calls)
+    @rule(data=st.data())
+    def chunk_arrives(self, data):
+        self.deliver(data.draw(st.sampled_from(self.active())))
+
+    @precondition(lambda self: self.done is None and self.calls)
+    @rule(data=st.data())
+    def node_fails(self, data):
+        node_id = data.draw(st.sampled_from(self.active()))
+        g = self.calls.pop(node_id)["gen"]
+        self.failed.add(node_id)
+        self.now += 0.01
+        self.apply(self.sched.on(Failed(node_id, g.call, "injected"), self.now))
+
+    @precondition(lambda self: self.done is None and self.cancelled)
+    @rule(data=st.data())
+    def stale_event_is_ignored(self, data):
+        node_id = data.draw(st.sampled_from(sorted(self.cancelled)))
+        call = self.sched.states[node_id].call
+        assume(node_id not in self.calls)
+        assert self.sched.on(Chunk(node_id, call, len(self.delivered[node_id]), 1, "late"), self.now) == []
+
+    @precondition(lambda self: self.done is None)
+    @rule()
+    def run_to_completion(self):
+        """Deliver everything in order: a request whose losses stay within r ends ok."""
+        for _ in range(10_000):
+            if self.done is not None or not self.calls:
+                break
+            self.deliver(self.active()[0])
+        assert self.done is not None, "deadlock: no call running and the request is not done"
+        if self.done.outcome == "error":
+            final = self.topo.final
+            assert final.id in self.failed or any(
+                self.lost(n) > self.policy.tolerance for n in self.topo.nodes if n.upstream), self.done.error
+
+    @precondition(lambda self: self.done is not None)
+    @rule()
+    def events_after_done_are_ignored(self):
+        final = self.topo.final.id
+        assert self.sched.on(Failed(final, self.sched.states[final].call, "late"), self.now) == []
+
+    # ------------------------------------------------------------- invariants
+    @invariant()
+    def no_deadlock(self):
+        if self.done is None:
+            assert self.calls, "no call running and the request is not done"
+
+    @invariant()
+    def never_waits_for_more_than_needed(self):
+        if self.done is not None or not isinstance(self.policy, StaircasePolicy):
+            return
+        for node in self.topo.nodes:
+            if not node.upstream or node.id in self.calls or node.id in self.finished | self.failed | self.cancelled:
+                continue
+            step = self.sched.states[node.id].step
+            if self.lost(node) <= self.policy.tolerance:
+                assert self.ready_count(node, step) < self.needed(node, step), \
+                    f"{node.id} waits at step {step} although enough inputs are ready"
+
+    @invariant()
+    def user_output_is_the_emitted_chunks(self):
+        final = self.topo.final.id
+        assert self.emitted == [text for _, text in self.delivered[final]]
+        assert self.sched.output_text() == "".join(self.emitted)
+
+    @invariant()
+    def delivered_chunks_follow_the_schedule(self):
+        for node in self.topo.nodes:
+            chunks = self.delivered[node.id]
+            if isinstance(self.policy, WaitAllPolicy) and not node.is_final:
+                assert len(chunks) <= 1
+            schedule = self.policy.output_schedule(node)
+            for j, (tokens, _) in enumerate(chunks[:-1]):
+                assert tokens == schedule.size(j), (node.id, j, tokens)
+            if chunks:
+                assert chunks[-1][0] <= schedule.size(len(chunks) - 1)
+
+    @invariant()
+    def losses_within_r_never_end_the_request(self):
+        if self.done is not None and self.done.outcome == "error":
+            assert self.topo.final.id in self.failed or any(
+                self.lost(n) > self.policy.tolerance for n in self.topo.nodes if n.upstream)
+
+
+TestScheduler = SchedulerMachine.TestCase
+TestScheduler.settings = settings(max_examples=300, stateful_step_count=40, deadline=None,
+                                  suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
