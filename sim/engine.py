@@ -50,30 +50,29 @@ class Draws:
 
 
 class SimCall:
-    """One Generate on an engine, with the callbacks that report its progress."""
+    """One Generate on an engine. The engine reports progress to ``owner``:
+    ``owner.admitted(call, cached_tokens)``, ``owner.chunk(call, index_in_call, tokens,
+    first_token_s, end_s)`` and ``owner.finished(call, reason)``."""
 
-    __slots__ = ("key", "prompt_tokens", "reuse_tokens", "shared_tokens", "shared_key", "max_tokens",
-                 "natural_tokens", "boundaries", "on_admit", "on_chunk", "on_finish", "cancelled",
-                 "ends", "reason", "bi", "join_iter", "last_end_s", "sent_s", "cached")
+    __slots__ = ("owner", "tag", "key", "prompt_tokens", "reuse_tokens", "shared_tokens", "shared_key",
+                 "ends", "reason", "bi", "join_iter", "last_end_s", "sent_s", "cached", "cancelled")
 
-    def __init__(self, key, prompt_tokens: int, reuse_tokens: int, shared_tokens: int, shared_key,
-                 max_tokens: int, natural_tokens: int, boundaries: tuple[int, ...],
-                 on_admit: Callable, on_chunk: Callable, on_finish: Callable):
+    def __init__(self, owner, tag, key, prompt_tokens: int, reuse_tokens: int, shared_tokens: int, shared_key,
+                 max_tokens: int, natural_tokens: int, boundaries: tuple[int, ...]):
+        self.owner = owner
+        self.tag = tag  # the owner's own data about this call
         self.key = key
         self.prompt_tokens = prompt_tokens
         self.reuse_tokens = reuse_tokens
         self.shared_tokens = shared_tokens
         self.shared_key = shared_key
-        self.max_tokens = max_tokens
-        self.natural_tokens = natural_tokens
-        self.boundaries = boundaries
-        self.on_admit = on_admit
-        self.on_chunk = on_chunk
-        self.on_finish = on_finish
         self.cancelled = False
-        stop = min(max_tokens, max(1, natural_tokens))
         self.reason = "stop" if natural_tokens <= max_tokens else "length"
-        self.ends = [b for b in boundaries if b < stop] + [stop]
+        if natural_tokens < max_tokens:
+            stop = max(1, natural_tokens)
+            self.ends = [b for b in boundaries if b < stop] + [stop]
+        else:
+            self.ends = list(boundaries)
         self.bi = 0
         self.join_iter = 0.0
         self.last_end_s = 0.0
@@ -101,7 +100,8 @@ class SimEngine:
         self.waiting: deque[SimCall] = deque()
         self.prefilling: list[SimCall] | None = None
         self.prefill_end = 0.0
-        self._gen = 0
+        self._timer = None
+        self._timer_target: float | None = None
         self._busy = False
         self.cache: OrderedDict = OrderedDict()  # (request, node) -> tokens
         self.cache_tokens = 0
@@ -116,8 +116,8 @@ class SimEngine:
         """Send a call; it reaches the engine after the per-request overhead."""
         call.sent_s = self.env.now
         delay = self.m.request_overhead_s * self._overhead_noise()
-        ev = self.env.timeout(delay)
-        ev.callbacks.append(lambda _e, c=call: self._arrive(c))
+        ev = self.env.timeout(delay, call)
+        ev.callbacks.append(self._arrive_event)
 
     def cancel(self, call: SimCall) -> None:
         if call.cancelled:
@@ -129,7 +129,8 @@ class SimEngine:
             self._reschedule()
 
     # ---------------------------------------------------------------- internals
-    def _arrive(self, call: SimCall) -> None:
+    def _arrive_event(self, ev) -> None:
+        call = ev.value
         if call.cancelled:
             return
         self.waiting.append(call)
@@ -204,7 +205,7 @@ class SimEngine:
         """Start a prefill if calls wait, else set a timer for the next chunk boundary."""
         if self._busy or self.prefilling is not None:
             return
-        self._gen += 1
+        self._timer = None  # any pending decode timer is stale now
         now = self.env.now
         if self.waiting:
             group: list[SimCall] = []
@@ -225,15 +226,14 @@ class SimEngine:
                 new = call.prompt_tokens - cached
                 uncached += new
                 squares += new * new
-                call.on_admit(cached, now)
+                call.cached = cached
+                call.owner.admitted(call, cached)
                 group.append(call)
             if group:
                 self.prefilling = group
                 self.prefills += 1
                 self.prefill_end = now + self.m.prefill_s(uncached, squares) * self._prefill_noise()
-                gen = self._gen
-                ev = self.env.timeout(self.prefill_end - now)
-                ev.callbacks.append(lambda _e, g=gen: self._prefill_done(g))
+                self._set_timer(self.prefill_end - now, None)
                 return
         if not self.batch:
             return
@@ -243,20 +243,31 @@ class SimEngine:
             return
         target = self.heap[0][0]
         self.factor = self._decode_noise()
-        dt = self._time_for(max(0.0, target - self.iters))
-        gen = self._gen
         self.iterations_scheduled += 1
-        ev = self.env.timeout(dt)
-        ev.callbacks.append(lambda _e, g=gen, t=target: self._boundary(g, t))
+        self._set_timer(self._time_for(max(0.0, target - self.iters)), target)
+
+    def _set_timer(self, delay: float, target: float | None) -> None:
+        """One live timer per engine; a newer one makes older ones stale."""
+        ev = self.env.timeout(delay)
+        ev.callbacks.append(self._on_timer)
+        self._timer = ev
+        self._timer_target = target
+
+    def _on_timer(self, ev) -> None:
+        if ev is not self._timer:
+            return
+        self._timer = None
+        if self._timer_target is None:
+            self._prefill_done()
+        else:
+            self._boundary(self._timer_target)
 
     def _push(self, call: SimCall) -> None:
         target = call.join_iter + call.ends[call.bi] - 1
         self._tie += 1
         heapq.heappush(self.heap, (target, self._tie, call))
 
-    def _prefill_done(self, gen: int) -> None:
-        if gen != self._gen:
-            return
+    def _prefill_done(self) -> None:
         now = self.env.now
         group, self.prefilling = self.prefilling, None
         self.last_t = now
@@ -274,9 +285,7 @@ class SimEngine:
         self._busy = False
         self._reschedule()
 
-    def _boundary(self, gen: int, target: float) -> None:
-        if gen != self._gen:
-            return
+    def _boundary(self, target: float) -> None:
         now = self.env.now
         n = target - self.iters
         if n > 0:
@@ -301,7 +310,7 @@ class SimEngine:
                 first = call.last_end_s  # the prefill's end: it produced token 1
             else:
                 first = min(now, call.last_end_s + self._u_v()[0])
-            call.on_chunk(call.bi, end - start, first, now)
+            call.owner.chunk(call, call.bi, end - start, first, now)
             call.last_end_s = now
             if call.cancelled:
                 continue
@@ -310,4 +319,4 @@ class SimEngine:
                 self._push(call)
             else:
                 self._leave(call)
-                call.on_finish(call.reason, now)
+                call.owner.finished(call, call.reason)

@@ -88,36 +88,37 @@ class _RequestRun:
         node = self.sched.topology.by_id[g.node]
         natural = int(s.lengths[g.node][self.req.request_id]) - self.sched.states[g.node].tokens
         prompt = g.prompt
-        call_id, first_index, final = g.call, g.first_chunk_index, node.is_final
         engine = s.slot_engine[node.slot]
-
-        def on_chunk(index: int, tokens: int, first_s: float, end_s: float) -> None:
-            if final:
-                self.user.append((tokens, first_s, end_s))
-            if s.keep_chunks:
-                first_of_call = index == 0
-                s.chunk_rows.append((
-                    self.req.request_id, s.policy.name, node.id, node.role, node.stage, engine, call_id,
-                    first_index + index, tokens, call.prompt_tokens if first_of_call else 0,
-                    call.cached if first_of_call else 0, call.sent_s if first_of_call else call.last_end_s,
-                    first_s, end_s, final))
-            self._event(Chunk(node.id, call_id, first_index + index, tokens, None))
-
-        def on_finish(reason: str, now: float) -> None:
-            self._event(Finished(node.id, call_id, reason))
-
-        def on_admit(cached: int, now: float) -> None:
-            call.cached = cached
-            self.prompt_tokens += prompt.tokens
-            self.cached_tokens += cached
-
-        shared_key = (s.policy.layout, node.role, prompt.messages[0].pieces[0].key)
-        call = SimCall((self.req.request_id, g.node), prompt.tokens, prompt.reuse_prefix_tokens,
-                       prompt.shared_prefix_tokens, shared_key, g.max_tokens, max(1, natural), g.boundaries,
-                       on_admit, on_chunk, on_finish)
+        call = SimCall(self, (node, g.call, g.first_chunk_index, engine), (self.req.request_id, g.node),
+                       prompt.tokens, prompt.reuse_prefix_tokens, prompt.shared_prefix_tokens,
+                       (s.policy.layout, node.role, prompt.messages[0].pieces[0].key),
+                       g.max_tokens, max(1, natural), g.boundaries)
         self.calls[g.node] = call
         self.n_calls += 1
         s.engines[engine].submit(call)
+
+    # ------------------------------------------------ the engine reports (SimCall.owner)
+    def admitted(self, call: SimCall, cached: int) -> None:
+        self.prompt_tokens += call.prompt_tokens
+        self.cached_tokens += cached
+
+    def chunk(self, call: SimCall, index: int, tokens: int, first_s: float, end_s: float) -> None:
+        node, call_id, first_index, engine = call.tag
+        if node.is_final:
+            self.user.append((tokens, first_s, end_s))
+        s = self.s
+        if s.keep_chunks:
+            first_of_call = index == 0
+            s.chunk_rows.append((
+                self.req.request_id, s.policy.name, node.id, node.role, node.stage, engine, call_id,
+                first_index + index, tokens, call.prompt_tokens if first_of_call else 0,
+                call.cached if first_of_call else 0, call.sent_s if first_of_call else call.last_end_s,
+                first_s, end_s, node.is_final))
+        self._apply(self.sched.on(Chunk(node.id, call_id, first_index + index, tokens, None), s.env.now))
+
+    def finished(self, call: SimCall, reason: str) -> None:
+        node, call_id, _, _ = call.tag
+        self._apply(self.sched.on(Finished(node.id, call_id, reason), self.s.env.now))
 
     def _done(self, d: Done) -> None:
         m = request_metrics(self.user, self.arrival_s)

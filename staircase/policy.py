@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Protocol, Sequence
 
 from .errors import ConfigError
 from .topology import Node, Topology
@@ -82,11 +82,11 @@ class ChunkSchedule:
 WHOLE_ANSWER = ChunkSchedule((1 << 30,))
 
 
-@dataclass(frozen=True)
-class UpstreamView:
-    """What a consumer knows of one of its inputs."""
+class UpstreamView(Protocol):
+    """What a consumer knows of one of its inputs (the scheduler's node state
+    satisfies this; policies only read it)."""
 
-    node: str
+    node: Node
     chunks: int  # chunks delivered so far
     tokens: int
     finished: bool  # answer complete (not failed, not cancelled)
@@ -94,17 +94,17 @@ class UpstreamView:
     chunk_end_s: Sequence[float]  # time each chunk was delivered
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class ConsumerView:
     node: Node
     step: int  # index of the step about to be decided
     now_s: float
     own_tokens: int
-    upstream: tuple[UpstreamView, ...]
+    upstream: Sequence[UpstreamView]
 
     @property
     def lost(self) -> int:
-        return sum(u.failed for u in self.upstream)
+        return sum(1 for u in self.upstream if u.failed)
 
 
 @dataclass(frozen=True)
@@ -199,12 +199,22 @@ class StaircasePolicy(Policy):
         return min(n - self.redundancy_at(view.step), n - view.lost)
 
     def decide(self, view: ConsumerView) -> Decision:
-        if view.lost > self.tolerance:
-            return Decision("fail", reason=f"lost {view.lost} of {len(view.upstream)} inputs; r={self.tolerance}")
-        need = self.needed(view)
-        if sum(u.finished for u in view.upstream) >= need:
+        step = view.step
+        lost = finished = ready = 0
+        for u in view.upstream:  # one pass: this runs on every input chunk
+            if u.failed:
+                lost += 1
+            elif u.finished:
+                finished += 1
+                ready += 1
+            elif u.chunks > step:
+                ready += 1
+        if lost > self.tolerance:
+            return Decision("fail", reason=f"lost {lost} of {len(view.upstream)} inputs; r={self.tolerance}")
+        n = len(view.upstream)
+        need = min(n - self.redundancy_at(step), n - lost)
+        if finished >= need:
             return FINAL
-        ready = sum(1 for u in view.upstream if u.finished or u.chunks > view.step)
         return STEP if ready >= need else WAIT
 
     def describe(self) -> dict:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import NamedTuple, Protocol, Sequence
 
 HEADER_TOKENS = 3  # e.g. "<|im_start|>assistant\n"
 END_TOKENS = 2  # e.g. "<|im_end|>\n"
@@ -66,8 +66,9 @@ class ApproxTokenizer:
         return math.ceil(len(text) / self.chars_per_token) if text else 0
 
 
-@dataclass(frozen=True, slots=True)
-class Piece:
+class Piece(NamedTuple):
+    """A run of text with a known token count; ``key`` identifies it across prompts."""
+
     key: tuple
     tokens: int
     text: str | None = None
@@ -183,7 +184,8 @@ class ConsumerPrompts:
         self.self_index = self_index
         self.texts = texts
         self.own: list[Piece] = []
-        self._previous: list[tuple[tuple, int]] = []  # keyed previous prompt
+        self._previous: list[tuple[tuple, int]] = []  # standard: keyed previous prompt
+        self._previous_tokens = 0  # prefix-cache: tokens of the previous prompt
         self._own_at_previous = 0
         # prefix-cache layout: the persistent message list and what each input has shown
         self._messages: list[Message] = []
@@ -211,19 +213,25 @@ class ConsumerPrompts:
             self._messages[-1].pieces.append(piece)
 
     def next(self, inputs: Sequence[Sequence[Piece]]) -> Prompt:
+        own_since = self.own[self._own_at_previous:]
+        self._own_at_previous = len(self.own)
         if self.layout == "prefix-cache":
             messages = self._append_round(inputs)
-        else:
-            messages = self._standard(inputs)
+            tokens = sum(m.tokens for m in messages)
+            # Append-only by construction (the stateful tests check it against the keys):
+            # the previous prompt and the output since are reused whole.
+            reuse = self._previous_tokens + sum(p.tokens for p in own_since) if self._previous_tokens else 0
+            self._previous_tokens = tokens
+            # Only the open last message changes later; the earlier ones are final.
+            last = messages[-1]
+            snapshot = messages[:-1] + [Message(last.role, list(last.pieces), last.closed)]
+            return Prompt(snapshot, tokens, HEADER_TOKENS + messages[0].pieces[0].tokens, reuse)
+        messages = self._standard(inputs)
         keyed = _keyed(messages)
-        previous = self._previous + [(p.key, p.tokens) for p in self.own[self._own_at_previous:]]
-        reuse = common_prefix_tokens(keyed, previous) if previous else 0
+        previous = self._previous + [(p.key, p.tokens) for p in own_since]
+        reuse = common_prefix_tokens(keyed, previous) if self._previous else 0
         self._previous = keyed
-        self._own_at_previous = len(self.own)
-        shared = HEADER_TOKENS + messages[0].pieces[0].tokens
-        # copy: the persistent list keeps growing after this prompt is sent
-        snapshot = [Message(m.role, list(m.pieces), m.closed) for m in messages]
-        return Prompt(snapshot, sum(t for _, t in keyed), shared, reuse)
+        return Prompt(messages, sum(t for _, t in keyed), HEADER_TOKENS + messages[0].pieces[0].tokens, reuse)
 
     def _standard(self, inputs: Sequence[Sequence[Piece]]) -> list[Message]:
         t = self.texts

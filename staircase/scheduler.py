@@ -16,23 +16,23 @@ started) raise ``ProtocolError``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import ConfigError, ProtocolError
-from .policy import ConsumerView, Policy, UpstreamView
+from .policy import ConsumerView, Policy
 from .prompts import ConsumerPrompts, Piece, Prompt, TextPieces, Tokenizer, query_piece, source_prompt
 from .topology import Node, Topology
 
 # ----------------------------------------------------------------------------- events
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Started:
     node: str
     call: int
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Chunk:
     node: str
     call: int
@@ -41,21 +41,21 @@ class Chunk:
     text: str | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Finished:
     node: str
     call: int
     reason: str = "stop"  # "stop" (EOS) or "length" (reached the call's max_tokens)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Failed:
     node: str
     call: int
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TimerFired:
     key: tuple
 
@@ -65,7 +65,7 @@ Event = Started | Chunk | Finished | Failed | TimerFired
 # ---------------------------------------------------------------------------- actions
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Generate:
     node: str
     call: int
@@ -77,14 +77,14 @@ class Generate:
     final_call: bool
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Cancel:
     node: str
     call: int
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Emit:
     node: str
     chunk_index: int
@@ -92,13 +92,13 @@ class Emit:
     text: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SetTimer:
     key: tuple
     delay_s: float
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Done:
     outcome: str  # "ok" or "error"
     error: str | None
@@ -118,18 +118,36 @@ class Query:
     tokens: int | None = None
 
 
-@dataclass
 class _NodeState:
-    node: Node
-    status: str = PENDING
-    call: int = -1
-    pieces: list[Piece] = field(default_factory=list)
-    chunk_end_s: list[float] = field(default_factory=list)
-    tokens: int = 0
-    step: int = 0
-    final_call: bool = False
-    timer_step: int = -1
-    prompts: ConsumerPrompts | None = None
+    """A node's progress; also what consumers' policies see of it (``UpstreamView``)."""
+
+    __slots__ = ("node", "status", "call", "pieces", "chunk_end_s", "tokens", "step", "final_call",
+                 "timer_step", "prompts", "inputs")
+
+    def __init__(self, node: Node):
+        self.node = node
+        self.status = PENDING
+        self.call = -1
+        self.pieces: list[Piece] = []
+        self.chunk_end_s: list[float] = []
+        self.tokens = 0
+        self.step = 0
+        self.final_call = False
+        self.timer_step = -1
+        self.prompts: ConsumerPrompts | None = None
+        self.inputs: tuple[_NodeState, ...] = ()
+
+    @property
+    def chunks(self) -> int:
+        return len(self.pieces)
+
+    @property
+    def finished(self) -> bool:
+        return self.status == FINISHED
+
+    @property
+    def failed(self) -> bool:
+        return self.status == FAILED
 
 
 class Scheduler:
@@ -150,11 +168,13 @@ class Scheduler:
         self.query = query_piece(query.text, query.tokens, self.texts.tokenizer)
         self.states = {n.id: _NodeState(n) for n in self.topology.nodes}
         self.lost: dict[str, str] = {}
+        self._source_prompt: Prompt | None = None
         self.done: Done | None = None
         for n in self.topology.nodes:
             if n.upstream:
-                self.states[n.id].prompts = ConsumerPrompts(
-                    policy.layout, n.role, self.query, n.upstream, n.index, self.texts)
+                st = self.states[n.id]
+                st.prompts = ConsumerPrompts(policy.layout, n.role, self.query, n.upstream, n.index, self.texts)
+                st.inputs = tuple(self.states[u] for u in n.upstream)
 
     # ------------------------------------------------------------------ public API
     def start(self, now_s: float = 0.0) -> list[Action]:
@@ -165,7 +185,9 @@ class Scheduler:
                 st.call += 1
                 st.status = RUNNING
                 st.final_call = True
-                actions.append(Generate(n.id, st.call, source_prompt(self.query, self.texts), self.max_tokens,
+                if self._source_prompt is None:
+                    self._source_prompt = source_prompt(self.query, self.texts)
+                actions.append(Generate(n.id, st.call, self._source_prompt, self.max_tokens,
                                         self.policy.source_boundaries(n, self.max_tokens), 0, 0, True))
         return actions
 
@@ -235,12 +257,7 @@ class Scheduler:
     # ------------------------------------------------------------------- decisions
     def view(self, node_id: str, now_s: float) -> ConsumerView:
         st = self.states[node_id]
-        ups = []
-        for u in st.node.upstream:
-            us = self.states[u]
-            ups.append(UpstreamView(u, len(us.pieces), us.tokens, us.status == FINISHED,
-                                    us.status == FAILED, us.chunk_end_s))
-        return ConsumerView(st.node, st.step, now_s, st.tokens, tuple(ups))
+        return ConsumerView(st.node, st.step, now_s, st.tokens, st.inputs)
 
     def _evaluate(self, node_ids, now_s: float) -> list[Action]:
         actions: list[Action] = []

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import pytest
 
 from staircase.errors import ConfigError, ProtocolError
 from staircase.metrics import itl_samples, request_metrics, weighted_percentile
 from staircase.policy import (ChunkSchedule, ConsumerView, DeadlineStaircasePolicy, SinglePolicy,
-                              StaircasePolicy, UpstreamView, WaitAllPolicy, make_policies)
+                              StaircasePolicy, WaitAllPolicy, make_policies)
 from staircase.prompts import ApproxTokenizer, ConsumerPrompts, Piece, TextPieces, query_piece
 from staircase.scheduler import Chunk, Finished, Generate, Query, Scheduler, SetTimer, TimerFired
 from staircase.topology import build, mad, moa
@@ -42,7 +43,8 @@ def test_schedule_parse_accepts_commas_and_slashes():
 def view(step: int, ups: list[tuple[int, bool, bool]], now: float = 1.0) -> ConsumerView:
     node = moa(len(ups)).final
     return ConsumerView(node, step, now, 0, tuple(
-        UpstreamView(f"p{i}", c, c * 8, fin, fail, [0.1 * (j + 1) for j in range(c)])
+        SimpleNamespace(node=f"p{i}", chunks=c, tokens=c * 8, finished=fin, failed=fail,
+                        chunk_end_s=[0.1 * (j + 1) for j in range(c)])
         for i, (c, fin, fail) in enumerate(ups)))
 
 
