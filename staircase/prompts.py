@@ -216,11 +216,13 @@ class ConsumerPrompts:
         own_since = self.own[self._own_at_previous:]
         self._own_at_previous = len(self.own)
         if self.layout == "prefix-cache":
-            messages = self._append_round(inputs)
-            tokens = sum(m.tokens for m in messages)
+            before = self._previous_tokens
+            messages, added = self._append_round(inputs)
             # Append-only by construction (the stateful tests check it against the keys):
             # the previous prompt and the output since are reused whole.
-            reuse = self._previous_tokens + sum(p.tokens for p in own_since) if self._previous_tokens else 0
+            own_tokens = sum(p.tokens for p in own_since)
+            tokens = before + own_tokens + added
+            reuse = before + own_tokens if before else 0
             self._previous_tokens = tokens
             # Only the open last message changes later; the earlier ones are final.
             last = messages[-1]
@@ -250,10 +252,13 @@ class ConsumerPrompts:
         return [Message("system", [t(self._system())]), Message("user", user),
                 Message("assistant", list(self.own), closed=False)]
 
-    def _append_round(self, inputs: Sequence[Sequence[Piece]]) -> list[Message]:
+    def _append_round(self, inputs: Sequence[Sequence[Piece]]) -> tuple[list[Message], int]:
+        """Append this step's round; returns the messages and the tokens added."""
         t = self.texts
+        added = 0
         if not self._messages:
             self._messages = [Message("system", [t(self._system())]), Message("user", [self.query])]
+            added = sum(m.tokens for m in self._messages)
         new: list[Piece] = []
         for i, pieces in enumerate(inputs):
             if len(pieces) > self._shown[i]:
@@ -263,7 +268,9 @@ class ConsumerPrompts:
         if new or self._messages[-1].role != "assistant":
             if self._messages[-1].role == "assistant":
                 self._messages[-1].closed = True
+                added += END_TOKENS
             round_no = sum(1 for m in self._messages if m.role == "assistant") + 1
-            self._messages.append(Message("user", [t(f"Round {round_no}:")] + new))
-            self._messages.append(Message("assistant", closed=False))
-        return self._messages
+            user = Message("user", [t(f"Round {round_no}:")] + new)
+            self._messages += [user, Message("assistant", closed=False)]
+            added += user.tokens + HEADER_TOKENS
+        return self._messages, added
