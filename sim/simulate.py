@@ -128,6 +128,7 @@ class _RequestRun:
             d.error or "", lost, m["ttft_s"], m["e2e_s"], m["tpot_s"], m["output_tokens"],
             m["output_tokens_per_s"], m["longest_stall_s"], m["stalls_over_threshold"], self.n_calls,
             self.prompt_tokens, self.cached_tokens))
+        self.calls.clear()  # SimCall.owner points back here: break the cycle so refcounting frees both
         self.s.on_done(self.req.request_id)
 
 
