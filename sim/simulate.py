@@ -5,7 +5,6 @@ its inputs and seed. ``simulate_policies`` runs several policies on the same req
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -13,6 +12,7 @@ import numpy as np
 import simpy
 
 from staircase.metrics import request_metrics
+from staircase.progress import progress as progress_bar
 from staircase.policy import Policy
 from staircase.prompts import TextPieces
 from staircase.scheduler import (Cancel, Chunk, Done, Emit, Finished, Generate, Query, Scheduler,
@@ -173,7 +173,7 @@ def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[R
     engines = {name: SimEngine(env, name, models[name], np.random.default_rng(ss), noise=noise)
                for name, ss in zip(engine_names, streams)}
     lengths = _node_lengths(topology, profile, requests, seed)
-    bar = _progress(len(requests), policy.name, progress)
+    bar = progress_bar(len(requests), f"sim {policy.name}", progress)
     pending = iter(requests)
 
     def on_done(_rid: int) -> None:
@@ -214,18 +214,3 @@ def simulate_policies(topology: Topology, policies: Sequence[Policy], workload, 
     for p in policies:
         p.validate_for(topology)
     return {p.name: simulate(topology, p, workload, profile, **kwargs) for p in policies}
-
-
-class _NoBar:
-    def update(self, n: int = 1) -> None: ...
-    def close(self) -> None: ...
-
-
-def _progress(total: int, label: str, enabled: bool | None):
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    if not enabled:
-        return _NoBar()
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=f"sim {label}", unit="req", file=sys.stderr, leave=False, mininterval=0.5)

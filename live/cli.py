@@ -1,0 +1,207 @@
+"""``staircase live``: compare policies on real engines; ``staircase model``: get the
+bundled real model (SmolLM2-135M-Instruct) as a local folder.
+
+Engines come from ``--config`` (JSON) or flags. Config shape::
+
+    {"engines": {"local": {"kind": "vllm", "model": "smollm2"},
+                 "api":   {"kind": "http", "url": "http://127.0.0.1:8000", "model": "m",
+                           "api_key_env": "MY_KEY", "tokenizer": "/path/to/model"},
+                 "srv":   {"kind": "serve", "model": "/path/to/model"}},
+     "slots": {"proposers": ["local", "api", "srv"], "aggregator": "local"}}
+
+``proposer-i`` runs on ``proposers[i % n]``; slots naming the same engine share it.
+``"model": "smollm2"`` means the bundled model (converted once, cached).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import time
+from pathlib import Path
+
+from staircase.cli import add_output_arguments, finish_run, parse_int_list
+from staircase.errors import ConfigError
+from staircase.policy import PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, SCOPES, ChunkSchedule, make_policies
+from staircase.report import summary_frame
+from staircase.topology import TOPOLOGY_KINDS, build
+
+ENGINE_KINDS = ("vllm", "serve", "http")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("live", help="run policies on real engines (vLLM in-process, vllm serve, HTTP)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("engines")
+    g.add_argument("--config", type=Path, help="engines and slots as JSON (see above); overrides --model/--url")
+    g.add_argument("--model", default="smollm2",
+                   help="model folder for one in-process vLLM engine shared by every slot (default: bundled SmolLM2)")
+    g.add_argument("--url", help="base URL of an OpenAI-compatible server for every slot instead of --model")
+    g.add_argument("--served-model", default="model", help="--url: the model name the server expects")
+    g.add_argument("--api-key-env", help="--url: name of the environment variable holding the API key")
+    g = p.add_argument_group("topology and policies")
+    g.add_argument("--topology", choices=TOPOLOGY_KINDS, default="moa")
+    g.add_argument("--proposers", type=int, default=3)
+    g.add_argument("--layers", type=int, default=1)
+    g.add_argument("--agents", type=int, default=3)
+    g.add_argument("--rounds", type=int, default=2)
+    g.add_argument("--policies", default="wait-all,staircase", help="as in `staircase sim`")
+    g.add_argument("--redundancy", default="1", help="comma list of r values for staircase policies")
+    g.add_argument("--scope", choices=SCOPES, default="first")
+    g.add_argument("--proposer-schedule", default=",".join(map(str, PAPER_PROPOSER_SCHEDULE)))
+    g.add_argument("--aggregator-schedule", default=",".join(map(str, PAPER_AGGREGATOR_SCHEDULE)))
+    g.add_argument("--max-wait-s", type=float, default=0.5)
+    g = p.add_argument_group("workload and sampling")
+    g.add_argument("--prompts", default="mt_bench", help="mt_bench, alpaca_eval (bundled) or a JSONL file")
+    g.add_argument("--requests", type=int, default=5, help="number of prompts (from the start of the set)")
+    g.add_argument("--concurrency", type=int, default=1, help="closed loop: requests in flight")
+    g.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second instead")
+    g.add_argument("--max-tokens", type=int, default=128, help="max tokens of every node's answer")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (MoA uses 0.7)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--stall-timeout-s", type=float, default=30.0, help="a call with no token for this long fails")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    add_output_arguments(p, "live")
+    p.set_defaults(func=run)
+
+    m = subparsers.add_parser("model", help="print the folder of the bundled real model (converting it once)")
+    m.set_defaults(func=lambda args: print(_model_path("smollm2")) or 0)
+
+
+def _model_path(value: str, field: str = "model") -> Path:
+    if value == "smollm2":
+        from .model import smollm2_folder
+
+        return smollm2_folder()
+    path = Path(value)
+    if not (path / "config.json").is_file():
+        raise ConfigError(field, value, "smollm2 or a model folder with a config.json")
+    return path
+
+
+def engines_from_config(raw: dict, topology) -> tuple[dict, list]:
+    """(slot -> engine, servers to stop) from a config object; checks every field."""
+    from .engines import HTTPEngine, VLLMEngine, VLLMServer
+
+    if not isinstance(raw, dict) or not isinstance(raw.get("engines"), dict) or not raw["engines"]:
+        raise ConfigError("config.engines", raw.get("engines") if isinstance(raw, dict) else raw,
+                          "an object of named engines")
+    specs = raw["engines"]
+    for name, spec in specs.items():
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        if kind not in ENGINE_KINDS:
+            raise ConfigError(f"config.engines.{name}.kind", kind, ", ".join(ENGINE_KINDS))
+        if kind in ("vllm", "serve"):
+            _model_path(str(spec.get("model", "")), f"config.engines.{name}.model")
+        if kind == "http" and not str(spec.get("url", "")).startswith(("http://", "https://")):
+            raise ConfigError(f"config.engines.{name}.url", spec.get("url"), "an http:// or https:// base URL")
+    slots = raw.get("slots") or {}
+    proposers = slots.get("proposers")
+    if not isinstance(proposers, list) or not proposers or any(p not in specs for p in proposers):
+        raise ConfigError("config.slots.proposers", proposers, f"a list of engine names from {', '.join(specs)}")
+    if slots.get("aggregator") not in specs:
+        raise ConfigError("config.slots.aggregator", slots.get("aggregator"), f"one of {', '.join(specs)}")
+    built: dict = {}
+    servers: list = []
+    for name in dict.fromkeys(proposers + [slots["aggregator"]]):
+        spec = specs[name]
+        if spec["kind"] == "vllm":
+            built[name] = VLLMEngine(_model_path(spec["model"]), name=name)
+        elif spec["kind"] == "serve":
+            server = VLLMServer(_model_path(spec["model"]), threads=str(spec.get("threads", "0-1")))
+            servers.append(server)
+            built[name] = server
+        else:
+            built[name] = HTTPEngine(spec["url"], spec.get("model", "model"), name=name,
+                                     api_key_env=spec.get("api_key_env"), tokenizer_path=spec.get("tokenizer"))
+    mapping = {}
+    for n in topology.nodes:
+        if n.slot == "aggregator":
+            mapping[n.slot] = built[slots["aggregator"]]
+        else:
+            mapping[n.slot] = built[proposers[int(n.slot.split("-")[1]) % len(proposers)]]
+    return mapping, servers
+
+
+def run(args: argparse.Namespace) -> int:
+    from .engines import Sampling, VLLMServer
+    from .prompts import load_prompts
+    from .runner import LiveRunner
+
+    topology = build(args.topology, proposers=args.proposers, layers=args.layers, agents=args.agents, rounds=args.rounds)
+    policies = make_policies(
+        args.policies.split(","), redundancies=parse_int_list(args.redundancy, "redundancy"),
+        proposer_schedule=ChunkSchedule.parse(args.proposer_schedule, "proposer_schedule"),
+        aggregator_schedule=ChunkSchedule.parse(args.aggregator_schedule, "aggregator_schedule"),
+        scope=args.scope, max_wait_s=args.max_wait_s)
+    for p in policies:
+        p.validate_for(topology)
+    if args.requests < 1:
+        raise ConfigError("requests", args.requests, "an integer >= 1")
+    queries = load_prompts(args.prompts, args.requests)
+    if args.config is not None:
+        if not args.config.is_file():
+            raise ConfigError("config", str(args.config), "an existing JSON file")
+        try:
+            raw = json.loads(args.config.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError("config", str(args.config), f"valid JSON ({err.msg}, line {err.lineno})") from None
+    elif args.url:
+        raw = {"engines": {"remote": {"kind": "http", "url": args.url, "model": args.served_model,
+                                      "api_key_env": args.api_key_env}},
+               "slots": {"proposers": ["remote"], "aggregator": "remote"}}
+    else:
+        raw = {"engines": {"local": {"kind": "vllm", "model": args.model}},
+               "slots": {"proposers": ["local"], "aggregator": "local"}}
+    mapping, servers = engines_from_config(raw, topology)
+    traces: dict = {}
+    started = time.perf_counter()
+    runner = None
+    try:
+        for server in servers:
+            server.start()
+        engines = {slot: (e.engine() if isinstance(e, VLLMServer) else e) for slot, e in mapping.items()}
+        # one engine object per server, shared by the slots that name it
+        by_server = {}
+        for slot, e in mapping.items():
+            if isinstance(e, VLLMServer):
+                engines[slot] = by_server.setdefault(id(e), engines[slot])
+        runner = LiveRunner(engines, topology, max_tokens=args.max_tokens,
+                            sampling=Sampling(temperature=args.temperature, seed=args.seed),
+                            stall_timeout_s=args.stall_timeout_s)
+
+        async def main():
+            try:
+                await runner.start()
+                for policy in policies:
+                    traces[policy.name] = await runner.run_policy(policy, queries, concurrency=args.concurrency,
+                                                                  rate_per_s=args.rate, seed=args.seed,
+                                                                  progress=args.progress)
+            finally:
+                await runner.close()
+
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        if runner is not None:  # keep the finished requests' traces
+            for policy in policies:
+                t = runner.trace(policy.name)
+                if len(t.requests):
+                    traces[policy.name] = t
+        if not traces:
+            raise
+        print("interrupted: writing the finished requests", flush=True)
+    finally:
+        for server in servers:
+            server.stop()
+    summary = summary_frame(traces)
+    config = {"command": "live", "topology": topology.describe(), "policies": [p.describe() for p in policies],
+              "engines": _redacted(raw), "prompts": args.prompts, "requests": len(queries),
+              "concurrency": args.concurrency, "rate": args.rate, "max_tokens": args.max_tokens,
+              "temperature": args.temperature, "seed": args.seed, "wall_s": round(time.perf_counter() - started, 3)}
+    return finish_run(args, "live", traces, summary, config)
+
+
+def _redacted(raw: dict) -> dict:
+    """The engine config as written to results: names of key variables only, never keys."""
+    return json.loads(json.dumps(raw, default=str))

