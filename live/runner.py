@@ -87,6 +87,8 @@ class LiveRunner:
         loop with Poisson arrivals at ``rate_per_s``."""
         policy.validate_for(self.topology)
         first_row = len(self.request_rows), len(self.chunk_rows)
+        for engine in {id(e): e for e in self.engines.values()}.values():
+            await engine.reset_cache()
         self._t0 = time.perf_counter()
         bar = progress_bar(len(queries), f"live {policy.name}", progress)
         if rate_per_s:
