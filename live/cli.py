@@ -18,14 +18,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
-from staircase.cli import add_output_arguments, finish_run, parse_int_list
+from staircase.cli import add_output_arguments, add_topology_policy_arguments, finish_run, topology_and_policies
 from staircase.errors import ConfigError
-from staircase.policy import PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, SCOPES, ChunkSchedule, make_policies
 from staircase.report import summary_frame
-from staircase.topology import TOPOLOGY_KINDS, build
 
 ENGINE_KINDS = ("vllm", "serve", "http")
 
@@ -40,18 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--url", help="base URL of an OpenAI-compatible server for every slot instead of --model")
     g.add_argument("--served-model", default="model", help="--url: the model name the server expects")
     g.add_argument("--api-key-env", help="--url: name of the environment variable holding the API key")
-    g = p.add_argument_group("topology and policies")
-    g.add_argument("--topology", choices=TOPOLOGY_KINDS, default="moa")
-    g.add_argument("--proposers", type=int, default=3)
-    g.add_argument("--layers", type=int, default=1)
-    g.add_argument("--agents", type=int, default=3)
-    g.add_argument("--rounds", type=int, default=2)
-    g.add_argument("--policies", default="wait-all,staircase", help="as in `staircase sim`")
-    g.add_argument("--redundancy", default="1", help="comma list of r values for staircase policies")
-    g.add_argument("--scope", choices=SCOPES, default="first")
-    g.add_argument("--proposer-schedule", default=",".join(map(str, PAPER_PROPOSER_SCHEDULE)))
-    g.add_argument("--aggregator-schedule", default=",".join(map(str, PAPER_AGGREGATOR_SCHEDULE)))
-    g.add_argument("--max-wait-s", type=float, default=0.5)
+    add_topology_policy_arguments(p, "wait-all,staircase", "1", proposers=3)
     g = p.add_argument_group("workload and sampling")
     g.add_argument("--prompts", default="mt_bench", help="mt_bench, alpaca_eval (bundled) or a JSONL file")
     g.add_argument("--requests", type=int, default=5, help="number of prompts (from the start of the set)")
@@ -125,18 +114,12 @@ def engines_from_config(raw: dict, topology) -> tuple[dict, list]:
 
 
 def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the table readable
     from .engines import Sampling, VLLMServer
     from .prompts import load_prompts
     from .runner import LiveRunner
 
-    topology = build(args.topology, proposers=args.proposers, layers=args.layers, agents=args.agents, rounds=args.rounds)
-    policies = make_policies(
-        args.policies.split(","), redundancies=parse_int_list(args.redundancy, "redundancy"),
-        proposer_schedule=ChunkSchedule.parse(args.proposer_schedule, "proposer_schedule"),
-        aggregator_schedule=ChunkSchedule.parse(args.aggregator_schedule, "aggregator_schedule"),
-        scope=args.scope, max_wait_s=args.max_wait_s)
-    for p in policies:
-        p.validate_for(topology)
+    topology, policies = topology_and_policies(args)
     if args.requests < 1:
         raise ConfigError("requests", args.requests, "an integer >= 1")
     queries = load_prompts(args.prompts, args.requests)
@@ -175,9 +158,12 @@ def run(args: argparse.Namespace) -> int:
             try:
                 await runner.start()
                 for policy in policies:
+                    t0 = time.perf_counter()
                     traces[policy.name] = await runner.run_policy(policy, queries, concurrency=args.concurrency,
                                                                   rate_per_s=args.rate, seed=args.seed,
                                                                   progress=args.progress)
+                    print(f"{policy.name}: {len(queries)} requests in {time.perf_counter() - t0:.1f} s",
+                          file=sys.stderr, flush=True)
             finally:
                 await runner.close()
 

@@ -10,11 +10,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from staircase.cli import add_output_arguments, finish_run, parse_int_list
-from staircase.policy import (PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, SCOPES, ChunkSchedule,
-                              make_policies)
+from staircase.cli import add_output_arguments, add_topology_policy_arguments, finish_run, topology_and_policies
 from staircase.report import summary_frame
-from staircase.topology import TOPOLOGY_KINDS, build
 
 from .profile import default_profile_path, load_profile
 from .simulate import simulate_policies
@@ -27,25 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "sim", help="simulate policies on SimPy engines (no arguments: the embedded default)",
         description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    g = p.add_argument_group("topology")
-    g.add_argument("--topology", choices=TOPOLOGY_KINDS, default="moa",
-                   help="moa: layers of proposers -> aggregator; mad: debate agents x rounds -> judge")
-    g.add_argument("--proposers", type=int, default=6, help="MoA proposers per layer")
-    g.add_argument("--layers", type=int, default=1, help="MoA proposer layers before the aggregator")
-    g.add_argument("--agents", type=int, default=3, help="MAD agents per round")
-    g.add_argument("--rounds", type=int, default=2, help="MAD rounds before the judge")
-    g = p.add_argument_group("policies")
-    g.add_argument("--policies", default=DEFAULT_POLICIES,
-                   help="comma list of: wait-all, single, staircase (both layouts), staircase-standard, "
-                        "staircase-prefix-cache, staircase-deadline (adaptive first step)")
-    g.add_argument("--redundancy", default="2",
-                   help="redundancy r of staircase policies; a comma list gives one policy per value")
-    g.add_argument("--scope", choices=SCOPES, default="first", help="apply r to the first step only, or every step")
-    g.add_argument("--proposer-schedule", default=",".join(map(str, PAPER_PROPOSER_SCHEDULE)),
-                   help="proposer chunk sizes in tokens; the last repeats")
-    g.add_argument("--aggregator-schedule", default=",".join(map(str, PAPER_AGGREGATOR_SCHEDULE)),
-                   help="aggregator (final node) chunk sizes in tokens; the last repeats")
-    g.add_argument("--max-wait-s", type=float, default=0.5, help="staircase-deadline: longest wait for the first step")
+    add_topology_policy_arguments(p, DEFAULT_POLICIES, "2", proposers=6)
+    g = p.add_argument_group("generation")
     g.add_argument("--max-tokens", type=int, default=512, help="max tokens of every node's answer (MoA uses 512)")
     g = p.add_argument_group("workload")
     g.add_argument("--workload", choices=WORKLOAD_KINDS, default="poisson",
@@ -70,15 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    topology = build(args.topology, proposers=args.proposers, layers=args.layers, agents=args.agents, rounds=args.rounds)
-    policies = make_policies(
-        args.policies.split(","),
-        redundancies=parse_int_list(args.redundancy, "redundancy"),
-        proposer_schedule=ChunkSchedule.parse(args.proposer_schedule, "proposer_schedule"),
-        aggregator_schedule=ChunkSchedule.parse(args.aggregator_schedule, "aggregator_schedule"),
-        scope=args.scope, max_wait_s=args.max_wait_s)
-    for pol in policies:
-        pol.validate_for(topology)
+    topology, policies = topology_and_policies(args)
     workload = Workload(args.workload, args.requests, args.rate, args.cv, args.concurrency, args.query_tokens,
                         args.output_tokens, trace=args.trace, time_scale=args.time_scale)
     profile = load_profile(args.profile)

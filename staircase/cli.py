@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from .errors import ConfigError, StaircaseError
+from .policy import PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, SCOPES, ChunkSchedule, Policy, make_policies
 from .report import format_table, summary_json, write_results
+from .topology import TOPOLOGY_KINDS, Topology, build
 
 ENTRY_POINT_GROUP = "staircase.commands"
 
@@ -82,6 +84,45 @@ def finish_run(args: argparse.Namespace, command: str, traces: Mapping, summary,
         print(format_table(summary))
         print(f"\nresults: {folder}/ ({', '.join(p.name for p in paths.values())})")
     return 0
+
+
+def add_topology_policy_arguments(parser: argparse.ArgumentParser, policies: str, redundancy: str,
+                                  proposers: int) -> None:
+    """The topology and policy options shared by `sim` and `live`."""
+    g = parser.add_argument_group("topology")
+    g.add_argument("--topology", choices=TOPOLOGY_KINDS, default="moa",
+                   help="moa: layers of proposers -> aggregator; mad: debate agents x rounds -> judge")
+    g.add_argument("--proposers", type=int, default=proposers, help="MoA proposers per layer")
+    g.add_argument("--layers", type=int, default=1, help="MoA proposer layers before the aggregator")
+    g.add_argument("--agents", type=int, default=3, help="MAD agents per round")
+    g.add_argument("--rounds", type=int, default=2, help="MAD rounds before the judge")
+    g = parser.add_argument_group("policies")
+    g.add_argument("--policies", default=policies,
+                   help="comma list of: wait-all, single, staircase (both layouts), staircase-standard, "
+                        "staircase-prefix-cache, staircase-deadline (adaptive first step)")
+    g.add_argument("--redundancy", default=redundancy,
+                   help="redundancy r of staircase policies; a comma list gives one policy per value")
+    g.add_argument("--scope", choices=SCOPES, default="first", help="apply r to the first step only, or every step")
+    g.add_argument("--proposer-schedule", default=",".join(map(str, PAPER_PROPOSER_SCHEDULE)),
+                   help="proposer chunk sizes in tokens; the last repeats")
+    g.add_argument("--aggregator-schedule", default=",".join(map(str, PAPER_AGGREGATOR_SCHEDULE)),
+                   help="aggregator (final node) chunk sizes in tokens; the last repeats")
+    g.add_argument("--max-wait-s", type=float, default=0.5, help="staircase-deadline: longest wait for the first step")
+
+
+def topology_and_policies(args: argparse.Namespace) -> tuple[Topology, list[Policy]]:
+    """Build and check what `add_topology_policy_arguments` parsed."""
+    topology = build(args.topology, proposers=args.proposers, layers=args.layers, agents=args.agents,
+                     rounds=args.rounds)
+    policies = make_policies(
+        args.policies.split(","),
+        redundancies=parse_int_list(args.redundancy, "redundancy"),
+        proposer_schedule=ChunkSchedule.parse(args.proposer_schedule, "proposer_schedule"),
+        aggregator_schedule=ChunkSchedule.parse(args.aggregator_schedule, "aggregator_schedule"),
+        scope=args.scope, max_wait_s=args.max_wait_s)
+    for policy in policies:
+        policy.validate_for(topology)
+    return topology, policies
 
 
 def parse_int_list(text: str, field: str, minimum: int = 0) -> list[int]:
