@@ -114,7 +114,9 @@ def engines_from_config(raw: dict, topology) -> tuple[dict, list]:
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # keep the table readable
+    # keep stdout for the table or the JSON object: vLLM logs to stderr, warnings only
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     from .engines import Sampling, VLLMServer
     from .prompts import load_prompts
     from .runner import LiveRunner
@@ -181,13 +183,10 @@ def run(args: argparse.Namespace) -> int:
         for server in servers:
             server.stop()
     summary = summary_frame(traces)
+    # `raw` names API-key environment variables, never keys
     config = {"command": "live", "topology": topology.describe(), "policies": [p.describe() for p in policies],
-              "engines": _redacted(raw), "prompts": args.prompts, "requests": len(queries),
+              "engines": raw, "prompts": args.prompts, "requests": len(queries),
               "concurrency": args.concurrency, "rate": args.rate, "max_tokens": args.max_tokens,
               "temperature": args.temperature, "seed": args.seed, "wall_s": round(time.perf_counter() - started, 3)}
     return finish_run(args, "live", traces, summary, config)
 
-
-def _redacted(raw: dict) -> dict:
-    """The engine config as written to results: names of key variables only, never keys."""
-    return json.loads(json.dumps(raw, default=str))

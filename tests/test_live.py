@@ -286,3 +286,17 @@ def test_live_config_with_unknown_engine_kind(tmp_path):
     cfg.write_text(json.dumps({"engines": {"x": {"kind": "tgi"}}, "slots": {"proposers": ["x"], "aggregator": "x"}}))
     r = staircase("live", "--config", str(cfg), cwd=tmp_path)
     assert r.returncode == 2 and "config.engines.x.kind: got 'tgi'; allowed: vllm, serve, http" in r.stderr
+
+
+def test_live_cli_end_to_end(tmp_path):
+    out = tmp_path / "live"
+    r = staircase("live", "--requests", "1", "--max-tokens", "16", "--policies", "wait-all,staircase-prefix-cache",
+                  "--redundancy", "1", "--format", "json", "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(r.stdout)
+    assert set(data["policies"]) == {"wait-all", "staircase-prefix-cache-r1"}
+    for m in data["policies"].values():
+        assert m["errors"] == 0 and m["ttft_p50_s"] > 0 and m["prompt_tokens_mean"] > 0
+    for f in ("config.json", "summary.csv", "ttft_by_policy.png", "traces/wait-all.chunks.parquet"):
+        assert (out / f).is_file(), f
+    assert "wait-all: 1 requests in" in r.stderr
