@@ -17,7 +17,7 @@ import itertools
 import random
 import time
 import zlib
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Mapping, Sequence
 
 from staircase.metrics import request_metrics
@@ -29,12 +29,6 @@ from staircase.topology import Topology
 from staircase.trace import CHUNK_COLUMNS, REQUEST_COLUMNS, Trace, frame
 
 from .engines import Engine, EngineError, Sampling
-
-
-@dataclass
-class _Call:
-    task: asyncio.Task
-    request_key: str
 
 
 class _Tokens:
@@ -123,7 +117,7 @@ class LiveRunner:
         sched = Scheduler(self.topology, policy, Query(query, self.tokens.count(query)), self.max_tokens,
                           tokenizer=self.tokens)
         queue: asyncio.Queue = asyncio.Queue()
-        calls: dict[str, _Call] = {}
+        calls: dict[str, asyncio.Task] = {}  # node -> its running call
         user: list[tuple[int, float, float]] = []
         totals = {"prompt": 0, "cached": 0, "calls": 0}
         chunks: list[tuple] = []
@@ -136,13 +130,13 @@ class LiveRunner:
             for a in actions:
                 if isinstance(a, Generate):
                     key = f"{tag}-{a.node}-{a.call}"
-                    task = asyncio.create_task(self._call(a, key, queue, policy.name, request_id, totals, chunks))
-                    calls[a.node] = _Call(task, key)
+                    calls[a.node] = asyncio.create_task(
+                        self._call(a, key, queue, policy.name, request_id, totals, chunks))
                     totals["calls"] += 1
                 elif isinstance(a, Cancel):
-                    call = calls.pop(a.node, None)
-                    if call is not None:
-                        call.task.cancel()
+                    task = calls.pop(a.node, None)
+                    if task is not None:
+                        task.cancel()
                 elif isinstance(a, SetTimer):
                     loop.call_later(a.delay_s, queue.put_nowait, (TimerFired(a.key), None))
                 elif isinstance(a, Emit):
@@ -163,9 +157,9 @@ class LiveRunner:
                     user.append((row[8], row[12], row[13]))
                 apply(sched.on(event, self.now()))
         finally:
-            for call in calls.values():
-                call.task.cancel()
-            await asyncio.gather(*(c.task for c in calls.values()), return_exceptions=True)
+            for task in calls.values():
+                task.cancel()
+            await asyncio.gather(*calls.values(), return_exceptions=True)
         m = request_metrics(user, arrival)
         lost = "; ".join(f"{k}: {v}" for k, v in sorted(done.lost.items()))
         row = (request_id, policy.name, arrival, sched.query.tokens, done.outcome, done.error or "", lost,

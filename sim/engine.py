@@ -21,7 +21,6 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict, deque
-from typing import Callable
 
 import numpy as np
 import simpy

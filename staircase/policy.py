@@ -193,11 +193,6 @@ class StaircasePolicy(Policy):
     def redundancy_at(self, step: int) -> int:
         return self.redundancy if (self.scope == "every" or step == 0) else 0
 
-    def needed(self, view: ConsumerView) -> int:
-        """How many inputs step ``view.step`` waits for."""
-        n = len(view.upstream)
-        return min(n - self.redundancy_at(view.step), n - view.lost)
-
     def decide(self, view: ConsumerView) -> Decision:
         step = view.step
         lost = finished = ready = 0

@@ -12,7 +12,7 @@ from staircase.metrics import itl_samples, request_metrics, weighted_percentile
 from staircase.policy import (ChunkSchedule, ConsumerView, DeadlineStaircasePolicy, SinglePolicy,
                               StaircasePolicy, WaitAllPolicy, make_policies)
 from staircase.prompts import ApproxTokenizer, ConsumerPrompts, Piece, TextPieces, query_piece
-from staircase.scheduler import Chunk, Finished, Generate, Query, Scheduler, SetTimer, TimerFired
+from staircase.scheduler import Chunk, Finished, Generate, Query, Scheduler, TimerFired
 from staircase.topology import build, mad, moa
 
 # ------------------------------------------------------------------ schedules
