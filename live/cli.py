@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     # keep stdout for the table or the JSON object: vLLM logs to stderr, warnings only
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
-    from .engines import Sampling, VLLMServer
+    from .engines import Sampling
     from .prompts import load_prompts
     from .runner import LiveRunner
 
@@ -146,12 +146,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         for server in servers:
             server.start()
-        engines = {slot: (e.engine() if isinstance(e, VLLMServer) else e) for slot, e in mapping.items()}
         # one engine object per server, shared by the slots that name it
-        by_server = {}
-        for slot, e in mapping.items():
-            if isinstance(e, VLLMServer):
-                engines[slot] = by_server.setdefault(id(e), engines[slot])
+        clients = {id(e): e.engine(f"serve:{e.port}") for e in servers}
+        engines = {slot: clients.get(id(e), e) for slot, e in mapping.items()}
         runner = LiveRunner(engines, topology, max_tokens=args.max_tokens,
                             sampling=Sampling(temperature=args.temperature, seed=args.seed),
                             stall_timeout_s=args.stall_timeout_s)

@@ -171,10 +171,8 @@ class LiveRunner:
 
     async def _call(self, g: Generate, key: str, queue: asyncio.Queue, policy_name: str, request_id: int,
                     totals: dict, chunks: list) -> None:
-        node = self.topology.by_id[g.node] if g.node in self.topology.by_id else None
-        slot = node.slot if node is not None else "aggregator"
-        engine = self.engines[slot]
-        role, stage = (node.role, node.stage) if node is not None else ("aggregator", 0)
+        node = self.topology.by_id[g.node]  # a policy's plan only keeps or drops nodes
+        engine = self.engines[node.slot]
         sent = self.now()
         produced = 0
         bound_i = 0
@@ -193,9 +191,9 @@ class LiveRunner:
 
         def flush(end_s: float) -> None:
             nonlocal index, text, chunk_tokens, first_s, chunk_start_s, first_of_call
-            row = (request_id, policy_name, g.node, role, stage, engine.name, g.call, index, chunk_tokens,
+            row = (request_id, policy_name, g.node, node.role, node.stage, engine.name, g.call, index, chunk_tokens,
                    prompt_tokens if first_of_call else 0, cached if first_of_call else 0, chunk_start_s,
-                   first_s, end_s, bool(node is not None and node.is_final))
+                   first_s, end_s, node.is_final)
             chunks.append(row)
             queue.put_nowait((Chunk(g.node, g.call, index, chunk_tokens, "".join(text)), row))
             index += 1

@@ -32,7 +32,6 @@ class _Shared:
     env: simpy.Environment
     topology: Topology
     policy: Policy
-    profile: Profile
     engines: dict[str, SimEngine]
     slot_engine: dict[str, str]
     lengths: dict[str, np.ndarray]  # node -> natural answer length per request
@@ -166,8 +165,9 @@ def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[R
     policy.validate_for(topology)
     plan = policy.plan(topology)
     env = simpy.Environment()
-    models = dict(profile.engine_for_slot(n.slot) for n in topology.nodes)  # instance -> model
-    slot_engine = {n.slot: profile.engine_for_slot(n.slot)[0] for n in topology.nodes}
+    placed = {n.slot: profile.engine_for_slot(n.slot) for n in topology.nodes}  # slot -> (instance, model)
+    slot_engine = {slot: instance for slot, (instance, _) in placed.items()}
+    models = dict(placed.values())  # instance -> model
     engine_names = sorted(models)
     streams = np.random.SeedSequence([seed, 0xE9]).spawn(len(engine_names))
     engines = {name: SimEngine(env, name, models[name], np.random.default_rng(ss), noise=noise)
@@ -183,7 +183,7 @@ def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[R
             if nxt is not None:
                 _RequestRun(shared, nxt, env.now).start()
 
-    shared = _Shared(env, plan, policy, profile, engines, slot_engine, lengths, max_tokens, TextPieces(),
+    shared = _Shared(env, plan, policy, engines, slot_engine, lengths, max_tokens, TextPieces(),
                      keep_chunks, [], [], on_done)
     if closed is not None:
         for _ in range(min(closed, len(requests))):

@@ -83,34 +83,34 @@ def _positive(name: str, value: object, minimum: int = 1) -> int:
     return value
 
 
+def _staged(stages: int, width: int, id_format: str, role: str, final: tuple[str, str]) -> tuple[Node, ...]:
+    """``stages`` stages of ``width`` nodes, each reading every node of the stage before,
+    then one final node reading the last stage. Node i of every stage runs on slot proposer-i."""
+    nodes: list[Node] = []
+    previous: tuple[str, ...] = ()
+    for stage in range(stages):
+        ids = tuple(id_format.format(stage=stage, i=i) for i in range(width))
+        nodes += [Node(node_id, role, stage, i, f"proposer-{i}", previous) for i, node_id in enumerate(ids)]
+        previous = ids
+    final_id, final_role = final
+    nodes.append(Node(final_id, final_role, stages, 0, "aggregator", previous, True))
+    return tuple(nodes)
+
+
 def moa(proposers: int = 3, layers: int = 1) -> Topology:
     """Mixture-of-Agents: ``layers`` layers of ``proposers`` nodes, then an aggregator."""
     _positive("proposers", proposers)
     _positive("layers", layers)
-    nodes: list[Node] = []
-    previous: tuple[str, ...] = ()
-    for layer in range(layers):
-        ids = tuple(f"L{layer}.p{i}" for i in range(proposers))
-        for i, node_id in enumerate(ids):
-            nodes.append(Node(node_id, "proposer", layer, i, f"proposer-{i}", previous))
-        previous = ids
-    nodes.append(Node("agg", "aggregator", layers, 0, "aggregator", previous, True))
-    return Topology("moa", tuple(nodes), {"proposers": proposers, "layers": layers})
+    nodes = _staged(layers, proposers, "L{stage}.p{i}", "proposer", ("agg", "aggregator"))
+    return Topology("moa", nodes, {"proposers": proposers, "layers": layers})
 
 
 def mad(agents: int = 3, rounds: int = 2) -> Topology:
     """Multi-Agent Debate: ``agents`` over ``rounds`` rounds, then a judge streams to the user."""
     _positive("agents", agents, 2)
     _positive("rounds", rounds)
-    nodes: list[Node] = []
-    previous: tuple[str, ...] = ()
-    for rnd in range(rounds):
-        ids = tuple(f"R{rnd}.a{j}" for j in range(agents))
-        for j, node_id in enumerate(ids):
-            nodes.append(Node(node_id, "agent", rnd, j, f"proposer-{j}", previous))
-        previous = ids
-    nodes.append(Node("judge", "judge", rounds, 0, "aggregator", previous, True))
-    return Topology("mad", tuple(nodes), {"agents": agents, "rounds": rounds})
+    nodes = _staged(rounds, agents, "R{stage}.a{i}", "agent", ("judge", "judge"))
+    return Topology("mad", nodes, {"agents": agents, "rounds": rounds})
 
 
 def build(kind: str, *, proposers: int = 3, layers: int = 1, agents: int = 3, rounds: int = 2) -> Topology:
