@@ -167,8 +167,9 @@ def _check_redundancy(value: object) -> int:
 
 class StaircasePolicy(Policy):
     """Consumer step k starts once N - r_k inputs delivered chunk k or finished
-    (r_k = r on every step, or on the first step only, by ``scope``); once the inputs
-    it waits for have finished, it generates the rest of its answer in one call."""
+    (r_k = r on every step, or on the first step only, by ``scope``; an input that
+    failed before chunk k lowers the count it waits for); once the inputs it waits for
+    have finished, it generates the rest of its answer in one call."""
 
     def __init__(
         self,
@@ -195,19 +196,21 @@ class StaircasePolicy(Policy):
 
     def decide(self, view: ConsumerView) -> Decision:
         step = view.step
-        lost = finished = ready = 0
+        lost = missing = finished = ready = 0
         for u in view.upstream:  # one pass: this runs on every input chunk
             if u.failed:
                 lost += 1
-            elif u.finished:
+            if u.finished:
                 finished += 1
                 ready += 1
             elif u.chunks > step:
-                ready += 1
+                ready += 1  # delivered chunk k, even if it failed later
+            elif u.failed:
+                missing += 1  # failed before chunk k: it never comes
         if lost > self.tolerance:
             return Decision("fail", reason=f"lost {lost} of {len(view.upstream)} inputs; r={self.tolerance}")
         n = len(view.upstream)
-        need = min(n - self.redundancy_at(step), n - lost)
+        need = min(n - self.redundancy_at(step), n - missing)
         if finished >= need:
             return FINAL
         return STEP if ready >= need else WAIT

@@ -62,8 +62,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         return sum(u in self.failed for u in node.upstream)
 
     def needed(self, node, step: int) -> int:
+        """N - r_k, less the inputs that failed before delivering chunk k."""
         n = len(node.upstream)
-        return min(n - self.policy.redundancy_at(step), n - self.lost(node))
+        missing = sum(u in self.failed and len(self.delivered[u]) <= step for u in node.upstream)
+        return min(n - self.policy.redundancy_at(step), n - missing)
 
     def ready_count(self, node, step: int) -> int:
         return sum(1 for u in node.upstream if u in self.finished or len(self.delivered[u]) > step)
