@@ -35,7 +35,7 @@ def one_run(policy_name: str, requests: int, rate: float, seed: int) -> dict:
     policy = next(p for p in make_policies(["wait-all", "staircase"]) if p.name == policy_name)
     workload = Workload("poisson", requests=requests, rate_per_s=rate)
     started = time.perf_counter()
-    trace = simulate(moa(6), policy, workload, load_profile(), seed=seed, keep_chunks=False, progress=False)
+    trace = simulate(moa(6), policy, workload, load_profile("illustrative-gpu"), seed=seed, keep_chunks=False, progress=False)
     wall = time.perf_counter() - started
     r = trace.requests
     return {"policy": policy_name, "requests": requests, "rate_per_s": rate, "wall_s": wall,
@@ -56,7 +56,7 @@ def capacity(policy_name: str, seed: int) -> float:
     from staircase.topology import moa
 
     policy = next(p for p in make_policies(["wait-all", "staircase"]) if p.name == policy_name)
-    trace = simulate(moa(6), policy, Workload("closed", requests=3000, concurrency=256), load_profile(),
+    trace = simulate(moa(6), policy, Workload("closed", requests=3000, concurrency=256), load_profile("illustrative-gpu"),
                      seed=seed, keep_chunks=False, progress=False)
     r = trace.requests
     steady = r.sort_values("arrival_s").iloc[500:]  # skip the start-up transient

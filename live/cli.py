@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from staircase.cli import add_output_arguments, add_topology_policy_arguments, finish_run, topology_and_policies
+from staircase.cli import (add_output_arguments, add_topology_policy_arguments, finish_run, topology_and_policies,
+                           topology_policy_args)
 from staircase.errors import ConfigError
 from staircase.report import summary_frame
 
@@ -33,17 +34,12 @@ ENGINE_KINDS = ("vllm", "serve", "http")
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("live", help="run policies on real engines (vLLM in-process, vllm serve, HTTP)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("engines")
-    g.add_argument("--config", type=Path, help="engines and slots as JSON (see above); overrides --model/--url")
-    g.add_argument("--model", default="smollm2",
-                   help="model folder for one in-process vLLM engine shared by every slot (default: bundled SmolLM2)")
-    g.add_argument("--url", help="base URL of an OpenAI-compatible server for every slot instead of --model")
-    g.add_argument("--served-model", default="model", help="--url: the model name the server expects")
-    g.add_argument("--api-key-env", help="--url: name of the environment variable holding the API key")
+    add_engine_arguments(p)
     add_topology_policy_arguments(p, "wait-all,staircase", "1", proposers=3)
     g = p.add_argument_group("workload and sampling")
     g.add_argument("--prompts", default="mt_bench", help="mt_bench, alpaca_eval (bundled) or a JSONL file")
     g.add_argument("--requests", type=int, default=5, help="number of prompts (from the start of the set)")
+    g.add_argument("--skip", type=int, default=0, help="start after this many prompts of the set (held-out slices)")
     g.add_argument("--concurrency", type=int, default=1, help="closed loop: requests in flight")
     g.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second instead")
     g.add_argument("--max-tokens", type=int, default=128, help="max tokens of every node's answer")
@@ -56,6 +52,39 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     m = subparsers.add_parser("model", help="print the folder of the bundled real model (converting it once)")
     m.set_defaults(func=lambda args: print(_model_path("smollm2")) or 0)
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engines")
+    g.add_argument("--config", type=Path, help="engines and slots as JSON (see above); overrides --model/--url")
+    g.add_argument("--model", default="smollm2",
+                   help="model folder for one in-process vLLM engine shared by every slot (default: bundled SmolLM2)")
+    g.add_argument("--url", help="base URL of an OpenAI-compatible server for every slot instead of --model")
+    g.add_argument("--served-model", default="model", help="--url: the model name the server expects")
+    g.add_argument("--api-key-env", help="--url: name of the environment variable holding the API key")
+
+
+def engine_config(args: argparse.Namespace) -> dict:
+    """The engines-and-slots config object from --config, --url or --model."""
+    if args.config is not None:
+        if not args.config.is_file():
+            raise ConfigError("config", str(args.config), "an existing JSON file")
+        try:
+            return json.loads(args.config.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError("config", str(args.config), f"valid JSON ({err.msg}, line {err.lineno})") from None
+    if args.url:
+        return {"engines": {"remote": {"kind": "http", "url": args.url, "model": args.served_model,
+                                       "api_key_env": args.api_key_env}},
+                "slots": {"proposers": ["remote"], "aggregator": "remote"}}
+    return {"engines": {"local": {"kind": "vllm", "model": args.model}},
+            "slots": {"proposers": ["local"], "aggregator": "local"}}
+
+
+def quiet_vllm_logs() -> None:
+    """Keep stdout for the table or the JSON object: vLLM logs to stderr, warnings only."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 
 def _model_path(value: str, field: str = "model") -> Path:
@@ -114,9 +143,7 @@ def engines_from_config(raw: dict, topology) -> tuple[dict, list]:
 
 
 def run(args: argparse.Namespace) -> int:
-    # keep stdout for the table or the JSON object: vLLM logs to stderr, warnings only
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    quiet_vllm_logs()
     from .engines import Sampling
     from .prompts import load_prompts
     from .runner import LiveRunner
@@ -124,21 +151,12 @@ def run(args: argparse.Namespace) -> int:
     topology, policies = topology_and_policies(args)
     if args.requests < 1:
         raise ConfigError("requests", args.requests, "an integer >= 1")
-    queries = load_prompts(args.prompts, args.requests)
-    if args.config is not None:
-        if not args.config.is_file():
-            raise ConfigError("config", str(args.config), "an existing JSON file")
-        try:
-            raw = json.loads(args.config.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError("config", str(args.config), f"valid JSON ({err.msg}, line {err.lineno})") from None
-    elif args.url:
-        raw = {"engines": {"remote": {"kind": "http", "url": args.url, "model": args.served_model,
-                                      "api_key_env": args.api_key_env}},
-               "slots": {"proposers": ["remote"], "aggregator": "remote"}}
-    else:
-        raw = {"engines": {"local": {"kind": "vllm", "model": args.model}},
-               "slots": {"proposers": ["local"], "aggregator": "local"}}
+    if args.skip < 0:
+        raise ConfigError("skip", args.skip, "an integer >= 0")
+    queries = load_prompts(args.prompts, args.requests + args.skip)[args.skip:]
+    if not queries:
+        raise ConfigError("skip", args.skip, "fewer than the number of prompts in the set")
+    raw = engine_config(args)
     mapping, servers = engines_from_config(raw, topology)
     traces: dict = {}
     started = time.perf_counter()
@@ -181,9 +199,11 @@ def run(args: argparse.Namespace) -> int:
             server.stop()
     summary = summary_frame(traces)
     # `raw` names API-key environment variables, never keys
-    config = {"command": "live", "topology": topology.describe(), "policies": [p.describe() for p in policies],
-              "engines": raw, "prompts": args.prompts, "requests": len(queries),
+    config = {"command": "live", "topology": topology.describe(), "cli_args": topology_policy_args(args), "policies": [p.describe() for p in policies],
+              "engines": raw, "prompts": args.prompts, "skip": args.skip, "requests": len(queries),
               "concurrency": args.concurrency, "rate": args.rate, "max_tokens": args.max_tokens,
-              "temperature": args.temperature, "seed": args.seed, "wall_s": round(time.perf_counter() - started, 3)}
+              "temperature": args.temperature, "seed": args.seed, "wall_s": round(time.perf_counter() - started, 3),
+              "slot_engines": {slot: e.name for slot, e in runner.engines.items()} if runner else {},
+              "engine_models": runner.engine_models() if runner else {}}
     return finish_run(args, "live", traces, summary, config)
 

@@ -56,6 +56,7 @@ class Sampling:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = 0
+    ignore_eos: bool = False  # generate max_tokens whatever the model says (calibration probes)
 
 
 def cpu_engine_env(threads: str = "0-1") -> None:
@@ -64,6 +65,20 @@ def cpu_engine_env(threads: str = "0-1") -> None:
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def cpu_scheduler_args(max_model_len: int) -> dict:
+    """On vLLM's CPU build (0.32), a seeded request whose prefill is split across engine
+    steps kills the engine ("CPU Generator does not use offset" when the partial step's
+    sampled token is discarded). Whole prefills only: chunked prefill off, a step budget
+    of a full context. Empty on other platforms."""
+    try:
+        from vllm.platforms import current_platform
+    except Exception:
+        return {}
+    if not current_platform.is_cpu():
+        return {}
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 2048)}
 
 
 class Engine(ABC):
@@ -78,6 +93,17 @@ class Engine(ABC):
         """Stream the answer's deltas; raises EngineError."""
 
     async def abort(self, request_id: str) -> None: ...
+
+    @property
+    def model_id(self) -> str:
+        """What model answers (a folder's name, a served model name): profiles and
+        traces record it so a profile is not used for another model unnoticed."""
+        return Path(str(getattr(self, "model", "unknown"))).name
+
+    def capacity(self) -> dict:
+        """Engine limits a simulator profile needs (max_batch_size, kv_cache_tokens,
+        block_size_tokens), where the engine can say; {} otherwise."""
+        return {}
 
     async def reset_cache(self) -> None:
         """Empty the prefix cache (between policies, so one policy's prompts do not warm
@@ -123,6 +149,7 @@ class VLLMEngine(Engine):
                          enable_prefix_caching=enable_prefix_caching, block_size=block_size, **(extra_args or {}))
         self.llm = None
         self.tokenizer = None
+        self._seed_limit = 0
 
     async def start(self) -> None:
         if self.llm is not None:
@@ -132,18 +159,28 @@ class VLLMEngine(Engine):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         try:
-            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.args))
+            args = {**cpu_scheduler_args(self.args["max_model_len"]), **self.args}
+            self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
         except Exception as err:  # vLLM raises many kinds at start-up
             raise EngineError(f"engine did not start: {type(err).__name__}: {str(err)[:200]}") from err
         self.tokenizer = self.llm.get_tokenizer()
+        from vllm.platforms import current_platform
+
+        self._seed_limit = (int(self.llm.vllm_config.scheduler_config.max_num_batched_tokens)
+                            if current_platform.is_cpu() else 0)
 
     async def stream(self, request_id: str, prompt: Prompt, max_tokens: int, sampling: Sampling) -> AsyncIterator[Delta]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        params = SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                                seed=sampling.seed, output_kind=RequestOutputKind.DELTA)
         text = self.render(prompt)
+        seed = sampling.seed
+        if seed is not None and self._seed_limit and len(self.tokenizer.encode(text)) > self._seed_limit:
+            # vLLM CPU (0.32): a seeded request whose prefill is split over steps kills the
+            # engine ("CPU Generator does not use offset"); such prompts sample unseeded
+            seed = None
+        params = SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                                seed=seed, ignore_eos=sampling.ignore_eos, output_kind=RequestOutputKind.DELTA)
         first = True
         try:
             async for out in self.llm.generate(text, params, request_id=request_id):
@@ -169,6 +206,17 @@ class VLLMEngine(Engine):
                 await self.llm.abort(request_id)
             except Exception:
                 pass
+
+    def capacity(self) -> dict:
+        if self.llm is None:
+            return {}
+        cfg = self.llm.vllm_config
+        out = {"block_size_tokens": int(cfg.cache_config.block_size),
+               "max_batch_size": int(cfg.scheduler_config.max_num_seqs)}
+        blocks = getattr(cfg.cache_config, "num_gpu_blocks", None)
+        if blocks:
+            out["kv_cache_tokens"] = int(blocks) * out["block_size_tokens"]
+        return out
 
     async def reset_cache(self) -> None:
         if self.llm is not None:
@@ -227,6 +275,10 @@ class HTTPEngine(Engine):
         key = os.environ.get(self.api_key_env) if self.api_key_env else None
         return {"Authorization": f"Bearer {key}"} if key else {}
 
+    @property
+    def model_id(self) -> str:
+        return Path(str(self.tokenizer_path)).name if self.tokenizer_path else str(self.model)
+
     async def stream(self, request_id: str, prompt: Prompt, max_tokens: int, sampling: Sampling) -> AsyncIterator[Delta]:
         import aiohttp
 
@@ -236,6 +288,8 @@ class HTTPEngine(Engine):
                       "return_token_ids": True}
         if sampling.seed is not None:
             body["seed"] = sampling.seed
+        if sampling.ignore_eos:
+            body["ignore_eos"] = True  # a vLLM extension of the OpenAI API
         if self.tokenizer is not None:
             url = f"{self.base_url}/v1/completions"
             body["prompt"] = self.render(prompt)
@@ -359,7 +413,8 @@ class VLLMServer:
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "bfloat16", "--enforce-eager",
                "--enable-prefix-caching", "--enable-prompt-tokens-details", "--max-model-len", "4096",
-               "--served-model-name", "model", "--block-size", "32", *self.extra_args]
+               "--served-model-name", "model", "--block-size", "32",
+               "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096", *self.extra_args]
         log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_ready()

@@ -76,13 +76,16 @@ class LiveRunner:
 
     # ------------------------------------------------------------------ runs
     async def run_policy(self, policy: Policy, queries: Sequence[str], *, concurrency: int = 1,
-                         rate_per_s: float | None = None, seed: int = 0, progress: bool | None = None) -> Trace:
+                         rate_per_s: float | None = None, seed: int = 0, progress: bool | None = None,
+                         reset_cache: bool = True) -> Trace:
         """All queries under one policy: closed loop with ``concurrency`` users, or open
-        loop with Poisson arrivals at ``rate_per_s``."""
+        loop with Poisson arrivals at ``rate_per_s``. The prefix cache is emptied first
+        unless ``reset_cache=False`` (calibration probes of cache hits)."""
         policy.validate_for(self.topology)
         first_row = len(self.request_rows), len(self.chunk_rows)
-        for engine in {id(e): e for e in self.engines.values()}.values():
-            await engine.reset_cache()
+        if reset_cache:
+            for engine in {id(e): e for e in self.engines.values()}.values():
+                await engine.reset_cache()
         self._t0 = time.perf_counter()
         bar = progress_bar(len(queries), f"live {policy.name}", progress)
         if rate_per_s:
@@ -109,7 +112,11 @@ class LiveRunner:
         reqs = [r for r in self.request_rows[first_request_row:] if r[1] == policy_name]
         chunks = [c for c in self.chunk_rows[first_chunk_row:] if c[1] == policy_name]
         return Trace(policy_name, frame(reqs, REQUEST_COLUMNS).sort_values("request_id").reset_index(drop=True),
-                     frame(chunks, CHUNK_COLUMNS), {"policy": policy_name})
+                     frame(chunks, CHUNK_COLUMNS), {"policy": policy_name, "engine_models": self.engine_models()})
+
+    def engine_models(self) -> dict[str, str]:
+        """engine name -> model id, for every engine of this runner."""
+        return {e.name: e.model_id for e in self.engines.values()}
 
     # --------------------------------------------------------------- one request
     async def run_request(self, policy: Policy, request_id: int, query: str) -> dict:

@@ -213,11 +213,19 @@ def parse_profile(raw: dict, source: str = "<dict>") -> Profile:
     )
 
 
+def bundled_profiles() -> list[str]:
+    return sorted(p.stem for p in profiles_folder().glob("*.json"))
+
+
 def load_profile(path: Path | str | None = None) -> Profile:
-    """Read and check a profile; ``None`` means the bundled default."""
+    """Read and check a profile: a JSON file, a bundled profile's name (``default``,
+    ``illustrative-gpu``), or ``None`` for the bundled default."""
     path = Path(path) if path is not None else default_profile_path()
+    if not path.is_file() and path.suffix == "" and len(path.parts) == 1 and (profiles_folder() / f"{path}.json").is_file():
+        path = profiles_folder() / f"{path}.json"
     if not path.is_file():
-        raise ConfigError("profile", str(path), "an existing profile JSON file")
+        raise ConfigError("profile", str(path), "an existing profile JSON file or a bundled profile: "
+                          + ", ".join(bundled_profiles()))
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as err:

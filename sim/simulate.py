@@ -6,7 +6,7 @@ its inputs and seed. ``simulate_policies`` runs several policies on the same req
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import simpy
@@ -14,7 +14,8 @@ import simpy
 from staircase.metrics import request_metrics
 from staircase.progress import progress as progress_bar
 from staircase.policy import Policy
-from staircase.prompts import TextPieces
+from staircase.errors import ConfigError
+from staircase.prompts import TextPieces, Tokenizer
 from staircase.scheduler import (Cancel, Chunk, Done, Emit, Finished, Generate, Query, Scheduler,
                                  SetTimer, TimerFired)
 from staircase.topology import Topology
@@ -131,10 +132,26 @@ class _RequestRun:
         self.s.on_done(self.req.request_id)
 
 
-def _node_lengths(topology: Topology, profile: Profile, requests: Sequence[Request], seed: int) -> dict[str, np.ndarray]:
+def _node_lengths(topology: Topology, profile: Profile, requests: Sequence[Request], seed: int,
+                  given: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
     """Natural answer length of every node for every request: the request's output
     length for the final node, times a per-node factor for the others. Drawn for the
-    full topology, whatever the policy, so policies see the same answers."""
+    full topology, whatever the policy, so policies see the same answers. ``given``
+    (node -> one length per request, in request order) replaces the draws, as when a
+    live run is replayed with the answer lengths it had."""
+    if given is not None:
+        if any(r.request_id != i for i, r in enumerate(requests)):
+            raise ConfigError("requests", "request ids out of order", "ids 0, 1, ... in list order with node_lengths")
+        missing = [n.id for n in topology.nodes if n.id not in given]
+        if missing:
+            raise ConfigError("node_lengths", sorted(given), f"a length list for every node (missing {', '.join(missing)})")
+        out = {}
+        for node in topology.nodes:
+            arr = np.asarray(given[node.id], dtype=np.int64)
+            if arr.shape != (len(requests),):
+                raise ConfigError(f"node_lengths.{node.id}", f"{arr.size} values", f"{len(requests)} (one per request)")
+            out[node.id] = np.maximum(1, arr)
+        return out
     out_tokens = np.array([r.output_tokens for r in requests], dtype=np.float64)
     rng = np.random.default_rng([seed, 0x1E4])
     draws = Draws(profile.proposer_length_factor, rng, block=max(1, len(requests)))
@@ -150,17 +167,25 @@ def _node_lengths(topology: Topology, profile: Profile, requests: Sequence[Reque
 
 def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[Request], profile: Profile, *,
              seed: int = 0, max_tokens: int = 512, noise: bool = True, keep_chunks: bool = True,
-             progress: bool | None = None) -> Trace:
+             progress: bool | None = None, concurrency: int | None = None,
+             node_lengths: Mapping[str, Sequence[int]] | None = None, tokenizer: Tokenizer | None = None) -> Trace:
     """Run ``policy`` over the workload; returns the trace (requests, and chunks unless
-    ``keep_chunks=False``, the summary-only mode)."""
+    ``keep_chunks=False``, the summary-only mode).
+
+    With an explicit request list: ``concurrency`` runs it as a closed loop with that
+    many users (else each request arrives at its ``arrival_s``); ``node_lengths`` gives
+    every node's answer length per request; ``tokenizer`` counts the fixed prompt texts
+    (instructions, labels) with a real tokenizer instead of the approximate one."""
     if isinstance(workload, Workload):
         requests = make_requests(workload, seed)
         closed = workload.concurrency if workload.closed_loop else None
         wdesc = workload.describe()
     else:
         requests = list(workload)
-        closed = None
-        wdesc = {"kind": "explicit", "requests": len(requests)}
+        if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1):
+            raise ConfigError("concurrency", concurrency, "an integer >= 1 or None (open loop)")
+        closed = concurrency
+        wdesc = {"kind": "explicit", "requests": len(requests), "concurrency": concurrency}
     # Validate before any work.
     policy.validate_for(topology)
     plan = policy.plan(topology)
@@ -172,7 +197,7 @@ def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[R
     streams = np.random.SeedSequence([seed, 0xE9]).spawn(len(engine_names))
     engines = {name: SimEngine(env, name, models[name], np.random.default_rng(ss), noise=noise)
                for name, ss in zip(engine_names, streams)}
-    lengths = _node_lengths(topology, profile, requests, seed)
+    lengths = _node_lengths(topology, profile, requests, seed, node_lengths)
     bar = progress_bar(len(requests), f"sim {policy.name}", progress)
     pending = iter(requests)
 
@@ -183,7 +208,7 @@ def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[R
             if nxt is not None:
                 _RequestRun(shared, nxt, env.now).start()
 
-    shared = _Shared(env, plan, policy, engines, slot_engine, lengths, max_tokens, TextPieces(),
+    shared = _Shared(env, plan, policy, engines, slot_engine, lengths, max_tokens, TextPieces(tokenizer),
                      keep_chunks, [], [], on_done)
     if closed is not None:
         for _ in range(min(closed, len(requests))):

@@ -110,6 +110,16 @@ def add_topology_policy_arguments(parser: argparse.ArgumentParser, policies: str
     g.add_argument("--max-wait-s", type=float, default=0.5, help="staircase-deadline: longest wait for the first step")
 
 
+TOPOLOGY_POLICY_KEYS = ("topology", "proposers", "layers", "agents", "rounds", "policies", "redundancy", "scope",
+                        "proposer_schedule", "aggregator_schedule", "max_wait_s")
+
+
+def topology_policy_args(args: argparse.Namespace) -> dict:
+    """What `add_topology_policy_arguments` parsed, as JSON (results record it so a
+    replay can rebuild the same topology and policies)."""
+    return {k: getattr(args, k) for k in TOPOLOGY_POLICY_KEYS}
+
+
 def topology_and_policies(args: argparse.Namespace) -> tuple[Topology, list[Policy]]:
     """Build and check what `add_topology_policy_arguments` parsed."""
     topology = build(args.topology, proposers=args.proposers, layers=args.layers, agents=args.agents,

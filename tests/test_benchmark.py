@@ -20,7 +20,7 @@ def test_simulated_requests_per_wall_second(policy):
     runs = []
     for _ in range(2):
         started = time.perf_counter()
-        trace = simulate(moa(6), policy, workload, load_profile(), seed=0, keep_chunks=False, progress=False)
+        trace = simulate(moa(6), policy, workload, load_profile("illustrative-gpu"), seed=0, keep_chunks=False, progress=False)
         runs.append((time.perf_counter() - started, trace))
     wall = min(w for w, _ in runs)
     events = [sum(e["decode_intervals"] + e["prefills"] for e in t.meta["engines"].values()) for _, t in runs]

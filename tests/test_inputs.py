@@ -71,9 +71,18 @@ def test_bad_workloads_name_the_field(kwargs, field):
 # --------------------------------------------------------------------- profiles
 
 
-def test_default_profile_says_it_is_not_calibrated():
+def test_bundled_profiles_say_whether_they_are_calibrated():
     p = load_profile()
-    assert p.calibrated is False and "NOT CALIBRATED" in p.note
+    assert p.calibrated is True and p.engine_sharing == "one"
+    assert "calibrate" in p.note and p.raw["calibration"]  # the fit's residuals and data travel with it
+    gpu = load_profile("illustrative-gpu")
+    assert gpu.calibrated is False and "NOT CALIBRATED" in gpu.note
+
+
+def test_unknown_profile_name_lists_the_bundled_ones():
+    with pytest.raises(ConfigError) as err:
+        load_profile("no-such-profile")
+    assert "illustrative-gpu" in str(err.value) and "default" in str(err.value)
 
 
 @pytest.mark.parametrize("mutate,field", [
@@ -86,7 +95,7 @@ def test_default_profile_says_it_is_not_calibrated():
     (lambda r: r.__setitem__("engine_sharing", "some"), "profile.engine_sharing"),
 ])
 def test_malformed_profiles_name_the_field(mutate, field):
-    raw = json.loads(json.dumps(load_profile().raw))
+    raw = json.loads(json.dumps(load_profile("illustrative-gpu").raw))
     mutate(raw)
     with pytest.raises(ConfigError) as err:
         parse_profile(raw)

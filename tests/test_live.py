@@ -300,3 +300,48 @@ def test_live_cli_end_to_end(tmp_path):
     for f in ("config.json", "summary.csv", "ttft_by_policy.png", "traces/wait-all.chunks.parquet"):
         assert (out / f).is_file(), f
     assert "wait-all: 1 requests in" in r.stderr
+
+
+# ------------------------------------------------------------------ calibration
+
+
+def test_probes_and_fit_on_the_real_engine(loop, engine, tmp_path):
+    from calibration.cli import run_probes
+    from calibration.fit import build_profile, fit_engine, load_runs, observations
+    from calibration.probes import probe_set
+    from sim.profile import parse_profile
+
+    paths = loop.run_until_complete(run_probes(engine, probe_set("small"), tmp_path, progress=False))
+    assert len(paths) == 8  # 4 probe groups x (requests, chunks)
+    groups = load_runs([tmp_path])
+    hits = next(g for g in groups if g.policy.endswith("cache-hit")).requests
+    assert (hits["cached_tokens"] > 0).all()  # the second pass is served from the prefix cache
+    prefill = next(g for g in groups if g.policy.endswith("-prefill")).requests
+    assert sorted(prefill["prompt_tokens"].unique())[-1] > 550  # prompts cut to the designed lengths
+    fit = fit_engine(observations(groups))
+    assert fit.prefill["per_token"] > 0 and fit.decode["base"] > 0.001
+    assert fit.residuals["prefill"]["median_abs_rel_error"] < 0.3
+    assert fit.residuals["decode"]["median_abs_rel_error"] < 0.3
+    parse_profile(build_profile({"inproc": fit}, ["inproc"], "inproc", name="t", note="t", engine_sharing="one"))
+
+
+def test_calibrate_then_validate_on_held_out_runs_cli(tmp_path):
+    r = staircase("calibrate", "--probes", "small", "--out", str(tmp_path / "cal"), "--profile-out",
+                  str(tmp_path / "p.json"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "smollm2-135m-instruct" in r.stdout and (tmp_path / "cal" / "fit.png").is_file()
+    r = staircase("live", "--prompts", "alpaca_eval", "--requests", "2", "--concurrency", "2", "--max-tokens", "24",
+                  "--policies", "wait-all,staircase-prefix-cache", "--redundancy", "1", "--no-figure",
+                  "--out", str(tmp_path / "live"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = tmp_path / "val"
+    r = staircase("validate", str(tmp_path / "live"), "--profile", str(tmp_path / "p.json"), "--replicates", "2",
+                  "--format", "json", "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads(r.stdout)
+    assert not [n for n in data["notes"] if "fitted on" in n]  # same model: no mismatch
+    ttft = [row for row in data["rows"] if row["metric"] == "ttft_s"]
+    assert {row["policy"] for row in ttft} == {"wait-all", "staircase-prefix-cache-r1"}
+    for row in ttft:  # two requests are too few for the targets; the replay must still be in range
+        assert row["live_n"] == 2 and row["sim_n"] == 4 and abs(row["rel_err_p50"]) < 0.6, row
+    assert len(data["targets"]) == 4 and (out / "validation.csv").is_file()

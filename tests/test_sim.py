@@ -120,7 +120,7 @@ SMALL = Workload("poisson", requests=40, rate_per_s=0.5)
 
 
 def test_simulate_is_a_pure_function_of_inputs_and_seed():
-    profile = load_profile()
+    profile = load_profile("illustrative-gpu")
     policy = StaircasePolicy(redundancy=2)
     a = simulate(moa(6), policy, SMALL, profile, seed=7)
     b = simulate(moa(6), policy, SMALL, profile, seed=7)
@@ -131,7 +131,7 @@ def test_simulate_is_a_pure_function_of_inputs_and_seed():
 
 
 def test_policies_see_the_same_requests_and_lengths():
-    traces = simulate_policies(moa(3), make_policies(["wait-all", "single"]), SMALL, load_profile(), seed=3)
+    traces = simulate_policies(moa(3), make_policies(["wait-all", "single"]), SMALL, load_profile("illustrative-gpu"), seed=3)
     a, b = traces["wait-all"].requests, traces["single"].requests
     assert (a["arrival_s"].to_numpy() == b["arrival_s"].to_numpy()).all()
     assert (a["query_tokens"].to_numpy() == b["query_tokens"].to_numpy()).all()
@@ -140,7 +140,7 @@ def test_policies_see_the_same_requests_and_lengths():
 
 
 def test_summary_only_keeps_the_same_request_metrics():
-    profile = load_profile()
+    profile = load_profile("illustrative-gpu")
     policy = StaircasePolicy(redundancy=1, layout="standard")
     full = simulate(moa(4), policy, SMALL, profile, seed=1)
     lean = simulate(moa(4), policy, SMALL, profile, seed=1, keep_chunks=False)
@@ -149,7 +149,7 @@ def test_summary_only_keeps_the_same_request_metrics():
 
 
 def test_chunk_trace_is_consistent_with_request_rows():
-    trace = simulate(moa(4), StaircasePolicy(redundancy=2), SMALL, load_profile(), seed=2)
+    trace = simulate(moa(4), StaircasePolicy(redundancy=2), SMALL, load_profile("illustrative-gpu"), seed=2)
     chunks, reqs = trace.chunks, trace.requests.set_index("request_id")
     per_req = chunks.groupby("request_id").agg(prompt=("prompt_tokens", "sum"), cached=("cached_tokens", "sum"))
     assert (per_req["prompt"] == reqs["prompt_tokens"]).all()
@@ -165,7 +165,7 @@ def test_chunk_trace_is_consistent_with_request_rows():
 
 
 def test_prefix_cache_layout_prefills_fewer_tokens_than_standard():
-    traces = simulate_policies(moa(6), make_policies(["staircase"]), SMALL, load_profile(), seed=4)
+    traces = simulate_policies(moa(6), make_policies(["staircase"]), SMALL, load_profile("illustrative-gpu"), seed=4)
     std = traces["staircase-standard-r2"].requests
     pfx = traces["staircase-prefix-cache-r2"].requests
     prefilled = lambda r: (r["prompt_tokens"] - r["cached_tokens"]).mean()
@@ -175,13 +175,13 @@ def test_prefix_cache_layout_prefills_fewer_tokens_than_standard():
 
 def test_staircase_beats_wait_all_on_ttft_for_every_request_at_low_load():
     w = Workload("poisson", requests=30, rate_per_s=0.02)
-    traces = simulate_policies(moa(6), make_policies(["wait-all", "staircase-prefix-cache"]), w, load_profile(), seed=5)
+    traces = simulate_policies(moa(6), make_policies(["wait-all", "staircase-prefix-cache"]), w, load_profile("illustrative-gpu"), seed=5)
     wait, stair = traces["wait-all"].requests, traces["staircase-prefix-cache-r2"].requests
     assert (stair["ttft_s"].to_numpy() < wait["ttft_s"].to_numpy()).all()
 
 
 def test_more_load_means_longer_waits():
-    profile = load_profile()
+    profile = load_profile("illustrative-gpu")
     policy = WaitAllPolicy()
     light = simulate(moa(3), policy, Workload("poisson", requests=60, rate_per_s=0.05), profile, seed=1)
     heavy = simulate(moa(3), policy, Workload("poisson", requests=60, rate_per_s=5.0), profile, seed=1)
@@ -190,7 +190,7 @@ def test_more_load_means_longer_waits():
 
 def test_closed_loop_keeps_concurrency_users():
     w = Workload("closed", requests=30, concurrency=3)
-    trace = simulate(moa(3), StaircasePolicy(redundancy=1), w, load_profile(), seed=1)
+    trace = simulate(moa(3), StaircasePolicy(redundancy=1), w, load_profile("illustrative-gpu"), seed=1)
     r = trace.requests.sort_values("arrival_s")
     assert len(r) == 30 and (r["outcome"] == "ok").all()
     assert (r["arrival_s"].iloc[:3] == 0).all() and (r["arrival_s"].iloc[3:] > 0).all()
@@ -203,7 +203,7 @@ def test_closed_loop_keeps_concurrency_users():
 @pytest.mark.parametrize("topology", [moa(3, layers=2), mad(3, 2)], ids=["moa-2-layers", "mad"])
 def test_multi_stage_topologies_run_every_policy(topology):
     traces = simulate_policies(topology, make_policies(["wait-all", "staircase", "single"], redundancies=(1,)),
-                               Workload("poisson", requests=15, rate_per_s=0.2), load_profile(), seed=2)
+                               Workload("poisson", requests=15, rate_per_s=0.2), load_profile("illustrative-gpu"), seed=2)
     for name, t in traces.items():
         assert (t.requests["outcome"] == "ok").all(), name
     stage_counts = traces["staircase-prefix-cache-r1"].chunks.groupby("stage")["node"].nunique()
@@ -213,7 +213,7 @@ def test_multi_stage_topologies_run_every_policy(topology):
 
 def test_deadline_policy_starts_no_later_than_its_deadline():
     w = Workload("poisson", requests=20, rate_per_s=0.05)
-    profile = load_profile()
+    profile = load_profile("illustrative-gpu")
     base = StaircasePolicy(redundancy=0)
     deadline = DeadlineStaircasePolicy(max_wait_s=0.05, redundancy=0)
     a = simulate(moa(6), base, w, profile, seed=3)
@@ -227,7 +227,7 @@ def test_deadline_policy_starts_no_later_than_its_deadline():
 
 def test_azure_replay_uses_real_arrivals_and_lengths():
     w = Workload("azure", requests=25, time_scale=1.0)
-    trace = simulate(moa(3), StaircasePolicy(redundancy=1), w, load_profile(), seed=0, max_tokens=256)
+    trace = simulate(moa(3), StaircasePolicy(redundancy=1), w, load_profile("illustrative-gpu"), seed=0, max_tokens=256)
     r = trace.requests
     assert len(r) == 25 and r["arrival_s"].iloc[0] == 0.0
     assert r["query_tokens"].iloc[0] == 374  # the trace's first ContextTokens
@@ -235,10 +235,10 @@ def test_azure_replay_uses_real_arrivals_and_lengths():
 
 
 def test_engine_sharing_one_puts_every_slot_on_one_engine():
-    raw = copy.deepcopy(load_profile().raw)
+    raw = copy.deepcopy(load_profile("illustrative-gpu").raw)
     raw["engine_sharing"] = "one"
     shared = parse_profile(raw)
     t = simulate(moa(3), WaitAllPolicy(), SMALL, shared, seed=1)
     assert set(t.chunks["engine"]) == {"shared"}
-    separate = simulate(moa(3), WaitAllPolicy(), SMALL, load_profile(), seed=1)
+    separate = simulate(moa(3), WaitAllPolicy(), SMALL, load_profile("illustrative-gpu"), seed=1)
     assert t.requests["e2e_s"].median() > separate.requests["e2e_s"].median()

@@ -1,0 +1,336 @@
+"""``staircase calibrate``: probe live engines and fit a simulator profile.
+``staircase validate``: replay live runs in the simulator and report the error.
+
+Calibrate, live (engines as in ``staircase live``: ``--model``, ``--url`` or ``--config``)::
+
+    staircase calibrate --probes standard --profile-out my-profile.json
+
+or fit only, from results folders already recorded (probes or ``staircase live`` runs)::
+
+    staircase calibrate --traces results/calibrate-... results/live-...
+
+Validate a profile against held-out live runs (other prompts, other policies or
+concurrency than the calibration saw)::
+
+    staircase validate results/live-A results/live-B --profile my-profile.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from staircase.cli import results_folder
+from staircase.errors import ConfigError
+
+from .fit import RunGroup, build_profile, fit_engine, fit_lengths, load_runs, observations
+from .probes import probe_queries, probe_set
+
+HELP_CAL = "probe live engines (or read traces) and fit a simulator profile"
+HELP_VAL = "replay live runs in the simulator: live vs simulated percentiles, errors, CDFs"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from live.cli import add_engine_arguments
+
+    p = subparsers.add_parser("calibrate", help=HELP_CAL, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_arguments(p)
+    g = p.add_argument_group("calibration")
+    g.add_argument("--probes", default="standard", choices=("standard", "small"),
+                   help="designed probe set (standard: ~2 min on 2 CPU cores with SmolLM2-135M; small: tests)")
+    g.add_argument("--traces", type=Path, nargs="+",
+                   help="fit from these results folders instead of probing (or in addition, with --probe-too)")
+    g.add_argument("--probe-too", action="store_true", help="with --traces: also run the probes and fit on both")
+    g.add_argument("--engine", help="fit only this engine (traces naming several engines need it)")
+    g.add_argument("--name", help="profile name (default: calibrated-<model>)")
+    g.add_argument("--profile-out", type=Path, help="also write the profile here (e.g. calibration/profiles/default.json)")
+    g.add_argument("--no-quadratic", action="store_true", help="fit prefill as a + bP (no P^2 term)")
+    g.add_argument("--max-batch-size", type=int, default=256, help="when the engine cannot report it")
+    g.add_argument("--kv-cache-tokens", type=int, default=40960, help="when the engine cannot report it")
+    g.add_argument("--block-size-tokens", type=int, default=32, help="when the engine cannot report it")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--out", type=Path, help="results folder (default: results/calibrate-<UTC timestamp>)")
+    g.add_argument("--no-figure", action="store_true", help="skip the fit figure")
+    p.set_defaults(func=run_calibrate)
+
+    v = subparsers.add_parser("validate", help=HELP_VAL, description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("runs", type=Path, nargs="+", help="`staircase live` results folders (held out from calibration)")
+    v.add_argument("--profile", default=None, help="profile JSON or bundled name (default: the bundled default)")
+    v.add_argument("--replicates", type=int, default=5, help="simulated runs per live run (noise seeds), pooled")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--tokenizer", default="auto",
+                   help="how the simulator counts fixed prompt texts: auto (the run's model if cached), approx, or a folder")
+    v.add_argument("--allow-other-model", action="store_true",
+                   help="validate a profile fitted on another model (a warning instead of an error)")
+    v.add_argument("--format", choices=("table", "json"), default="table")
+    v.add_argument("--out", type=Path, help="results folder (default: results/validate-<UTC timestamp>)")
+    v.add_argument("--no-figure", action="store_true", help="skip the CDF figures")
+    v.set_defaults(func=run_validate)
+
+
+# ------------------------------------------------------------------ calibrate
+
+
+def _cut(tokenizer):
+    if tokenizer is None:  # approximate: ~4 characters per token
+        return (lambda text: max(1, len(text) // 4)), (lambda text, n: text[: 4 * n])
+    return ((lambda text: len(tokenizer.encode(text, add_special_tokens=False))),
+            (lambda text, n: tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[:n])))
+
+
+async def run_probes(engine, probes, folder: Path, *, seed: int = 0, progress: bool | None = None) -> list[Path]:
+    """Run the probe groups on one engine; writes ``traces/probe-<engine>-<group>.*``."""
+    from live.engines import Sampling
+    from live.prompts import load_prompts
+    from live.runner import LiveRunner
+    from staircase.policy import SinglePolicy
+    from staircase.topology import moa
+
+    runner = LiveRunner({"proposer-0": engine, "aggregator": engine}, moa(1), max_tokens=8,
+                        sampling=Sampling(temperature=0.7, seed=seed, ignore_eos=True))
+    await runner.start()
+    count, cut = _cut(getattr(engine, "tokenizer", None))
+    pool = load_prompts("mt_bench")
+    await runner.run_policy(SinglePolicy(name="warmup"), ["Say hello."], progress=False)  # first-call costs, not kept
+    queries: dict[str, list[str]] = {}
+    paths = []
+    for probe in probes:
+        qs = queries[probe.same_queries_as][: len(probe.prompt_tokens)] if probe.same_queries_as else \
+            probe_queries(probe, count, cut, pool, f"{engine.name}/{probe.name}")
+        queries[probe.name] = qs
+        runner.max_tokens = probe.max_tokens
+        t0 = time.perf_counter()
+        policy = SinglePolicy([probe.chunk_tokens], name=f"probe-{engine.name}-{probe.name}")
+        trace = await runner.run_policy(policy, qs,
+                                        concurrency=probe.concurrency, seed=seed, progress=progress,
+                                        reset_cache=probe.reset_cache)
+        print(f"probe {engine.name}/{probe.name}: {len(qs)} requests in {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr, flush=True)
+        paths += trace.write(folder / "traces")
+    return paths
+
+
+def _probe_live(args, folder: Path) -> dict:
+    """Probe every engine of the config; returns the run's config record."""
+    from live.cli import engines_from_config, engine_config, quiet_vllm_logs
+    from staircase.topology import moa
+
+    quiet_vllm_logs()
+    raw = engine_config(args)
+    n_prop = len((raw.get("slots") or {}).get("proposers") or [1])
+    mapping, servers = engines_from_config(raw, moa(max(1, n_prop)))
+    probes = probe_set(args.probes)
+    record = {"command": "calibrate", "engines": raw, "probes": args.probes, "seed": args.seed}
+    try:
+        for server in servers:
+            server.start()
+        clients = {id(e): e.engine(f"serve:{e.port}") for e in servers}
+        engines = {slot: clients.get(id(e), e) for slot, e in mapping.items()}
+        distinct = list({id(e): e for e in engines.values()}.values())
+
+        async def main():
+            caps, models = {}, {}
+            for engine in distinct:
+                try:
+                    await run_probes(engine, probes, folder, seed=args.seed, progress=args.progress)
+                    caps[engine.name] = engine.capacity()
+                    models[engine.name] = engine.model_id
+                finally:
+                    await engine.close()
+            return caps, models
+
+        caps, models = asyncio.run(main())
+    finally:
+        for server in servers:
+            server.stop()
+    record |= {"engine_models": models, "capacity": caps,
+               "slot_engines": {slot: e.name for slot, e in engines.items()}}
+    (folder / "config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    return record
+
+
+def _slots_from(groups: list[RunGroup], engines: list[str]) -> tuple[list[str], str]:
+    for g in groups:
+        se = g.config.get("slot_engines") or {}
+        if se and all(v in engines for v in se.values()):
+            props = [se[k] for k in sorted((k for k in se if k.startswith("proposer-")), key=lambda k: int(k[9:]))]
+            return props or [se["aggregator"]], se["aggregator"]
+    return [engines[0]], engines[0]
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    folder = args.out or results_folder(args, "calibrate")
+    for name in ("max_batch_size", "kv_cache_tokens", "block_size_tokens"):
+        if getattr(args, name) < 1:
+            raise ConfigError(name.replace("_", "-"), getattr(args, name), "an integer >= 1")
+    groups: list[RunGroup] = load_runs(args.traces) if args.traces else []  # check inputs before probing
+    record = {}
+    if not args.traces or args.probe_too:
+        folder.mkdir(parents=True, exist_ok=True)
+        record = _probe_live(args, folder)
+        groups = load_runs([folder]) + groups
+    groups = [g for g in groups if not g.policy.startswith("warmup")]
+    names = sorted({str(e) for g in groups for e in g.chunks["engine"].unique()})
+    if args.engine:
+        if args.engine not in names:
+            raise ConfigError("engine", args.engine, f"an engine named in the traces: {', '.join(names)}")
+        names = [args.engine]
+    elif len(names) > 1 and not record:
+        # traces from another session: several engines must be asked for one by one
+        raise ConfigError("engine", f"traces name {len(names)} engines ({', '.join(names)})",
+                          "one engine per fit: pass --engine NAME")
+    fits = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for e in names:
+            fits[e] = fit_engine(observations(groups, e), quadratic=not args.no_quadratic)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    caps = {}
+    for e in names:
+        found = (record.get("capacity") or {}).get(e) or next(
+            ((g.config.get("capacity") or {}).get(e) for g in groups if (g.config.get("capacity") or {}).get(e)), {})
+        caps[e] = {"max_batch_size": found.get("max_batch_size", args.max_batch_size),
+                   "kv_cache_tokens": found.get("kv_cache_tokens", args.kv_cache_tokens),
+                   "block_size_tokens": found.get("block_size_tokens", args.block_size_tokens)}
+    proposers, aggregator = _slots_from(groups, names)
+    sharing = "one" if len(set(proposers + [aggregator])) == 1 else "per-slot"
+    model = next((f.model for f in fits.values() if f.model), "unknown-model")
+    name = args.name or f"calibrated-{model}"
+    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}"
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    note = (f"Calibrated by `staircase calibrate` on {when} ({machine}) from {sum(len(f.data['sources']) for f in fits.values())} "
+            f"trace files; engines: " + ", ".join(f"{e} = {f.model}" for e, f in fits.items()) +
+            ". Residuals, noise candidates and the fitted points are under `calibration`.")
+    profile = build_profile(fits, proposers, aggregator, name=name, note=note, engine_sharing=sharing, capacity=caps,
+                            proposer_factor=fit_lengths(groups))
+    folder.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(profile, indent=1) + "\n"
+    (folder / "profile.json").write_text(text)
+    if args.profile_out:
+        args.profile_out.parent.mkdir(parents=True, exist_ok=True)
+        args.profile_out.write_text(text)
+    if not args.no_figure:
+        plot_fit(fits, folder / "fit.png")
+    print(fit_table(fits))
+    print(f"\nprofile: {folder / 'profile.json'}" + (f" and {args.profile_out}" if args.profile_out else ""))
+    return 0
+
+
+def fit_table(fits) -> str:
+    lines = ["| engine | model | overhead | prefill a + bP + cP^2 | decode base + per_seq B + per_ctx C | "
+             "prefill fit (n, median rel err, R^2) | decode fit (n, median rel err, R^2) | noise prefill / decode |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e, f in fits.items():
+        rp, rd = f.residuals["prefill"], f.residuals["decode"]
+        nz = " / ".join(f"{n.dist}" if n.dist else "none" for n in (f.noise["prefill"], f.noise["decode"]))
+        lines.append(
+            f"| {e} | {f.model} | {f.request_overhead_s * 1e3:.1f} ms | {f.prefill['base'] * 1e3:.1f} ms + "
+            f"{f.prefill['per_token'] * 1e6:.1f} us/tok + {f.prefill['per_token2'] * 1e9:.2f} ns/tok^2 | "
+            f"{f.decode['base'] * 1e3:.2f} ms + {f.decode['per_seq'] * 1e3:.3f} ms/seq + "
+            f"{f.decode['per_context_token'] * 1e6:.4f} us/tok | {rp['points']}, {rp['median_abs_rel_error']:.1%}, "
+            f"{rp['r2']:.3f} | {rd['points']}, {rd['median_abs_rel_error']:.1%}, {rd['r2']:.3f} | {nz} |")
+    return "\n".join(lines)
+
+
+def plot_fit(fits, path: Path) -> Path:
+    """Measured points and fitted curves: first-token wait vs uncached tokens, and
+    time per decode iteration vs batch size (coloured by context)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid")
+    fig, axes = plt.subplots(len(fits), 2, figsize=(11, 4 * len(fits)), squeeze=False)
+    for i, (e, f) in enumerate(fits.items()):
+        pp, dp = f.data["prefill_points"], f.data["decode_points"]
+        ax = axes[i][0]
+        ax.scatter(pp["uncached_tokens"], np.array(pp["wait_s"]) * 1e3, s=14, label="measured")
+        x = np.linspace(0, max(pp["uncached_tokens"]) * 1.05, 100)
+        y = f.request_overhead_s + f.prefill["base"] + f.prefill["per_token"] * x + f.prefill["per_token2"] * x * x
+        ax.plot(x, y * 1e3, color="C1", label="fit")
+        ax.set_xlabel("uncached prompt tokens")
+        ax.set_ylabel("first-token wait (ms)")
+        ax.set_title(f"{e}: prefill + overhead")
+        ax.legend()
+        ax = axes[i][1]
+        d = pd.DataFrame(dp)
+        sns.scatterplot(data=d, x="batch", y=d["per_token_s"] * 1e3, hue="context", palette="viridis", ax=ax, s=16)
+        b = np.linspace(max(0.5, d["batch"].min()), d["batch"].max(), 50)
+        for ctx in np.quantile(d["context"], [0.1, 0.9]):
+            ax.plot(b, (f.decode["base"] + f.decode["per_seq"] * b + f.decode["per_context_token"] * ctx) * 1e3,
+                    label=f"fit, context {ctx:.0f}")
+        ax.set_xlabel("batch size (time-averaged)")
+        ax.set_ylabel("time per decode iteration (ms)")
+        ax.set_title(f"{e}: decode")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------- validate
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    from sim.profile import load_profile
+
+    from .validate import METRICS, PERCENTILES, load_live_run, validate
+
+    runs = [load_live_run(r) for r in args.runs]  # all inputs checked before any simulation
+    profile = load_profile(args.profile)
+    if args.replicates < 1:
+        raise ConfigError("replicates", args.replicates, "an integer >= 1")
+    folder = args.out or results_folder(args, "validate")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        table, checks, notes, figures = validate(runs, profile, replicates=args.replicates, seed=args.seed,
+                                                 tokenizer=args.tokenizer, allow_other_model=args.allow_other_model,
+                                                 figures_folder=None if args.no_figure else folder)
+    for w in caught:
+        if issubclass(w.category, UserWarning):
+            print(f"warning: {w.message}", file=sys.stderr)
+    folder.mkdir(parents=True, exist_ok=True)
+    table.to_csv(folder / "validation.csv", index=False)
+    checks.to_csv(folder / "targets.csv", index=False)
+    result = {"profile": profile.name, "profile_source": profile.source, "runs": [str(r) for r in args.runs],
+              "replicates": args.replicates, "seed": args.seed, "notes": notes,
+              "targets": checks.to_dict(orient="records"), "rows": table.to_dict(orient="records"),
+              "figures": [str(f) for f in figures]}
+    (folder / "validation.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    if args.format == "json":
+        result["results"] = str(folder)
+        print(json.dumps(result, indent=1, default=float))
+        return 0
+    show = table[table["metric"].isin(["ttft_s", "e2e_s", "tpot_s", "output_tokens_per_s"])]
+    lines = ["| run | policy | metric | live p50 | sim p50 | err p50 | live p90 | sim p90 | err p90 | "
+             "live p99 | sim p99 | err p99 | W1 (rel) |", "|" + "---|" * 13]
+    for _, r in show.iterrows():
+        cells = [r["run"], r["policy"], METRICS[r["metric"]]]
+        for q in PERCENTILES:
+            cells += [f"{r[f'live_p{q}']:.3g}", f"{r[f'sim_p{q}']:.3g}", f"{r[f'rel_err_p{q}']:+.1%}"]
+        cells.append(f"{r['wasserstein']:.3g} ({r['wasserstein_rel']:.1%})")
+        lines.append("| " + " | ".join(cells) + " |")
+    print("\n".join(lines))
+    print()
+    for _, c in checks.iterrows():
+        print(f"{'PASS' if c['pass'] else 'MISS'}  {c['run']}  {c['policy']}: {c['target']} ({c['rel_err']:+.1%})")
+    print(f"\nresults: {folder}/ (validation.csv, validation.json, targets.csv"
+          + (", cdf_*.png)" if figures else ")"))
+    return 0

@@ -1,0 +1,72 @@
+"""Designed probes for a calibration run, driven through the live runner.
+
+Each probe set is a list of ``Probe`` groups; a group runs the ``single`` policy (one
+call per request on the engine under test) over queries of designed token lengths:
+
+- ``prefill``: one call at a time over a ladder of prompt lengths (cache misses),
+  a few output tokens: the first-token wait against uncached prompt tokens.
+- ``cache-hit``: the same queries again without emptying the prefix cache: the
+  same prompts, mostly served from cache, so the wait at few uncached tokens.
+- ``decode-c<c>-short`` / ``-long``: ``c`` requests sent at once, all with short
+  (48-token) or all with long (1024-token) prompts, so batch size and batch
+  context vary independently; a fixed number of output tokens (end-of-sequence ignored), cut into 8-token
+  chunks: decode iteration time against batch size and context. The levels should
+  reach the batch sizes of the work the profile will simulate (an MoA with 3
+  proposers at 4 requests in flight runs about 12 sequences at once); the fit
+  extrapolates linearly beyond them.
+
+Queries are cut from the bundled prompt sets to an exact token count with the
+engine's own tokenizer, each with a distinct lead so no two share a cached prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from staircase.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    prompt_tokens: tuple[int, ...]  # one query per entry, in order
+    max_tokens: int
+    concurrency: int = 1
+    reset_cache: bool = True
+    same_queries_as: str | None = None  # reuse another group's queries (cache hits)
+    chunk_tokens: int = 8  # the trace's chunk size: one decode observation per chunk
+
+
+def probe_set(kind: str) -> list[Probe]:
+    """``standard`` (a few minutes on 2 CPU cores with SmolLM2-135M) or ``small``
+    (tests: well under a minute)."""
+    if kind == "standard":
+        ladder = (16, 96, 256, 512, 896, 1344, 1792)  # under the CPU build's 2048-token step budget
+        probes = [Probe("prefill", ladder + ladder, 4),
+                  Probe("cache-hit", ladder + ladder, 4, reset_cache=False, same_queries_as="prefill")]
+        # short and long prompts at each level, so batch size and batch context vary apart
+        for c in (1, 4, 8, 16):
+            for kind, tokens in (("short", 48), ("long", 1024)):
+                n = 3 if c == 1 else c
+                probes.append(Probe(f"decode-c{c}-{kind}", (tokens,) * n, 64, concurrency=c))
+        return probes
+    if kind == "small":
+        ladder = (16, 200, 600)
+        return [Probe("prefill", ladder + ladder, 2),
+                Probe("cache-hit", ladder, 2, reset_cache=False, same_queries_as="prefill"),
+                Probe("decode-c1", (64,), 24), Probe("decode-c3", (64, 400, 64), 24, concurrency=3)]
+    raise ConfigError("probes", kind, "standard or small")
+
+
+def probe_queries(probe: Probe, count_tokens, cut_tokens, source_texts: list[str], lead: str) -> list[str]:
+    """Queries of the probe's token lengths (``count_tokens(text)``,
+    ``cut_tokens(text, n)`` from the engine's tokenizer)."""
+    pool = " ".join(source_texts)
+    out = []
+    for i, n in enumerate(probe.prompt_tokens):
+        head = f"[{lead} {i}] "
+        body = pool
+        while count_tokens(head + body) < n:
+            body = body + " " + pool
+        out.append(cut_tokens(head + body, n))
+    return out

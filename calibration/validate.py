@@ -1,0 +1,270 @@
+"""Replay live runs in the simulator and measure how far simulated is from live.
+
+A live results folder (``staircase live``) holds, per policy, every request's arrival
+time and query tokens and every call's chunks. The replay gives the simulator the
+same topology and policies (rebuilt from the recorded command-line arguments), the
+same requests (query tokens; arrival times in an open loop, the same number of users
+in a closed loop), the same answer length for every node of every request, and the
+same ``max_tokens``; the engine timing comes from the profile. Several replicates
+(different noise seeds) are pooled.
+
+Per run, policy and metric the comparison gives live and simulated p50/p90/p99,
+their relative errors ((sim - live) / live) and the Wasserstein distance between the
+two distributions (also relative to the live mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import scipy.stats
+
+from sim.profile import Profile
+from sim.simulate import simulate
+from sim.workload import Request
+from staircase.cli import topology_and_policies
+from staircase.errors import ConfigError
+from staircase.trace import read_chunks, read_requests
+
+METRICS = {"ttft_s": "TTFT (s)", "e2e_s": "E2E (s)", "tpot_s": "ITL, mean per request (s)",
+           "output_tokens_per_s": "output tokens/s", "prompt_tokens": "prompt tokens per request",
+           "cached_tokens": "cached tokens per request"}
+TIMING_METRICS = ("ttft_s", "e2e_s", "tpot_s", "output_tokens_per_s")
+PERCENTILES = (50, 90, 99)
+TARGETS = {("ttft_s", 50): 0.10, ("ttft_s", 90): 0.15}  # issue 4: |relative error| at most
+
+
+class ValidationWarning(UserWarning):
+    pass
+
+
+@dataclass
+class LiveRun:
+    folder: Path
+    config: dict
+    requests: dict[str, pd.DataFrame]  # policy -> request rows
+    chunks: dict[str, pd.DataFrame]
+
+    @property
+    def label(self) -> str:
+        c = self.config
+        load = f"rate {c['rate']:g}/s" if c.get("rate") else f"concurrency {c.get('concurrency', 1)}"
+        prompts = c.get("prompts", "?")
+        if c.get("skip"):
+            prompts += f" #{c['skip']}-{c['skip'] + c.get('requests', 0) - 1}"
+        return f"{self.folder.name} ({prompts}, {load})"
+
+
+def load_live_run(folder: Path | str) -> LiveRun:
+    folder = Path(folder)
+    cfg_path = folder / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError("live run", str(folder), "a `staircase live` results folder with config.json and traces/")
+    config = json.loads(cfg_path.read_text())
+    if config.get("command") != "live":
+        raise ConfigError(f"{cfg_path}.command", config.get("command"), "live (a `staircase live` results folder)")
+    if "cli_args" not in config:
+        raise ConfigError(f"{cfg_path}.cli_args", None, "the recorded topology and policy arguments (runs of this version)")
+    requests, chunks = {}, {}
+    for f in sorted((folder / "traces").glob("*.requests.parquet")):
+        req = read_requests(f)
+        ch_path = f.with_name(f.name.replace(".requests.", ".chunks."))
+        if not ch_path.is_file():
+            raise ConfigError("trace", str(ch_path), "the chunk trace next to each request trace")
+        if not len(req):
+            continue
+        name = str(req["policy"].iloc[0])
+        requests[name], chunks[name] = req, read_chunks(ch_path)
+    if not requests:
+        raise ConfigError("live run", str(folder), "a results folder with traces/*.requests.parquet")
+    return LiveRun(folder, config, requests, chunks)
+
+
+def check_profile_model(profile: Profile, run: LiveRun, allow_other_model: bool = False) -> list[str]:
+    """The profile must describe the model(s) the live run used. Raises (or warns, with
+    ``allow_other_model``); returns warnings about weaker problems."""
+    notes = []
+    if not profile.calibrated:
+        notes.append(f"profile {profile.name} is not calibrated: expect large errors")
+    live_models = sorted(set((run.config.get("engine_models") or {}).values()))
+    prof_models = sorted({str(e.get("model")) for e in profile.raw.get("engines", {}).values() if e.get("model")})
+    if not live_models:
+        notes.append(f"live run {run.folder.name} records no engine models: cannot check the profile's model")
+    elif not prof_models:
+        notes.append(f"profile {profile.name} records no model: cannot check it fits {', '.join(live_models)}")
+    elif set(live_models) - set(prof_models):
+        msg = (f"profile {profile.name} was fitted on {', '.join(prof_models)}, the live run "
+               f"{run.folder.name} used {', '.join(live_models)}")
+        if not allow_other_model:
+            raise ConfigError("profile", msg, "a profile calibrated on the run's model (or --allow-other-model)")
+        notes.append(msg)
+    slot_engines = run.config.get("slot_engines") or {}
+    live_sharing = "one" if len(set(slot_engines.values())) == 1 else "per-slot"
+    if slot_engines and live_sharing != profile.engine_sharing:
+        notes.append(f"live run used engine sharing {live_sharing!r}, profile says {profile.engine_sharing!r}")
+    return notes
+
+
+def replay(run: LiveRun, profile: Profile, *, replicates: int = 3, seed: int = 0, tokenizer=None,
+           policies: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
+    """Simulated request rows per policy (replicates stacked, column ``replicate``)."""
+    if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 1:
+        raise ConfigError("replicates", replicates, "an integer >= 1")
+    cfg = run.config
+    topology, built = topology_and_policies(argparse.Namespace(**cfg["cli_args"]))
+    by_name = {p.name: p for p in built}
+    concurrency = None if cfg.get("rate") else int(cfg.get("concurrency") or 1)
+    out = {}
+    for name, req in run.requests.items():
+        if policies is not None and name not in policies:
+            continue
+        if name not in by_name:
+            raise ConfigError("policy", name, f"a policy the recorded arguments build: {', '.join(by_name)}")
+        req = req.sort_values("request_id").reset_index(drop=True)
+        n = len(req)
+        if list(req["request_id"]) != list(range(n)):
+            raise ConfigError(f"{run.folder.name}/{name} request ids", list(req["request_id"])[:5],
+                              "0, 1, ... (one row per request)")
+        chunks = run.chunks[name]
+        tokens = chunks.groupby(["node", "request_id"])["tokens"].sum()
+        lengths = {}
+        for node in topology.nodes:
+            per = np.ones(n, dtype=np.int64)
+            if node.id in tokens.index.get_level_values(0):
+                got = tokens.loc[node.id]
+                per[got.index.to_numpy()] = got.to_numpy()
+            if node.is_final:
+                per = np.maximum(per, req["output_tokens"].to_numpy())
+            lengths[node.id] = per
+        arrivals = req["arrival_s"].to_numpy(float) - float(req["arrival_s"].min())
+        requests = [Request(i, float(arrivals[i]) if concurrency is None else float("nan"),
+                            int(req["query_tokens"][i]), int(lengths[topology.final.id][i])) for i in range(n)]
+        frames = []
+        for k in range(replicates):
+            t = simulate(topology, by_name[name], requests, profile, seed=seed + k, max_tokens=int(cfg["max_tokens"]),
+                         concurrency=concurrency, node_lengths=lengths, tokenizer=tokenizer, keep_chunks=False,
+                         progress=False)
+            frames.append(t.requests.assign(replicate=k))
+        out[name] = pd.concat(frames, ignore_index=True)
+    return out
+
+
+def compare(live: dict[str, pd.DataFrame], sim: dict[str, pd.DataFrame], run_label: str) -> pd.DataFrame:
+    """One row per (policy, metric): live and simulated percentiles, relative errors,
+    Wasserstein distance."""
+    rows = []
+    for name, sreq in sim.items():
+        lreq = live[name]
+        lok = lreq[lreq["outcome"] == "ok"]
+        sok = sreq[sreq["outcome"] == "ok"]
+        for metric in METRICS:
+            lv = lok[metric].to_numpy(float)
+            sv = sok[metric].to_numpy(float)
+            lv, sv = lv[np.isfinite(lv)], sv[np.isfinite(sv)]
+            row = {"run": run_label, "policy": name, "metric": metric, "live_n": len(lv), "sim_n": len(sv)}
+            for q in PERCENTILES:
+                lq = float(np.percentile(lv, q)) if len(lv) else float("nan")
+                sq = float(np.percentile(sv, q)) if len(sv) else float("nan")
+                row[f"live_p{q}"], row[f"sim_p{q}"] = lq, sq
+                row[f"rel_err_p{q}"] = (sq - lq) / lq if lq else float("nan")
+            w = float(scipy.stats.wasserstein_distance(lv, sv)) if len(lv) and len(sv) else float("nan")
+            row["wasserstein"] = w
+            row["wasserstein_rel"] = w / float(np.mean(np.abs(lv))) if len(lv) and np.mean(np.abs(lv)) else float("nan")
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def target_checks(table: pd.DataFrame) -> pd.DataFrame:
+    """Pass/fail of the TTFT targets per run and policy."""
+    rows = []
+    for (metric, q), limit in TARGETS.items():
+        sel = table[table["metric"] == metric]
+        for _, r in sel.iterrows():
+            err = r[f"rel_err_p{q}"]
+            rows.append({"run": r["run"], "policy": r["policy"], "target": f"|{metric} p{q} error| <= {limit:.0%}",
+                         "rel_err": err, "pass": bool(abs(err) <= limit)})
+    return pd.DataFrame(rows)
+
+
+def plot_cdfs(live: dict[str, pd.DataFrame], sim: dict[str, pd.DataFrame], path: Path, title: str) -> Path:
+    """Simulated vs live CDFs: one column per policy, one row per timing metric."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid")
+    names = list(sim)
+    fig, axes = plt.subplots(len(TIMING_METRICS), len(names), figsize=(4.2 * len(names), 2.8 * len(TIMING_METRICS)),
+                             squeeze=False)
+    for j, name in enumerate(names):
+        data = pd.concat([live[name].loc[live[name]["outcome"] == "ok"].assign(source="live"),
+                          sim[name].loc[sim[name]["outcome"] == "ok"].assign(source="simulated")], ignore_index=True)
+        for i, metric in enumerate(TIMING_METRICS):
+            ax = axes[i][j]
+            sns.ecdfplot(data=data, x=metric, hue="source", ax=ax, hue_order=["live", "simulated"])
+            ax.set_xlabel(METRICS[metric])
+            if i == 0:
+                ax.set_title(name, fontsize=10)
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def approx_or_model_tokenizer(run: LiveRun, choice: str = "auto"):
+    """The tokenizer the simulator counts fixed prompt texts with: ``approx``, a model
+    folder, or ``auto`` (the run's model folder in the staircase cache if present)."""
+    if choice == "approx":
+        return None
+    folder = None
+    if choice == "auto":
+        from live.model import cache_root
+
+        for model in (run.config.get("engine_models") or {}).values():
+            cand = cache_root() / "models" / model
+            if (cand / "tokenizer.json").is_file() or (cand / "tokenizer_config.json").is_file():
+                folder = cand
+                break
+        if folder is None:
+            return None
+    else:
+        folder = Path(choice)
+        if not folder.is_dir():
+            raise ConfigError("tokenizer", choice, "auto, approx or a model folder with a tokenizer")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+
+    class _Count:
+        def count(self, text: str) -> int:
+            return len(tok.encode(text, add_special_tokens=False))
+
+    return _Count()
+
+
+def validate(runs: Sequence[LiveRun], profile: Profile, *, replicates: int = 3, seed: int = 0, tokenizer: str = "auto",
+             allow_other_model: bool = False, figures_folder: Path | None = None):
+    """(comparison table, target checks, notes, figure paths) over live runs."""
+    tables, notes, figures = [], [], []
+    for i, run in enumerate(runs):
+        for note in check_profile_model(profile, run, allow_other_model):
+            warnings.warn(note, ValidationWarning, stacklevel=2)
+            notes.append(note)
+        sim = replay(run, profile, replicates=replicates, seed=seed, tokenizer=approx_or_model_tokenizer(run, tokenizer))
+        tables.append(compare(run.requests, sim, run.label))
+        if figures_folder is not None:
+            figures_folder.mkdir(parents=True, exist_ok=True)
+            figures.append(plot_cdfs(run.requests, sim, figures_folder / f"cdf_{i}_{run.folder.name}.png",
+                                     f"{run.label}: live vs simulated ({profile.name})"))
+    table = pd.concat(tables, ignore_index=True)
+    return table, target_checks(table), notes, figures

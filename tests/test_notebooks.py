@@ -1,0 +1,35 @@
+"""The notebooks run top to bottom with their small default parameters (so they never
+rot) and write their figures; each notebook also asserts what its figure shows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+EXPECTED = {
+    "chunk_size_tradeoff.ipynb": ["ttft_vs_first_chunk.png"],
+    "redundancy_vs_spread.ipynb": ["ttft_vs_redundancy_spread.png"],
+    "sim_vs_live.ipynb": ["sim_vs_live_ttft_s.png", "sim_vs_live_e2e_s.png"],
+}
+
+
+def test_every_notebook_is_covered():
+    assert {p.name for p in NOTEBOOKS.glob("*.ipynb")} == set(EXPECTED)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_notebook_executes(name, tmp_path):
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                                     resources={"metadata": {"path": str(tmp_path)}})
+    client.execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    for fig in EXPECTED[name]:
+        path = tmp_path / "figures" / fig
+        assert path.is_file() and path.stat().st_size > 10_000, fig
