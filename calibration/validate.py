@@ -113,8 +113,9 @@ def check_profile_model(profile: Profile, run: LiveRun, allow_other_model: bool 
 
 
 def replay(run: LiveRun, profile: Profile, *, replicates: int = 3, seed: int = 0, tokenizer=None,
-           policies: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
-    """Simulated request rows per policy (replicates stacked, column ``replicate``)."""
+           policies: Sequence[str] | None = None, with_chunks: bool = False):
+    """Simulated request rows per policy (replicates stacked, column ``replicate``);
+    with ``with_chunks=True`` (request rows, chunk rows) per policy, for diagnosis."""
     if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 1:
         raise ConfigError("replicates", replicates, "an integer >= 1")
     cfg = run.config
@@ -149,10 +150,11 @@ def replay(run: LiveRun, profile: Profile, *, replicates: int = 3, seed: int = 0
         frames = []
         for k in range(replicates):
             t = simulate(topology, by_name[name], requests, profile, seed=seed + k, max_tokens=int(cfg["max_tokens"]),
-                         concurrency=concurrency, node_lengths=lengths, tokenizer=tokenizer, keep_chunks=False,
+                         concurrency=concurrency, node_lengths=lengths, tokenizer=tokenizer, keep_chunks=with_chunks,
                          progress=False)
-            frames.append(t.requests.assign(replicate=k))
-        out[name] = pd.concat(frames, ignore_index=True)
+            frames.append((t.requests.assign(replicate=k), t.chunks.assign(replicate=k) if with_chunks else None))
+        reqs = pd.concat([f[0] for f in frames], ignore_index=True)
+        out[name] = (reqs, pd.concat([f[1] for f in frames], ignore_index=True)) if with_chunks else reqs
     return out
 
 

@@ -1,8 +1,11 @@
 """``staircase sim``: compare policies on simulated engines.
 
-With no arguments it runs the embedded default: MoA with 6 proposers and one
-aggregator, wait-all vs staircase (paper schedule, r=2, both prompt layouts) vs a
-single model, on a Poisson workload with the bundled (uncalibrated) profile.
+With no arguments it runs the embedded default: MoA with 3 proposers and one
+aggregator on one shared engine, wait-all vs staircase (paper schedule, r=1, both
+prompt layouts) vs a single model, 200 Poisson requests at 0.1/s, answers of up to
+128 tokens, with the bundled profile (calibrated on vLLM's CPU build with
+SmolLM2-135M, the setup of `staircase live` here). `--profile illustrative-gpu`
+gives hand-set GPU-class engines of three sizes instead.
 """
 
 from __future__ import annotations
@@ -24,22 +27,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "sim", help="simulate policies on SimPy engines (no arguments: the embedded default)",
         description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_topology_policy_arguments(p, DEFAULT_POLICIES, "2", proposers=6)
+    add_topology_policy_arguments(p, DEFAULT_POLICIES, "1", proposers=3)
     g = p.add_argument_group("generation")
-    g.add_argument("--max-tokens", type=int, default=512, help="max tokens of every node's answer (MoA uses 512)")
+    g.add_argument("--max-tokens", type=int, default=128,
+                   help="max tokens of every node's answer (the paper's MoA uses 512 on GPUs)")
     g = p.add_argument_group("workload")
     g.add_argument("--workload", choices=WORKLOAD_KINDS, default="poisson",
                    help="poisson or gamma arrivals, closed loop, or replay of the Azure conversation trace")
-    g.add_argument("--requests", type=int, default=300, help="number of requests")
-    g.add_argument("--rate", type=float, default=0.4, help="arrivals per second (poisson, gamma)")
+    g.add_argument("--requests", type=int, default=200, help="number of requests")
+    g.add_argument("--rate", type=float, default=0.1, help="arrivals per second (poisson, gamma)")
     g.add_argument("--cv", type=float, default=2.0, help="gamma: coefficient of variation of inter-arrival times")
     g.add_argument("--concurrency", type=int, default=8, help="closed: number of users")
-    g.add_argument("--query-tokens", type=int, default=200, help="median query length (synthetic workloads)")
-    g.add_argument("--output-tokens", type=int, default=300, help="median answer length (synthetic workloads)")
+    g.add_argument("--query-tokens", type=int, default=120, help="median query length (synthetic workloads)")
+    g.add_argument("--output-tokens", type=int, default=128, help="median answer length (synthetic workloads)")
     g.add_argument("--trace", default=None, help="azure: trace CSV (default: the bundled copy)")
     g.add_argument("--time-scale", type=float, default=1.0, help="azure: divide arrival times by this")
     g = p.add_argument_group("simulation")
-    g.add_argument("--profile", default=None, help=f"engine profile JSON (default: {default_profile_path().name} bundled)")
+    g.add_argument("--profile", default=None,
+                   help=f"engine profile: a JSON file or a bundled name (default, illustrative-gpu); "
+                        f"default: {default_profile_path().name}")
     g.add_argument("--seed", type=int, default=0, help="random seed; a run is a pure function of its inputs and seed")
     g.add_argument("--no-noise", action="store_true", help="turn the profile's noise off")
     g.add_argument("--summary-only", action="store_true", help="keep no per-chunk rows (large runs)")

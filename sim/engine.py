@@ -8,11 +8,17 @@ is fixed, so the time for n iterations has a closed form (an arithmetic series) 
 the engine only wakes when some sequence reaches a chunk boundary, a call arrives or
 is cancelled, or a prefill ends.
 
-Prefill: waiting calls are admitted together (up to the batch and KV limits); their
-uncached prompt tokens cost ``prefill_s`` while decoding pauses, and the prefill
-produces each call's first token. The prefix cache keeps, per (request, node), the
-tokens of the node's last prompt plus output (LRU within the KV budget), and the
-system instruction of each prompt kind once seen; hits round down to whole blocks
+Prefill: waiting calls are admitted together (up to the batch and KV limits) in one
+engine step that produces each call's first token. On an idle engine the step costs
+``prefill_s`` of their uncached prompt tokens. When sequences are decoding it is a
+mixed step, as in vLLM's scheduler (running decodes and whole new prefills in one
+batch): one decode iteration plus the prefill's marginal cost (``prefill_s`` less its
+base, the step's fixed cost already paid by the iteration), and every decoding
+sequence gains its token of that iteration. The prefix cache keeps, per (request, node), the
+tokens of the node's last prompt plus output (LRU within the KV budget), the
+system instruction of each prompt kind once seen, and a request's source prompt
+(system + query, identical for all its first-stage proposers) once one of them was
+prefilled; hits round down to whole blocks
 and leave at least one token to compute, as vLLM does.
 """
 
@@ -28,6 +34,7 @@ import simpy
 from .profile import EngineModel, Noise
 
 EPS = 1e-9
+SHARED_KEYS = 4096  # shared-prefix keys an engine remembers (system prompts; one request's source prompt)
 
 
 class Draws:
@@ -99,12 +106,13 @@ class SimEngine:
         self.waiting: deque[SimCall] = deque()
         self.prefilling: list[SimCall] | None = None
         self.prefill_end = 0.0
+        self._mixed = False
         self._timer = None
         self._timer_target: float | None = None
         self._busy = False
         self.cache: OrderedDict = OrderedDict()  # (request, node) -> tokens
         self.cache_tokens = 0
-        self.shared_seen: set = set()
+        self.shared_seen: OrderedDict = OrderedDict()  # shared-prefix keys seen, most recent last (bounded)
         self.running_tokens = 0  # KV of admitted calls (prompt + generated at admission + growth)
         # counters for reports
         self.iterations_scheduled = 0
@@ -195,7 +203,11 @@ class SimEngine:
             self.cache.move_to_end(call.key)
         if call.shared_key in self.shared_seen:
             hit = max(hit, call.shared_tokens)
-        self.shared_seen.add(call.shared_key)
+            self.shared_seen.move_to_end(call.shared_key)
+        else:
+            self.shared_seen[call.shared_key] = None
+            if len(self.shared_seen) > SHARED_KEYS:
+                self.shared_seen.popitem(last=False)
         block = self.m.block_size_tokens
         hit = (hit // block) * block
         return max(0, min(hit, call.prompt_tokens - 1))
@@ -231,7 +243,15 @@ class SimEngine:
             if group:
                 self.prefilling = group
                 self.prefills += 1
-                self.prefill_end = now + self.m.prefill_s(uncached, squares) * self._prefill_noise()
+                cost = self.m.prefill_s(uncached, squares)
+                if self.batch:  # a mixed step: the running sequences decode one token in it
+                    self._mixed = True
+                    u = self.m.decode_iteration_s(len(self.batch), self.context) * self._decode_noise()
+                    duration = u + (cost - self.m.prefill_base_s) * self._prefill_noise()
+                else:
+                    self._mixed = False
+                    duration = cost * self._prefill_noise()
+                self.prefill_end = now + duration
                 self._set_timer(self.prefill_end - now, None)
                 return
         if not self.batch:
@@ -271,6 +291,9 @@ class SimEngine:
         group, self.prefilling = self.prefilling, None
         self.last_t = now
         self._busy = True
+        if self._mixed and self.batch:  # the decode iteration of the mixed step
+            self.iters += 1
+            self.context += len(self.batch)
         for call in group:
             if call.cancelled:
                 self.running_tokens -= call.prompt_tokens + call.ends[-1]

@@ -89,9 +89,13 @@ class _RequestRun:
         natural = int(s.lengths[g.node][self.req.request_id]) - self.sched.states[g.node].tokens
         prompt = g.prompt
         engine = s.slot_engine[node.slot]
+        if node.is_source:  # system + query: the same prompt for every source node of this request
+            shared_tokens, shared_key = prompt.tokens, (self.req.request_id, "source")
+        else:  # the instruction, shared across requests
+            shared_tokens, shared_key = prompt.shared_prefix_tokens, (s.policy.layout, node.role,
+                                                                      prompt.messages[0].pieces[0].key)
         call = SimCall(self, (node, g.call, g.first_chunk_index, engine), (self.req.request_id, g.node),
-                       prompt.tokens, prompt.reuse_prefix_tokens, prompt.shared_prefix_tokens,
-                       (s.policy.layout, node.role, prompt.messages[0].pieces[0].key),
+                       prompt.tokens, prompt.reuse_prefix_tokens, shared_tokens, shared_key,
                        g.max_tokens, max(1, natural), g.boundaries)
         self.calls[g.node] = call
         self.n_calls += 1

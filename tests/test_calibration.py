@@ -8,6 +8,7 @@ CPU runs are checked against the bundled profile at the end of this file.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -26,7 +27,7 @@ from calibration.validate import (ValidationWarning, check_profile_model, compar
 from sim.profile import load_profile, parse_profile
 from sim.simulate import simulate
 from sim.workload import Workload
-from staircase.cli import TOPOLOGY_POLICY_KEYS
+from staircase.cli import TOPOLOGY_POLICY_KEYS, topology_and_policies
 from staircase.errors import ConfigError
 from staircase.policy import SinglePolicy, make_policies
 from staircase.topology import moa
@@ -157,8 +158,9 @@ def live_like_run(folder: Path, profile, *, concurrency=2, model="model-a", requ
             "proposer_schedule": "8,16,32,64,128,256", "aggregator_schedule": "8,16,32,64,128,256", "max_wait_s": 0.5}
     assert set(args) == set(TOPOLOGY_POLICY_KEYS)
     w = Workload("closed", requests=requests, concurrency=concurrency, query_tokens=120, output_tokens=48)
-    for p in make_policies(args["policies"].split(","), redundancies=[1]):
-        simulate(moa(3), p, w, profile, seed=seed, max_tokens=64, progress=False).write(folder / "traces")
+    topology, policies = topology_and_policies(argparse.Namespace(**args))  # as `staircase live` builds them
+    for p in policies:
+        simulate(topology, p, w, profile, seed=seed, max_tokens=64, progress=False).write(folder / "traces")
     config = {"command": "live", "cli_args": args, "concurrency": concurrency, "rate": None, "max_tokens": 64,
               "prompts": "sim", "engine_models": {"local": model},
               "slot_engines": {"proposer-0": "local", "proposer-1": "local", "proposer-2": "local", "aggregator": "local"}}

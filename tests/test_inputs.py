@@ -131,17 +131,17 @@ def test_sim_json_output_and_results_folder(tmp_path):
     r = staircase("sim", "--requests", "30", "--format", "json", "--out", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     data = json.loads(r.stdout)
-    assert set(data["policies"]) == {"wait-all", "staircase-standard-r2", "staircase-prefix-cache-r2", "single"}
+    assert set(data["policies"]) == {"wait-all", "staircase-standard-r1", "staircase-prefix-cache-r1", "single"}
     for name, m in data["policies"].items():
         for key in ("ttft_p50_s", "ttft_p90_s", "e2e_p50_s", "output_tokens_per_s_p50", "prompt_tokens_mean",
                     "cached_tokens_mean"):
             assert isinstance(m[key], (int, float)), (name, key)
-    assert data["policies"]["staircase-prefix-cache-r2"]["ttft_p50_s"] < data["policies"]["wait-all"]["ttft_p50_s"]
+    assert data["policies"]["staircase-prefix-cache-r1"]["ttft_p50_s"] < data["policies"]["wait-all"]["ttft_p50_s"]
     for f in ("config.json", "summary.csv", "summary.json", "ttft_by_policy.png",
-              "traces/wait-all.requests.parquet", "traces/staircase-prefix-cache-r2.chunks.parquet"):
+              "traces/wait-all.requests.parquet", "traces/staircase-prefix-cache-r1.chunks.parquet"):
         assert (out / f).is_file(), f
     config = json.loads((out / "config.json").read_text())
-    assert config["workload"]["requests"] == 30 and config["profile"]["calibrated"] is False
+    assert config["workload"]["requests"] == 30 and config["profile"]["calibrated"] is True
     assert len(read_requests(out / "traces" / "single.requests.parquet")) == 30
     assert r.stderr == ""  # no progress bar when stderr is not a terminal
 
@@ -157,7 +157,7 @@ def test_sim_table_output_mad(tmp_path):
 
 
 @pytest.mark.parametrize("args,needle", [
-    (["--redundancy", "6"], "redundancy: got 6; allowed: 0 <= r < 6"),
+    (["--redundancy", "3"], "redundancy: got 3; allowed: 0 <= r < 3"),
     (["--policies", "wait-all,magic"], "policy: got 'magic'"),
     (["--proposer-schedule", "8,0,256"], "proposer_schedule: got '8,0,256'"),
     (["--aggregator-schedule", ""], "aggregator_schedule: got ''"),
