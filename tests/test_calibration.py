@@ -261,3 +261,24 @@ def test_calibration_commands_bad_input(tmp_path, args, needle):
     assert r.returncode == 2, r.stdout + r.stderr
     assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "out").exists()  # nothing written on bad input
+
+
+# ------------------------------------------------- the committed CPU runs
+
+
+def test_bundled_profile_on_the_committed_held_out_runs():
+    """The bundled profile against the four held-out live runs it ships with
+    (calibration/data/cpu-smollm2/live-*: AlpacaEval prompts, MoA policies the probes
+    never ran, concurrency 1 and 4). Figures as in calibration/data/cpu-smollm2/validation."""
+    runs = [load_live_run(p) for p in sorted(CPU_RUNS.glob("live-*"))]
+    assert len(runs) == 4
+    profile = load_profile()
+    for run in runs:
+        assert check_profile_model(profile, run) == []  # same model, same engine sharing
+    table, checks, _, _ = validate(runs, profile, replicates=5, tokenizer="approx")
+    assert len(checks) == 24
+    c1_p50 = checks[checks["run"].str.contains("concurrency 1") & checks["target"].str.contains("p50")]
+    assert c1_p50["pass"].all(), c1_p50  # one request at a time: every policy within 10 % at p50
+    assert checks["pass"].sum() >= 20, checks[~checks["pass"]]  # 20 of 24 when the profile was committed
+    tokens = table[table["metric"] == "prompt_tokens"]
+    assert (tokens["rel_err_p50"].abs() < 0.02).all()  # the replay builds prompts as long as the live ones
