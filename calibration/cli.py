@@ -329,6 +329,10 @@ def run_validate(args: argparse.Namespace) -> int:
         lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))
     print()
+    speeds = table.groupby("run", sort=False)["decode_time_ratio"].first()
+    for run, ratio in speeds.items():
+        if ratio == ratio:
+            print(f"engine speed: {run} decoded at {ratio:.2f} x the profile's iteration time")
     for _, c in checks.iterrows():
         print(f"{'PASS' if c['pass'] else 'MISS'}  {c['run']}  {c['policy']}: {c['target']} ({c['rel_err']:+.1%})")
     print(f"\nresults: {folder}/ (validation.csv, validation.json, targets.csv"

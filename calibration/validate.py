@@ -39,6 +39,7 @@ METRICS = {"ttft_s": "TTFT (s)", "e2e_s": "E2E (s)", "tpot_s": "ITL, mean per re
 TIMING_METRICS = ("ttft_s", "e2e_s", "tpot_s", "output_tokens_per_s")
 PERCENTILES = (50, 90, 99)
 TARGETS = {("ttft_s", 50): 0.10, ("ttft_s", 90): 0.15}  # issue 4: |relative error| at most
+SPEED_TOLERANCE = 0.10  # warn when a run decodes more than 10 % off the profile
 
 
 class ValidationWarning(UserWarning):
@@ -110,6 +111,38 @@ def check_profile_model(profile: Profile, run: LiveRun, allow_other_model: bool 
     if slot_engines and live_sharing != profile.engine_sharing:
         notes.append(f"live run used engine sharing {live_sharing!r}, profile says {profile.engine_sharing!r}")
     return notes
+
+
+def decode_speed(run: LiveRun, profile: Profile) -> dict | None:
+    """How fast the run's engine decoded compared with the profile: the tokens-weighted
+    median of measured / profile iteration time over the run's prefill-free decode
+    intervals (the fit's own observations). Far from 1, the engine or the machine ran
+    at another speed than at calibration, and every error includes that drift. None
+    for runs on several engines or without such intervals."""
+    from .fit import RunGroup, observations
+
+    slot_engines = run.config.get("slot_engines") or {}
+    if len(set(slot_engines.values())) > 1:
+        return None
+    model = profile.engine_for_slot("aggregator")[1]
+    ratios, weights = [], []
+    for name, chunks in run.chunks.items():
+        try:
+            dec = observations([RunGroup(f"{run.folder.name}/{name}", name, chunks)]).decode
+        except ConfigError:
+            continue
+        if not len(dec):
+            continue
+        pred = (model.decode_base_s + model.decode_per_seq_s * dec["batch"].to_numpy(float)
+                + model.decode_per_context_token_s * dec["context"].to_numpy(float))
+        ratios.extend(dec["per_token_s"].to_numpy(float) / pred)
+        weights.extend(dec["tokens"].to_numpy(float))
+    if not ratios:
+        return None
+    order = np.argsort(ratios)
+    r, w = np.asarray(ratios)[order], np.asarray(weights)[order]
+    median = float(r[np.searchsorted(np.cumsum(w), w.sum() / 2)])
+    return {"decode_time_ratio": median, "intervals": len(r)}
 
 
 def replay(run: LiveRun, profile: Profile, *, replicates: int = 3, seed: int = 0, tokenizer=None,
@@ -259,11 +292,19 @@ def validate(runs: Sequence[LiveRun], profile: Profile, *, replicates: int = 3, 
     """(comparison table, target checks, notes, figure paths) over live runs."""
     tables, notes, figures = [], [], []
     for i, run in enumerate(runs):
-        for note in check_profile_model(profile, run, allow_other_model):
+        run_notes = check_profile_model(profile, run, allow_other_model)
+        speed = decode_speed(run, profile)
+        if speed is not None and abs(speed["decode_time_ratio"] - 1) > SPEED_TOLERANCE:
+            run_notes.append(f"live run {run.folder.name} decoded at {speed['decode_time_ratio']:.2f} x the profile's "
+                             f"iteration time ({speed['intervals']} intervals): the engine or machine ran at another "
+                             "speed than at calibration, and the errors include that drift")
+        for note in run_notes:
             warnings.warn(note, ValidationWarning, stacklevel=2)
             notes.append(note)
         sim = replay(run, profile, replicates=replicates, seed=seed, tokenizer=approx_or_model_tokenizer(run, tokenizer))
-        tables.append(compare(run.requests, sim, run.label))
+        table = compare(run.requests, sim, run.label)
+        table["decode_time_ratio"] = speed["decode_time_ratio"] if speed else float("nan")
+        tables.append(table)
         if figures_folder is not None:
             figures_folder.mkdir(parents=True, exist_ok=True)
             figures.append(plot_cdfs(run.requests, sim, figures_folder / f"cdf_{i}_{run.folder.name}.png",

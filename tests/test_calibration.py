@@ -22,8 +22,8 @@ import scipy.stats
 
 from calibration.fit import (CalibrationWarning, RunGroup, build_profile, fit_engine, fit_noise, load_runs,
                              observations)
-from calibration.validate import (ValidationWarning, check_profile_model, compare, load_live_run, replay,
-                                  validate)
+from calibration.validate import (ValidationWarning, check_profile_model, compare, decode_speed, load_live_run,
+                                  replay, validate)
 from sim.profile import load_profile, parse_profile
 from sim.simulate import simulate
 from sim.workload import Workload
@@ -275,10 +275,24 @@ def test_bundled_profile_on_the_committed_held_out_runs():
     profile = load_profile()
     for run in runs:
         assert check_profile_model(profile, run) == []  # same model, same engine sharing
-    table, checks, _, _ = validate(runs, profile, replicates=5, tokenizer="approx")
+    table, checks, notes, _ = validate(runs, profile, replicates=5, tokenizer="approx")
+    assert notes == []  # no model mismatch, no speed drift
     assert len(checks) == 24
     c1_p50 = checks[checks["run"].str.contains("concurrency 1") & checks["target"].str.contains("p50")]
     assert c1_p50["pass"].all(), c1_p50  # one request at a time: every policy within 10 % at p50
     assert checks["pass"].sum() >= 20, checks[~checks["pass"]]  # 20 of 24 when the profile was committed
     tokens = table[table["metric"] == "prompt_tokens"]
     assert (tokens["rel_err_p50"].abs() < 0.02).all()  # the replay builds prompts as long as the live ones
+
+
+def test_speed_drift_between_calibration_and_a_run_is_reported():
+    """The same held-out configuration recorded again 50 minutes later ran 30 % faster
+    (the VM's speed drifted): validate says so instead of blaming the model."""
+    profile = load_profile()
+    same_hour = load_live_run(CPU_RUNS / "live-alpaca-0-7-c1")
+    later = load_live_run(CPU_RUNS / "drift" / "repeat-live-alpaca-0-7-c1")
+    assert 0.9 < decode_speed(same_hour, profile)["decode_time_ratio"] < 1.1
+    assert decode_speed(later, profile)["decode_time_ratio"] < 0.8
+    with pytest.warns(ValidationWarning, match="decoded at 0.[67]. x the profile's iteration time"):
+        table, *_ = validate([later], profile, replicates=1, tokenizer="approx")
+    assert (table["decode_time_ratio"] < 0.8).all()
