@@ -71,7 +71,8 @@ def cpu_scheduler_args(max_model_len: int) -> dict:
     """On vLLM's CPU build (0.32), a seeded request whose prefill is split across engine
     steps kills the engine ("CPU Generator does not use offset" when the partial step's
     sampled token is discarded). Whole prefills only: chunked prefill off, a step budget
-    of a full context. Empty on other platforms."""
+    of a full context (``extra_args`` that turn chunked prefill back on bring the crash
+    back for seeded sampling). Empty on other platforms."""
     try:
         from vllm.platforms import current_platform
     except Exception:
@@ -149,7 +150,6 @@ class VLLMEngine(Engine):
                          enable_prefix_caching=enable_prefix_caching, block_size=block_size, **(extra_args or {}))
         self.llm = None
         self.tokenizer = None
-        self._seed_limit = 0
 
     async def start(self) -> None:
         if self.llm is not None:
@@ -164,23 +164,15 @@ class VLLMEngine(Engine):
         except Exception as err:  # vLLM raises many kinds at start-up
             raise EngineError(f"engine did not start: {type(err).__name__}: {str(err)[:200]}") from err
         self.tokenizer = self.llm.get_tokenizer()
-        from vllm.platforms import current_platform
-
-        self._seed_limit = (int(self.llm.vllm_config.scheduler_config.max_num_batched_tokens)
-                            if current_platform.is_cpu() else 0)
 
     async def stream(self, request_id: str, prompt: Prompt, max_tokens: int, sampling: Sampling) -> AsyncIterator[Delta]:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
         text = self.render(prompt)
-        seed = sampling.seed
-        if seed is not None and self._seed_limit and len(self.tokenizer.encode(text)) > self._seed_limit:
-            # vLLM CPU (0.32): a seeded request whose prefill is split over steps kills the
-            # engine ("CPU Generator does not use offset"); such prompts sample unseeded
-            seed = None
         params = SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                                seed=seed, ignore_eos=sampling.ignore_eos, output_kind=RequestOutputKind.DELTA)
+                                seed=sampling.seed, ignore_eos=sampling.ignore_eos,
+                                output_kind=RequestOutputKind.DELTA)
         first = True
         try:
             async for out in self.llm.generate(text, params, request_id=request_id):
