@@ -125,7 +125,7 @@ async def run_probes(engine, probes, folder: Path, *, seed: int = 0, progress: b
 
 def _probe_live(args, folder: Path) -> dict:
     """Probe every engine of the config; returns the run's config record."""
-    from live.cli import engines_from_config, engine_config, quiet_vllm_logs
+    from live.cli import engine_config, engines_from_config, quiet_vllm_logs, start_engines
     from staircase.topology import moa
 
     quiet_vllm_logs()
@@ -135,10 +135,7 @@ def _probe_live(args, folder: Path) -> dict:
     probes = probe_set(args.probes)
     record = {"command": "calibrate", "engines": raw, "probes": args.probes, "seed": args.seed}
     try:
-        for server in servers:
-            server.start()
-        clients = {id(e): e.engine(f"serve:{e.port}") for e in servers}
-        engines = {slot: clients.get(id(e), e) for slot, e in mapping.items()}
+        engines = start_engines(mapping, servers)
         distinct = list({id(e): e for e in engines.values()}.values())
 
         async def main():

@@ -142,6 +142,16 @@ def engines_from_config(raw: dict, topology) -> tuple[dict, list]:
     return mapping, servers
 
 
+def start_engines(mapping: dict, servers: list) -> dict:
+    """Start the `vllm serve` subprocesses of ``engines_from_config``; returns slot ->
+    engine with one client per server, shared by the slots that name it. The caller
+    stops ``servers``."""
+    for server in servers:
+        server.start()
+    clients = {id(e): e.engine(f"serve:{e.port}") for e in servers}
+    return {slot: clients.get(id(e), e) for slot, e in mapping.items()}
+
+
 def run(args: argparse.Namespace) -> int:
     quiet_vllm_logs()
     from .engines import Sampling
@@ -162,11 +172,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     runner = None
     try:
-        for server in servers:
-            server.start()
-        # one engine object per server, shared by the slots that name it
-        clients = {id(e): e.engine(f"serve:{e.port}") for e in servers}
-        engines = {slot: clients.get(id(e), e) for slot, e in mapping.items()}
+        engines = start_engines(mapping, servers)
         runner = LiveRunner(engines, topology, max_tokens=args.max_tokens,
                             sampling=Sampling(temperature=args.temperature, seed=args.seed),
                             stall_timeout_s=args.stall_timeout_s)
