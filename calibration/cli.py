@@ -84,11 +84,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------ calibrate
 
 
-def _cut(tokenizer):
-    if tokenizer is None:  # approximate: ~4 characters per token
-        return (lambda text: max(1, len(text) // 4)), (lambda text, n: text[: 4 * n])
-    return ((lambda text: len(tokenizer.encode(text, add_special_tokens=False))),
-            (lambda text, n: tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[:n])))
+def _cutter(engine):
+    """``cut(text, n)``: the first n tokens of text, by the engine's tokenizer (about 4
+    characters per token without one, as ``Engine.count_tokens`` counts)."""
+    tok = getattr(engine, "tokenizer", None)
+    if tok is None:
+        return lambda text, n: text[: 4 * n]
+    return lambda text, n: tok.decode(tok.encode(text, add_special_tokens=False)[:n])
 
 
 async def run_probes(engine, probes, folder: Path, *, seed: int = 0, progress: bool | None = None) -> list[Path]:
@@ -102,7 +104,7 @@ async def run_probes(engine, probes, folder: Path, *, seed: int = 0, progress: b
     runner = LiveRunner({"proposer-0": engine, "aggregator": engine}, moa(1), max_tokens=8,
                         sampling=Sampling(temperature=0.7, seed=seed, ignore_eos=True))
     await runner.start()
-    count, cut = _cut(getattr(engine, "tokenizer", None))
+    count, cut = engine.count_tokens, _cutter(engine)
     pool = load_prompts("mt_bench")
     await runner.run_policy(SinglePolicy(name="warmup"), ["Say hello."], progress=False)  # first-call costs, not kept
     queries: dict[str, list[str]] = {}
@@ -198,8 +200,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         print(f"warning: {w.message}", file=sys.stderr)
     caps = {}
     for e in names:
-        found = (record.get("capacity") or {}).get(e) or next(
-            ((g.config.get("capacity") or {}).get(e) for g in groups if (g.config.get("capacity") or {}).get(e)), {})
+        # what the engine reported when probed (config.json of the probe folder, freshly written or recorded)
+        found = next((g.config["capacity"][e] for g in groups if e in (g.config.get("capacity") or {})), {})
         caps[e] = {"max_batch_size": found.get("max_batch_size", args.max_batch_size),
                    "kv_cache_tokens": found.get("kv_cache_tokens", args.kv_cache_tokens),
                    "block_size_tokens": found.get("block_size_tokens", args.block_size_tokens)}
@@ -292,7 +294,7 @@ def run_validate(args: argparse.Namespace) -> int:
 
     runs = [load_live_run(r) for r in args.runs]  # all inputs checked before any simulation
     profile = load_profile(args.profile)
-    if args.replicates < 1:
+    if args.replicates < 1:  # an argument error comes before any check of the runs against the profile
         raise ConfigError("replicates", args.replicates, "an integer >= 1")
     folder = args.out or results_folder(args, "validate")
     with warnings.catch_warnings(record=True) as caught:

@@ -31,6 +31,7 @@ from sim.simulate import simulate
 from sim.workload import Request
 from staircase.cli import topology_and_policies
 from staircase.errors import ConfigError
+from staircase.metrics import weighted_percentile
 from staircase.trace import read_chunks, read_requests
 
 METRICS = {"ttft_s": "TTFT (s)", "e2e_s": "E2E (s)", "tpot_s": "ITL, mean per request (s)",
@@ -139,10 +140,7 @@ def decode_speed(run: LiveRun, profile: Profile) -> dict | None:
         weights.extend(dec["tokens"].to_numpy(float))
     if not ratios:
         return None
-    order = np.argsort(ratios)
-    r, w = np.asarray(ratios)[order], np.asarray(weights)[order]
-    median = float(r[np.searchsorted(np.cumsum(w), w.sum() / 2)])
-    return {"decode_time_ratio": median, "intervals": len(r)}
+    return {"decode_time_ratio": weighted_percentile(ratios, 50, weights), "intervals": len(ratios)}
 
 
 def replay(run: LiveRun, profile: Profile, *, replicates: int = 3, seed: int = 0, tokenizer=None,
