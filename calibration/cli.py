@@ -32,6 +32,7 @@ import pandas as pd
 
 from staircase.cli import results_folder
 from staircase.errors import ConfigError
+from staircase.machine import label
 
 from .fit import RunGroup, build_profile, fit_engine, fit_lengths, load_runs, observations
 from .probes import probe_queries, probe_set
@@ -127,18 +128,19 @@ async def run_probes(engine, probes, folder: Path, *, seed: int = 0, progress: b
 
 def _probe_live(args, folder: Path) -> dict:
     """Probe every engine of the config; returns the run's config record."""
-    from live.cli import engine_config, engines_from_config, quiet_vllm_logs, start_engines
+    from live.cli import announce_machine, engine_config, engines_from_config, quiet_vllm_logs, start_engines
     from staircase.topology import moa
 
     quiet_vllm_logs()
     raw = engine_config(args)
     n_prop = len((raw.get("slots") or {}).get("proposers") or [1])
-    mapping, servers = engines_from_config(raw, moa(max(1, n_prop)))
+    mapping, servers = engines_from_config(raw, moa(max(1, n_prop)), dtype=args.dtype)
     probes = probe_set(args.probes)
     record = {"command": "calibrate", "engines": raw, "probes": args.probes, "seed": args.seed}
     try:
         engines = start_engines(mapping, servers)
         distinct = list({id(e): e for e in engines.values()}.values())
+        record |= announce_machine(distinct)
 
         async def main():
             caps, models = {}, {}
@@ -209,13 +211,16 @@ def run_calibrate(args: argparse.Namespace) -> int:
     sharing = "one" if len(set(proposers + [aggregator])) == 1 else "per-slot"
     model = next((f.model for f in fits.values() if f.model), "unknown-model")
     name = args.name or f"calibrated-{model}"
-    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, python {platform.python_version()}"
+    # the machine the probes ran on: this one when probing, else what the traces recorded
+    recorded = record if record.get("machine") else next((g.config for g in groups if g.config.get("machine")), {})
+    machine_rec = {k: recorded[k] for k in ("machine", "engine_settings") if recorded.get(k)}
+    machine = f"{label(machine_rec.get('machine'))}, python {platform.python_version()}"
     when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     note = (f"Calibrated by `staircase calibrate` on {when} ({machine}) from {sum(len(f.data['sources']) for f in fits.values())} "
             f"trace files; engines: " + ", ".join(f"{e} = {f.model}" for e, f in fits.items()) +
             ". Residuals, noise candidates and the fitted points are under `calibration`.")
     profile = build_profile(fits, proposers, aggregator, name=name, note=note, engine_sharing=sharing, capacity=caps,
-                            proposer_factor=fit_lengths(groups))
+                            proposer_factor=fit_lengths(groups), extra=machine_rec)
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(profile, indent=1) + "\n"
     (folder / "profile.json").write_text(text)

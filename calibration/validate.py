@@ -30,6 +30,8 @@ from sim.profile import Profile
 from sim.simulate import simulate
 from sim.workload import Request
 from staircase.cli import topology_and_policies
+from staircase.machine import differences as machine_differences
+from staircase.machine import label as machine_label
 from staircase.errors import ConfigError
 from staircase.metrics import weighted_percentile
 from staircase.trace import read_chunks, read_requests
@@ -111,6 +113,23 @@ def check_profile_model(profile: Profile, run: LiveRun, allow_other_model: bool 
     live_sharing = "one" if len(set(slot_engines.values())) == 1 else "per-slot"
     if slot_engines and live_sharing != profile.engine_sharing:
         notes.append(f"live run used engine sharing {live_sharing!r}, profile says {profile.engine_sharing!r}")
+    return notes + check_machine(profile, run)
+
+
+def check_machine(profile: Profile, run: LiveRun) -> list[str]:
+    """Warnings when the live run's machine or engine dtype differs from the profile's
+    (a profile predicts the machine it was calibrated on)."""
+    notes = []
+    diffs = machine_differences(profile.machine, run.config.get("machine"))
+    if diffs:
+        notes.append(f"live run {run.folder.name} ran on {machine_label(run.config.get('machine'))}, profile "
+                     f"{profile.name} was calibrated on {machine_label(profile.machine)} ({'; '.join(diffs)}): "
+                     "the errors include the machine's difference; calibrate on this machine")
+    dtypes = lambda rec: sorted({s.get("dtype") for s in (rec.get("engine_settings") or {}).values()} - {None})
+    live_dt, prof_dt = dtypes(run.config), dtypes(profile.raw)
+    if live_dt and prof_dt and live_dt != prof_dt:
+        notes.append(f"live run {run.folder.name} ran engines in {', '.join(live_dt)}, profile {profile.name} was "
+                     f"calibrated in {', '.join(prof_dt)}")
     return notes
 
 

@@ -10,7 +10,21 @@ Engines come from ``--config`` (JSON) or flags. Config shape::
      "slots": {"proposers": ["local", "api", "srv"], "aggregator": "local"}}
 
 ``proposer-i`` runs on ``proposers[i % n]``; slots naming the same engine share it.
-``"model": "smollm2"`` means the bundled model (converted once, cached).
+``"model": "smollm2"`` means the bundled model (converted once, cached). ``vllm`` and
+``serve`` engines take ``"dtype"`` (default: ``--dtype``).
+
+Engine settings follow the machine: on a CPU, bfloat16 where it has native bf16 (AMX,
+AVX-512 BF16) and float32 where it has not (AVX2), every core bound; on a GPU the
+model's own dtype. The choice is printed at start and recorded with the CPU (or GPU)
+in config.json; ``--dtype`` overrides it.
+
+Slow is not dead. A call is lost (and recorded with its reason) only when its engine
+has been quiet longer than its work in flight explains: no token to any call within
+the gap limit, and no call of it still inside its first-token limit. By default both
+limits follow each engine's observed pace (8x the 95th percentile of gaps between
+tokens, at least 10 s; 8x the slowest first-token wait per prompt token seen times this
+prompt's tokens, at least 60 s + 0.1 s per prompt token). The final node, which has no
+redundancy behind it, is given up only if its engine also fails a health check.
 """
 
 from __future__ import annotations
@@ -29,6 +43,7 @@ from staircase.errors import ConfigError
 from staircase.report import summary_frame
 
 ENGINE_KINDS = ("vllm", "serve", "http")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,7 +60,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--max-tokens", type=int, default=128, help="max tokens of every node's answer")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (MoA uses 0.7)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--stall-timeout-s", type=float, default=30.0, help="a call with no token for this long fails")
+    g = p.add_argument_group("timeouts (slow is not dead; see above)")
+    g.add_argument("--first-token-timeout-s", type=float, default=None,
+                   help="engine silence allowed before a call's first token (queue + prefill); "
+                        "default: adaptive, 8x the engine's observed prefill pace, >= 60 s + 0.1 s/prompt token")
+    g.add_argument("--stall-timeout-s", type=float, default=None,
+                   help="engine silence allowed between tokens once a call streams; "
+                        "default: adaptive, 8x the engine's p95 gap between tokens, >= 10 s")
+    g.add_argument("--request-timeout-s", type=float, default=600.0,
+                   help="a request's whole budget, the backstop (0: none)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     add_output_arguments(p, "live")
     p.set_defaults(func=run)
@@ -62,6 +85,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--url", help="base URL of an OpenAI-compatible server for every slot instead of --model")
     g.add_argument("--served-model", default="model", help="--url: the model name the server expects")
     g.add_argument("--api-key-env", help="--url: name of the environment variable holding the API key")
+    g.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default=None,
+                   help="engine dtype for vllm/serve engines (default: from the machine: bfloat16 on CPUs with "
+                        "native bf16 and on GPUs via auto, float32 on CPUs without; printed at start)")
 
 
 def engine_config(args: argparse.Namespace) -> dict:
@@ -98,8 +124,9 @@ def _model_path(value: str, field: str = "model") -> Path:
     return path
 
 
-def engines_from_config(raw: dict, topology) -> tuple[dict, list]:
-    """(slot -> engine, servers to stop) from a config object; checks every field."""
+def engines_from_config(raw: dict, topology, dtype: str | None = None) -> tuple[dict, list]:
+    """(slot -> engine, servers to stop) from a config object; checks every field.
+    ``dtype``: for vllm/serve engines whose spec names none (None: from the machine)."""
     from .engines import HTTPEngine, VLLMEngine, VLLMServer
 
     if not isinstance(raw, dict) or not isinstance(raw.get("engines"), dict) or not raw["engines"]:
@@ -112,6 +139,8 @@ def engines_from_config(raw: dict, topology) -> tuple[dict, list]:
             raise ConfigError(f"config.engines.{name}.kind", kind, ", ".join(ENGINE_KINDS))
         if kind in ("vllm", "serve"):
             _model_path(str(spec.get("model", "")), f"config.engines.{name}.model")
+            if spec.get("dtype") is not None and spec["dtype"] not in DTYPES:
+                raise ConfigError(f"config.engines.{name}.dtype", spec["dtype"], ", ".join(DTYPES))
         if kind == "http" and not str(spec.get("url", "")).startswith(("http://", "https://")):
             raise ConfigError(f"config.engines.{name}.url", spec.get("url"), "an http:// or https:// base URL")
     slots = raw.get("slots") or {}
@@ -125,9 +154,10 @@ def engines_from_config(raw: dict, topology) -> tuple[dict, list]:
     for name in dict.fromkeys(proposers + [slots["aggregator"]]):
         spec = specs[name]
         if spec["kind"] == "vllm":
-            built[name] = VLLMEngine(_model_path(spec["model"]), name=name)
+            built[name] = VLLMEngine(_model_path(spec["model"]), name=name, dtype=spec.get("dtype") or dtype)
         elif spec["kind"] == "serve":
-            server = VLLMServer(_model_path(spec["model"]), threads=str(spec.get("threads", "0-1")))
+            threads = str(spec["threads"]) if spec.get("threads") is not None else None
+            server = VLLMServer(_model_path(spec["model"]), threads=threads, dtype=spec.get("dtype") or dtype)
             servers.append(server)
             built[name] = server
         else:
@@ -149,7 +179,43 @@ def start_engines(mapping: dict, servers: list) -> dict:
     for server in servers:
         server.start()
     clients = {id(e): e.engine(f"serve:{e.port}") for e in servers}
+    for server in servers:
+        clients[id(server)].settings = server.settings
     return {slot: clients.get(id(e), e) for slot, e in mapping.items()}
+
+
+def engine_settings_of(engines) -> dict:
+    """engine name -> the settings it was built with (dtype and why, CPU threads), for
+    the engines that have them (vllm, serve)."""
+    return {e.name: e.settings for e in engines if getattr(e, "settings", None)}
+
+
+def announce_machine(engines) -> dict:
+    """Print the machine and each engine's settings on stderr; returns the record that
+    config.json keeps (``machine``, ``engine_settings``)."""
+    from staircase.machine import label
+
+    from .machine import describe
+
+    machine = describe()
+    settings = engine_settings_of({id(e): e for e in engines}.values())
+    print(f"machine: {label(machine)}", file=sys.stderr, flush=True)
+    for name, s in settings.items():
+        bind = f", CPU threads {s['cpu_threads_bind']}" if s.get("cpu_threads_bind") else ""
+        print(f"engine {name}: dtype {s['dtype']} ({s['dtype_reason']}){bind}", file=sys.stderr, flush=True)
+    return {"machine": machine, "engine_settings": settings}
+
+
+def stall_limits(args: argparse.Namespace):
+    """The watchdog's limits from --first-token-timeout-s / --stall-timeout-s."""
+    from .watchdog import StallLimits
+
+    for name in ("first_token_timeout_s", "stall_timeout_s", "request_timeout_s"):
+        value = getattr(args, name)
+        if value is not None and (value < 0 or (value == 0 and name != "request_timeout_s")):
+            raise ConfigError(name.replace("_", "-"), value, "a number of seconds > 0"
+                              + (" (0: none)" if name == "request_timeout_s" else " (or unset: adaptive)"))
+    return StallLimits(first_token_s=args.first_token_timeout_s, gap_s=args.stall_timeout_s)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -166,16 +232,19 @@ def run(args: argparse.Namespace) -> int:
     queries = load_prompts(args.prompts, args.requests + args.skip)[args.skip:]
     if not queries:
         raise ConfigError("skip", args.skip, "fewer than the number of prompts in the set")
+    stall = stall_limits(args)
     raw = engine_config(args)
-    mapping, servers = engines_from_config(raw, topology)
+    mapping, servers = engines_from_config(raw, topology, dtype=args.dtype)
     traces: dict = {}
     started = time.perf_counter()
     runner = None
+    machine_record: dict = {}
     try:
         engines = start_engines(mapping, servers)
+        machine_record = announce_machine(engines.values())
         runner = LiveRunner(engines, topology, max_tokens=args.max_tokens,
                             sampling=Sampling(temperature=args.temperature, seed=args.seed),
-                            stall_timeout_s=args.stall_timeout_s)
+                            stall=stall, request_timeout_s=args.request_timeout_s or None)
 
         async def main():
             try:
@@ -199,7 +268,8 @@ def run(args: argparse.Namespace) -> int:
                     traces[policy.name] = t
         if not traces:
             raise
-        print("interrupted: writing the finished requests", flush=True)
+        print(f"interrupted: writing the {sum(len(t.requests) for t in traces.values())} finished requests",
+              file=sys.stderr, flush=True)
     finally:
         for server in servers:
             server.stop()
@@ -210,6 +280,7 @@ def run(args: argparse.Namespace) -> int:
               "concurrency": args.concurrency, "rate": args.rate, "max_tokens": args.max_tokens,
               "temperature": args.temperature, "seed": args.seed, "wall_s": round(time.perf_counter() - started, 3),
               "slot_engines": {slot: e.name for slot, e in runner.engines.items()} if runner else {},
-              "engine_models": runner.engine_models() if runner else {}}
+              "engine_models": runner.engine_models() if runner else {},
+              "stall": stall.describe(), "request_timeout_s": args.request_timeout_s or None, **machine_record}
     return finish_run(args, "live", traces, summary, config)
 

@@ -12,7 +12,8 @@
   and a clean shutdown; its ``engine()`` is an ``HTTPEngine``.
 
 Errors while streaming raise ``EngineError`` with a short reason (``http 503``,
-``stalled 5.0s``, ``malformed stream``, ``connection lost``) that ends up in traces.
+``malformed stream``, ``connection lost``) that ends up in traces; the live runner's
+watchdog adds ``stalled Ns`` and ``no first token in Ns`` (``live.watchdog``).
 """
 
 from __future__ import annotations
@@ -59,10 +60,12 @@ class Sampling:
     ignore_eos: bool = False  # generate max_tokens whatever the model says (calibration probes)
 
 
-def cpu_engine_env(threads: str = "0-1") -> None:
-    """Settings that matter for vLLM's CPU build (see MODELS.md); set before import."""
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", threads)
+def cpu_engine_env(threads: str | None) -> None:
+    """Settings that matter for vLLM's CPU build (see MODELS.md); set before import.
+    ``threads``: the cores to bind (``live.machine.engine_settings``); None on a GPU."""
+    if threads is not None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -94,6 +97,11 @@ class Engine(ABC):
         """Stream the answer's deltas; raises EngineError."""
 
     async def abort(self, request_id: str) -> None: ...
+
+    async def healthy(self) -> bool:
+        """Whether the engine says it is alive (asked before the final node's call is
+        given up as stalled). Engines that cannot tell say yes."""
+        return True
 
     @property
     def model_id(self) -> str:
@@ -137,24 +145,36 @@ def render_chat(tokenizer, prompt: Prompt) -> str:
 
 class VLLMEngine(Engine):
     """vLLM ``AsyncLLM`` in this process. Scripts that start one need an
-    ``if __name__ == "__main__":`` guard (the engine core is a spawned process)."""
+    ``if __name__ == "__main__":`` guard (the engine core is a spawned process).
+    ``dtype=None`` picks it from the machine (``live.machine.engine_settings``: bf16
+    where the CPU has native bf16, float32 where it has not, the model's own on a GPU);
+    ``settings`` records the choice."""
 
     def __init__(self, model: str | Path, name: str = "vllm", max_model_len: int = 4096,
-                 enable_prefix_caching: bool = True, dtype: str = "bfloat16", enforce_eager: bool = True,
-                 block_size: int = 32, extra_args: dict | None = None):
+                 enable_prefix_caching: bool = True, dtype: str | None = None, enforce_eager: bool | None = None,
+                 block_size: int | None = None, extra_args: dict | None = None):
+        from .machine import engine_settings
+
         if not Path(model).exists() and not str(model).count("/") == 1:
             raise ConfigError("model", str(model), "an existing model folder (or a hub id on a machine with a hub)")
         self.model = str(model)
         self.name = name
-        self.args = dict(model=self.model, dtype=dtype, enforce_eager=enforce_eager, max_model_len=max_model_len,
-                         enable_prefix_caching=enable_prefix_caching, block_size=block_size, **(extra_args or {}))
+        self.settings = engine_settings(dtype)
+        on_cpu = self.settings["cpu_threads_bind"] is not None
+        # on a CPU: eager (a compile costs minutes and decodes slower), 32-token blocks; on a GPU vLLM's defaults
+        if enforce_eager is None:
+            enforce_eager = on_cpu
+        opts = {"block_size": block_size or (32 if on_cpu else None)}
+        self.args = dict(model=self.model, dtype=self.settings["dtype"], enforce_eager=enforce_eager,
+                         max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching,
+                         **{k: v for k, v in opts.items() if v is not None}, **(extra_args or {}))
         self.llm = None
         self.tokenizer = None
 
     async def start(self) -> None:
         if self.llm is not None:
             return
-        cpu_engine_env()
+        cpu_engine_env(self.settings["cpu_threads_bind"])
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
@@ -199,6 +219,9 @@ class VLLMEngine(Engine):
             except Exception:
                 pass
 
+    async def healthy(self) -> bool:
+        return self.llm is not None and not self.llm.errored
+
     def capacity(self) -> dict:
         if self.llm is None:
             return {}
@@ -228,7 +251,9 @@ class HTTPEngine(Engine):
 
     def __init__(self, base_url: str, model: str, name: str = "http", api_key_env: str | None = None,
                  tokenizer_path: str | Path | None = None, connect_timeout_s: float = 5.0,
-                 stall_timeout_s: float = 30.0):
+                 stall_timeout_s: float | None = None):
+        """``stall_timeout_s``: a socket read timeout of the stream (None: none; the live
+        runner's watchdog tells slow from dead, ``live.watchdog``)."""
         if not base_url.startswith(("http://", "https://")):
             raise ConfigError("url", base_url, "an http:// or https:// base URL")
         self.base_url = base_url.rstrip("/")
@@ -354,6 +379,25 @@ class HTTPEngine(Engine):
             raise EngineError("truncated stream" if finish is None else f"finished: {finish}")
         yield Delta("", 0, finish)
 
+    async def healthy(self) -> bool:
+        """``/health`` answers 200 (vLLM), or ``/v1/models`` does (other servers), within
+        the connect timeout."""
+        import aiohttp
+
+        if self.session is None:
+            return False
+        timeout = aiohttp.ClientTimeout(total=max(self.connect_timeout_s, 1.0))
+        for path in ("/health", "/v1/models"):
+            try:
+                async with self.session.get(f"{self.base_url}{path}", headers=self._headers(), timeout=timeout) as resp:
+                    if resp.status == 200:
+                        return True
+                    if resp.status != 404:
+                        return False
+            except Exception:
+                return False
+        return False
+
     async def reset_cache(self) -> None:
         """vLLM servers in dev mode (``VLLMServer`` sets it) expose /reset_prefix_cache;
         other servers keep their cache."""
@@ -385,8 +429,9 @@ class VLLMServer:
 
     model: str | Path
     port: int = 0
-    threads: str = "0-1"
+    threads: str | None = None  # CPU cores to bind (default: every core; ignored on a GPU)
     ready_timeout_s: float = 180.0
+    dtype: str | None = None  # None: picked from the machine (``live.machine.engine_settings``)
     extra_args: list[str] = field(default_factory=list)
     log_path: Path | None = None
     proc: subprocess.Popen | None = None
@@ -399,14 +444,22 @@ class VLLMServer:
         if not Path(self.model).exists():
             raise ConfigError("model", str(self.model), "an existing model folder")
         self.port = self.port or free_port()
-        env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-                   VLLM_CPU_OMP_THREADS_BIND=self.threads, HF_HUB_OFFLINE="1", VLLM_SERVER_DEV_MODE="1")
+        from .machine import engine_settings
+
+        self.settings = engine_settings(self.dtype)
+        env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_SERVER_DEV_MODE="1")
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # an idle server would spin a core
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
-               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "bfloat16", "--enforce-eager",
+               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", self.settings["dtype"],
                "--enable-prefix-caching", "--enable-prompt-tokens-details", "--max-model-len", "4096",
-               "--served-model-name", "model", "--block-size", "32",
-               "--no-enable-chunked-prefill", "--max-num-batched-tokens", "4096", *self.extra_args]
+               "--served-model-name", "model"]
+        if self.settings["cpu_threads_bind"] is not None:  # vLLM's CPU build (see cpu_scheduler_args)
+            self.threads = self.threads or self.settings["cpu_threads_bind"]
+            env.update(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+                       VLLM_CPU_OMP_THREADS_BIND=self.threads)
+            cmd += ["--enforce-eager", "--block-size", "32", "--no-enable-chunked-prefill",
+                    "--max-num-batched-tokens", "4096"]
+        cmd += self.extra_args
         log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
         self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_ready()

@@ -3,9 +3,9 @@
 Each request runs its own ``Scheduler``; ``Generate`` actions become streaming calls
 whose deltas are grouped into the scheduler's chunks (a chunk ends at the first
 delta that reaches its boundary), ``Cancel`` aborts the call on the engine,
-``SetTimer`` becomes ``loop.call_later``. Engine errors (a dead server, a stall past
-``stall_timeout_s``, HTTP 429/5xx, a malformed or truncated stream) become ``Failed``
-events, so the scheduler decides: at most r lost inputs and the aggregator goes on
+``SetTimer`` becomes ``loop.call_later``. Engine errors (a dead server, an engine
+silent past what its work explains (``live.watchdog``), HTTP 429/5xx, a malformed or
+truncated stream) become ``Failed`` events, so the scheduler decides: at most r lost inputs and the aggregator goes on
 from the others, more and the request ends with an error naming them. Rows are
 kept as requests finish, so an interrupted run keeps its finished requests.
 """
@@ -20,6 +20,7 @@ import zlib
 from dataclasses import replace
 from typing import Mapping, Sequence
 
+from staircase.errors import ConfigError
 from staircase.metrics import request_metrics
 from staircase.progress import progress as progress_bar
 from staircase.policy import Policy
@@ -29,6 +30,7 @@ from staircase.topology import Topology
 from staircase.trace import CHUNK_COLUMNS, REQUEST_COLUMNS, Trace, frame
 
 from .engines import Engine, EngineError, Sampling
+from .watchdog import CallWatch, EnginePace, StallLimits
 
 
 class _Tokens:
@@ -43,19 +45,23 @@ class _Tokens:
 
 class LiveRunner:
     def __init__(self, engines: Mapping[str, Engine], topology: Topology, *, max_tokens: int = 256,
-                 sampling: Sampling | None = None, stall_timeout_s: float = 30.0, request_timeout_s: float = 600.0):
+                 sampling: Sampling | None = None, stall: StallLimits | None = None,
+                 request_timeout_s: float | None = 600.0):
         """``engines`` maps topology slots (``proposer-<i>``, ``aggregator``) to engines;
-        several slots may share one engine."""
+        several slots may share one engine. ``stall``: when a silent call is lost
+        (default: limits that follow each engine's observed pace, ``live.watchdog``);
+        ``request_timeout_s``: a request's whole budget (None: none)."""
         missing = sorted({n.slot for n in topology.nodes} - set(engines))
         if missing:
-            from staircase.errors import ConfigError
-
             raise ConfigError("engines", sorted(engines), f"an engine for every slot (missing {', '.join(missing)})")
         self.engines = dict(engines)
         self.topology = topology
         self.max_tokens = max_tokens
         self.sampling = sampling or Sampling()
-        self.stall_timeout_s = stall_timeout_s
+        self.stall = stall or StallLimits()
+        self.paces = {id(e): EnginePace(self.stall) for e in self.engines.values()}
+        if request_timeout_s is not None and not request_timeout_s > 0:
+            raise ConfigError("request_timeout_s", request_timeout_s, "a number of seconds > 0, or None for no limit")
         self.request_timeout_s = request_timeout_s
         self.tokens = _Tokens(self.engines["aggregator"])
         self.request_rows: list[tuple] = []
@@ -153,10 +159,11 @@ class LiveRunner:
 
         try:
             apply(sched.start(self.now()))
-            deadline = arrival + self.request_timeout_s
+            deadline = arrival + (self.request_timeout_s or float("inf"))
             while done is None:
                 try:
-                    event, row = await asyncio.wait_for(queue.get(), timeout=max(0.01, deadline - self.now()))
+                    timeout = None if self.request_timeout_s is None else max(0.01, deadline - self.now())
+                    event, row = await asyncio.wait_for(queue.get(), timeout=timeout)
                 except asyncio.TimeoutError:
                     done = Done("error", f"request timed out after {self.request_timeout_s:g}s", dict(sched.lost))
                     break
@@ -195,6 +202,7 @@ class LiveRunner:
         if sampling.seed is not None:  # distinct but reproducible streams per request and node
             sampling = replace(sampling, seed=(sampling.seed * 1_000_003 + zlib.crc32(f"{request_id}/{g.node}".encode())) % 2**31)
         stream = engine.stream(key, g.prompt, g.max_tokens, sampling)
+        watch = CallWatch(self.paces[id(engine)], g.prompt.tokens, final=node.is_final, healthy=engine.healthy)
 
         def flush(end_s: float) -> None:
             nonlocal index, text, chunk_tokens, first_s, chunk_start_s, first_of_call
@@ -209,11 +217,10 @@ class LiveRunner:
         try:
             while True:
                 try:
-                    delta = await asyncio.wait_for(stream.__anext__(), timeout=self.stall_timeout_s)
+                    delta = await watch.next(stream)
                 except StopAsyncIteration:
                     break
-                except asyncio.TimeoutError:
-                    raise EngineError(f"stalled {self.stall_timeout_s:g}s") from None
+                watch.on_delta(delta.tokens, delta.prompt_tokens)
                 t = self.now()
                 if delta.prompt_tokens is not None:
                     prompt_tokens, cached = delta.prompt_tokens, delta.cached_tokens or 0
@@ -240,4 +247,5 @@ class LiveRunner:
             await engine.abort(key)
             raise
         finally:
+            watch.close()
             await stream.aclose()

@@ -11,8 +11,10 @@ gives hand-set GPU-class engines of three sizes instead.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
+from staircase.machine import label
 from staircase.cli import add_output_arguments, add_topology_policy_arguments, finish_run, topology_and_policies
 from staircase.report import summary_frame
 
@@ -60,6 +62,9 @@ def run(args: argparse.Namespace) -> int:
     workload = Workload(args.workload, args.requests, args.rate, args.cv, args.concurrency, args.query_tokens,
                         args.output_tokens, trace=args.trace, time_scale=args.time_scale)
     profile = load_profile(args.profile)
+    print(f"profile {profile.name}: " + (f"calibrated on {label(profile.machine)}" if profile.machine else
+          "calibrated on an unrecorded machine" if profile.calibrated else "not calibrated (hand-set)"),
+          file=sys.stderr, flush=True)
     started = time.perf_counter()
     traces = simulate_policies(topology, policies, workload, profile, seed=args.seed, max_tokens=args.max_tokens,
                                noise=not args.no_noise, keep_chunks=not args.summary_only, progress=args.progress)
@@ -73,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         "policies": [p.describe() for p in policies],
         "workload": workload.describe(),
         "profile": {"path": profile.source, "name": profile.name, "calibrated": profile.calibrated,
-                    "note": profile.note},
+                    "note": profile.note, "machine": profile.machine},
         "seed": args.seed, "max_tokens": args.max_tokens, "noise": not args.no_noise,
         "summary_only": args.summary_only, "wall_s": round(wall_s, 3),
     }

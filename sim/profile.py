@@ -95,6 +95,7 @@ class Profile:
     engine_sharing: str
     proposer_length_factor: Noise | None
     source: str = ""
+    machine: dict | None = None  # where it was calibrated (``staircase.machine``); None if not recorded
     raw: dict = field(default_factory=dict, compare=False)
 
     def engine_for_slot(self, slot: str) -> tuple[str, EngineModel]:
@@ -199,6 +200,9 @@ def parse_profile(raw: dict, source: str = "<dict>") -> Profile:
     if sharing not in SHARING:
         raise ConfigError("profile.engine_sharing", sharing, ", ".join(SHARING))
     lengths = raw.get("lengths", {}) or {}
+    machine = raw.get("machine")
+    if machine is not None and not isinstance(machine, dict):
+        raise ConfigError("profile.machine", machine, "an object describing the machine (cpu_model, cpu_isa, ...)")
     return Profile(
         name=str(raw.get("name", Path(source).stem)),
         calibrated=bool(raw.get("calibrated", False)),
@@ -209,6 +213,7 @@ def parse_profile(raw: dict, source: str = "<dict>") -> Profile:
         engine_sharing=sharing,
         proposer_length_factor=_noise(lengths.get("proposer_factor"), "profile.lengths.proposer_factor"),
         source=source,
+        machine=machine,
         raw=raw,
     )
 

@@ -1,0 +1,160 @@
+"""Slow or dead? When a silent streaming call counts as lost.
+
+A call is silent in two ways: before its first token (queueing and prefill) and
+between tokens once it streams. Neither silence alone says the engine is dead: a
+slow CPU prefills a long prompt for many seconds, and a call queued behind others
+hears nothing while its engine works for them. So the verdict is about the
+engine, not the call:
+
+- an engine is *alive* while it delivers tokens to any call, or while a call of its
+  waits for its first token within that call's first-token limit;
+- a call is lost only when its engine has been quiet for longer than the limits of
+  everything it has in flight explain, i.e. ``now`` is past
+  ``max(last delta on the engine + gap limit, sent + first-token limit of each call still
+  waiting for its first token)``;
+- the final node (the answer the user reads) has no redundancy behind it: at that
+  point its engine is asked whether it is healthy (the in-process engine's state, a
+  server's ``/health``) and, if so, the wait goes on for another limit; the request
+  timeout remains the backstop.
+
+Limits follow the engine's own pace unless set (``StallLimits``): the gap limit is
+``multiple`` times the 95th percentile of the gaps between deltas seen on that engine
+(``gap_floor_s`` at least); the first-token limit is ``multiple`` times the slowest
+first-token wait per prompt token seen on that engine times this prompt's tokens
+(``first_token_floor_s`` plus ``floor_s_per_prompt_token`` per token at least, which
+also covers an engine's first call, before anything was seen). Every loss keeps its
+reason: ``no first token in Ns`` or ``stalled Ns``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+
+from staircase.errors import ConfigError
+
+from .engines import EngineError
+
+
+@dataclass(frozen=True)
+class StallLimits:
+    """When a silent call is lost. ``None`` limits follow the engine's observed pace."""
+
+    first_token_s: float | None = None  # fixed limit of engine silence before a call's first token
+    gap_s: float | None = None  # fixed limit of engine silence between tokens
+    multiple: float = 8.0  # adaptive limits: this many times the engine's observed pace
+    gap_floor_s: float = 10.0
+    first_token_floor_s: float = 60.0
+    floor_s_per_prompt_token: float = 0.1  # the first-token floor grows with the prompt (10 tokens/s)
+
+    def __post_init__(self):
+        for name, value in asdict(self).items():
+            if value is not None and not value > 0:
+                raise ConfigError(name, value, "a number of seconds > 0 (or leave it unset: adaptive)"
+                                  if name in ("first_token_s", "gap_s") else "a number > 0")
+
+    def describe(self) -> dict:
+        return asdict(self)
+
+
+def _p95(values) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
+
+
+class EnginePace:
+    """What one engine has shown: gaps between a call's deltas, first-token waits per
+    prompt token, when it last delivered anything, and the calls it has in flight."""
+
+    def __init__(self, limits: StallLimits, window: int = 512):
+        self.limits = limits
+        self.gaps: deque[float] = deque(maxlen=window)
+        self.first_wait_per_token: deque[float] = deque(maxlen=window)
+        self.last_delta_s: float | None = None
+        self.waiting: dict[int, float] = {}  # call id -> deadline of its first token
+
+    def gap_limit(self) -> float:
+        lim = self.limits
+        if lim.gap_s is not None:
+            return lim.gap_s
+        return max(lim.gap_floor_s, lim.multiple * _p95(self.gaps)) if self.gaps else lim.gap_floor_s
+
+    def first_token_limit(self, prompt_tokens: int) -> float:
+        lim = self.limits
+        if lim.first_token_s is not None:
+            return lim.first_token_s
+        floor = lim.first_token_floor_s + lim.floor_s_per_prompt_token * max(prompt_tokens, 0)
+        if not self.first_wait_per_token:
+            return floor
+        return max(floor, lim.multiple * max(self.first_wait_per_token) * max(prompt_tokens, 1))
+
+    def deadline(self) -> float:
+        """When the engine's quiet stops being explained by its work in flight."""
+        ends = list(self.waiting.values())
+        if self.last_delta_s is not None:
+            ends.append(self.last_delta_s + self.gap_limit())
+        return max(ends) if ends else float("-inf")
+
+
+class CallWatch:
+    """One streaming call under its engine's pace."""
+
+    def __init__(self, pace: EnginePace, prompt_tokens: int, *, final: bool, healthy=None):
+        self.pace = pace
+        self.prompt_tokens = prompt_tokens
+        self.final = final
+        self.healthy = healthy  # async () -> bool, asked for the final node before giving up
+        self.sent_s = time.monotonic()
+        self.last_s: float | None = None  # this call's last delta
+        self.grace_until = float("-inf")  # the final node's extension after a health check
+        self.limit_s = pace.first_token_limit(prompt_tokens)
+        pace.waiting[id(self)] = self.sent_s + self.limit_s
+
+    def on_delta(self, tokens: int, prompt_tokens: int | None) -> None:
+        if prompt_tokens:
+            self.prompt_tokens = prompt_tokens  # the engine's own count beats the layout's estimate
+        if not tokens:
+            return
+        now = time.monotonic()
+        pace = self.pace
+        if self.last_s is None:
+            pace.waiting.pop(id(self), None)
+            pace.first_wait_per_token.append((now - self.sent_s) / max(self.prompt_tokens, 1))
+        else:
+            pace.gaps.append(now - self.last_s)
+        self.last_s = now
+        pace.last_delta_s = now
+
+    def close(self) -> None:
+        self.pace.waiting.pop(id(self), None)
+
+    def reason(self) -> str:
+        if self.last_s is None:
+            return f"no first token in {self.pace.first_token_limit(self.prompt_tokens):.3g}s"
+        return f"stalled {self.pace.gap_limit():.3g}s"
+
+    async def next(self, stream):
+        """The stream's next delta, or EngineError when the engine looks dead."""
+        task = asyncio.ensure_future(stream.__anext__())
+        try:
+            while True:
+                wait = max(self.pace.deadline(), self.grace_until) - time.monotonic()
+                if wait > 0:
+                    done, _ = await asyncio.wait({task}, timeout=wait)
+                    if done:
+                        return task.result()
+                    continue  # the deadline may have moved: the engine delivered to others
+                if task.done():
+                    return task.result()
+                if self.final and self.healthy is not None and await self.healthy():
+                    self.grace_until = time.monotonic() + max(self.pace.gap_limit(),
+                                                             self.pace.first_token_limit(self.prompt_tokens)
+                                                             if self.last_s is None else 0.0)
+                    continue
+                raise EngineError(self.reason())
+        finally:
+            if not task.done():
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
