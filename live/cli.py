@@ -239,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     runner = None
     machine_record: dict = {}
+    interrupted = False
     try:
         engines = start_engines(mapping, servers)
         machine_record = announce_machine(engines.values())
@@ -268,6 +269,7 @@ def run(args: argparse.Namespace) -> int:
                     traces[policy.name] = t
         if not traces:
             raise
+        interrupted = True
         print(f"interrupted: writing the {sum(len(t.requests) for t in traces.values())} finished requests",
               file=sys.stderr, flush=True)
     finally:
@@ -282,5 +284,6 @@ def run(args: argparse.Namespace) -> int:
               "slot_engines": {slot: e.name for slot, e in runner.engines.items()} if runner else {},
               "engine_models": runner.engine_models() if runner else {},
               "stall": stall.describe(), "request_timeout_s": args.request_timeout_s or None, **machine_record}
-    return finish_run(args, "live", traces, summary, config)
+    code = finish_run(args, "live", traces, summary, config | {"interrupted": interrupted})
+    return 130 if interrupted else code
 

@@ -444,6 +444,16 @@ class VLLMServer:
         if not Path(self.model).exists():
             raise ConfigError("model", str(self.model), "an existing model folder")
         self.port = self.port or free_port()
+        cmd, env = self.command()
+        log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready()
+        return self
+
+    def command(self) -> tuple[list[str], dict]:
+        """The server's command line and environment, with the engine settings of this
+        machine (``self.settings``): dtype; on vLLM's CPU build thread binding, eager
+        mode, 32-token blocks and whole prefills (see ``cpu_scheduler_args``)."""
         from .machine import engine_settings
 
         self.settings = engine_settings(self.dtype)
@@ -453,17 +463,13 @@ class VLLMServer:
                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", self.settings["dtype"],
                "--enable-prefix-caching", "--enable-prompt-tokens-details", "--max-model-len", "4096",
                "--served-model-name", "model"]
-        if self.settings["cpu_threads_bind"] is not None:  # vLLM's CPU build (see cpu_scheduler_args)
+        if self.settings["cpu_threads_bind"] is not None:
             self.threads = self.threads or self.settings["cpu_threads_bind"]
             env.update(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                        VLLM_CPU_OMP_THREADS_BIND=self.threads)
             cmd += ["--enforce-eager", "--block-size", "32", "--no-enable-chunked-prefill",
                     "--max-num-batched-tokens", "4096"]
-        cmd += self.extra_args
-        log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
-        self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.wait_ready()
-        return self
+        return cmd + list(self.extra_args), env
 
     def wait_ready(self) -> None:
         import urllib.request

@@ -351,6 +351,45 @@ def test_live_cli_end_to_end(tmp_path):
     assert "wait-all: 1 requests in" in r.stderr
 
 
+def test_ctrl_c_keeps_the_finished_requests(tmp_path):
+    """A real SIGINT to a real `staircase live` process once its first request has
+    finished: the finished requests' rows are in the results folder, readable."""
+    import re
+    import signal
+
+    from staircase.trace import read_requests
+
+    out, total = tmp_path / "live", 20
+    proc = subprocess.Popen([sys.executable, "-m", "staircase", "live", "--requests", str(total), "--max-tokens", "16",
+                             "--policies", "wait-all,staircase", "--progress", "--out", str(out)],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    err, finished = bytearray(), threading.Event()
+
+    def read_stderr():  # the progress bar says when a request has finished
+        while chunk := proc.stderr.read1(4096):
+            err.extend(chunk)
+            if re.search(rb"\b[1-9]\d*/%d\b" % total, bytes(err)):
+                finished.set()
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
+    try:
+        assert finished.wait(600) and proc.poll() is None, bytes(err).decode(errors="replace")[-2000:]
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    reader.join(10)
+    log = bytes(err).decode(errors="replace")
+    assert proc.returncode == 130, log[-2000:]
+    assert "interrupted: writing the" in log and "Traceback" not in log
+    requests = read_requests(out / "traces" / "wait-all.requests.parquet")
+    assert 1 <= len(requests) < total
+    assert (requests["outcome"] == "ok").all() and (requests["output_tokens"] > 0).all()
+    config = json.loads((out / "config.json").read_text())
+    assert config["interrupted"] is True and config["machine"]["cpu_isa"] and config["engine_settings"]
+    assert (out / "summary.csv").is_file() and "wait-all" in stdout.decode()
+
+
 # ------------------------------------------------------------------ calibration
 
 
