@@ -210,7 +210,7 @@ def test_not_a_live_folder(tmp_path):
 
 def staircase(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "staircase", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=1800)
 
 
 def test_calibrate_and_validate_commands_from_traces(tmp_path):

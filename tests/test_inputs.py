@@ -123,7 +123,7 @@ def test_trace_reader_checks_columns(tmp_path):
 
 def staircase(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "staircase", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=1800)
 
 
 def test_sim_json_output_and_results_folder(tmp_path):

@@ -303,7 +303,7 @@ def test_a_server_that_never_becomes_ready_is_stopped(model_dir, tmp_path):
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "no-such-architecture"}')
     with pytest.raises(EngineError, match="server exited with code"):
-        VLLMServer(broken, threads="1", ready_timeout_s=120).start()
+        VLLMServer(broken, threads="1", ready_timeout_s=900).start()
     slow = VLLMServer(model_dir, threads="1", ready_timeout_s=1.0)
     with pytest.raises(EngineError, match="not ready after 1s"):
         slow.start()
@@ -315,7 +315,7 @@ def test_a_server_that_never_becomes_ready_is_stopped(model_dir, tmp_path):
 
 def staircase(*args, cwd):
     return subprocess.run([sys.executable, "-m", "staircase", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=1800)
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -373,9 +373,9 @@ def test_ctrl_c_keeps_the_finished_requests(tmp_path):
     reader = threading.Thread(target=read_stderr, daemon=True)
     reader.start()
     try:
-        assert finished.wait(600) and proc.poll() is None, bytes(err).decode(errors="replace")[-2000:]
+        assert finished.wait(1800) and proc.poll() is None, bytes(err).decode(errors="replace")[-2000:]
         proc.send_signal(signal.SIGINT)
-        stdout, _ = proc.communicate(timeout=300)
+        stdout, _ = proc.communicate(timeout=1800)
     finally:
         proc.kill()
     reader.join(10)
