@@ -11,7 +11,6 @@ gives hand-set GPU-class engines of three sizes instead.
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from staircase.machine import label
@@ -62,9 +61,6 @@ def run(args: argparse.Namespace) -> int:
     workload = Workload(args.workload, args.requests, args.rate, args.cv, args.concurrency, args.query_tokens,
                         args.output_tokens, trace=args.trace, time_scale=args.time_scale)
     profile = load_profile(args.profile)
-    print(f"profile {profile.name}: " + (f"calibrated on {label(profile.machine)}" if profile.machine else
-          "calibrated on an unrecorded machine" if profile.calibrated else "not calibrated (hand-set)"),
-          file=sys.stderr, flush=True)
     started = time.perf_counter()
     traces = simulate_policies(topology, policies, workload, profile, seed=args.seed, max_tokens=args.max_tokens,
                                noise=not args.no_noise, keep_chunks=not args.summary_only, progress=args.progress)
@@ -82,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
         "seed": args.seed, "max_tokens": args.max_tokens, "noise": not args.no_noise,
         "summary_only": args.summary_only, "wall_s": round(wall_s, 3),
     }
-    if not profile.calibrated and args.format == "table":
-        print(f"note: profile '{profile.name}' is not calibrated; figures show shapes, not a deployment.\n")
+    if args.format == "table":
+        if profile.calibrated:
+            print(f"profile {profile.name}: calibrated on {label(profile.machine)}; it predicts that machine\n")
+        else:
+            print(f"note: profile '{profile.name}' is not calibrated; figures show shapes, not a deployment.\n")
     return finish_run(args, "sim", traces, summary, config)

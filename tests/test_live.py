@@ -418,6 +418,12 @@ def test_calibrate_then_validate_on_held_out_runs_cli(tmp_path):
                   str(tmp_path / "p.json"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "smollm2-135m-instruct" in r.stdout and (tmp_path / "cal" / "fit.png").is_file()
+    from live.machine import describe
+
+    profile = json.loads((tmp_path / "p.json").read_text())  # the profile knows its machine and dtype
+    assert profile["machine"]["cpu_model"] == describe()["cpu_model"] and profile["machine"]["cpu_isa"]
+    assert {s["dtype"] for s in profile["engine_settings"].values()} <= {"bfloat16", "float32"}
+    assert "machine: " in r.stderr and "dtype" in r.stderr
     r = staircase("live", "--prompts", "alpaca_eval", "--requests", "2", "--concurrency", "2", "--max-tokens", "24",
                   "--policies", "wait-all,staircase-prefix-cache", "--redundancy", "1", "--no-figure",
                   "--out", str(tmp_path / "live"), cwd=tmp_path)
@@ -427,7 +433,7 @@ def test_calibrate_then_validate_on_held_out_runs_cli(tmp_path):
                   "--format", "json", "--out", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     data = json.loads(r.stdout)
-    assert not [n for n in data["notes"] if "fitted on" in n]  # same model: no mismatch
+    assert not [n for n in data["notes"] if "fitted on" in n or "ran on" in n]  # same model and machine
     ttft = [row for row in data["rows"] if row["metric"] == "ttft_s"]
     assert {row["policy"] for row in ttft} == {"wait-all", "staircase-prefix-cache-r1"}
     for row in ttft:  # two requests are too few for the targets; the replay must still be in range

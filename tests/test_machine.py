@@ -84,7 +84,7 @@ def test_sim_says_which_machine_its_profile_describes(tmp_path):
     r = subprocess.run([sys.executable, "-m", "staircase", "sim", "--requests", "5", "--no-figure", "--out",
                         str(tmp_path / "o")], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-1000:]
-    assert "profile cpu-smollm2-135m: calibrated on a CPU (amx, 2 cores)" in r.stderr
+    assert "profile cpu-smollm2-135m: calibrated on a CPU (amx, 2 cores)" in r.stdout
     assert json.loads((tmp_path / "o" / "config.json").read_text())["profile"]["machine"]["cpu_isa"] == "amx"
 
 
