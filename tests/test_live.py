@@ -360,9 +360,12 @@ def test_ctrl_c_keeps_the_finished_requests(tmp_path):
     from staircase.trace import read_requests
 
     out, total = tmp_path / "live", 20
+    # a background job of a non-interactive shell (as CI may run us) starts with SIGINT
+    # ignored, and the child would inherit that: give it the default, as a terminal does
     proc = subprocess.Popen([sys.executable, "-m", "staircase", "live", "--requests", str(total), "--max-tokens", "16",
                              "--policies", "wait-all,staircase", "--progress", "--out", str(out)],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err, finished = bytearray(), threading.Event()
 
     def read_stderr():  # the progress bar says when a request has finished
@@ -375,10 +378,11 @@ def test_ctrl_c_keeps_the_finished_requests(tmp_path):
     try:
         assert finished.wait(1800) and proc.poll() is None, bytes(err).decode(errors="replace")[-2000:]
         proc.send_signal(signal.SIGINT)
-        stdout, _ = proc.communicate(timeout=1800)
+        proc.wait(timeout=1800)
     finally:
         proc.kill()
-    reader.join(10)
+    reader.join(60)
+    stdout = proc.stdout.read()
     log = bytes(err).decode(errors="replace")
     assert proc.returncode == 130, log[-2000:]
     assert "interrupted: writing the" in log and "Traceback" not in log
