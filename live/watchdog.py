@@ -98,6 +98,13 @@ class EnginePace:
         return max(ends) if ends else float("-inf")
 
 
+def _retrieve(task: asyncio.Future) -> None:
+    """Read a finished task's outcome, so that an error it ends with after we stopped
+    waiting (an engine shut down on Ctrl-C) is not logged as never retrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
 class CallWatch:
     """One streaming call under its engine's pace."""
 
@@ -138,6 +145,7 @@ class CallWatch:
     async def next(self, stream):
         """The stream's next delta, or EngineError when the engine looks dead."""
         task = asyncio.ensure_future(stream.__anext__())
+        task.add_done_callback(_retrieve)  # its outcome is read even if our cleanup is cancelled
         try:
             while True:
                 wait = max(self.pace.deadline(), self.grace_until) - time.monotonic()
