@@ -230,6 +230,7 @@ def run(args: argparse.Namespace) -> int:
     if args.skip < 0:
         raise ConfigError("skip", args.skip, "an integer >= 0")
     queries = load_prompts(args.prompts, args.requests + args.skip)[args.skip:]
+    prompt_ids = [f"{Path(args.prompts).name}/{args.skip + i}" for i in range(len(queries))]
     if not queries:
         raise ConfigError("skip", args.skip, "fewer than the number of prompts in the set")
     stall = stall_limits(args)
@@ -254,7 +255,7 @@ def run(args: argparse.Namespace) -> int:
                     t0 = time.perf_counter()
                     traces[policy.name] = await runner.run_policy(policy, queries, concurrency=args.concurrency,
                                                                   rate_per_s=args.rate, seed=args.seed,
-                                                                  progress=args.progress)
+                                                                  progress=args.progress, prompt_ids=prompt_ids)
                     print(f"{policy.name}: {len(queries)} requests in {time.perf_counter() - t0:.1f} s",
                           file=sys.stderr, flush=True)
             finally:

@@ -1,13 +1,15 @@
-"""The live runner: the shared scheduler on real engines, with wall-clock times.
+"""The live runner: the shared request driver on real engines, with wall-clock times.
 
-Each request runs its own ``Scheduler``; ``Generate`` actions become streaming calls
-whose deltas are grouped into the scheduler's chunks (a chunk ends at the first
-delta that reaches its boundary), ``Cancel`` aborts the call on the engine,
-``SetTimer`` becomes ``loop.call_later``. Engine errors (a dead server, an engine
-silent past what its work explains (``live.watchdog``), HTTP 429/5xx, a malformed or
-truncated stream) become ``Failed`` events, so the scheduler decides: at most r lost inputs and the aggregator goes on
-from the others, more and the request ends with an error naming them. Rows are
-kept as requests finish, so an interrupted run keeps its finished requests.
+Each request runs its own ``RequestDriver`` (``staircase.driver``) on a ``_LivePort``:
+a ``Generate`` becomes one asyncio task streaming from the slot's engine, its deltas
+grouped into the scheduler's chunks (a chunk ends at the first delta that reaches its
+boundary, ``_Chunker``); a cancel aborts the call on the engine; timers are
+``loop.call_later``. Engine errors (a dead server, an engine silent past what its
+work explains (``live.watchdog``), HTTP 429/5xx, a malformed or truncated stream)
+are reported as failures, so the scheduler decides: at most r lost inputs and the
+aggregator goes on from the others, more and the request ends with an error naming
+them. The driver records rows as requests finish (texts and prompt ids included),
+so an interrupted run keeps its finished requests.
 """
 
 from __future__ import annotations
@@ -20,14 +22,13 @@ import zlib
 from dataclasses import replace
 from typing import Mapping, Sequence
 
+from staircase.driver import CallRecord, Recorder, RequestDriver
 from staircase.errors import ConfigError
-from staircase.metrics import request_metrics
-from staircase.progress import progress as progress_bar
 from staircase.policy import Policy
-from staircase.scheduler import (Cancel, Chunk, Done, Emit, Failed, Finished, Generate, Query, Scheduler,
-                                 SetTimer, TimerFired)
-from staircase.topology import Topology
-from staircase.trace import CHUNK_COLUMNS, REQUEST_COLUMNS, Trace, frame
+from staircase.progress import progress as progress_bar
+from staircase.scheduler import Generate, Query
+from staircase.topology import Node, Topology
+from staircase.trace import RequestRow, Trace
 
 from .engines import Engine, EngineError, Sampling
 from .watchdog import CallWatch, EnginePace, StallLimits
@@ -64,8 +65,7 @@ class LiveRunner:
             raise ConfigError("request_timeout_s", request_timeout_s, "a number of seconds > 0, or None for no limit")
         self.request_timeout_s = request_timeout_s
         self.tokens = _Tokens(self.engines["aggregator"])
-        self.request_rows: list[tuple] = []
-        self.chunk_rows: list[tuple] = []
+        self.recorder = Recorder()
         self._ids = itertools.count()
         self._t0 = time.perf_counter()
 
@@ -83,12 +83,16 @@ class LiveRunner:
     # ------------------------------------------------------------------ runs
     async def run_policy(self, policy: Policy, queries: Sequence[str], *, concurrency: int = 1,
                          rate_per_s: float | None = None, seed: int = 0, progress: bool | None = None,
-                         reset_cache: bool = True) -> Trace:
+                         reset_cache: bool = True, prompt_ids: Sequence[str] | None = None) -> Trace:
         """All queries under one policy: closed loop with ``concurrency`` users, or open
         loop with Poisson arrivals at ``rate_per_s``. The prefix cache is emptied first
-        unless ``reset_cache=False`` (calibration probes of cache hits)."""
+        unless ``reset_cache=False`` (calibration probes of cache hits). ``prompt_ids``
+        (one per query) go into the request rows."""
+        if prompt_ids is not None and len(prompt_ids) != len(queries):
+            raise ConfigError("prompt_ids", f"{len(prompt_ids)} ids", f"one per query ({len(queries)})")
+        ids = list(prompt_ids) if prompt_ids is not None else [None] * len(queries)
         policy.validate_for(self.topology)
-        first_row = len(self.request_rows), len(self.chunk_rows)
+        first_row = len(self.recorder.requests), len(self.recorder.chunks)
         if reset_cache:
             for engine in {id(e): e for e in self.engines.values()}.values():
                 await engine.reset_cache()
@@ -100,7 +104,7 @@ class LiveRunner:
 
             async def open_loop(i: int, q: str):
                 await asyncio.sleep(max(0.0, arrivals[i] - self.now()))
-                await self.run_request(policy, i, q)
+                await self.run_request(policy, i, q, ids[i])
                 bar.update(1)
             await asyncio.gather(*(open_loop(i, q) for i, q in enumerate(queries)))
         else:
@@ -108,112 +112,53 @@ class LiveRunner:
 
             async def closed_loop(i: int, q: str):
                 async with sem:
-                    await self.run_request(policy, i, q)
+                    await self.run_request(policy, i, q, ids[i])
                     bar.update(1)
             await asyncio.gather(*(closed_loop(i, q) for i, q in enumerate(queries)))
         bar.close()
         return self.trace(policy.name, *first_row)
 
     def trace(self, policy_name: str, first_request_row: int = 0, first_chunk_row: int = 0) -> Trace:
-        reqs = [r for r in self.request_rows[first_request_row:] if r[1] == policy_name]
-        chunks = [c for c in self.chunk_rows[first_chunk_row:] if c[1] == policy_name]
-        return Trace(policy_name, frame(reqs, REQUEST_COLUMNS).sort_values("request_id").reset_index(drop=True),
-                     frame(chunks, CHUNK_COLUMNS), {"policy": policy_name, "engine_models": self.engine_models()})
+        """The rows of one policy (from the given row positions on)."""
+        meta = {"policy": policy_name, "engine_models": self.engine_models()}
+        return self.recorder.trace(policy_name, meta, first_request_row, first_chunk_row)
 
     def engine_models(self) -> dict[str, str]:
         """engine name -> model id, for every engine of this runner."""
         return {e.name: e.model_id for e in self.engines.values()}
 
     # --------------------------------------------------------------- one request
-    async def run_request(self, policy: Policy, request_id: int, query: str) -> dict:
-        arrival = self.now()
-        sched = Scheduler(self.topology, policy, Query(query, self.tokens.count(query)), self.max_tokens,
-                          tokenizer=self.tokens)
-        queue: asyncio.Queue = asyncio.Queue()
-        calls: dict[str, asyncio.Task] = {}  # node -> its running call
-        user: list[tuple[int, float, float]] = []
-        totals = {"prompt": 0, "cached": 0, "calls": 0}
-        chunks: list[tuple] = []
-        done: Done | None = None
-        loop = asyncio.get_running_loop()
-        tag = f"{policy.name}-{request_id}-{next(self._ids)}"
-
-        def apply(actions) -> None:
-            nonlocal done
-            for a in actions:
-                if isinstance(a, Generate):
-                    key = f"{tag}-{a.node}-{a.call}"
-                    calls[a.node] = asyncio.create_task(
-                        self._call(a, key, queue, policy.name, request_id, totals, chunks))
-                    totals["calls"] += 1
-                elif isinstance(a, Cancel):
-                    task = calls.pop(a.node, None)
-                    if task is not None:
-                        task.cancel()
-                elif isinstance(a, SetTimer):
-                    loop.call_later(a.delay_s, queue.put_nowait, (TimerFired(a.key), None))
-                elif isinstance(a, Emit):
-                    pass  # user-visible chunks are recorded with their times below
-                elif isinstance(a, Done):
-                    done = a
-
+    async def run_request(self, policy: Policy, request_id: int, query: str, prompt_id: str | None = None) -> RequestRow:
+        """One request through the shared request driver; returns its row (the answer
+        text included)."""
+        port = _LivePort(self, f"{policy.name}-{request_id}-{next(self._ids)}")
+        driver = RequestDriver(port, self.recorder, self.topology, policy, Query(query, self.tokens.count(query)),
+                               request_id=request_id, max_tokens=self.max_tokens, prompt_id=prompt_id,
+                               keep_text=True, tokenizer=self.tokens)
         try:
-            apply(sched.start(self.now()))
-            deadline = arrival + (self.request_timeout_s or float("inf"))
-            while done is None:
-                try:
-                    timeout = None if self.request_timeout_s is None else max(0.01, deadline - self.now())
-                    event, row = await asyncio.wait_for(queue.get(), timeout=timeout)
-                except asyncio.TimeoutError:
-                    done = Done("error", f"request timed out after {self.request_timeout_s:g}s", dict(sched.lost))
-                    break
-                if row is not None and sched.topology.by_id[row[2]].is_final and isinstance(event, Chunk):
-                    user.append((row[8], row[12], row[13]))
-                apply(sched.on(event, self.now()))
+            port.report(driver.start)
+            await asyncio.wait_for(asyncio.shield(port.finished), self.request_timeout_s)
+        except asyncio.TimeoutError:
+            driver.expire(f"request timed out after {self.request_timeout_s:g}s")
         finally:
-            for task in calls.values():
-                task.cancel()
-            await asyncio.gather(*calls.values(), return_exceptions=True)
-        m = request_metrics(user, arrival)
-        lost = "; ".join(f"{k}: {v}" for k, v in sorted(done.lost.items()))
-        row = (request_id, policy.name, arrival, sched.query.tokens, done.outcome, done.error or "", lost,
-               m["ttft_s"], m["e2e_s"], m["tpot_s"], m["output_tokens"], m["output_tokens_per_s"],
-               m["longest_stall_s"], m["stalls_over_threshold"], totals["calls"], totals["prompt"], totals["cached"])
-        self.request_rows.append(row)
-        self.chunk_rows.extend(chunks)
-        return dict(zip(REQUEST_COLUMNS, row)) | {"output_text": sched.output_text()}
+            await port.close()
+        return port.finished.result()
 
-    async def _call(self, g: Generate, key: str, queue: asyncio.Queue, policy_name: str, request_id: int,
-                    totals: dict, chunks: list) -> None:
-        node = self.topology.by_id[g.node]  # a policy's plan only keeps or drops nodes
-        engine = self.engines[node.slot]
-        sent = self.now()
-        produced = 0
-        bound_i = 0
-        index = g.first_chunk_index
-        text: list[str] = []
-        chunk_tokens = 0
-        first_s = None
-        chunk_start_s = sent
-        prompt_tokens = cached = 0
-        finish = None
-        first_of_call = True
-        sampling = self.sampling
-        if sampling.seed is not None:  # distinct but reproducible streams per request and node
-            sampling = replace(sampling, seed=(sampling.seed * 1_000_003 + zlib.crc32(f"{request_id}/{g.node}".encode())) % 2**31)
-        stream = engine.stream(key, g.prompt, g.max_tokens, sampling)
-        watch = CallWatch(self.paces[id(engine)], g.prompt.tokens, final=node.is_final, healthy=engine.healthy)
+    def _sampling(self, request_id: int, node_id: str) -> Sampling:
+        """Distinct but reproducible streams per request and node."""
+        s = self.sampling
+        if s.seed is None:
+            return s
+        return replace(s, seed=(s.seed * 1_000_003 + zlib.crc32(f"{request_id}/{node_id}".encode())) % 2**31)
 
-        def flush(end_s: float) -> None:
-            nonlocal index, text, chunk_tokens, first_s, chunk_start_s, first_of_call
-            row = (request_id, policy_name, g.node, node.role, node.stage, engine.name, g.call, index, chunk_tokens,
-                   prompt_tokens if first_of_call else 0, cached if first_of_call else 0, chunk_start_s,
-                   first_s, end_s, node.is_final)
-            chunks.append(row)
-            queue.put_nowait((Chunk(g.node, g.call, index, chunk_tokens, "".join(text)), row))
-            index += 1
-            text, chunk_tokens, first_s, chunk_start_s, first_of_call = [], 0, None, end_s, False
-
+    async def _call(self, call: CallRecord, port: "_LivePort") -> None:
+        """Stream one call, cut it into the scheduler's chunks, report to the driver."""
+        g, driver = call.generate, call.driver
+        engine = self.engines[call.node.slot]
+        key = f"{port.tag}-{g.node}-{g.call}"
+        stream = engine.stream(key, g.prompt, g.max_tokens, self._sampling(driver.request_id, g.node))
+        watch = CallWatch(self.paces[id(engine)], g.prompt.tokens, final=call.node.is_final, healthy=engine.healthy)
+        chunker, finish = _Chunker(g.boundaries), None
         try:
             while True:
                 try:
@@ -223,29 +168,98 @@ class LiveRunner:
                 watch.on_delta(delta.tokens, delta.prompt_tokens)
                 t = self.now()
                 if delta.prompt_tokens is not None:
-                    prompt_tokens, cached = delta.prompt_tokens, delta.cached_tokens or 0
-                    totals["prompt"] += prompt_tokens
-                    totals["cached"] += cached
-                if delta.tokens:
-                    if first_s is None:
-                        first_s = t
-                    text.append(delta.text)
-                    chunk_tokens += delta.tokens
-                    produced += delta.tokens
-                    if bound_i < len(g.boundaries) and produced >= g.boundaries[bound_i]:
-                        while bound_i < len(g.boundaries) and produced >= g.boundaries[bound_i]:
-                            bound_i += 1
-                        flush(t)
-                if delta.finish_reason:
-                    finish = delta.finish_reason
-            if chunk_tokens:
-                flush(self.now())
-            queue.put_nowait((Finished(g.node, g.call, finish or "stop"), None))
+                    port.report(driver.admitted, call, delta.prompt_tokens, delta.cached_tokens or 0)
+                if chunker.add(delta.text, delta.tokens, t):
+                    port.report(driver.chunk, call, *chunker.take(), t)
+                finish = delta.finish_reason or finish
+            if chunker.tokens:
+                port.report(driver.chunk, call, *chunker.take(), self.now())
+            port.report(driver.finished, call, finish or "stop", self.now())
         except EngineError as err:
-            queue.put_nowait((Failed(g.node, g.call, err.reason), None))
+            port.report(driver.failed, call, err.reason, self.now())
         except asyncio.CancelledError:
             await engine.abort(key)
             raise
         finally:
             watch.close()
             await stream.aclose()
+
+
+class _Chunker:
+    """Groups a call's deltas into the scheduler's chunks: a chunk ends at the first
+    delta that reaches its boundary (cumulative output tokens of the call)."""
+
+    __slots__ = ("boundaries", "next_i", "produced", "texts", "tokens", "first_s")
+
+    def __init__(self, boundaries: Sequence[int]):
+        self.boundaries = boundaries
+        self.next_i = self.produced = self.tokens = 0
+        self.texts: list[str] = []
+        self.first_s: float | None = None
+
+    def add(self, text: str, tokens: int, t: float) -> bool:
+        """Add a delta; True when it completes a chunk."""
+        if not tokens:
+            return False
+        if self.first_s is None:
+            self.first_s = t
+        self.texts.append(text)
+        self.tokens += tokens
+        self.produced += tokens
+        reached = False
+        while self.next_i < len(self.boundaries) and self.produced >= self.boundaries[self.next_i]:
+            self.next_i += 1
+            reached = True
+        return reached
+
+    def take(self) -> tuple[int, str, float]:
+        """(tokens, text, first token time) of the chunk so far; starts the next."""
+        out = (self.tokens, "".join(self.texts), self.first_s)
+        self.tokens, self.texts, self.first_s = 0, [], None
+        return out
+
+
+class _LivePort:
+    """The live runner's side of one request's driver: wall clock, real engines, one
+    asyncio task per call. Errors inside the driver end the request (``finished``)."""
+
+    def __init__(self, runner: LiveRunner, tag: str):
+        self.runner = runner
+        self.tag = tag  # engine request ids start with it
+        self.loop = asyncio.get_running_loop()
+        self.finished: asyncio.Future = self.loop.create_future()
+        self.tasks: list[asyncio.Task] = []
+
+    def report(self, fn, *args) -> None:
+        try:
+            fn(*args)
+        except Exception as err:  # a runner or scheduler bug: end the request with it, never hang
+            if not self.finished.done():
+                self.finished.set_exception(err)
+
+    def now(self) -> float:
+        return self.runner.now()
+
+    def start_call(self, driver: RequestDriver, generate: Generate, node: Node, sent_s: float,
+                   tokens_before: int) -> CallRecord:
+        call = CallRecord(driver, generate, node, sent_s, tokens_before)
+        call.engine = self.runner.engines[node.slot].name
+        call.handle = asyncio.create_task(self.runner._call(call, self))
+        self.tasks.append(call.handle)
+        return call
+
+    def cancel_call(self, call: CallRecord) -> None:
+        if call.handle is not None:
+            call.handle.cancel()
+
+    def set_timer(self, delay_s: float, fire) -> None:
+        self.loop.call_later(delay_s, self.report, fire)
+
+    def request_done(self, driver: RequestDriver) -> None:
+        if not self.finished.done():
+            self.finished.set_result(driver.row)
+
+    async def close(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)

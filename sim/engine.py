@@ -31,6 +31,8 @@ from collections import OrderedDict, deque
 import numpy as np
 import simpy
 
+from staircase.driver import CallRecord
+
 from .profile import EngineModel, Noise
 
 EPS = 1e-9
@@ -55,24 +57,28 @@ class Draws:
         return self._buf.pop()
 
 
-class SimCall:
-    """One Generate on an engine. The engine reports progress to ``owner``:
-    ``owner.admitted(call, cached_tokens)``, ``owner.chunk(call, index_in_call, tokens,
-    first_token_s, end_s)`` and ``owner.finished(call, reason)``."""
+class SimCall(CallRecord):
+    """One Generate on an engine, and the request driver's record of it: the engine
+    reports progress to ``driver`` (``admitted``, ``chunk``, ``finished``)."""
 
-    __slots__ = ("owner", "tag", "key", "prompt_tokens", "reuse_tokens", "shared_tokens", "shared_key",
-                 "ends", "reason", "bi", "join_iter", "last_end_s", "sent_s", "cached", "cancelled")
+    __slots__ = ("key", "reuse_tokens", "shared_tokens", "shared_key", "ends", "reason", "bi", "join_iter",
+                 "cancelled")
 
-    def __init__(self, owner, tag, key, prompt_tokens: int, reuse_tokens: int, shared_tokens: int, shared_key,
-                 max_tokens: int, natural_tokens: int, boundaries: tuple[int, ...]):
-        self.owner = owner
-        self.tag = tag  # the owner's own data about this call
+    def __init__(self, driver, generate, node, tokens_before: int, key, prompt_tokens: int, reuse_tokens: int,
+                 shared_tokens: int, shared_key, natural_tokens: int):
+        # CallRecord's fields, set here rather than through its __init__ (one call less per simulated call)
+        self.driver, self.generate, self.node, self.engine = driver, generate, node, ""
+        self.sent_s = self.last_end_s = 0.0
+        self.tokens_before = tokens_before
+        self.cached_tokens = self.chunks = 0
+        self.handle = None
         self.key = key
         self.prompt_tokens = prompt_tokens
         self.reuse_tokens = reuse_tokens
         self.shared_tokens = shared_tokens
         self.shared_key = shared_key
         self.cancelled = False
+        max_tokens, boundaries = generate.max_tokens, generate.boundaries
         self.reason = "stop" if natural_tokens <= max_tokens else "length"
         if natural_tokens < max_tokens:
             stop = max(1, natural_tokens)
@@ -81,9 +87,6 @@ class SimCall:
             self.ends = list(boundaries)
         self.bi = 0
         self.join_iter = 0.0
-        self.last_end_s = 0.0
-        self.sent_s = 0.0
-        self.cached = 0
 
 
 class SimEngine:
@@ -146,11 +149,18 @@ class SimEngine:
             self._reschedule()
 
     def _u_v(self) -> tuple[float, float]:
+        """(time of the next decode iteration, its growth per iteration as context grows)."""
         m = self.m
         b = len(self.batch)
         u = (m.decode_base_s + m.decode_per_seq_s * b + m.decode_per_context_token_s * self.context) * self.factor
         v = m.decode_per_context_token_s * b * self.factor
         return u, v
+
+    def _u(self) -> float:
+        """``_u_v()[0]`` alone (per reported chunk: the hot path)."""
+        m = self.m
+        return (m.decode_base_s + m.decode_per_seq_s * len(self.batch)
+                + m.decode_per_context_token_s * self.context) * self.factor
 
     def _advance(self, now: float) -> None:
         """Bring the fluid decode state up to ``now`` (no-op while prefilling)."""
@@ -237,8 +247,7 @@ class SimEngine:
                 new = call.prompt_tokens - cached
                 uncached += new
                 squares += new * new
-                call.cached = cached
-                call.owner.admitted(call, cached)
+                call.driver.admitted(call, call.prompt_tokens, cached)
                 group.append(call)
             if group:
                 self.prefilling = group
@@ -331,8 +340,8 @@ class SimEngine:
             if call.bi == 0:
                 first = call.last_end_s  # the prefill's end: it produced token 1
             else:
-                first = min(now, call.last_end_s + self._u_v()[0])
-            call.owner.chunk(call, call.bi, end - start, first, now)
+                first = min(now, call.last_end_s + self._u())
+            call.driver.chunk(call, end - start, None, first, now)
             call.last_end_s = now
             if call.cancelled:
                 continue
@@ -341,4 +350,4 @@ class SimEngine:
                 self._push(call)
             else:
                 self._leave(call)
-                call.owner.finished(call, call.reason)
+                call.driver.finished(call, call.reason, now)

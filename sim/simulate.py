@@ -5,135 +5,66 @@ its inputs and seed. ``simulate_policies`` runs several policies on the same req
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import simpy
 
-from staircase.metrics import request_metrics
-from staircase.progress import progress as progress_bar
-from staircase.policy import Policy
+from staircase.driver import Recorder, RequestDriver
 from staircase.errors import ConfigError
+from staircase.policy import Policy
+from staircase.progress import progress as progress_bar
 from staircase.prompts import TextPieces, Tokenizer
-from staircase.scheduler import (Cancel, Chunk, Done, Emit, Finished, Generate, Query, Scheduler,
-                                 SetTimer, TimerFired)
-from staircase.topology import Topology
-from staircase.trace import CHUNK_COLUMNS, REQUEST_COLUMNS, Trace, frame
+from staircase.scheduler import Generate, Query
+from staircase.topology import Node, Topology
+from staircase.trace import Trace
 
 from .engine import Draws, SimCall, SimEngine
 from .profile import Profile
 from .workload import Request, Workload, make_requests
 
 
-@dataclass
-class _Shared:
-    """What every request of one run shares."""
+class _SimPort:
+    """The simulator's side of the request driver: SimPy's clock and the simulated
+    engines. A simulated call is its driver's record (``SimCall`` is a ``CallRecord``)
+    and reports straight to it."""
 
-    env: simpy.Environment
-    topology: Topology
-    policy: Policy
-    engines: dict[str, SimEngine]
-    slot_engine: dict[str, str]
-    lengths: dict[str, np.ndarray]  # node -> natural answer length per request
-    max_tokens: int
-    texts: TextPieces
-    keep_chunks: bool
-    chunk_rows: list
-    request_rows: list
-    on_done: Callable[[int], None]
+    def __init__(self, env: simpy.Environment, engines: dict[str, SimEngine], slot_engine: dict[str, str],
+                 lengths: dict[str, np.ndarray], on_done: Callable[[int], None]):
+        self.env = env
+        self.engines = engines
+        self.slot_engine = slot_engine
+        self.lengths = lengths  # node -> natural answer length per request
+        self.on_done = on_done
 
+    # ------------------------------------------------------------------ the port
+    def now(self) -> float:
+        return self.env.now
 
-class _RequestRun:
-    """Drives one request's scheduler with simulated engines."""
-
-    __slots__ = ("s", "req", "sched", "calls", "user", "prompt_tokens", "cached_tokens", "n_calls", "arrival_s")
-
-    def __init__(self, shared: _Shared, req: Request, arrival_s: float):
-        self.s = shared
-        self.req = req
-        self.arrival_s = arrival_s
-        self.sched = Scheduler(shared.topology, shared.policy, Query(req.text, req.query_tokens),
-                               shared.max_tokens, texts=shared.texts)
-        self.calls: dict[str, SimCall] = {}
-        self.user: list[tuple[int, float, float]] = []
-        self.prompt_tokens = 0
-        self.cached_tokens = 0
-        self.n_calls = 0
-
-    def start(self) -> None:
-        self._apply(self.sched.start(self.s.env.now))
-
-    def _apply(self, actions) -> None:
-        for a in actions:
-            if isinstance(a, Generate):
-                self._generate(a)
-            elif isinstance(a, Cancel):
-                call = self.calls.get(a.node)
-                if call is not None:
-                    self.s.engines[self.s.slot_engine[self.sched.topology.by_id[a.node].slot]].cancel(call)
-            elif isinstance(a, Emit):
-                pass  # user-visible chunks are recorded with their times in _chunk
-            elif isinstance(a, SetTimer):
-                ev = self.s.env.timeout(a.delay_s)
-                ev.callbacks.append(lambda _e, k=a.key: self._event(TimerFired(k)))
-            elif isinstance(a, Done):
-                self._done(a)
-
-    def _event(self, event) -> None:
-        self._apply(self.sched.on(event, self.s.env.now))
-
-    def _generate(self, g: Generate) -> None:
-        s = self.s
-        node = self.sched.topology.by_id[g.node]
-        natural = int(s.lengths[g.node][self.req.request_id]) - self.sched.states[g.node].tokens
+    def start_call(self, driver: RequestDriver, g: Generate, node: Node, sent_s: float,
+                   tokens_before: int) -> SimCall:
+        rid = driver.request_id
+        natural = int(self.lengths[g.node][rid]) - tokens_before
         prompt = g.prompt
-        engine = s.slot_engine[node.slot]
         if node.is_source:  # system + query: the same prompt for every source node of this request
-            shared_tokens, shared_key = prompt.tokens, (self.req.request_id, "source")
+            shared_tokens, shared_key = prompt.tokens, (rid, "source")
         else:  # the instruction, shared across requests
-            shared_tokens, shared_key = prompt.shared_prefix_tokens, (s.policy.layout, node.role,
+            shared_tokens, shared_key = prompt.shared_prefix_tokens, (driver.policy.layout, node.role,
                                                                       prompt.messages[0].pieces[0].key)
-        call = SimCall(self, (node, g.call, g.first_chunk_index, engine), (self.req.request_id, g.node),
-                       prompt.tokens, prompt.reuse_prefix_tokens, shared_tokens, shared_key,
-                       g.max_tokens, max(1, natural), g.boundaries)
-        self.calls[g.node] = call
-        self.n_calls += 1
-        s.engines[engine].submit(call)
+        call = SimCall(driver, g, node, tokens_before, (rid, g.node), prompt.tokens, prompt.reuse_prefix_tokens,
+                       shared_tokens, shared_key, max(1, natural))
+        call.engine = self.slot_engine[node.slot]
+        self.engines[call.engine].submit(call)  # sets sent_s (the engine's clock: the same now)
+        return call
 
-    # ------------------------------------------------ the engine reports (SimCall.owner)
-    def admitted(self, call: SimCall, cached: int) -> None:
-        self.prompt_tokens += call.prompt_tokens
-        self.cached_tokens += cached
+    def cancel_call(self, call: SimCall) -> None:
+        self.engines[call.engine].cancel(call)
 
-    def chunk(self, call: SimCall, index: int, tokens: int, first_s: float, end_s: float) -> None:
-        node, call_id, first_index, engine = call.tag
-        if node.is_final:
-            self.user.append((tokens, first_s, end_s))
-        s = self.s
-        if s.keep_chunks:
-            first_of_call = index == 0
-            s.chunk_rows.append((
-                self.req.request_id, s.policy.name, node.id, node.role, node.stage, engine, call_id,
-                first_index + index, tokens, call.prompt_tokens if first_of_call else 0,
-                call.cached if first_of_call else 0, call.sent_s if first_of_call else call.last_end_s,
-                first_s, end_s, node.is_final))
-        self._apply(self.sched.on(Chunk(node.id, call_id, first_index + index, tokens, None), s.env.now))
+    def set_timer(self, delay_s: float, fire: Callable[[], None]) -> None:
+        self.env.timeout(delay_s).callbacks.append(lambda _event: fire())
 
-    def finished(self, call: SimCall, reason: str) -> None:
-        node, call_id, _, _ = call.tag
-        self._apply(self.sched.on(Finished(node.id, call_id, reason), self.s.env.now))
-
-    def _done(self, d: Done) -> None:
-        m = request_metrics(self.user, self.arrival_s)
-        lost = "; ".join(f"{k}: {v}" for k, v in sorted(d.lost.items()))
-        self.s.request_rows.append((
-            self.req.request_id, self.s.policy.name, self.arrival_s, self.sched.query.tokens, d.outcome,
-            d.error or "", lost, m["ttft_s"], m["e2e_s"], m["tpot_s"], m["output_tokens"],
-            m["output_tokens_per_s"], m["longest_stall_s"], m["stalls_over_threshold"], self.n_calls,
-            self.prompt_tokens, self.cached_tokens))
-        self.calls.clear()  # SimCall.owner points back here: break the cycle so refcounting frees both
-        self.s.on_done(self.req.request_id)
+    def request_done(self, driver: RequestDriver) -> None:
+        self.on_done(driver.request_id)
 
 
 def _node_lengths(topology: Topology, profile: Profile, requests: Sequence[Request], seed: int,
@@ -180,62 +111,78 @@ def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[R
     many users (else each request arrives at its ``arrival_s``); ``node_lengths`` gives
     every node's answer length per request; ``tokenizer`` counts the fixed prompt texts
     (instructions, labels) with a real tokenizer instead of the approximate one."""
-    if isinstance(workload, Workload):
-        requests = make_requests(workload, seed)
-        closed = workload.concurrency if workload.closed_loop else None
-        wdesc = workload.describe()
-    else:
-        requests = list(workload)
-        if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1):
-            raise ConfigError("concurrency", concurrency, "an integer >= 1 or None (open loop)")
-        closed = concurrency
-        wdesc = {"kind": "explicit", "requests": len(requests), "concurrency": concurrency}
-    # Validate before any work.
-    policy.validate_for(topology)
-    plan = policy.plan(topology)
+    requests, closed, wdesc = _requests(workload, seed, concurrency)
+    policy.validate_for(topology)  # before any work
     env = simpy.Environment()
-    placed = {n.slot: profile.engine_for_slot(n.slot) for n in topology.nodes}  # slot -> (instance, model)
-    slot_engine = {slot: instance for slot, (instance, _) in placed.items()}
-    models = dict(placed.values())  # instance -> model
-    engine_names = sorted(models)
-    streams = np.random.SeedSequence([seed, 0xE9]).spawn(len(engine_names))
-    engines = {name: SimEngine(env, name, models[name], np.random.default_rng(ss), noise=noise)
-               for name, ss in zip(engine_names, streams)}
+    engines, slot_engine = _engines(env, topology, profile, seed, noise)
     lengths = _node_lengths(topology, profile, requests, seed, node_lengths)
     bar = progress_bar(len(requests), f"sim {policy.name}", progress)
     pending = iter(requests)
+    recorder = Recorder(keep_chunks)
+    texts = TextPieces(tokenizer)
+
+    def begin(req: Request) -> None:
+        RequestDriver(port, recorder, topology, policy, Query(req.text, req.query_tokens), request_id=req.request_id,
+                      max_tokens=max_tokens, texts=texts).start()
 
     def on_done(_rid: int) -> None:
         bar.update(1)
         if closed is not None:
             nxt = next(pending, None)
             if nxt is not None:
-                _RequestRun(shared, nxt, env.now).start()
+                begin(nxt)
 
-    shared = _Shared(env, plan, policy, engines, slot_engine, lengths, max_tokens, TextPieces(tokenizer),
-                     keep_chunks, [], [], on_done)
-    if closed is not None:
-        for _ in range(min(closed, len(requests))):
-            _RequestRun(shared, next(pending), 0.0).start()
-    else:
-        def arrivals():
-            for req in requests:
-                if req.arrival_s > env.now:
-                    yield env.timeout(req.arrival_s - env.now)
-                _RequestRun(shared, req, env.now).start()
-        env.process(arrivals())
+    port = _SimPort(env, engines, slot_engine, lengths, on_done)
+    _arrive(env, requests, closed, pending, begin)
     env.run()
     bar.close()
-    req_df = frame(shared.request_rows, REQUEST_COLUMNS).sort_values("request_id", kind="stable").reset_index(drop=True)
-    chunk_df = frame(shared.chunk_rows, CHUNK_COLUMNS) if keep_chunks else None
     meta = {"policy": policy.describe(), "topology": topology.describe(), "workload": wdesc,
             "profile": profile.name, "profile_calibrated": profile.calibrated, "seed": seed,
             "max_tokens": max_tokens, "noise": noise, "sim_end_s": env.now,
             "engines": {n: {"model": e.m.name, "prefills": e.prefills, "decode_intervals": e.iterations_scheduled}
                         for n, e in engines.items()}}
+    trace = recorder.trace(policy.name, meta)
+    req_df = trace.requests
     if len(req_df) != len(requests):
         raise RuntimeError(f"simulation ended with {len(requests) - len(req_df)} requests unfinished (a deadlock)")
-    return Trace(policy.name, req_df, chunk_df, meta)
+    return trace
+
+
+def _requests(workload: Workload | Sequence[Request], seed: int, concurrency: int | None):
+    """(requests, closed-loop users or None, workload record)."""
+    if isinstance(workload, Workload):
+        return make_requests(workload, seed), workload.concurrency if workload.closed_loop else None, workload.describe()
+    if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1):
+        raise ConfigError("concurrency", concurrency, "an integer >= 1 or None (open loop)")
+    requests = list(workload)
+    return requests, concurrency, {"kind": "explicit", "requests": len(requests), "concurrency": concurrency}
+
+
+def _engines(env: simpy.Environment, topology: Topology, profile: Profile, seed: int, noise: bool):
+    """(engine instance -> SimEngine, slot -> engine instance): each slot's engine placed once."""
+    placed = {n.slot: profile.engine_for_slot(n.slot) for n in topology.nodes}  # slot -> (instance, model)
+    models = dict(placed.values())  # instance -> model
+    names = sorted(models)
+    streams = np.random.SeedSequence([seed, 0xE9]).spawn(len(names))
+    engines = {name: SimEngine(env, name, models[name], np.random.default_rng(ss), noise=noise)
+               for name, ss in zip(names, streams)}
+    return engines, {slot: instance for slot, (instance, _) in placed.items()}
+
+
+def _arrive(env: simpy.Environment, requests: Sequence[Request], closed: int | None, pending, begin) -> None:
+    """Closed loop: ``closed`` users start at once (the next request when one ends,
+    by ``on_done``); open loop: each request at its arrival time."""
+    if closed is not None:
+        for _ in range(min(closed, len(requests))):
+            begin(next(pending))
+        return
+
+    def arrivals():
+        for req in requests:
+            if req.arrival_s > env.now:
+                yield env.timeout(req.arrival_s - env.now)
+            begin(req)
+    env.process(arrivals())
 
 
 def simulate_policies(topology: Topology, policies: Sequence[Policy], workload, profile: Profile,

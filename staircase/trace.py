@@ -1,6 +1,8 @@
 """Trace schema shared by the simulator and the live runner.
 
-One row per chunk (``CHUNK_COLUMNS``) and one per request (``REQUEST_COLUMNS``).
+One row per chunk (``ChunkRow``, ``CHUNK_COLUMNS``) and one per request
+(``RequestRow``, ``REQUEST_COLUMNS``): named tuples, built in one place (the request
+driver, ``staircase.driver``) whichever runner ran the request.
 Times are seconds on the runner's clock; ``arrival_s`` is when the user sent the
 request. ``prompt_tokens`` and ``cached_tokens`` sit on the first chunk row of each
 call (zero on the others), so their sums over rows are per-call totals.
@@ -10,48 +12,69 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple, get_type_hints
 
 import pandas as pd
 
 from .errors import ConfigError
 
-CHUNK_COLUMNS = {
-    "request_id": "int64",
-    "policy": "object",
-    "node": "object",
-    "role": "object",
-    "stage": "int64",
-    "engine": "object",
-    "call": "int64",
-    "chunk_index": "int64",
-    "tokens": "int64",
-    "prompt_tokens": "int64",
-    "cached_tokens": "int64",
-    "sent_s": "float64",  # when the call was sent (first chunk of a call) or the previous chunk ended
-    "first_token_s": "float64",
-    "end_s": "float64",
-    "user_visible": "bool",
-}
 
-REQUEST_COLUMNS = {
-    "request_id": "int64",
-    "policy": "object",
-    "arrival_s": "float64",
-    "query_tokens": "int64",
-    "outcome": "object",  # "ok" or "error"
-    "error": "object",
-    "lost": "object",  # "node: reason; ..." for inputs lost on the way
-    "ttft_s": "float64",
-    "e2e_s": "float64",
-    "tpot_s": "float64",
-    "output_tokens": "int64",
-    "output_tokens_per_s": "float64",
-    "longest_stall_s": "float64",
-    "stalls_over_threshold": "int64",
-    "calls": "int64",
-    "prompt_tokens": "int64",  # over every call of the request
-    "cached_tokens": "int64",  # of which served from a prefix cache
-}
+class ChunkRow(NamedTuple):
+    """One chunk of one call, as both runners record it (``Recorder``)."""
+
+    request_id: int
+    policy: str
+    node: str
+    role: str
+    stage: int
+    engine: str
+    call: int
+    chunk_index: int
+    tokens: int
+    prompt_tokens: int  # on the first chunk of a call, 0 on the others
+    cached_tokens: int  # of which served from a prefix cache
+    sent_s: float  # when the call was sent (first chunk of a call) or the previous chunk ended
+    first_token_s: float
+    end_s: float
+    user_visible: bool
+    text: str | None  # the chunk's text (live); None in the simulator
+
+
+class RequestRow(NamedTuple):
+    """One request, as both runners record it."""
+
+    request_id: int
+    policy: str
+    arrival_s: float
+    query_tokens: int
+    outcome: str  # "ok" or "error"
+    error: str
+    lost: str  # "node: reason; ..." for inputs lost on the way
+    ttft_s: float
+    e2e_s: float
+    tpot_s: float
+    output_tokens: int
+    output_tokens_per_s: float
+    longest_stall_s: float
+    stalls_over_threshold: int
+    calls: int
+    prompt_tokens: int  # over every call of the request
+    cached_tokens: int  # of which served from a prefix cache
+    prompt_id: str | None  # which prompt of which set (live: "mt_bench/3"); None when synthetic
+    answer_text: str | None  # the final answer (live); None in the simulator
+
+
+_DTYPES = {int: "int64", float: "float64", str: "object", bool: "bool"}
+
+
+def _columns(row: type) -> dict[str, str]:
+    return {name: _DTYPES.get(t, "object") for name, t in get_type_hints(row).items()}
+
+
+CHUNK_COLUMNS = _columns(ChunkRow)
+REQUEST_COLUMNS = _columns(RequestRow)
+# columns traces written before they existed lack; readers fill them with None
+OPTIONAL_COLUMNS = ("text", "prompt_id", "answer_text")
 
 
 def frame(rows: list, columns: dict[str, str]) -> pd.DataFrame:
@@ -62,7 +85,7 @@ def frame(rows: list, columns: dict[str, str]) -> pd.DataFrame:
 
 
 def check_columns(df: pd.DataFrame, columns: dict[str, str] | list[str], source: str) -> None:
-    missing = [c for c in columns if c not in df.columns]
+    missing = [c for c in columns if c not in df.columns and c not in OPTIONAL_COLUMNS]
     if missing:
         raise ConfigError(f"{source} columns", sorted(df.columns), f"must include {', '.join(missing)}")
 
@@ -90,12 +113,19 @@ class Trace:
 def read_requests(path: Path | str) -> pd.DataFrame:
     df = _read(path)
     check_columns(df, REQUEST_COLUMNS, f"trace {path}")
-    return df
+    return _with_optional(df, REQUEST_COLUMNS)
 
 
 def read_chunks(path: Path | str) -> pd.DataFrame:
     df = _read(path)
     check_columns(df, CHUNK_COLUMNS, f"trace {path}")
+    return _with_optional(df, CHUNK_COLUMNS)
+
+
+def _with_optional(df: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    for c in OPTIONAL_COLUMNS:
+        if c in columns and c not in df.columns:
+            df[c] = None
     return df
 
 

@@ -1,0 +1,113 @@
+"""One request driver, one record: the simulator and the live runner run the same
+request shapes through ``staircase.driver`` and record them alike, field by field.
+
+The live side here runs on a scripted engine (answers of known lengths, no model),
+a fast extra; tests/test_live.py runs the same driver on real vLLM engines."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pandas as pd
+import pytest
+
+from live.engines import Delta, Engine, EngineError
+from live.runner import LiveRunner
+from live.watchdog import StallLimits
+from sim.profile import load_profile
+from sim.simulate import simulate
+from sim.workload import Request
+from staircase.policy import SinglePolicy, StaircasePolicy, WaitAllPolicy
+from staircase.topology import mad, moa
+
+LENGTH = 40  # every node's natural answer, in tokens
+
+
+class ScriptedEngine(Engine):
+    """Streams ``LENGTH`` tokens per node and request (over all its calls), one per
+    delta; ``fail_nodes`` fail after their first token."""
+
+    def __init__(self, name: str = "scripted", fail_nodes: tuple[str, ...] = ()):
+        self.name = name
+        self.fail_nodes = fail_nodes
+        self.produced: dict[tuple[str, str], int] = {}
+
+    async def stream(self, request_id, prompt, max_tokens, sampling):
+        prefix, node, _call = request_id.rsplit("-", 2)
+        done = self.produced.get((prefix, node), 0)
+        n = min(max_tokens, LENGTH - done)
+        for i in range(n):
+            await asyncio.sleep(0.001)
+            if node in self.fail_nodes:
+                raise EngineError("scripted failure")
+            self.produced[(prefix, node)] = done + i + 1
+            last = i == n - 1
+            finish = None if not last else ("stop" if done + n >= LENGTH else "length")
+            yield Delta(f" t{done + i}", 1, finish, prompt.tokens if i == 0 else None, 0 if i == 0 else None)
+
+
+def _live(topology, policy, requests: int, engine=None):
+    engine = engine or ScriptedEngine()
+    slots = {n.slot: engine for n in topology.nodes}
+    runner = LiveRunner(slots, topology, max_tokens=64, stall=StallLimits(gap_s=5.0))
+    loop = asyncio.new_event_loop()
+    try:
+        return loop.run_until_complete(runner.run_policy(policy, [f"question {i}" for i in range(requests)],
+                                                         prompt_ids=[f"set/{i}" for i in range(requests)]))
+    finally:
+        loop.close()
+
+
+def _sim(topology, policy, requests: int):
+    reqs = [Request(i, float(i) * 100.0, 30, LENGTH, f"question {i}") for i in range(requests)]
+    lengths = {n.id: [LENGTH] * requests for n in topology.nodes}
+    return simulate(topology, policy, reqs, load_profile(), max_tokens=64, noise=False, node_lengths=lengths)
+
+
+CHUNK_FIELDS = ["request_id", "policy", "node", "role", "stage", "call", "chunk_index", "tokens", "user_visible"]
+REQUEST_FIELDS = ["request_id", "policy", "outcome", "error", "lost", "output_tokens", "calls"]
+
+
+@pytest.mark.parametrize("topology,policy", [(moa(3), WaitAllPolicy()), (moa(2, layers=2), WaitAllPolicy()),
+                                             (mad(3, 2), WaitAllPolicy()), (moa(3), SinglePolicy())],
+                         ids=["moa-wait-all", "moa-2-layers", "mad-wait-all", "single"])
+def test_sim_and_live_record_the_same_request_shapes(topology, policy):
+    live, sim = _live(topology, policy, 3), _sim(topology, policy, 3)
+    order = ["request_id", "node", "call", "chunk_index"]
+    lc = live.chunks[CHUNK_FIELDS].sort_values(order).reset_index(drop=True)
+    sc = sim.chunks[CHUNK_FIELDS].sort_values(order).reset_index(drop=True)
+    pd.testing.assert_frame_equal(lc, sc)  # single: the final node's stage is the planned topology's in both
+    pd.testing.assert_frame_equal(live.requests[REQUEST_FIELDS], sim.requests[REQUEST_FIELDS])
+    assert list(live.chunks.columns) == list(sim.chunks.columns)
+    assert list(live.requests.columns) == list(sim.requests.columns)
+
+
+def test_live_keeps_the_texts_and_prompt_ids_the_simulator_leaves_empty():
+    live, sim = _live(moa(3), WaitAllPolicy(), 2), _sim(moa(3), WaitAllPolicy(), 2)
+    answers = live.requests["answer_text"]
+    assert (answers == " " + " ".join(f"t{i}" for i in range(LENGTH))).all()
+    assert list(live.requests["prompt_id"]) == ["set/0", "set/1"]
+    for (rid, node), rows in live.chunks.groupby(["request_id", "node"]):
+        assert "".join(rows.sort_values("chunk_index")["text"]).startswith(" t0 t1")
+    assert sim.requests["answer_text"].isna().all() and sim.chunks["text"].isna().all()
+
+
+def test_a_failed_proposer_is_recorded_by_the_driver():
+    engine = ScriptedEngine(fail_nodes=("L0.p1",))
+    t = _live(moa(3), StaircasePolicy(redundancy=1), 1, engine)
+    row = t.requests.iloc[0]
+    assert row["outcome"] == "ok" and row["lost"] == "L0.p1: scripted failure"
+    t0 = _live(moa(3), StaircasePolicy(redundancy=0), 1, ScriptedEngine(fail_nodes=("L0.p1",)))
+    assert t0.requests.iloc[0]["outcome"] == "error" and "L0.p1 (scripted failure)" in t0.requests.iloc[0]["error"]
+
+
+def test_a_simulated_call_is_a_complete_call_record():
+    """SimCall sets CallRecord's fields itself (speed): every slot must be set."""
+    from sim.engine import SimCall
+    from staircase.driver import CallRecord
+
+    t = _sim(moa(2), WaitAllPolicy(), 1)
+    assert len(t.requests) == 1
+    call = SimCall(None, type("G", (), {"max_tokens": 8, "boundaries": (8,)})(), None, 0, None, 1, 0, 0, None, 8)
+    for slot in CallRecord.__slots__:
+        getattr(call, slot)  # raises AttributeError if SimCall left one unset
