@@ -218,73 +218,84 @@ def stall_limits(args: argparse.Namespace):
     return StallLimits(first_token_s=args.first_token_timeout_s, gap_s=args.stall_timeout_s)
 
 
-def run(args: argparse.Namespace) -> int:
-    quiet_vllm_logs()
-    from .engines import Sampling
+def _queries(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The prompts of the run and their ids (``<set>/<index>``)."""
     from .prompts import load_prompts
-    from .runner import LiveRunner
 
-    topology, policies = topology_and_policies(args)
     if args.requests < 1:
         raise ConfigError("requests", args.requests, "an integer >= 1")
     if args.skip < 0:
         raise ConfigError("skip", args.skip, "an integer >= 0")
     queries = load_prompts(args.prompts, args.requests + args.skip)[args.skip:]
-    prompt_ids = [f"{Path(args.prompts).name}/{args.skip + i}" for i in range(len(queries))]
     if not queries:
         raise ConfigError("skip", args.skip, "fewer than the number of prompts in the set")
+    return queries, [f"{Path(args.prompts).name}/{args.skip + i}" for i in range(len(queries))]
+
+
+def _run_policies(args, runner, policies, queries, prompt_ids, traces: dict) -> None:
+    """Every policy in turn on the started engines; traces fill in as policies end."""
+    async def main():
+        try:
+            await runner.start()
+            for policy in policies:
+                t0 = time.perf_counter()
+                traces[policy.name] = await runner.run_policy(policy, queries, concurrency=args.concurrency,
+                                                              rate_per_s=args.rate, seed=args.seed,
+                                                              progress=args.progress, prompt_ids=prompt_ids)
+                print(f"{policy.name}: {len(queries)} requests in {time.perf_counter() - t0:.1f} s",
+                      file=sys.stderr, flush=True)
+        finally:
+            await runner.close()
+
+    asyncio.run(main())
+
+
+def _keep_finished(runner, policies, traces: dict) -> None:
+    """After Ctrl-C: the finished requests of every policy (re-raises if none)."""
+    if runner is not None:
+        for policy in policies:
+            t = runner.trace(policy.name)
+            if len(t.requests):
+                traces[policy.name] = t
+    if not traces:
+        raise KeyboardInterrupt
+    print(f"interrupted: writing the {sum(len(t.requests) for t in traces.values())} finished requests",
+          file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    quiet_vllm_logs()
+    from .engines import Sampling
+    from .runner import LiveRunner
+
+    topology, policies = topology_and_policies(args)
+    queries, prompt_ids = _queries(args)
     stall = stall_limits(args)
     raw = engine_config(args)
     mapping, servers = engines_from_config(raw, topology, dtype=args.dtype)
     traces: dict = {}
-    started = time.perf_counter()
-    runner = None
-    machine_record: dict = {}
-    interrupted = False
+    started, runner, machine_record, interrupted = time.perf_counter(), None, {}, False
     try:
         engines = start_engines(mapping, servers)
         machine_record = announce_machine(engines.values())
         runner = LiveRunner(engines, topology, max_tokens=args.max_tokens,
                             sampling=Sampling(temperature=args.temperature, seed=args.seed),
                             stall=stall, request_timeout_s=args.request_timeout_s or None)
-
-        async def main():
-            try:
-                await runner.start()
-                for policy in policies:
-                    t0 = time.perf_counter()
-                    traces[policy.name] = await runner.run_policy(policy, queries, concurrency=args.concurrency,
-                                                                  rate_per_s=args.rate, seed=args.seed,
-                                                                  progress=args.progress, prompt_ids=prompt_ids)
-                    print(f"{policy.name}: {len(queries)} requests in {time.perf_counter() - t0:.1f} s",
-                          file=sys.stderr, flush=True)
-            finally:
-                await runner.close()
-
-        asyncio.run(main())
+        _run_policies(args, runner, policies, queries, prompt_ids, traces)
     except KeyboardInterrupt:
-        if runner is not None:  # keep the finished requests' traces
-            for policy in policies:
-                t = runner.trace(policy.name)
-                if len(t.requests):
-                    traces[policy.name] = t
-        if not traces:
-            raise
+        _keep_finished(runner, policies, traces)
         interrupted = True
-        print(f"interrupted: writing the {sum(len(t.requests) for t in traces.values())} finished requests",
-              file=sys.stderr, flush=True)
     finally:
         for server in servers:
             server.stop()
-    summary = summary_frame(traces)
     # `raw` names API-key environment variables, never keys
-    config = {"command": "live", "topology": topology.describe(), "cli_args": topology_policy_args(args), "policies": [p.describe() for p in policies],
-              "engines": raw, "prompts": args.prompts, "skip": args.skip, "requests": len(queries),
-              "concurrency": args.concurrency, "rate": args.rate, "max_tokens": args.max_tokens,
-              "temperature": args.temperature, "seed": args.seed, "wall_s": round(time.perf_counter() - started, 3),
+    config = {"command": "live", "topology": topology.describe(), "cli_args": topology_policy_args(args),
+              "policies": [p.describe() for p in policies], "engines": raw, "prompts": args.prompts,
+              "skip": args.skip, "requests": len(queries), "concurrency": args.concurrency, "rate": args.rate,
+              "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
+              "wall_s": round(time.perf_counter() - started, 3),
               "slot_engines": {slot: e.name for slot, e in runner.engines.items()} if runner else {},
-              "engine_models": runner.engine_models() if runner else {},
-              "stall": stall.describe(), "request_timeout_s": args.request_timeout_s or None, **machine_record}
-    code = finish_run(args, "live", traces, summary, config | {"interrupted": interrupted})
+              "engine_models": runner.engine_models() if runner else {}, "stall": stall.describe(),
+              "request_timeout_s": args.request_timeout_s or None, **machine_record, "interrupted": interrupted}
+    code = finish_run(args, "live", traces, summary_frame(traces), config)
     return 130 if interrupted else code
-

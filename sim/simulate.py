@@ -116,10 +116,8 @@ def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[R
     env = simpy.Environment()
     engines, slot_engine = _engines(env, topology, profile, seed, noise)
     lengths = _node_lengths(topology, profile, requests, seed, node_lengths)
-    bar = progress_bar(len(requests), f"sim {policy.name}", progress)
-    pending = iter(requests)
-    recorder = Recorder(keep_chunks)
-    texts = TextPieces(tokenizer)
+    bar, pending = progress_bar(len(requests), f"sim {policy.name}", progress), iter(requests)
+    recorder, texts = Recorder(keep_chunks), TextPieces(tokenizer)
 
     def begin(req: Request) -> None:
         RequestDriver(port, recorder, topology, policy, Query(req.text, req.query_tokens), request_id=req.request_id,
@@ -138,14 +136,16 @@ def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[R
     bar.close()
     meta = {"policy": policy.describe(), "topology": topology.describe(), "workload": wdesc,
             "profile": profile.name, "profile_calibrated": profile.calibrated, "seed": seed,
-            "max_tokens": max_tokens, "noise": noise, "sim_end_s": env.now,
-            "engines": {n: {"model": e.m.name, "prefills": e.prefills, "decode_intervals": e.iterations_scheduled}
-                        for n, e in engines.items()}}
+            "max_tokens": max_tokens, "noise": noise, "sim_end_s": env.now, "engines": _engine_report(engines)}
     trace = recorder.trace(policy.name, meta)
-    req_df = trace.requests
-    if len(req_df) != len(requests):
-        raise RuntimeError(f"simulation ended with {len(requests) - len(req_df)} requests unfinished (a deadlock)")
+    if len(trace.requests) != len(requests):
+        raise RuntimeError(f"simulation ended with {len(requests) - len(trace.requests)} requests unfinished (a deadlock)")
     return trace
+
+
+def _engine_report(engines: dict[str, SimEngine]) -> dict:
+    return {n: {"model": e.m.name, "prefills": e.prefills, "decode_intervals": e.iterations_scheduled}
+            for n, e in engines.items()}
 
 
 def _requests(workload: Workload | Sequence[Request], seed: int, concurrency: int | None):
