@@ -30,6 +30,8 @@ from sim.profile import Profile
 from sim.simulate import simulate
 from sim.workload import Request
 from staircase.cli import topology_and_policies
+from staircase.policy import policy_from_dict
+from staircase.topology import topology_from_config
 from staircase.machine import differences as machine_differences
 from staircase.machine import label as machine_label
 from staircase.errors import ConfigError
@@ -74,8 +76,8 @@ def load_live_run(folder: Path | str) -> LiveRun:
     config = json.loads(cfg_path.read_text())
     if config.get("command") != "live":
         raise ConfigError(f"{cfg_path}.command", config.get("command"), "live (a `staircase live` results folder)")
-    if "cli_args" not in config:
-        raise ConfigError(f"{cfg_path}.cli_args", None, "the recorded topology and policy arguments (runs of this version)")
+    if "topology_config" not in config and "cli_args" not in config:
+        raise ConfigError(f"{cfg_path}.topology_config", None, "the recorded topology and policies (runs of this version)")
     requests, chunks = {}, {}
     for f in sorted((folder / "traces").glob("*.requests.parquet")):
         req = read_requests(f)
@@ -162,6 +164,20 @@ def decode_speed(run: LiveRun, profile: Profile) -> dict | None:
     return {"decode_time_ratio": weighted_percentile(ratios, 50, weights), "intervals": len(ratios)}
 
 
+def run_topology_and_policies(cfg: dict):
+    """The topology and policies a run recorded: its ``topology_config`` and
+    ``policies`` configs (``staircase sim`` and ``staircase live`` record both); runs
+    recorded before topology configs are rebuilt from their ``cli_args``."""
+    if "topology_config" in cfg and cfg.get("policies"):
+        topology = topology_from_config(cfg["topology_config"])
+        policies = [policy_from_dict(d) for d in cfg["policies"]]
+    else:  # runs recorded before topology configs: rebuilt from their CLI arguments
+        topology, policies = topology_and_policies(argparse.Namespace(**cfg["cli_args"]))
+    for policy in policies:
+        policy.validate_for(topology)
+    return topology, policies
+
+
 def replay(run: LiveRun, profile: Profile, *, replicates: int = 3, seed: int = 0, tokenizer=None,
            policies: Sequence[str] | None = None, with_chunks: bool = False):
     """Simulated request rows per policy (replicates stacked, column ``replicate``);
@@ -169,7 +185,7 @@ def replay(run: LiveRun, profile: Profile, *, replicates: int = 3, seed: int = 0
     if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 1:
         raise ConfigError("replicates", replicates, "an integer >= 1")
     cfg = run.config
-    topology, built = topology_and_policies(argparse.Namespace(**cfg["cli_args"]))
+    topology, built = run_topology_and_policies(cfg)
     by_name = {p.name: p for p in built}
     concurrency = None if cfg.get("rate") else int(cfg.get("concurrency") or 1)
     out = {}

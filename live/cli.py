@@ -289,7 +289,8 @@ def run(args: argparse.Namespace) -> int:
         for server in servers:
             server.stop()
     # `raw` names API-key environment variables, never keys
-    config = {"command": "live", "topology": topology.describe(), "cli_args": topology_policy_args(args),
+    config = {"command": "live", "topology": topology.describe(), "topology_config": topology.config(),
+              "cli_args": topology_policy_args(args),
               "policies": [p.describe() for p in policies], "engines": raw, "prompts": args.prompts,
               "skip": args.skip, "requests": len(queries), "concurrency": args.concurrency, "rate": args.rate,
               "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,

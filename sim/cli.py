@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
     config = {
         "command": "sim",
         "topology": topology.describe(),
+        "topology_config": topology.config(),
         "topology_args": {"kind": args.topology, "proposers": args.proposers, "layers": args.layers,
                           "agents": args.agents, "rounds": args.rounds},
         "policies": [p.describe() for p in policies],

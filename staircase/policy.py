@@ -119,6 +119,78 @@ STEP = Decision("step")
 FINAL = Decision("final")
 
 
+@dataclass(frozen=True)
+class Knob:
+    """A policy parameter a search may vary: ``int``/``float`` in [low, high],
+    ``choice`` among ``choices``, or ``schedule`` (chunk sizes, each in [low, high])."""
+
+    name: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple = ()
+
+    def check(self, value: object) -> None:
+        """Raise ConfigError (naming the knob) when ``value`` is outside the knob's range."""
+        if self.kind == "choice":
+            ok = value in self.choices
+            allowed = ", ".join(map(str, self.choices))
+        else:
+            values = list(value) if self.kind == "schedule" and not isinstance(value, str) else [value]
+            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) and (self.kind != "int" or v == int(v))
+                     and (self.low is None or v >= self.low) and (self.high is None or v <= self.high)
+                     for v in values) and bool(values)
+            allowed = f"{self.kind} values in [{self.low}, {self.high}]"
+        if not ok:
+            raise ConfigError(self.name, value, allowed)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """A policy as data: its registry ``kind`` and constructor parameters (JSON values,
+    lists as tuples). Frozen and hashable, so a search can store, hash and rebuild a
+    candidate; ``build()`` makes the policy, ``Policy.config()`` gives it back."""
+
+    kind: str
+    params: tuple[tuple[str, object], ...]
+
+    @classmethod
+    def of(cls, kind: str, **params) -> "PolicyConfig":
+        if kind not in POLICY_KINDS:
+            raise ConfigError("policy.kind", kind, ", ".join(POLICY_KINDS))
+        unknown = sorted(set(params) - set(POLICY_KINDS[kind].PARAMS))
+        if unknown:
+            raise ConfigError(f"policy.{unknown[0]}", params[unknown[0]],
+                              f"parameters of {kind}: {', '.join(POLICY_KINDS[kind].PARAMS)}")
+        frozen = {k: tuple(v.sizes) if isinstance(v, ChunkSchedule) else tuple(v) if isinstance(v, (list, tuple)) else v
+                  for k, v in params.items()}
+        return cls(kind, tuple(sorted(frozen.items())))
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "PolicyConfig":
+        """From ``to_dict()`` or a run's recorded ``policies`` entry (also the class-name
+        kinds older runs recorded); keys that are not parameters are ignored."""
+        if not isinstance(raw, dict):
+            raise ConfigError("policy", raw, "an object with a kind and its parameters")
+        kind = _LEGACY_KINDS.get(raw.get("kind"), raw.get("kind"))
+        if kind not in POLICY_KINDS:
+            raise ConfigError("policy.kind", raw.get("kind"), ", ".join(POLICY_KINDS))
+        return cls.of(kind, **{k: raw[k] for k in POLICY_KINDS[kind].PARAMS if k in raw})
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **{k: list(v) if isinstance(v, tuple) else v for k, v in self.params}}
+
+    def key(self) -> str:
+        """A stable hash of the config (the same on every machine and run)."""
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+    def build(self) -> "Policy":
+        return POLICY_KINDS[self.kind](**{k: list(v) if isinstance(v, tuple) else v for k, v in self.params})
+
+
 class Policy(ABC):
     """What the scheduler asks; subclasses define the answers."""
 
@@ -149,8 +221,18 @@ class Policy(ABC):
     def decide(self, view: ConsumerView) -> Decision:
         """May this consumer start step ``view.step`` now, or generate the rest (``final``)?"""
 
+    KIND: str = ""
+    PARAMS: tuple[str, ...] = ()  # constructor parameters, as attributes of the same names
+    KNOBS: tuple[Knob, ...] = ()  # the parameters a search may vary, with their ranges
+
+    def config(self) -> PolicyConfig:
+        """This policy as data (``PolicyConfig.build()`` makes an equal one)."""
+        return PolicyConfig.of(self.KIND, **{k: getattr(self, k) for k in self.PARAMS})
+
     def describe(self) -> dict:
-        return {"name": self.name, "kind": type(self).__name__, "layout": self.layout, "tolerance": self.tolerance}
+        """What runs record: the config (``PolicyConfig.from_dict`` reads it back) plus
+        the derived ``layout`` and ``tolerance``."""
+        return self.config().to_dict() | {"name": self.name, "layout": self.layout, "tolerance": self.tolerance}
 
 
 def _check_choice(field: str, value: str, allowed: Sequence[str]) -> str:
@@ -165,11 +247,21 @@ def _check_redundancy(value: object) -> int:
     return value
 
 
+SCHEDULE_TOKENS = (1, 4096)  # a chunk size a search may try, in tokens
+
+
 class StaircasePolicy(Policy):
     """Consumer step k starts once N - r_k inputs delivered chunk k or finished
     (r_k = r on every step, or on the first step only, by ``scope``; an input that
     failed before chunk k lowers the count it waits for); once the inputs it waits for
     have finished, it generates the rest of its answer in one call."""
+
+    KIND = "staircase"
+    PARAMS = ("proposer_schedule", "aggregator_schedule", "redundancy", "scope", "layout", "name")
+    KNOBS = (Knob("proposer_schedule", "schedule", *SCHEDULE_TOKENS),
+             Knob("aggregator_schedule", "schedule", *SCHEDULE_TOKENS),
+             Knob("redundancy", "int", 0, 8), Knob("scope", "choice", choices=SCOPES),
+             Knob("layout", "choice", choices=LAYOUTS))
 
     def __init__(
         self,
@@ -215,18 +307,15 @@ class StaircasePolicy(Policy):
             return FINAL
         return STEP if ready >= need else WAIT
 
-    def describe(self) -> dict:
-        return super().describe() | {
-            "proposer_schedule": list(self.proposer_schedule.sizes),
-            "aggregator_schedule": list(self.aggregator_schedule.sizes),
-            "redundancy": self.redundancy,
-            "scope": self.scope,
-        }
 
 
 class DeadlineStaircasePolicy(StaircasePolicy):
     """Adaptive example: like staircase, but the first step also starts once
     ``max_wait_s`` passed since the first input chunk arrived (any one input)."""
+
+    KIND = "staircase-deadline"
+    PARAMS = StaircasePolicy.PARAMS + ("max_wait_s",)
+    KNOBS = StaircasePolicy.KNOBS + (Knob("max_wait_s", "float", 0.01, 60.0),)
 
     def __init__(self, max_wait_s: float = 0.5, **kwargs):
         if not max_wait_s > 0:
@@ -247,14 +336,16 @@ class DeadlineStaircasePolicy(StaircasePolicy):
             return STEP
         return Decision("wait", wake_after_s=self.max_wait_s - waited)
 
-    def describe(self) -> dict:
-        return super().describe() | {"max_wait_s": self.max_wait_s}
 
 
 class WaitAllPolicy(Policy):
     """Standard MoA: a consumer starts once every input finished; one call per node.
     ``report_schedule`` only sets how the final answer's stream is cut into chunks for
     the trace (it does not change when anything starts)."""
+
+    KIND = "wait-all"
+    PARAMS = ("report_schedule", "tolerance", "name")
+    KNOBS = (Knob("tolerance", "int", 0, 8),)
 
     def __init__(self, report_schedule: ChunkSchedule | Sequence[int] = PAPER_AGGREGATOR_SCHEDULE,
                  tolerance: int = 0, name: str = "wait-all"):
@@ -277,6 +368,10 @@ class WaitAllPolicy(Policy):
 
 class SinglePolicy(WaitAllPolicy):
     """One model (the final node's engine) answers the query alone."""
+
+    KIND = "single"
+    PARAMS = ("report_schedule", "name")
+    KNOBS = ()
 
     def __init__(self, report_schedule: ChunkSchedule | Sequence[int] = PAPER_AGGREGATOR_SCHEDULE, name: str = "single"):
         super().__init__(report_schedule, 0, name)
@@ -333,3 +428,13 @@ def make_policies(
             raise ConfigError("policy", p.name, "each policy once")
         seen.add(p.name)
     return out
+
+
+POLICY_KINDS: dict[str, type[Policy]] = {c.KIND: c for c in (StaircasePolicy, DeadlineStaircasePolicy, WaitAllPolicy,
+                                                             SinglePolicy)}
+_LEGACY_KINDS = {c.__name__: c.KIND for c in POLICY_KINDS.values()}  # what runs before policy configs recorded
+
+
+def policy_from_dict(raw: dict) -> Policy:
+    """A policy from a run's recorded ``policies`` entry (or ``PolicyConfig.to_dict()``)."""
+    return PolicyConfig.from_dict(raw).build()

@@ -69,6 +69,10 @@ class Topology:
         f = self.final
         return Topology("single", (Node(f.id, f.role, 0, 0, f.slot, (), True),), dict(self.params))
 
+    def config(self) -> dict:
+        """This topology as data: ``topology_from_config`` rebuilds it."""
+        return {"kind": self.kind, **self.params}
+
     def describe(self) -> str:
         if self.kind == "moa":
             return f"MoA, {self.params['layers']} layer(s) x {self.params['proposers']} proposers -> aggregator"
@@ -119,3 +123,12 @@ def build(kind: str, *, proposers: int = 3, layers: int = 1, agents: int = 3, ro
     if kind == "mad":
         return mad(agents, rounds)
     raise ConfigError("topology", kind, " or ".join(TOPOLOGY_KINDS))
+
+
+def topology_from_config(raw: dict) -> Topology:
+    """A topology from ``Topology.config()`` (what runs record as ``topology_config``)."""
+    if not isinstance(raw, dict) or raw.get("kind") not in TOPOLOGY_KINDS:
+        raise ConfigError("topology_config.kind", raw.get("kind") if isinstance(raw, dict) else raw,
+                          " or ".join(TOPOLOGY_KINDS))
+    names = {"moa": ("proposers", "layers"), "mad": ("agents", "rounds")}[raw["kind"]]
+    return build(raw["kind"], **{k: raw[k] for k in names if k in raw})
