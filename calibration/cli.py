@@ -23,7 +23,6 @@ import datetime as dt
 import json
 import platform
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -33,16 +32,17 @@ import pandas as pd
 from staircase.cli import results_folder
 from staircase.errors import ConfigError
 from staircase.machine import label
+from staircase.topology import proposer_slot_index
 
 from .fit import RunGroup, build_profile, fit_engine, fit_lengths, load_runs, observations
-from .probes import probe_queries, probe_set
+from .probes import probe_set, run_probes
 
 HELP_CAL = "probe live engines (or read traces) and fit a simulator profile"
 HELP_VAL = "replay live runs in the simulator: live vs simulated percentiles, errors, CDFs"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from live.cli import add_engine_arguments
+    from live.engines import add_engine_arguments
 
     p = subparsers.add_parser("calibrate", help=HELP_CAL, description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,50 +85,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # ------------------------------------------------------------------ calibrate
 
 
-def _cutter(engine):
-    """``cut(text, n)``: the first n tokens of text, by the engine's tokenizer (about 4
-    characters per token without one, as ``Engine.count_tokens`` counts)."""
-    tok = getattr(engine, "tokenizer", None)
-    if tok is None:
-        return lambda text, n: text[: 4 * n]
-    return lambda text, n: tok.decode(tok.encode(text, add_special_tokens=False)[:n])
-
-
-async def run_probes(engine, probes, folder: Path, *, seed: int = 0, progress: bool | None = None) -> list[Path]:
-    """Run the probe groups on one engine; writes ``traces/probe-<engine>-<group>.*``."""
-    from live.engines import Sampling
-    from live.prompts import load_prompts
-    from live.runner import LiveRunner
-    from staircase.policy import SinglePolicy
-    from staircase.topology import moa
-
-    runner = LiveRunner({"proposer-0": engine, "aggregator": engine}, moa(1), max_tokens=8,
-                        sampling=Sampling(temperature=0.7, seed=seed, ignore_eos=True))
-    await runner.start()
-    count, cut = engine.count_tokens, _cutter(engine)
-    pool = load_prompts("mt_bench")
-    await runner.run_policy(SinglePolicy(name="warmup"), ["Say hello."], progress=False)  # first-call costs, not kept
-    queries: dict[str, list[str]] = {}
-    paths = []
-    for probe in probes:
-        qs = queries[probe.same_queries_as][: len(probe.prompt_tokens)] if probe.same_queries_as else \
-            probe_queries(probe, count, cut, pool, f"{engine.name}/{probe.name}")
-        queries[probe.name] = qs
-        runner.max_tokens = probe.max_tokens
-        t0 = time.perf_counter()
-        policy = SinglePolicy([probe.chunk_tokens], name=f"probe-{engine.name}-{probe.name}")
-        trace = await runner.run_policy(policy, qs,
-                                        concurrency=probe.concurrency, seed=seed, progress=progress,
-                                        reset_cache=probe.reset_cache)
-        print(f"probe {engine.name}/{probe.name}: {len(qs)} requests in {time.perf_counter() - t0:.1f} s",
-              file=sys.stderr, flush=True)
-        paths += trace.write(folder / "traces")
-    return paths
-
-
 def _probe_live(args, folder: Path) -> dict:
     """Probe every engine of the config; returns the run's config record."""
-    from live.cli import announce_machine, engine_config, engines_from_config, quiet_vllm_logs, start_engines
+    from live.engines import announce_machine, engine_config, engines_from_config, quiet_vllm_logs, start_engines
     from staircase.topology import moa
 
     quiet_vllm_logs()
@@ -167,7 +126,7 @@ def _slots_from(groups: list[RunGroup], engines: list[str]) -> tuple[list[str], 
     for g in groups:
         se = g.config.get("slot_engines") or {}
         if se and all(v in engines for v in se.values()):
-            props = [se[k] for k in sorted((k for k in se if k.startswith("proposer-")), key=lambda k: int(k[9:]))]
+            props = [se[k] for k in sorted((k for k in se if k != "aggregator"), key=proposer_slot_index)]
             return props or [se["aggregator"]], se["aggregator"]
     return [engines[0]], engines[0]
 

@@ -21,7 +21,10 @@ engine's own tokenizer, each with a distinct lead so no two share a cached prefi
 
 from __future__ import annotations
 
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from staircase.errors import ConfigError
 
@@ -70,3 +73,42 @@ def probe_queries(probe: Probe, count_tokens, cut_tokens, source_texts: list[str
             body = body + " " + pool
         out.append(cut_tokens(head + body, n))
     return out
+
+
+def _cutter(engine):
+    """``cut(text, n)``: the first n tokens of text, by the engine's tokenizer (about 4
+    characters per token without one, as ``Engine.count_tokens`` counts)."""
+    tok = getattr(engine, "tokenizer", None)
+    if tok is None:
+        return lambda text, n: text[: 4 * n]
+    return lambda text, n: tok.decode(tok.encode(text, add_special_tokens=False)[:n])
+
+
+async def run_probes(engine, probes, folder: Path, *, seed: int = 0, progress: bool | None = None) -> list[Path]:
+    """Run the probe groups on one engine; writes ``traces/probe-<engine>-<group>.*``."""
+    from live.engines import Sampling
+    from live.prompts import load_prompts
+    from live.runner import LiveRunner
+    from staircase.policy import SinglePolicy
+    from staircase.topology import moa
+
+    runner = LiveRunner({"proposer-0": engine, "aggregator": engine}, moa(1), max_tokens=8,
+                        sampling=Sampling(temperature=0.7, seed=seed, ignore_eos=True))
+    await runner.start()
+    count, cut = engine.count_tokens, _cutter(engine)
+    pool = load_prompts("mt_bench")
+    await runner.run_policy(SinglePolicy(name="warmup"), ["Say hello."], progress=False)  # first-call costs, not kept
+    queries: dict[str, list[str]] = {}
+    paths = []
+    for probe in probes:
+        qs = queries[probe.same_queries_as][: len(probe.prompt_tokens)] if probe.same_queries_as else \
+            probe_queries(probe, count, cut, pool, f"{engine.name}/{probe.name}")
+        queries[probe.name] = qs
+        t0 = time.perf_counter()
+        policy = SinglePolicy([probe.chunk_tokens], name=f"probe-{engine.name}-{probe.name}")
+        trace = await runner.run_policy(policy, qs, concurrency=probe.concurrency, seed=seed, progress=progress,
+                                        reset_cache=probe.reset_cache, max_tokens=probe.max_tokens)
+        print(f"probe {engine.name}/{probe.name}: {len(qs)} requests in {time.perf_counter() - t0:.1f} s",
+              file=sys.stderr, flush=True)
+        paths += trace.write(folder / "traces")
+    return paths

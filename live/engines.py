@@ -18,6 +18,7 @@ watchdog adds ``stalled Ns`` and ``no first token in Ns`` (``live.watchdog``).
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -33,6 +34,7 @@ from typing import AsyncIterator
 
 from staircase.errors import ConfigError
 from staircase.prompts import Prompt
+from staircase.topology import slot_target
 
 
 class EngineError(Exception):
@@ -506,3 +508,133 @@ class VLLMServer:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(10)
+
+
+# ------------------------------------------------ engines from a config or flags
+# (shared by `staircase live` and `staircase calibrate`; no CLI module imports another's)
+
+ENGINE_KINDS = ("vllm", "serve", "http")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("engines")
+    g.add_argument("--config", type=Path, help="engines and slots as JSON (see above); overrides --model/--url")
+    g.add_argument("--model", default="smollm2",
+                   help="model folder for one in-process vLLM engine shared by every slot (default: bundled SmolLM2)")
+    g.add_argument("--url", help="base URL of an OpenAI-compatible server for every slot instead of --model")
+    g.add_argument("--served-model", default="model", help="--url: the model name the server expects")
+    g.add_argument("--api-key-env", help="--url: name of the environment variable holding the API key")
+    g.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default=None,
+                   help="engine dtype for vllm/serve engines (default: from the machine: bfloat16 on CPUs with "
+                        "native bf16 and on GPUs via auto, float32 on CPUs without; printed at start)")
+
+
+def engine_config(args: argparse.Namespace) -> dict:
+    """The engines-and-slots config object from --config, --url or --model."""
+    if args.config is not None:
+        if not args.config.is_file():
+            raise ConfigError("config", str(args.config), "an existing JSON file")
+        try:
+            return json.loads(args.config.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError("config", str(args.config), f"valid JSON ({err.msg}, line {err.lineno})") from None
+    if args.url:
+        return {"engines": {"remote": {"kind": "http", "url": args.url, "model": args.served_model,
+                                       "api_key_env": args.api_key_env}},
+                "slots": {"proposers": ["remote"], "aggregator": "remote"}}
+    return {"engines": {"local": {"kind": "vllm", "model": args.model}},
+            "slots": {"proposers": ["local"], "aggregator": "local"}}
+
+
+def quiet_vllm_logs() -> None:
+    """Keep stdout for the table or the JSON object: vLLM logs to stderr, warnings only."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+
+def model_path(value: str, field: str = "model") -> Path:
+    if value == "smollm2":
+        from .model import smollm2_folder
+
+        return smollm2_folder()
+    path = Path(value)
+    if not (path / "config.json").is_file():
+        raise ConfigError(field, value, "smollm2 or a model folder with a config.json")
+    return path
+
+
+def engines_from_config(raw: dict, topology, dtype: str | None = None) -> tuple[dict, list]:
+    """(slot -> engine, servers to stop) from a config object; checks every field.
+    ``dtype``: for vllm/serve engines whose spec names none (None: from the machine)."""
+
+    if not isinstance(raw, dict) or not isinstance(raw.get("engines"), dict) or not raw["engines"]:
+        raise ConfigError("config.engines", raw.get("engines") if isinstance(raw, dict) else raw,
+                          "an object of named engines")
+    specs = raw["engines"]
+    for name, spec in specs.items():
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        if kind not in ENGINE_KINDS:
+            raise ConfigError(f"config.engines.{name}.kind", kind, ", ".join(ENGINE_KINDS))
+        if kind in ("vllm", "serve"):
+            model_path(str(spec.get("model", "")), f"config.engines.{name}.model")
+            if spec.get("dtype") is not None and spec["dtype"] not in DTYPES:
+                raise ConfigError(f"config.engines.{name}.dtype", spec["dtype"], ", ".join(DTYPES))
+        if kind == "http" and not str(spec.get("url", "")).startswith(("http://", "https://")):
+            raise ConfigError(f"config.engines.{name}.url", spec.get("url"), "an http:// or https:// base URL")
+    slots = raw.get("slots") or {}
+    proposers = slots.get("proposers")
+    if not isinstance(proposers, list) or not proposers or any(p not in specs for p in proposers):
+        raise ConfigError("config.slots.proposers", proposers, f"a list of engine names from {', '.join(specs)}")
+    if slots.get("aggregator") not in specs:
+        raise ConfigError("config.slots.aggregator", slots.get("aggregator"), f"one of {', '.join(specs)}")
+    built: dict = {}
+    servers: list = []
+    for name in dict.fromkeys(proposers + [slots["aggregator"]]):
+        spec = specs[name]
+        if spec["kind"] == "vllm":
+            built[name] = VLLMEngine(model_path(spec["model"]), name=name, dtype=spec.get("dtype") or dtype)
+        elif spec["kind"] == "serve":
+            threads = str(spec["threads"]) if spec.get("threads") is not None else None
+            server = VLLMServer(model_path(spec["model"]), threads=threads, dtype=spec.get("dtype") or dtype)
+            servers.append(server)
+            built[name] = server
+        else:
+            built[name] = HTTPEngine(spec["url"], spec.get("model", "model"), name=name,
+                                     api_key_env=spec.get("api_key_env"), tokenizer_path=spec.get("tokenizer"))
+    mapping = {n.slot: built[slot_target(n.slot, proposers, slots["aggregator"])] for n in topology.nodes}
+    return mapping, servers
+
+
+def start_engines(mapping: dict, servers: list) -> dict:
+    """Start the `vllm serve` subprocesses of ``engines_from_config``; returns slot ->
+    engine with one client per server, shared by the slots that name it. The caller
+    stops ``servers``."""
+    for server in servers:
+        server.start()
+    clients = {id(e): e.engine(f"serve:{e.port}") for e in servers}
+    for server in servers:
+        clients[id(server)].settings = server.settings
+    return {slot: clients.get(id(e), e) for slot, e in mapping.items()}
+
+
+def engine_settings_of(engines) -> dict:
+    """engine name -> the settings it was built with (dtype and why, CPU threads), for
+    the engines that have them (vllm, serve)."""
+    return {e.name: e.settings for e in engines if getattr(e, "settings", None)}
+
+
+def announce_machine(engines) -> dict:
+    """Print the machine and each engine's settings on stderr; returns the record that
+    config.json keeps (``machine``, ``engine_settings``)."""
+    from staircase.machine import label
+
+    from .machine import describe
+
+    machine = describe()
+    settings = engine_settings_of({id(e): e for e in engines}.values())
+    print(f"machine: {label(machine)}", file=sys.stderr, flush=True)
+    for name, s in settings.items():
+        bind = f", CPU threads {s['cpu_threads_bind']}" if s.get("cpu_threads_bind") else ""
+        print(f"engine {name}: dtype {s['dtype']} ({s['dtype_reason']}){bind}", file=sys.stderr, flush=True)
+    return {"machine": machine, "engine_settings": settings}

@@ -31,6 +31,7 @@ from pathlib import Path
 import scipy.stats
 
 from staircase.errors import ConfigError
+from staircase.topology import slot_target
 
 SCHEMA = "staircase-profile/1"
 SHARING = ("per-slot", "one")
@@ -102,12 +103,7 @@ class Profile:
         """(engine instance name, its model) for a topology slot."""
         if self.engine_sharing == "one":
             return "shared", self.engines[self.aggregator_engine]
-        if slot == "aggregator":
-            model = self.aggregator_engine
-        elif slot.startswith("proposer-") and slot[9:].isdigit():
-            model = self.proposer_engines[int(slot[9:]) % len(self.proposer_engines)]
-        else:
-            raise ConfigError("slot", slot, "aggregator or proposer-<i>")
+        model = slot_target(slot, self.proposer_engines, self.aggregator_engine)
         return f"{slot}:{model}", self.engines[model]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Sequence
 
 from .errors import ConfigError
 
@@ -132,3 +133,20 @@ def topology_from_config(raw: dict) -> Topology:
                           " or ".join(TOPOLOGY_KINDS))
     names = {"moa": ("proposers", "layers"), "mad": ("agents", "rounds")}[raw["kind"]]
     return build(raw["kind"], **{k: raw[k] for k in names if k in raw})
+
+
+def proposer_slot_index(slot: str) -> int | None:
+    """``i`` of ``proposer-<i>``; None for ``aggregator``. Other names are an error."""
+    if slot == "aggregator":
+        return None
+    if slot.startswith("proposer-") and slot[9:].isdigit():
+        return int(slot[9:])
+    raise ConfigError("slot", slot, "aggregator or proposer-<i>")
+
+
+def slot_target(slot: str, proposers: Sequence, aggregator):
+    """The slot rule, the one place it lives: ``proposer-i`` runs on
+    ``proposers[i % len(proposers)]``, ``aggregator`` on ``aggregator`` (engines in a
+    live config, engine models in a profile)."""
+    i = proposer_slot_index(slot)
+    return aggregator if i is None else proposers[i % len(proposers)]

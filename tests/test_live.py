@@ -398,9 +398,8 @@ def test_ctrl_c_keeps_the_finished_requests(tmp_path):
 
 
 def test_probes_and_fit_on_the_real_engine(loop, engine, tmp_path):
-    from calibration.cli import run_probes
     from calibration.fit import build_profile, fit_engine, load_runs, observations
-    from calibration.probes import probe_set
+    from calibration.probes import probe_set, run_probes
     from sim.profile import parse_profile
 
     paths = loop.run_until_complete(run_probes(engine, probe_set("small"), tmp_path, progress=False))

@@ -97,3 +97,15 @@ def test_validate_rebuilds_a_run_from_its_configs_not_its_cli_arguments(tmp_path
     a, b = replay(old, load_profile(), replicates=1), replay(new, load_profile(), replicates=1)
     for name in a:
         assert a[name]["ttft_s"].tolist() == b[name]["ttft_s"].tolist()
+
+
+def test_the_slot_rule_lives_in_the_topology():
+    from sim.profile import load_profile
+    from staircase.topology import proposer_slot_index, slot_target
+
+    assert [slot_target(f"proposer-{i}", ["a", "b"], "agg") for i in range(5)] == ["a", "b", "a", "b", "a"]
+    assert slot_target("aggregator", ["a"], "agg") == "agg" and proposer_slot_index("proposer-12") == 12
+    with pytest.raises(ConfigError, match="slot: got 'judge-1'; allowed: aggregator or proposer-<i>"):
+        slot_target("judge-1", ["a"], "agg")
+    gpu = load_profile("illustrative-gpu")  # three proposer sizes: proposer-3 runs on proposer-0's model
+    assert gpu.engine_for_slot("proposer-3")[0] == f"proposer-3:{gpu.proposer_engines[0]}"
