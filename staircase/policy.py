@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol, Sequence
 
 from .errors import ConfigError
@@ -107,16 +108,26 @@ class ConsumerView:
         return sum(1 for u in self.upstream if u.failed)
 
 
+class DecisionKind(StrEnum):
+    """What a policy answers for a consumer's next step (string-valued: JSON-friendly,
+    equal to the plain strings)."""
+
+    WAIT = "wait"  # not yet (optionally with a timer)
+    STEP = "step"  # start the next step, of the policy's step size
+    FINAL = "final"  # generate the rest of the answer in one call
+    FAIL = "fail"  # too many inputs lost: end the request
+
+
 @dataclass(frozen=True)
 class Decision:
-    kind: str  # "wait", "step", "final", "fail"
-    wake_after_s: float | None = None  # for "wait": ask for a timer
+    kind: DecisionKind
+    wake_after_s: float | None = None  # for WAIT: ask for a timer
     reason: str = ""
 
 
-WAIT = Decision("wait")
-STEP = Decision("step")
-FINAL = Decision("final")
+WAIT = Decision(DecisionKind.WAIT)
+STEP = Decision(DecisionKind.STEP)
+FINAL = Decision(DecisionKind.FINAL)
 
 
 @dataclass(frozen=True)
@@ -300,7 +311,7 @@ class StaircasePolicy(Policy):
             elif u.failed:
                 missing += 1  # failed before chunk k: it never comes
         if lost > self.tolerance:
-            return Decision("fail", reason=f"lost {lost} of {len(view.upstream)} inputs; r={self.tolerance}")
+            return Decision(DecisionKind.FAIL, reason=f"lost {lost} of {len(view.upstream)} inputs; r={self.tolerance}")
         n = len(view.upstream)
         need = min(n - self.redundancy_at(step), n - missing)
         if finished >= need:
@@ -326,7 +337,7 @@ class DeadlineStaircasePolicy(StaircasePolicy):
 
     def decide(self, view: ConsumerView) -> Decision:
         decision = super().decide(view)
-        if decision.kind != "wait" or view.step != 0:
+        if decision.kind != DecisionKind.WAIT or view.step != 0:
             return decision
         firsts = [u.chunk_end_s[0] for u in view.upstream if u.chunks > 0]
         if not firsts:
@@ -334,7 +345,7 @@ class DeadlineStaircasePolicy(StaircasePolicy):
         waited = view.now_s - min(firsts)
         if waited >= self.max_wait_s - 1e-12:
             return STEP
-        return Decision("wait", wake_after_s=self.max_wait_s - waited)
+        return Decision(DecisionKind.WAIT, wake_after_s=self.max_wait_s - waited)
 
 
 
@@ -360,7 +371,8 @@ class WaitAllPolicy(Policy):
 
     def decide(self, view: ConsumerView) -> Decision:
         if view.lost > self.tolerance:
-            return Decision("fail", reason=f"lost {view.lost} of {len(view.upstream)} inputs; tolerance={self.tolerance}")
+            return Decision(DecisionKind.FAIL,
+                            reason=f"lost {view.lost} of {len(view.upstream)} inputs; tolerance={self.tolerance}")
         if all(u.finished or u.failed for u in view.upstream):
             return FINAL
         return WAIT

@@ -17,9 +17,10 @@ started) raise ``ProtocolError``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from .errors import ConfigError, ProtocolError
-from .policy import ConsumerView, Policy
+from .policy import ConsumerView, DecisionKind, Policy
 from .prompts import ConsumerPrompts, Piece, Prompt, TextPieces, Tokenizer, query_piece, source_prompt
 from .topology import Node, Topology
 
@@ -107,7 +108,19 @@ class Done:
 
 Action = Generate | Cancel | Emit | SetTimer | Done
 
-PENDING, RUNNING, IDLE, FINISHED, FAILED, CANCELLED = "pending", "running", "idle", "finished", "failed", "cancelled"
+class NodeStatus(StrEnum):
+    """Where a node of one request stands (string-valued: JSON-friendly)."""
+
+    PENDING = "pending"  # not started
+    RUNNING = "running"  # a call in flight
+    IDLE = "idle"  # between steps
+    FINISHED = "finished"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+PENDING, RUNNING, IDLE, FINISHED, FAILED, CANCELLED = NodeStatus  # short names for the hot paths below
+_WAIT, _STEP, _FINAL, _FAIL = DecisionKind
 
 
 @dataclass(frozen=True)
@@ -269,15 +282,16 @@ class Scheduler:
                 continue
             view = self.view(node_id, now_s)
             decision = self.policy.decide(view)
-            if decision.kind == "wait":
+            kind = decision.kind
+            if kind == _WAIT:
                 if decision.wake_after_s is not None and st.timer_step != st.step:
                     st.timer_step = st.step
                     actions.append(SetTimer((node_id, st.step), max(0.0, decision.wake_after_s)))
-            elif decision.kind == "fail":
+            elif kind == _FAIL:
                 lost = ", ".join(f"{u} ({self.lost.get(u, '?')})" for u in st.node.upstream if u in self.lost)
                 return actions + self._finish("error", f"{node_id} cannot go on: {decision.reason}: {lost}")
-            elif decision.kind in ("step", "final"):
-                generate = self._generate(st, view, decision.kind == "final")
+            elif kind == _STEP or kind == _FINAL:
+                generate = self._generate(st, view, kind == _FINAL)
                 actions.append(generate)
                 if generate.final_call:
                     actions += self._release_inputs(st.node)
