@@ -36,6 +36,7 @@ from staircase.machine import differences as machine_differences
 from staircase.machine import label as machine_label
 from staircase.errors import ConfigError
 from staircase.metrics import weighted_percentile
+from staircase.prompts import TokenizerCount
 from staircase.trace import read_chunks, read_requests
 
 METRICS = {"ttft_s": "TTFT (s)", "e2e_s": "E2E (s)", "tpot_s": "ITL, mean per request (s)",
@@ -311,13 +312,7 @@ def approx_or_model_tokenizer(run: LiveRun, choice: str = "auto"):
             raise ConfigError("tokenizer", choice, "auto, approx or a model folder with a tokenizer")
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(folder))
-
-    class _Count:
-        def count(self, text: str) -> int:
-            return len(tok.encode(text, add_special_tokens=False))
-
-    return _Count()
+    return TokenizerCount(AutoTokenizer.from_pretrained(str(folder)))
 
 
 def validate(runs: Sequence[LiveRun], profile: Profile, *, replicates: int = 3, seed: int = 0, tokenizer: str = "auto",

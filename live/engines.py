@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 from staircase.errors import ConfigError
-from staircase.prompts import Prompt
+from staircase.prompts import Prompt, TokenizerCount
 from staircase.topology import slot_target
 
 
@@ -123,10 +123,11 @@ class Engine(ABC):
     async def close(self) -> None: ...
 
     def count_tokens(self, text: str) -> int:
-        tok = getattr(self, "tokenizer", None)
-        if tok is None:
-            return max(1, len(text) // 4) if text else 0
-        return len(tok.encode(text, add_special_tokens=False))
+        """Tokens of ``text`` by the engine's tokenizer once started (about 4 characters
+        per token without one, as ``staircase.prompts.ApproxTokenizer``)."""
+        return TokenizerCount(getattr(self, "tokenizer", None)).count(text)
+
+    count = count_tokens  # an engine is the scheduler's Tokenizer for its own prompts
 
     def render(self, prompt: Prompt) -> str:
         """The prompt as text through the model's chat template."""

@@ -34,16 +34,6 @@ from .engines import Engine, EngineError, Sampling
 from .watchdog import CallWatch, EnginePace, StallLimits
 
 
-class _Tokens:
-    """The scheduler's tokenizer interface over an engine's tokenizer."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-
-    def count(self, text: str) -> int:
-        return self.engine.count_tokens(text)
-
-
 class LiveRunner:
     def __init__(self, engines: Mapping[str, Engine], topology: Topology, *, max_tokens: int = 256,
                  sampling: Sampling | None = None, stall: StallLimits | None = None,
@@ -64,7 +54,7 @@ class LiveRunner:
         if request_timeout_s is not None and not request_timeout_s > 0:
             raise ConfigError("request_timeout_s", request_timeout_s, "a number of seconds > 0, or None for no limit")
         self.request_timeout_s = request_timeout_s
-        self.tokens = _Tokens(self.engines["aggregator"])
+        self.tokens = self.engines["aggregator"]  # counts prompts with its tokenizer (Engine.count)
         self.recorder = Recorder()
         self._ids = itertools.count()
         self._t0 = time.perf_counter()

@@ -66,6 +66,25 @@ class ApproxTokenizer:
         return math.ceil(len(text) / self.chars_per_token) if text else 0
 
 
+_APPROX = ApproxTokenizer()
+
+
+class TokenizerCount:
+    """The one adapter from a model's tokenizer (anything with ``encode``, e.g. a
+    Hugging Face tokenizer) to the scheduler's ``Tokenizer``; without one, counts as
+    ``ApproxTokenizer`` does."""
+
+    __slots__ = ("encoder",)
+
+    def __init__(self, encoder=None):
+        self.encoder = encoder
+
+    def count(self, text: str) -> int:
+        if self.encoder is None:
+            return ApproxTokenizer.count(_APPROX, text)
+        return len(self.encoder.encode(text, add_special_tokens=False)) if text else 0
+
+
 class Piece(NamedTuple):
     """A run of text with a known token count; ``key`` identifies it across prompts."""
 
