@@ -92,9 +92,18 @@ class EnginePace:
 
     def deadline(self) -> float:
         """When the engine's quiet stops being explained by its work in flight."""
+        return self._deadline(self.gap_limit)
+
+    def earliest_deadline(self) -> float:
+        """A lower bound of ``deadline()`` without the gaps' percentile (an adaptive gap
+        limit is never below its floor): what a call waits on between deltas."""
+        lim = self.limits
+        return self._deadline(lambda: lim.gap_s if lim.gap_s is not None else lim.gap_floor_s)
+
+    def _deadline(self, gap_limit) -> float:
         ends = list(self.waiting.values())
         if self.last_delta_s is not None:
-            ends.append(self.last_delta_s + self.gap_limit())
+            ends.append(self.last_delta_s + gap_limit())
         return max(ends) if ends else float("-inf")
 
 
@@ -148,9 +157,12 @@ class CallWatch:
         task.add_done_callback(_retrieve)  # its outcome is read even if our cleanup is cancelled
         try:
             while True:
-                wait = max(self.pace.deadline(), self.grace_until) - time.monotonic()
-                if wait > 0:
-                    done, _ = await asyncio.wait({task}, timeout=wait)
+                now = time.monotonic()
+                deadline = max(self.pace.earliest_deadline(), self.grace_until)  # cheap: no percentile per delta
+                if deadline <= now:  # quiet that long: is the engine's exact deadline past too?
+                    deadline = max(self.pace.deadline(), self.grace_until)
+                if deadline > now:
+                    done, _ = await asyncio.wait({task}, timeout=deadline - now)
                     if done:
                         return task.result()
                     continue  # the deadline may have moved: the engine delivered to others

@@ -225,3 +225,16 @@ def test_engines_take_the_machines_settings(machine, model_folder, monkeypatch):
         assert engine.args["block_size"] == 32
         assert cmd[cmd.index("--dtype") + 1] == "float32" and "--enforce-eager" in cmd
         assert env["VLLM_CPU_OMP_THREADS_BIND"]
+
+
+def test_the_cheap_deadline_never_passes_the_exact_one():
+    """Calls wait on earliest_deadline() between deltas; a loss is decided on deadline()."""
+    pace = EnginePace(StallLimits(gap_floor_s=1.0, multiple=8))
+    pace.last_delta_s = 100.0
+    pace.gaps.extend([0.5] * 20)  # adaptive gap limit 4 s
+    assert pace.earliest_deadline() == 101.0 and pace.deadline() == 104.0
+    pace.waiting[1] = 120.0
+    assert pace.earliest_deadline() == pace.deadline() == 120.0
+    fixed = EnginePace(StallLimits(gap_s=2.0))
+    fixed.last_delta_s = 10.0
+    assert fixed.earliest_deadline() == fixed.deadline() == 12.0
