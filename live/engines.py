@@ -36,6 +36,8 @@ from staircase.errors import ConfigError
 from staircase.prompts import Prompt, TokenizerCount
 from staircase.topology import slot_target
 
+from .machine import DTYPES, engine_settings
+
 
 class EngineError(Exception):
     """A call failed; ``reason`` is short and goes into the trace."""
@@ -156,8 +158,6 @@ class VLLMEngine(Engine):
     def __init__(self, model: str | Path, name: str = "vllm", max_model_len: int = 4096,
                  enable_prefix_caching: bool = True, dtype: str | None = None, enforce_eager: bool | None = None,
                  block_size: int | None = None, extra_args: dict | None = None):
-        from .machine import engine_settings
-
         if not Path(model).exists() and not str(model).count("/") == 1:
             raise ConfigError("model", str(model), "an existing model folder (or a hub id on a machine with a hub)")
         self.model = str(model)
@@ -457,8 +457,6 @@ class VLLMServer:
         """The server's command line and environment, with the engine settings of this
         machine (``self.settings``): dtype; on vLLM's CPU build thread binding, eager
         mode, 32-token blocks and whole prefills (see ``cpu_scheduler_args``)."""
-        from .machine import engine_settings
-
         self.settings = engine_settings(self.dtype)
         env = dict(os.environ, HF_HUB_OFFLINE="1", VLLM_SERVER_DEV_MODE="1")
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # an idle server would spin a core
@@ -515,7 +513,6 @@ class VLLMServer:
 # (shared by `staircase live` and `staircase calibrate`; no CLI module imports another's)
 
 ENGINE_KINDS = ("vllm", "serve", "http")
-DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -526,7 +523,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--url", help="base URL of an OpenAI-compatible server for every slot instead of --model")
     g.add_argument("--served-model", default="model", help="--url: the model name the server expects")
     g.add_argument("--api-key-env", help="--url: name of the environment variable holding the API key")
-    g.add_argument("--dtype", choices=("auto", "bfloat16", "float16", "float32"), default=None,
+    g.add_argument("--dtype", choices=DTYPES, default=None,
                    help="engine dtype for vllm/serve engines (default: from the machine: bfloat16 on CPUs with "
                         "native bf16 and on GPUs via auto, float32 on CPUs without; printed at start)")
 

@@ -319,7 +319,6 @@ class StaircasePolicy(Policy):
         return STEP if ready >= need else WAIT
 
 
-
 class DeadlineStaircasePolicy(StaircasePolicy):
     """Adaptive example: like staircase, but the first step also starts once
     ``max_wait_s`` passed since the first input chunk arrived (any one input)."""
@@ -346,7 +345,6 @@ class DeadlineStaircasePolicy(StaircasePolicy):
         if waited >= self.max_wait_s - 1e-12:
             return STEP
         return Decision(DecisionKind.WAIT, wake_after_s=self.max_wait_s - waited)
-
 
 
 class WaitAllPolicy(Policy):

@@ -81,7 +81,7 @@ class TokenizerCount:
 
     def count(self, text: str) -> int:
         if self.encoder is None:
-            return ApproxTokenizer.count(_APPROX, text)
+            return _APPROX.count(text)
         return len(self.encoder.encode(text, add_special_tokens=False)) if text else 0
 
 
