@@ -144,14 +144,14 @@ class LiveRunner:
             return s
         return replace(s, seed=(s.seed * 1_000_003 + zlib.crc32(f"{request_id}/{node_id}".encode())) % 2**31)
 
-    async def _call(self, call: CallRecord, port: "_LivePort") -> None:
+    async def _call(self, call: "_LiveCall", port: "_LivePort") -> None:
         """Stream one call, cut it into the scheduler's chunks, report to the driver."""
         g, driver = call.generate, call.driver
         engine = self.engines[call.node.slot]
         key = f"{port.tag}-{g.node}-{g.call}"
         stream = engine.stream(key, g.prompt, g.max_tokens, self._sampling(driver.request_id, g.node))
         watch = CallWatch(self.paces[id(engine)], g.prompt.tokens, final=call.node.is_final, healthy=engine.healthy)
-        chunker, finish = _Chunker(g.boundaries), None
+        chunker, finish = call.chunker, None
         try:
             while True:
                 try:
@@ -180,12 +180,13 @@ class LiveRunner:
 
 class _Chunker:
     """Groups a call's deltas into the scheduler's chunks: a chunk ends at the first
-    delta that reaches its boundary (cumulative output tokens of the call)."""
+    delta that reaches its boundary (cumulative output tokens of the call). A policy
+    with adaptive chunks appends boundaries as the call goes (``_LivePort.extend_call``)."""
 
     __slots__ = ("boundaries", "next_i", "produced", "texts", "tokens", "first_s")
 
     def __init__(self, boundaries: Sequence[int]):
-        self.boundaries = boundaries
+        self.boundaries = list(boundaries)
         self.next_i = self.produced = self.tokens = 0
         self.texts: list[str] = []
         self.first_s: float | None = None
@@ -212,6 +213,16 @@ class _Chunker:
         return out
 
 
+class _LiveCall(CallRecord):
+    """A live call's record: its chunker too (the port extends its boundaries)."""
+
+    __slots__ = ("chunker",)
+
+    def __init__(self, driver: RequestDriver, generate: Generate, node: Node, sent_s: float, tokens_before: int):
+        super().__init__(driver, generate, node, sent_s, tokens_before)
+        self.chunker = _Chunker(generate.boundaries)
+
+
 class _LivePort:
     """The live runner's side of one request's driver: wall clock, real engines, one
     asyncio task per call. Errors inside the driver end the request (``finished``)."""
@@ -235,7 +246,7 @@ class _LivePort:
 
     def start_call(self, driver: RequestDriver, generate: Generate, node: Node, sent_s: float,
                    tokens_before: int) -> CallRecord:
-        call = CallRecord(driver, generate, node, sent_s, tokens_before)
+        call = _LiveCall(driver, generate, node, sent_s, tokens_before)
         call.engine = self.runner.engines[node.slot].name
         call.handle = asyncio.create_task(self.runner._call(call, self))
         self.tasks.append(call.handle)
@@ -244,6 +255,9 @@ class _LivePort:
     def cancel_call(self, call: CallRecord) -> None:
         if call.handle is not None:
             call.handle.cancel()
+
+    def extend_call(self, call: "_LiveCall", boundary: int) -> None:
+        call.chunker.boundaries.append(boundary)
 
     def set_timer(self, delay_s: float, fire) -> None:
         self.loop.call_later(delay_s, self.report, fire)

@@ -61,7 +61,7 @@ class SimCall(CallRecord):
     """One Generate on an engine, and the request driver's record of it: the engine
     reports progress to ``driver`` (``admitted``, ``chunk``, ``finished``)."""
 
-    __slots__ = ("key", "reuse_tokens", "shared_tokens", "shared_key", "ends", "reason", "bi", "join_iter",
+    __slots__ = ("key", "reuse_tokens", "shared_tokens", "shared_key", "ends", "reason", "end_i", "join_iter",
                  "cancelled")
 
     def __init__(self, driver, generate, node, tokens_before: int, key, prompt_tokens: int, reuse_tokens: int,
@@ -80,13 +80,22 @@ class SimCall(CallRecord):
         self.cancelled = False
         max_tokens, boundaries = generate.max_tokens, generate.boundaries
         self.reason = "stop" if natural_tokens <= max_tokens else "length"
-        if natural_tokens < max_tokens:
-            stop = max(1, natural_tokens)
+        # chunk ends, cumulative in the call; the last is where the call stops. A policy
+        # with adaptive chunks gives the first boundary only and the next ones as it goes
+        # (``extend``), so they go in before the stop.
+        if natural_tokens < max_tokens or boundaries[-1] < max_tokens:
+            stop = max(1, min(natural_tokens, max_tokens))
             self.ends = [b for b in boundaries if b < stop] + [stop]
         else:
             self.ends = list(boundaries)
-        self.bi = 0
+        self.end_i = 0  # index in ends of the chunk in progress
         self.join_iter = 0.0
+
+    def extend(self, boundary: int) -> None:
+        """The next chunk ends at ``boundary`` (asked while the engine reports the chunk
+        at the last known boundary, so the engine schedules it next)."""
+        if boundary < self.ends[-1]:
+            self.ends.insert(len(self.ends) - 1, boundary)
 
 
 class SimEngine:
@@ -94,7 +103,7 @@ class SimEngine:
                  noise: bool = True):
         self.env = env
         self.name = name
-        self.m = model
+        self.model = model
         nz = model.noise if noise else {}
         self._prefill_noise = Draws(nz.get("prefill"), rng)
         self._decode_noise = Draws(nz.get("decode"), rng)
@@ -125,7 +134,7 @@ class SimEngine:
     def submit(self, call: SimCall) -> None:
         """Send a call; it reaches the engine after the per-request overhead."""
         call.sent_s = self.env.now
-        delay = self.m.request_overhead_s * self._overhead_noise()
+        delay = self.model.request_overhead_s * self._overhead_noise()
         ev = self.env.timeout(delay, call)
         ev.callbacks.append(self._arrive_event)
 
@@ -148,17 +157,17 @@ class SimEngine:
             self._advance(self.env.now)
             self._reschedule()
 
-    def _u_v(self) -> tuple[float, float]:
+    def _iteration_terms(self) -> tuple[float, float]:
         """(time of the next decode iteration, its growth per iteration as context grows)."""
-        m = self.m
+        m = self.model
         b = len(self.batch)
         u = (m.decode_base_s + m.decode_per_seq_s * b + m.decode_per_context_token_s * self.context) * self.factor
         v = m.decode_per_context_token_s * b * self.factor
         return u, v
 
-    def _u(self) -> float:
-        """``_u_v()[0]`` alone (per reported chunk: the hot path)."""
-        m = self.m
+    def _iteration_s(self) -> float:
+        """The next decode iteration's time (``_iteration_terms()[0]``) alone (per reported chunk: the hot path)."""
+        m = self.model
         return (m.decode_base_s + m.decode_per_seq_s * len(self.batch)
                 + m.decode_per_context_token_s * self.context) * self.factor
 
@@ -168,7 +177,7 @@ class SimEngine:
         self.last_t = now
         if self.prefilling is not None or not self.batch or dt <= 0:
             return
-        u, v = self._u_v()
+        u, v = self._iteration_terms()
         if v > 0:
             half = u - v / 2
             n = (-half + math.sqrt(half * half + 2 * v * dt)) / v
@@ -178,7 +187,7 @@ class SimEngine:
         self.context += len(self.batch) * n
 
     def _time_for(self, n: float) -> float:
-        u, v = self._u_v()
+        u, v = self._iteration_terms()
         return n * u + v * n * (n - 1) / 2
 
     def _generated(self, call: SimCall) -> float:
@@ -200,7 +209,7 @@ class SimEngine:
         self._evict()
 
     def _evict(self) -> None:
-        budget = self.m.kv_cache_tokens - self.running_tokens
+        budget = self.model.kv_cache_tokens - self.running_tokens
         while self.cache_tokens > budget and self.cache:
             _, t = self.cache.popitem(last=False)
             self.cache_tokens -= t
@@ -218,7 +227,7 @@ class SimEngine:
             self.shared_seen[call.shared_key] = None
             if len(self.shared_seen) > SHARED_KEYS:
                 self.shared_seen.popitem(last=False)
-        block = self.m.block_size_tokens
+        block = self.model.block_size_tokens
         hit = (hit // block) * block
         return max(0, min(hit, call.prompt_tokens - 1))
 
@@ -232,13 +241,13 @@ class SimEngine:
             group: list[SimCall] = []
             uncached = 0
             squares = 0.0
-            while self.waiting and len(self.batch) + len(group) < self.m.max_batch_size:
+            while self.waiting and len(self.batch) + len(group) < self.model.max_batch_size:
                 call = self.waiting[0]
                 if call.cancelled:
                     self.waiting.popleft()
                     continue
                 need = call.prompt_tokens + call.ends[-1]
-                if group and self.running_tokens + need > self.m.kv_cache_tokens:
+                if group and self.running_tokens + need > self.model.kv_cache_tokens:
                     break  # no room now; a first call is always admitted so nothing starves
                 self.waiting.popleft()
                 self.running_tokens += need
@@ -252,11 +261,11 @@ class SimEngine:
             if group:
                 self.prefilling = group
                 self.prefills += 1
-                cost = self.m.prefill_s(uncached, squares)
+                cost = self.model.prefill_s(uncached, squares)
                 if self.batch:  # a mixed step: the running sequences decode one token in it
                     self._mixed = True
-                    u = self.m.decode_iteration_s(len(self.batch), self.context) * self._decode_noise()
-                    duration = u + (cost - self.m.prefill_base_s) * self._prefill_noise()
+                    u = self.model.decode_iteration_s(len(self.batch), self.context) * self._decode_noise()
+                    duration = u + (cost - self.model.prefill_base_s) * self._prefill_noise()
                 else:
                     self._mixed = False
                     duration = cost * self._prefill_noise()
@@ -291,7 +300,7 @@ class SimEngine:
             self._boundary(self._timer_target)
 
     def _push(self, call: SimCall) -> None:
-        target = call.join_iter + call.ends[call.bi] - 1
+        target = call.join_iter + call.ends[call.end_i] - 1
         self._tie += 1
         heapq.heappush(self.heap, (target, self._tie, call))
 
@@ -335,18 +344,18 @@ class SimEngine:
             _, _, call = heapq.heappop(heap)
             if call.cancelled:
                 continue
-            end = call.ends[call.bi]
-            start = call.ends[call.bi - 1] if call.bi else 0
-            if call.bi == 0:
+            end = call.ends[call.end_i]
+            start = call.ends[call.end_i - 1] if call.end_i else 0
+            if call.end_i == 0:
                 first = call.last_end_s  # the prefill's end: it produced token 1
             else:
-                first = min(now, call.last_end_s + self._u())
+                first = min(now, call.last_end_s + self._iteration_s())
             call.driver.chunk(call, end - start, None, first, now)
             call.last_end_s = now
             if call.cancelled:
                 continue
-            call.bi += 1
-            if call.bi < len(call.ends):
+            call.end_i += 1
+            if call.end_i < len(call.ends):
                 self._push(call)
             else:
                 self._leave(call)

@@ -60,6 +60,9 @@ class _SimPort:
     def cancel_call(self, call: SimCall) -> None:
         self.engines[call.engine].cancel(call)
 
+    def extend_call(self, call: SimCall, boundary: int) -> None:
+        call.extend(boundary)
+
     def set_timer(self, delay_s: float, fire: Callable[[], None]) -> None:
         self.env.timeout(delay_s).callbacks.append(lambda _event: fire())
 
@@ -144,7 +147,7 @@ def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[R
 
 
 def _engine_report(engines: dict[str, SimEngine]) -> dict:
-    return {n: {"model": e.m.name, "prefills": e.prefills, "decode_intervals": e.iterations_scheduled}
+    return {n: {"model": e.model.name, "prefills": e.prefills, "decode_intervals": e.iterations_scheduled}
             for n, e in engines.items()}
 
 

@@ -16,7 +16,8 @@ from typing import Callable, Protocol
 from .metrics import request_metrics
 from .policy import Policy
 from .prompts import TextPieces, Tokenizer
-from .scheduler import Cancel, Chunk, Done, Emit, Failed, Finished, Generate, Query, Scheduler, SetTimer, TimerFired
+from .scheduler import (Cancel, Chunk, Done, Emit, Failed, Finished, Generate, NextChunk, Query, Scheduler, SetTimer,
+                        TimerFired)
 from .topology import Node, Topology
 from .trace import ChunkRow, RequestRow, Trace, frame, CHUNK_COLUMNS, REQUEST_COLUMNS
 
@@ -33,6 +34,11 @@ class Port(Protocol):
                    tokens_before: int) -> "CallRecord": ...
 
     def cancel_call(self, call: "CallRecord") -> None: ...
+
+    def extend_call(self, call: "CallRecord", boundary: int) -> None:
+        """The call's next chunk ends at ``boundary`` (cumulative output tokens of the
+        call). Asked while the driver handles the chunk that reached the last boundary,
+        before the runner's call goes on (policies with adaptive chunks)."""
 
     def set_timer(self, delay_s: float, fire: Callable[[], None]) -> None: ...
 
@@ -147,6 +153,10 @@ class RequestDriver:
                 continue  # user-visible chunks are recorded with their times in chunk()
             if isinstance(a, Generate):
                 self._generate(a, now)
+            elif isinstance(a, NextChunk):
+                call = self.calls.get(a.node)
+                if call is not None and call.generate.call == a.call:
+                    self.port.extend_call(call, a.boundary)
             elif isinstance(a, Cancel):
                 call = self.calls.pop(a.node, None)
                 if call is not None:

@@ -12,8 +12,20 @@ every comparison runs through one code path:
 - ``DeadlineStaircasePolicy``: an adaptive example; it also starts the first step
   when it has waited ``max_wait_s`` since the first input chunk arrived.
 
-Adaptive policies override ``decide`` and/or ``step_tokens``: both see a
-``ConsumerView`` of what has been observed so far, including chunk times.
+The protocol lets a policy adapt as a request goes:
+
+- ``decide(ConsumerView) -> Decision``: one decision, which for a step carries the
+  step's size (``Decision.tokens``; absent: the schedule's size for that step).
+- ``new_state(topology)``: state of the policy's own for one request (rates seen so
+  far, ...); every view carries it as ``state``, so one policy object serves every
+  request.
+- ``chunk_tokens(StreamView) -> int``: the size of a streaming call's next chunk. A
+  policy with ``ADAPTIVE_CHUNKS = True`` is asked when each chunk is reached, so the
+  boundaries of a call are set while it streams (the scheduler's ``NextChunk``
+  action); otherwise all of a call's boundaries are fixed when it starts, from
+  ``output_schedule`` (the runners' fast path).
+
+Views show every node of the request (``nodes``), with their chunk times and sizes.
 """
 
 from __future__ import annotations
@@ -21,7 +33,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol, Sequence
+from typing import Mapping, Protocol, Sequence
 
 from .errors import ConfigError
 from .topology import Node, Topology
@@ -93,19 +105,39 @@ class UpstreamView(Protocol):
     finished: bool  # answer complete (not failed, not cancelled)
     failed: bool
     chunk_end_s: Sequence[float]  # time each chunk was delivered
+    chunk_sizes: Sequence[int]  # tokens of each chunk delivered
+    sent_s: float  # when the node's current (or last) call was sent; -1 before any
 
 
 @dataclass(slots=True)
 class ConsumerView:
+    """What a policy sees when it decides a consumer's next step."""
+
     node: Node
     step: int  # index of the step about to be decided
     now_s: float
     own_tokens: int
     upstream: Sequence[UpstreamView]
+    state: object = None  # this request's policy state (``Policy.new_state``)
+    nodes: Mapping[str, UpstreamView] | None = None  # every node of the request, by id
 
     @property
     def lost(self) -> int:
         return sum(1 for u in self.upstream if u.failed)
+
+
+@dataclass(slots=True)
+class StreamView:
+    """What a policy sees when it sizes the next chunk of a streaming call."""
+
+    node: Node
+    chunk: int  # index of the chunk to size, over the node's whole answer
+    now_s: float
+    tokens: int  # the node's output tokens so far (all its calls)
+    call_tokens: int  # of them, in this call
+    call_max_tokens: int  # this call's limit: a boundary beyond it is cut to it
+    state: object
+    nodes: Mapping[str, UpstreamView]
 
 
 class DecisionKind(StrEnum):
@@ -123,6 +155,7 @@ class Decision:
     kind: DecisionKind
     wake_after_s: float | None = None  # for WAIT: ask for a timer
     reason: str = ""
+    tokens: int | None = None  # for STEP: the step's size (None: the schedule's size for this step)
 
 
 WAIT = Decision(DecisionKind.WAIT)
@@ -222,15 +255,21 @@ class Policy(ABC):
     def output_schedule(self, node: Node) -> ChunkSchedule:
         """Chunk sizes of ``node``'s output as its readers (or the user) receive it."""
 
-    def source_boundaries(self, node: Node, max_tokens: int) -> tuple[int, ...]:
-        return self.output_schedule(node).boundaries(0, max_tokens)
+    ADAPTIVE_CHUNKS = False  # True: chunk boundaries are asked for (chunk_tokens) while a call streams
 
-    def step_tokens(self, view: ConsumerView) -> int:
-        return self.output_schedule(view.node).size(view.step)
+    def new_state(self, topology: Topology) -> object:
+        """This policy's state for one request (views carry it as ``state``); none by default."""
+        return None
+
+    def chunk_tokens(self, view: StreamView) -> int:
+        """Size of chunk ``view.chunk`` of a streaming call (asked only by policies with
+        ``ADAPTIVE_CHUNKS``; the others' boundaries come from ``output_schedule``)."""
+        return self.output_schedule(view.node).size(view.chunk)
 
     @abstractmethod
     def decide(self, view: ConsumerView) -> Decision:
-        """May this consumer start step ``view.step`` now, or generate the rest (``final``)?"""
+        """May this consumer start step ``view.step`` now (``STEP``, of ``tokens``), or
+        generate the rest (``FINAL``), wait, or fail?"""
 
     KIND: str = ""
     PARAMS: tuple[str, ...] = ()  # constructor parameters, as attributes of the same names

