@@ -302,6 +302,31 @@ class HTTPEngine(Engine):
     async def stream(self, request_id: str, prompt: Prompt, max_tokens: int, sampling: Sampling) -> AsyncIterator[Delta]:
         import aiohttp
 
+        url, body = self._request(prompt, max_tokens, sampling)
+        reader = _StreamReader()
+        try:
+            async with self.session.post(url, json=body, headers=self._headers()) as resp:
+                if resp.status != 200:
+                    raise EngineError(f"http {resp.status}")
+                async for event in _sse_events(resp):
+                    delta = reader.delta(event)
+                    if delta is not None:
+                        yield delta
+        except (EngineError, asyncio.CancelledError):
+            raise
+        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
+            raise EngineError(f"stalled {self.stall_timeout_s:g}s") from None
+        except aiohttp.ClientPayloadError:
+            raise EngineError("truncated stream") from None
+        except aiohttp.ClientError as err:
+            raise EngineError(f"connection lost ({type(err).__name__})") from None
+        if reader.finish not in ("stop", "length"):
+            raise EngineError("truncated stream" if reader.finish is None else f"finished: {reader.finish}")
+        yield Delta("", 0, reader.finish)
+
+    def _request(self, prompt: Prompt, max_tokens: int, sampling: Sampling) -> tuple[str, dict]:
+        """(url, JSON body) of a streaming completion: the completions API with our own
+        rendering when the tokenizer is known, else the chat API."""
         body: dict = {"model": self.model, "max_tokens": max_tokens, "temperature": sampling.temperature,
                       "top_p": sampling.top_p, "stream": True,
                       "stream_options": {"include_usage": True, "continuous_usage_stats": True},
@@ -311,76 +336,13 @@ class HTTPEngine(Engine):
         if sampling.ignore_eos:
             body["ignore_eos"] = True  # a vLLM extension of the OpenAI API
         if self.tokenizer is not None:
-            url = f"{self.base_url}/v1/completions"
-            body["prompt"] = self.render(prompt)
-        else:
-            url = f"{self.base_url}/v1/chat/completions"
-            chat = prompt.as_chat()
-            if prompt.continue_final and not chat[-1]["content"]:
-                chat = chat[:-1]
-            elif prompt.continue_final:
-                body |= {"continue_final_message": True, "add_generation_prompt": False}
-            body["messages"] = chat
-        tokens_seen = 0
-        first = True
-        finish = None
-        try:
-            async with self.session.post(url, json=body, headers=self._headers()) as resp:
-                if resp.status != 200:
-                    raise EngineError(f"http {resp.status}")
-                async for raw in resp.content:
-                    line = raw.decode("utf-8", "replace").strip()
-                    if not line or line.startswith(":"):
-                        continue
-                    if not line.startswith("data:"):
-                        raise EngineError("malformed stream")
-                    data = line[5:].strip()
-                    if data == "[DONE]":
-                        break
-                    try:
-                        event = json.loads(data)
-                    except json.JSONDecodeError:
-                        raise EngineError("malformed stream") from None
-                    if "error" in event:
-                        raise EngineError(f"server error: {str(event['error'])[:100]}")
-                    usage = event.get("usage") or {}
-                    choices = event.get("choices") or []
-                    text, n = "", 0
-                    if choices:
-                        ch = choices[0]
-                        text = ch.get("text") if "text" in ch else (ch.get("delta") or {}).get("content") or ""
-                        ids = ch.get("token_ids")
-                        if ids is not None:
-                            n = len(ids)
-                        elif usage.get("completion_tokens") is not None:
-                            n = usage["completion_tokens"] - tokens_seen
-                        else:
-                            n = 1 if text else 0
-                        finish = ch.get("finish_reason") or finish
-                    if n <= 0 and not (first and usage):
-                        continue
-                    tokens_seen += max(n, 0)
-                    delta = Delta(text or "", max(n, 0), None)
-                    if first and usage:
-                        delta.prompt_tokens = usage.get("prompt_tokens")
-                        details = usage.get("prompt_tokens_details") or {}
-                        delta.cached_tokens = details.get("cached_tokens") or 0
-                        first = False
-                    if delta.tokens:
-                        yield delta
-        except EngineError:
-            raise
-        except asyncio.CancelledError:
-            raise
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
-            raise EngineError(f"stalled {self.stall_timeout_s:g}s") from None
-        except aiohttp.ClientPayloadError:
-            raise EngineError("truncated stream") from None
-        except aiohttp.ClientError as err:
-            raise EngineError(f"connection lost ({type(err).__name__})") from None
-        if finish not in ("stop", "length"):
-            raise EngineError("truncated stream" if finish is None else f"finished: {finish}")
-        yield Delta("", 0, finish)
+            return f"{self.base_url}/v1/completions", body | {"prompt": self.render(prompt)}
+        chat = prompt.as_chat()
+        if prompt.continue_final and not chat[-1]["content"]:
+            chat = chat[:-1]
+        elif prompt.continue_final:
+            body |= {"continue_final_message": True, "add_generation_prompt": False}
+        return f"{self.base_url}/v1/chat/completions", body | {"messages": chat}
 
     async def healthy(self) -> bool:
         """``/health`` answers 200 (vLLM), or ``/v1/models`` does (other servers), within
@@ -423,6 +385,69 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+async def _sse_events(resp) -> AsyncIterator[dict]:
+    """The JSON events of a server-sent-events response, up to ``[DONE]``; a line that is
+    not an event or not JSON, or an ``error`` event, raises EngineError."""
+    async for raw in resp.content:
+        line = raw.decode("utf-8", "replace").strip()
+        if not line or line.startswith(":"):
+            continue
+        if not line.startswith("data:"):
+            raise EngineError("malformed stream")
+        data = line[5:].strip()
+        if data == "[DONE]":
+            return
+        try:
+            event = json.loads(data)
+        except json.JSONDecodeError:
+            raise EngineError("malformed stream") from None
+        if "error" in event:
+            raise EngineError(f"server error: {str(event['error'])[:100]}")
+        yield event
+
+
+class _StreamReader:
+    """Turns a completion stream's events into deltas: tokens from ``token_ids`` (else
+    usage counts, else one per non-empty text), the prompt's and cached tokens from the
+    usage seen up to the first delta with tokens (a chat stream's first event, the role,
+    carries usage but no token), the finish reason from the last choice that has one."""
+
+    __slots__ = ("tokens_seen", "usage", "finish")
+
+    def __init__(self):
+        self.tokens_seen = 0
+        self.usage: dict | None = {}  # None once the first delta carried it
+        self.finish: str | None = None
+
+    def delta(self, event: dict) -> Delta | None:
+        usage = event.get("usage") or {}
+        if usage and self.usage is not None:
+            self.usage = usage
+        choices = event.get("choices") or []
+        if not choices:
+            return None
+        ch = choices[0]
+        self.finish = ch.get("finish_reason") or self.finish
+        text = ch.get("text") if "text" in ch else (ch.get("delta") or {}).get("content") or ""
+        ids = ch.get("token_ids")
+        if ids is not None:
+            n = len(ids)
+        elif usage.get("completion_tokens") is not None:
+            n = usage["completion_tokens"] - self.tokens_seen
+        else:
+            n = 1 if text else 0
+        if n <= 0:
+            return None
+        self.tokens_seen += n
+        delta = Delta(text or "", n, None)
+        if self.usage is not None:
+            if self.usage:
+                delta.prompt_tokens = self.usage.get("prompt_tokens")
+                delta.cached_tokens = (self.usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+            self.usage = None
+        return delta
 
 
 @dataclass

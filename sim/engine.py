@@ -83,11 +83,13 @@ class SimCall(CallRecord):
         # chunk ends, cumulative in the call; the last is where the call stops. A policy
         # with adaptive chunks gives the first boundary only and the next ones as it goes
         # (``extend``), so they go in before the stop.
-        if natural_tokens < max_tokens or boundaries[-1] < max_tokens:
-            stop = max(1, min(natural_tokens, max_tokens))
+        if natural_tokens < max_tokens:
+            stop = natural_tokens if natural_tokens > 1 else 1
             self.ends = [b for b in boundaries if b < stop] + [stop]
-        else:
+        elif boundaries[-1] == max_tokens:
             self.ends = list(boundaries)
+        else:
+            self.ends = [*boundaries, max_tokens]
         self.end_i = 0  # index in ends of the chunk in progress
         self.join_iter = 0.0
 
@@ -236,44 +238,54 @@ class SimEngine:
         if self._busy or self.prefilling is not None:
             return
         self._timer = None  # any pending decode timer is stale now
-        now = self.env.now
-        if self.waiting:
-            group: list[SimCall] = []
-            uncached = 0
-            squares = 0.0
-            while self.waiting and len(self.batch) + len(group) < self.model.max_batch_size:
-                call = self.waiting[0]
-                if call.cancelled:
-                    self.waiting.popleft()
-                    continue
-                need = call.prompt_tokens + call.ends[-1]
-                if group and self.running_tokens + need > self.model.kv_cache_tokens:
-                    break  # no room now; a first call is always admitted so nothing starves
-                self.waiting.popleft()
-                self.running_tokens += need
-                self._evict()
-                cached = self._cached_tokens(call)
-                new = call.prompt_tokens - cached
-                uncached += new
-                squares += new * new
-                call.driver.admitted(call, call.prompt_tokens, cached)
-                group.append(call)
-            if group:
-                self.prefilling = group
-                self.prefills += 1
-                cost = self.model.prefill_s(uncached, squares)
-                if self.batch:  # a mixed step: the running sequences decode one token in it
-                    self._mixed = True
-                    u = self.model.decode_iteration_s(len(self.batch), self.context) * self._decode_noise()
-                    duration = u + (cost - self.model.prefill_base_s) * self._prefill_noise()
-                else:
-                    self._mixed = False
-                    duration = cost * self._prefill_noise()
-                self.prefill_end = now + duration
-                self._set_timer(self.prefill_end - now, None)
-                return
-        if not self.batch:
+        if self.waiting and self._start_prefill():
             return
+        if self.batch:
+            self._arm_decode_timer()
+
+    def _start_prefill(self) -> bool:
+        """Admit waiting calls together (up to the batch and KV limits) into one prefill
+        step, and time it; False when none could be admitted."""
+        group: list[SimCall] = []
+        uncached = 0
+        squares = 0.0
+        model = self.model
+        while self.waiting and len(self.batch) + len(group) < model.max_batch_size:
+            call = self.waiting[0]
+            if call.cancelled:
+                self.waiting.popleft()
+                continue
+            need = call.prompt_tokens + call.ends[-1]
+            if group and self.running_tokens + need > model.kv_cache_tokens:
+                break  # no room now; a first call is always admitted so nothing starves
+            self.waiting.popleft()
+            self.running_tokens += need
+            self._evict()
+            cached = self._cached_tokens(call)
+            new = call.prompt_tokens - cached
+            uncached += new
+            squares += new * new
+            call.driver.admitted(call, call.prompt_tokens, cached)
+            group.append(call)
+        if not group:
+            return False
+        self.prefilling = group
+        self.prefills += 1
+        cost = model.prefill_s(uncached, squares)
+        if self.batch:  # a mixed step: the running sequences decode one token in it
+            self._mixed = True
+            u = model.decode_iteration_s(len(self.batch), self.context) * self._decode_noise()
+            duration = u + (cost - model.prefill_base_s) * self._prefill_noise()
+        else:
+            self._mixed = False
+            duration = cost * self._prefill_noise()
+        now = self.env.now
+        self.prefill_end = now + duration
+        self._set_timer(self.prefill_end - now, None)  # (as rounded: the same times as ever)
+        return True
+
+    def _arm_decode_timer(self) -> None:
+        """Decode until the nearest chunk boundary of a running call: one timer."""
         while self.heap and self.heap[0][2].cancelled:
             heapq.heappop(self.heap)
         if not self.heap:

@@ -147,7 +147,8 @@ class _NodeState:
     """A node's progress; also what consumers' policies see of it (``UpstreamView``)."""
 
     __slots__ = ("node", "status", "call", "pieces", "chunk_end_s", "tokens", "step", "final_call",
-                 "timer_step", "prompts", "inputs", "sent_s", "call_start", "call_max", "call_bound")
+                 "timer_step", "prompts", "inputs", "sent_s", "call_start", "call_max", "call_bound", "chunks",
+                 "finished", "failed")
 
     def __init__(self, node: Node):
         self.node = node
@@ -164,22 +165,14 @@ class _NodeState:
         self.sent_s = -1.0  # when the current call was sent
         self.call_start = self.call_max = self.call_bound = 0  # the current call's first token, limit and
         # last known boundary, in the node's output tokens
-
-    @property
-    def chunks(self) -> int:
-        return len(self.pieces)
+        # what policies read most, kept as plain fields (they run on every input chunk)
+        self.chunks = 0  # chunks delivered
+        self.finished = False  # answer complete (status FINISHED)
+        self.failed = False  # status FAILED
 
     @property
     def chunk_sizes(self) -> list[int]:
         return [p.tokens for p in self.pieces]
-
-    @property
-    def finished(self) -> bool:
-        return self.status == FINISHED
-
-    @property
-    def failed(self) -> bool:
-        return self.status == FAILED
 
 
 class Scheduler:
@@ -221,7 +214,7 @@ class Scheduler:
                 st.final_call = True
                 if self._source_prompt is None:
                     self._source_prompt = source_prompt(self.query, self.texts)
-                boundaries = self._call_boundaries(st, self.max_tokens, now_s)
+                boundaries = self._call_boundaries(st, self.max_tokens, now_s, True)
                 actions.append(Generate(n.id, st.call, self._source_prompt, self.max_tokens, boundaries, 0, 0, True))
         return actions
 
@@ -253,12 +246,13 @@ class Scheduler:
 
     # --------------------------------------------------------------- event handlers
     def _on_chunk(self, st: _NodeState, ev: Chunk, now_s: float) -> list[Action]:
-        if ev.index != len(st.pieces):
-            raise ProtocolError(f"{ev.node}: chunk {ev.index} arrived, expected chunk {len(st.pieces)}")
+        if ev.index != st.chunks:
+            raise ProtocolError(f"{ev.node}: chunk {ev.index} arrived, expected chunk {st.chunks}")
         if ev.tokens < 1 or st.tokens + ev.tokens > self.max_tokens:
             raise ProtocolError(f"{ev.node}: chunk of {ev.tokens} tokens after {st.tokens} (max {self.max_tokens})")
         piece = Piece(("out", ev.node, ev.index), ev.tokens, ev.text)
         st.pieces.append(piece)
+        st.chunks += 1
         st.chunk_end_s.append(now_s)
         st.tokens += ev.tokens
         if st.prompts is not None:
@@ -278,6 +272,7 @@ class Scheduler:
             st.step += 1
             return self._evaluate([st.node.id], now_s)
         st.status = FINISHED
+        st.finished = True
         if st.node.is_final:
             return self._finish("ok", None)
         actions = self._evaluate(self.topology.downstream[st.node.id], now_s)
@@ -285,6 +280,7 @@ class Scheduler:
 
     def _on_failed(self, st: _NodeState, ev: Failed, now_s: float) -> list[Action]:
         st.status = FAILED
+        st.failed = True
         self.lost[st.node.id] = ev.reason
         if st.node.is_final:
             return self._finish("error", f"{st.node.id} failed: {ev.reason}")
@@ -324,37 +320,37 @@ class Scheduler:
 
     def _generate(self, st: _NodeState, view: ConsumerView, decision, final: bool) -> Generate:
         remaining = self.max_tokens - st.tokens
-        if final:
-            max_tokens = remaining
-        else:
-            size = decision.tokens
-            if size is None:
-                size = self.policy.output_schedule(st.node).size(view.step)
-            elif isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ProtocolError(f"policy {self.policy.name} chose a step of {size!r} tokens (an integer >= 1)")
-            max_tokens = min(size, remaining)
-        inputs = [self.states[u].pieces for u in st.node.upstream]
-        prompt = st.prompts.next(inputs)
+        max_tokens = remaining if final else self._step_tokens(st, view, decision, remaining)
+        prompt = st.prompts.next([u.pieces for u in st.inputs])
         st.call += 1
         st.status = RUNNING
         st.final_call = final or max_tokens == remaining
-        if final:
-            boundaries = self._call_boundaries(st, max_tokens, view.now_s)
-        else:  # a step is one chunk
-            st.sent_s, st.call_start = view.now_s, st.tokens
-            st.call_max = st.call_bound = st.tokens + max_tokens
-            boundaries = (max_tokens,)
+        boundaries = self._call_boundaries(st, max_tokens, view.now_s, final)
         return Generate(st.node.id, st.call, prompt, max_tokens, boundaries, len(st.pieces), st.step, st.final_call)
 
-    def _call_boundaries(self, st: _NodeState, max_tokens: int, now_s: float) -> tuple[int, ...]:
-        """A new call's chunk boundaries: all of them from the schedule, or (a policy
-        with adaptive chunks) the first one, the next ones asked as each is reached."""
+    def _step_tokens(self, st: _NodeState, view: ConsumerView, decision, remaining: int) -> int:
+        """A step's size: the decision's, else the schedule's; at most what is left."""
+        size = decision.tokens
+        if size is None:
+            size = self.policy.output_schedule(st.node).size(view.step)
+        elif isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ProtocolError(f"policy {self.policy.name} chose a step of {size!r} tokens (an integer >= 1)")
+        return size if size < remaining else remaining
+
+    def _call_boundaries(self, st: _NodeState, max_tokens: int, now_s: float, streamed: bool = True) -> tuple[int, ...]:
+        """A new call's chunk boundaries: one chunk for a step; for a streamed call (a
+        source's, a consumer's final one) all of them from the schedule, or, for a policy
+        with adaptive chunks, the first one (the next ones asked as each is reached)."""
         st.sent_s = now_s
-        st.call_start, st.call_max = st.tokens, st.tokens + max_tokens
+        st.call_start = tokens = st.tokens
+        st.call_max = tokens + max_tokens
+        if not streamed:
+            st.call_bound = st.call_max
+            return (max_tokens,)
         if not self._adaptive_chunks:
             st.call_bound = st.call_max
             return self.policy.output_schedule(st.node).boundaries(len(st.pieces), max_tokens)
-        st.call_bound = st.tokens
+        st.call_bound = tokens
         return (self._next_chunk(st, now_s).boundary,)
 
     def _next_chunk(self, st: _NodeState, now_s: float) -> NextChunk:

@@ -126,18 +126,25 @@ def test_chunk_boundaries_set_while_real_calls_stream(loop, engine):
 
 
 def test_http_server_engine_end_to_end(loop, engine, server):
-    http = server.engine("served")
-    loop.run_until_complete(http.start())
+    """Completions (our rendering, with the tokenizer) and chat (the server's template,
+    no tokenizer here) through one real server: each call's first chunk carries the
+    prompt's tokens (a chat stream's first event, the role, holds the usage)."""
+    http, chat = server.engine("served"), HTTPEngine(server.url, "model", name="served-chat")
+    for e in (http, chat):
+        loop.run_until_complete(e.start())
     try:
-        runner = LiveRunner(slots([http, engine, http], engine), moa(3), max_tokens=MAX_TOKENS,
+        runner = LiveRunner(slots([http, engine, chat], engine), moa(3), max_tokens=MAX_TOKENS,
                             sampling=Sampling(temperature=0.7, seed=2))
         t = loop.run_until_complete(runner.run_policy(StaircasePolicy(redundancy=1), load_prompts("alpaca_eval", 1)))
     finally:
-        loop.run_until_complete(http.close())
+        for e in (http, chat):
+            loop.run_until_complete(e.close())
     r = t.requests.iloc[0]
     assert r["outcome"] == "ok", r["error"]
-    served = t.chunks[t.chunks["engine"] == "served"]
-    assert len(served) and (served[served["prompt_tokens"] > 0]["prompt_tokens"] > 10).all()
+    for name in ("served", "served-chat"):
+        rows = t.chunks[t.chunks["engine"] == name].sort_values("chunk_index")
+        firsts = rows.groupby(["request_id", "node", "call"]).head(1)
+        assert len(firsts) and (firsts["prompt_tokens"] > 10).all(), (name, firsts)
 
 
 # ------------------------------------------------------------------------ faults
