@@ -33,53 +33,60 @@ OUT = Path(__file__).parent / "results"
 
 
 def measure(dtype: str, prefill_tokens: int) -> dict:
+    """Prefill and decode rates of SmolLM2 in one dtype (run in its own process)."""
     import asyncio
-    import os
-    import statistics
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from live.engines import Sampling, VLLMEngine
+    from live.engines import VLLMEngine
     from live.model import smollm2_folder
-    from staircase.prompts import ApproxTokenizer, TextPieces, query_piece, source_prompt
-
-    def user(text):
-        return source_prompt(query_piece(text, None, ApproxTokenizer()), TextPieces())
 
     engine = VLLMEngine(smollm2_folder(), dtype=dtype, enable_prefix_caching=False)
+    return asyncio.run(_measure(engine, dtype, prefill_tokens))
 
-    async def timed(prompt, max_tokens, key):
-        sent, first, n = time.perf_counter(), None, 0
-        async for d in engine.stream(key, prompt, max_tokens, Sampling(seed=None, ignore_eos=True)):
-            if d.tokens and first is None:
-                first = time.perf_counter()
-            n += d.tokens
-        return sent, first, time.perf_counter(), n
 
-    async def main():
-        await engine.start()
-        tok = engine.tokenizer
-        words = " ".join(f"item{i} is a short note about streaming aggregation" for i in range(2000))
-        body = tok.decode(tok.encode(words, add_special_tokens=False)[:prefill_tokens])
-        out = {"dtype": dtype}
-        rates = []
-        for i in range(4):
-            prompt = user(f"{i} {body}")
-            sent, first, _, _ = await timed(prompt, 1, f"p{i}")
-            rates.append(prefill_tokens / (first - sent))
-        out["prefill_tokens_per_s"] = round(statistics.median(rates[1:]), 1)
-        sent, first, end, n = await timed(user("Write a long story about a lighthouse."), 128, "d1")
-        out["decode_1_tokens_per_s"] = round((n - 1) / (end - first), 1)
-        runs = await asyncio.gather(*(timed(user(f"Story {i} about a lighthouse."), 64, f"d8-{i}")
-                                      for i in range(8)))
-        start = max(r[1] for r in runs)  # all admitted and decoding
-        tokens_after = sum(r[3] for r in runs) - 8
-        out["decode_8_tokens_per_s"] = round(tokens_after / (max(r[2] for r in runs) - min(r[1] for r in runs)), 1)
-        out["decode_8_admit_spread_s"] = round(start - min(r[1] for r in runs), 3)
-        await engine.close()
-        return out
+def _user(text: str):
+    from staircase.prompts import ApproxTokenizer, TextPieces, query_piece, source_prompt
 
-    return asyncio.run(main())
+    return source_prompt(query_piece(text, None, ApproxTokenizer()), TextPieces())
+
+
+async def _timed(engine, prompt, max_tokens: int, key: str) -> tuple[float, float, float, int]:
+    """(sent, first token, end, tokens) of one call, EOS ignored."""
+    from live.engines import Sampling
+
+    sent, first, n = time.perf_counter(), None, 0
+    async for d in engine.stream(key, prompt, max_tokens, Sampling(seed=None, ignore_eos=True)):
+        if d.tokens and first is None:
+            first = time.perf_counter()
+        n += d.tokens
+    return sent, first, time.perf_counter(), n
+
+
+async def _measure(engine, dtype: str, prefill_tokens: int) -> dict:
+    import asyncio
+    import statistics
+
+    await engine.start()
+    tok = engine.tokenizer
+    words = " ".join(f"item{i} is a short note about streaming aggregation" for i in range(2000))
+    body = tok.decode(tok.encode(words, add_special_tokens=False)[:prefill_tokens])
+    out = {"dtype": dtype}
+    rates = []
+    for i in range(4):
+        sent, first, _, _ = await _timed(engine, _user(f"{i} {body}"), 1, f"p{i}")
+        rates.append(prefill_tokens / (first - sent))
+    out["prefill_tokens_per_s"] = round(statistics.median(rates[1:]), 1)
+    sent, first, end, n = await _timed(engine, _user("Write a long story about a lighthouse."), 128, "d1")
+    out["decode_1_tokens_per_s"] = round((n - 1) / (end - first), 1)
+    runs = await asyncio.gather(*(_timed(engine, _user(f"Story {i} about a lighthouse."), 64, f"d8-{i}")
+                                  for i in range(8)))
+    start = max(r[1] for r in runs)  # all admitted and decoding
+    tokens_after = sum(r[3] for r in runs) - 8
+    out["decode_8_tokens_per_s"] = round(tokens_after / (max(r[2] for r in runs) - min(r[1] for r in runs)), 1)
+    out["decode_8_admit_spread_s"] = round(start - min(r[1] for r in runs), 3)
+    await engine.close()
+    return out
 
 
 def main() -> int:
@@ -94,7 +101,7 @@ def main() -> int:
     if args.one:
         print(json.dumps(measure(args.one, args.prefill_tokens)))
         return 0
-    from live.machine import describe, engine_settings
+    from live.machine import describe
 
     machine = describe()
     env = dict(os.environ)
@@ -108,6 +115,14 @@ def main() -> int:
             print(done.stderr[-3000:], file=sys.stderr)
             return 1
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    _report(machine, emulated, rows, args.prefill_tokens)
+    return 0
+
+
+def _report(machine: dict, emulated: dict, rows: list[dict], prefill_tokens: int) -> None:
+    """Print the table and write it, with the machine, to benchmarks/results/."""
+    from live.machine import engine_settings
+
     print(f"machine: {machine['cpu_model']} ({machine['cpu_isa']}, flags {' '.join(machine['cpu_flags'])}, "
           f"{machine['cores']} cores){' with torch/oneDNN capped at AVX2' if emulated else ''}")
     print(f"{'dtype':<10} {'prefill tok/s':>14} {'decode 1 tok/s':>15} {'decode 8 tok/s':>15}")
@@ -118,11 +133,10 @@ def main() -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     path = OUT / f"dtype-{machine['cpu_isa']}{'-emulated-avx2' if emulated else ''}-{stamp}.json"
-    path.write_text(json.dumps({"machine": machine, "emulated": emulated, "prefill_tokens": args.prefill_tokens,
+    path.write_text(json.dumps({"machine": machine, "emulated": emulated, "prefill_tokens": prefill_tokens,
                                 "rows": rows,
                                 "default": engine_settings(machine=machine)}, indent=2) + "\n")
     print(f"wrote {path}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -143,43 +143,18 @@ def run_calibrate(args: argparse.Namespace) -> int:
         record = _probe_live(args, folder)
         groups = load_runs([folder]) + groups
     groups = [g for g in groups if not g.policy.startswith("warmup")]
-    names = sorted({str(e) for g in groups for e in g.chunks["engine"].unique()})
-    if args.engine:
-        if args.engine not in names:
-            raise ConfigError("engine", args.engine, f"an engine named in the traces: {', '.join(names)}")
-        names = [args.engine]
-    elif len(names) > 1 and not record:
-        # traces from another session: several engines must be asked for one by one
-        raise ConfigError("engine", f"traces name {len(names)} engines ({', '.join(names)})",
-                          "one engine per fit: pass --engine NAME")
-    fits = {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for e in names:
-            fits[e] = fit_engine(observations(groups, e), quadratic=not args.no_quadratic)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
-    caps = {}
-    for e in names:
-        # what the engine reported when probed (config.json of the probe folder, freshly written or recorded)
-        found = next((g.config["capacity"][e] for g in groups if e in (g.config.get("capacity") or {})), {})
-        caps[e] = {"max_batch_size": found.get("max_batch_size", args.max_batch_size),
-                   "kv_cache_tokens": found.get("kv_cache_tokens", args.kv_cache_tokens),
-                   "block_size_tokens": found.get("block_size_tokens", args.block_size_tokens)}
+    names = _engines_to_fit(groups, args.engine, probed=bool(record))
+    fits = _fit_all(groups, names, quadratic=not args.no_quadratic)
     proposers, aggregator = _slots_from(groups, names)
     sharing = "one" if len(set(proposers + [aggregator])) == 1 else "per-slot"
     model = next((f.model for f in fits.values() if f.model), "unknown-model")
-    name = args.name or f"calibrated-{model}"
     # the machine the probes ran on: this one when probing, else what the traces recorded
     recorded = record if record.get("machine") else next((g.config for g in groups if g.config.get("machine")), {})
     machine_rec = {k: recorded[k] for k in ("machine", "engine_settings") if recorded.get(k)}
-    machine = f"{label(machine_rec.get('machine'))}, python {platform.python_version()}"
-    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    note = (f"Calibrated by `staircase calibrate` on {when} ({machine}) from {sum(len(f.data['sources']) for f in fits.values())} "
-            f"trace files; engines: " + ", ".join(f"{e} = {f.model}" for e, f in fits.items()) +
-            ". Residuals, noise candidates and the fitted points are under `calibration`.")
-    profile = build_profile(fits, proposers, aggregator, name=name, note=note, engine_sharing=sharing, capacity=caps,
-                            proposer_factor=fit_lengths(groups), extra=machine_rec)
+    profile = build_profile(fits, proposers, aggregator, name=args.name or f"calibrated-{model}",
+                            note=_profile_note(fits, machine_rec), engine_sharing=sharing,
+                            capacity=_capacities(groups, names, args), proposer_factor=fit_lengths(groups),
+                            extra=machine_rec)
     folder.mkdir(parents=True, exist_ok=True)
     text = json.dumps(profile, indent=1) + "\n"
     (folder / "profile.json").write_text(text)
@@ -191,6 +166,50 @@ def run_calibrate(args: argparse.Namespace) -> int:
     print(fit_table(fits))
     print(f"\nprofile: {folder / 'profile.json'}" + (f" and {args.profile_out}" if args.profile_out else ""))
     return 0
+
+
+def _engines_to_fit(groups: list[RunGroup], engine: str | None, probed: bool) -> list[str]:
+    names = sorted({str(e) for g in groups for e in g.chunks["engine"].unique()})
+    if engine:
+        if engine not in names:
+            raise ConfigError("engine", engine, f"an engine named in the traces: {', '.join(names)}")
+        return [engine]
+    if len(names) > 1 and not probed:
+        # traces from another session: several engines must be asked for one by one
+        raise ConfigError("engine", f"traces name {len(names)} engines ({', '.join(names)})",
+                          "one engine per fit: pass --engine NAME")
+    return names
+
+
+def _fit_all(groups: list[RunGroup], names: list[str], quadratic: bool) -> dict:
+    """engine -> its fit; the fits' warnings printed on stderr."""
+    fits = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for e in names:
+            fits[e] = fit_engine(observations(groups, e), quadratic=quadratic)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return fits
+
+
+def _capacities(groups: list[RunGroup], names: list[str], args: argparse.Namespace) -> dict[str, dict]:
+    """What each engine reported when probed (config.json of the probe folder, freshly
+    written or recorded), else the command line's values."""
+    caps = {}
+    for e in names:
+        found = next((g.config["capacity"][e] for g in groups if e in (g.config.get("capacity") or {})), {})
+        caps[e] = {k: found.get(k, getattr(args, k)) for k in ("max_batch_size", "kv_cache_tokens", "block_size_tokens")}
+    return caps
+
+
+def _profile_note(fits: dict, machine_rec: dict) -> str:
+    machine = f"{label(machine_rec.get('machine'))}, python {platform.python_version()}"
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"Calibrated by `staircase calibrate` on {when} ({machine}) from "
+            f"{sum(len(f.data['sources']) for f in fits.values())} trace files; engines: "
+            + ", ".join(f"{e} = {f.model}" for e, f in fits.items())
+            + ". Residuals, noise candidates and the fitted points are under `calibration`.")
 
 
 def fit_table(fits) -> str:
@@ -254,7 +273,7 @@ def plot_fit(fits, path: Path) -> Path:
 def run_validate(args: argparse.Namespace) -> int:
     from sim.profile import load_profile
 
-    from .validate import METRICS, PERCENTILES, load_live_run, validate
+    from .validate import load_live_run, validate
 
     runs = [load_live_run(r) for r in args.runs]  # all inputs checked before any simulation
     profile = load_profile(args.profile)
@@ -281,6 +300,16 @@ def run_validate(args: argparse.Namespace) -> int:
         result["results"] = str(folder)
         print(json.dumps(result, indent=1, default=float))
         return 0
+    _print_validation(table, checks)
+    print(f"\nresults: {folder}/ (validation.csv, validation.json, targets.csv"
+          + (", cdf_*.png)" if figures else ")"))
+    return 0
+
+
+def _print_validation(table, checks) -> None:
+    """The error table (markdown), each run's engine speed, and each target's verdict."""
+    from .validate import METRICS, PERCENTILES
+
     show = table[table["metric"].isin(["ttft_s", "e2e_s", "tpot_s", "output_tokens_per_s"])]
     lines = ["| run | policy | metric | live p50 | sim p50 | err p50 | live p90 | sim p90 | err p90 | "
              "live p99 | sim p99 | err p99 | W1 (rel) |", "|" + "---|" * 13]
@@ -298,6 +327,3 @@ def run_validate(args: argparse.Namespace) -> int:
             print(f"engine speed: {run} decoded at {ratio:.2f} x the profile's iteration time")
     for _, c in checks.iterrows():
         print(f"{'PASS' if c['pass'] else 'MISS'}  {c['run']}  {c['policy']}: {c['target']} ({c['rel_err']:+.1%})")
-    print(f"\nresults: {folder}/ (validation.csv, validation.json, targets.csv"
-          + (", cdf_*.png)" if figures else ")"))
-    return 0

@@ -296,7 +296,25 @@ class EngineFit:
 
 def fit_engine(obs: Observations, quadratic: bool = True) -> EngineFit:
     """Fit one engine's coefficients and noise from its observations."""
+    _check_enough(obs)
     notes: list[str] = []
+    pre, dec = obs.prefill, obs.decode
+    decode, yhat_dec = _fit_decode(obs.engine, dec, notes)  # first: its base is the fixed cost of one step
+    prefill, overhead, yhat_pre = _fit_prefill(pre, decode["base"], quadratic, notes)
+    w, y = pre["wait_s"].to_numpy(float), dec["per_token_s"].to_numpy(float)
+    noise = {"prefill": fit_noise(w / yhat_pre), "decode": fit_noise(y / yhat_dec)}
+    for k, nf in noise.items():
+        if nf.dist is None:
+            notes.append(f"{k} noise: {nf.points} points (< {MIN_NOISE_POINTS}): no noise fitted")
+    for n in notes:
+        warnings.warn(f"engine {obs.engine}: {n}", CalibrationWarning, stacklevel=2)
+    residuals = {"prefill": _stats(w, yhat_pre), "decode": _stats(y, yhat_dec),
+                 "noise_candidates": {k: nf.candidates for k, nf in noise.items()}}
+    return EngineFit(obs.engine, obs.models[0] if obs.models else None, prefill, decode, overhead, noise,
+                     residuals, _fit_points(obs), notes)
+
+
+def _check_enough(obs: Observations) -> None:
     pre, dec = obs.prefill, obs.decode
     lengths = pre["uncached"].nunique() if len(pre) else 0
     if len(pre) < MIN_PREFILL_POINTS or lengths < MIN_PREFILL_LENGTHS:
@@ -307,7 +325,11 @@ def fit_engine(obs: Observations, quadratic: bool = True) -> EngineFit:
     if len(dec) < MIN_DECODE_POINTS:
         raise ConfigError("traces", f"{len(dec)} decode intervals of engine {obs.engine}",
                           f"at least {MIN_DECODE_POINTS} chunk intervals of 2 or more tokens with no prefill in them")
-    # decode first: its base is the fixed cost of one engine step
+
+
+def _fit_decode(engine: str, dec, notes: list[str]) -> tuple[dict, np.ndarray]:
+    """Decode iteration time = base + per_seq * batch + per_context_token * context
+    (robust NNLS, token-weighted); a term whose variable did not vary is fixed at 0."""
     y = dec["per_token_s"].to_numpy(float)
     b = dec["batch"].to_numpy(float)
     c = dec["context"].to_numpy(float)
@@ -322,36 +344,37 @@ def fit_engine(obs: Observations, quadratic: bool = True) -> EngineFit:
         notes.append(f"batch context did not vary ({c.min():.0f}-{c.max():.0f} tokens): per_context_token fixed at 0")
     names = ["base", "per_seq", "per_context_token"]
     use = [i for i, n in enumerate(names) if n not in fixed]
-    a = np.column_stack([cols[i] for i in use])
-    x = _robust_nnls(a, y, dec["tokens"].to_numpy(float))
+    x = _robust_nnls(np.column_stack([cols[i] for i in use]), y, dec["tokens"].to_numpy(float))
     decode = dict.fromkeys(names, 0.0)
     for i, v in zip(use, x):
         decode[names[i]] = float(v)
-    yhat_dec = decode["base"] + decode["per_seq"] * b + decode["per_context_token"] * c
     if decode["base"] + decode["per_seq"] <= 0:
-        raise ConfigError("traces", f"decode fit of engine {obs.engine} gave zero step time",
+        raise ConfigError("traces", f"decode fit of engine {engine} gave zero step time",
                           "decode intervals with positive durations")
+    return decode, decode["base"] + decode["per_seq"] * b + decode["per_context_token"] * c
 
+
+def _fit_prefill(pre, decode_base: float, quadratic: bool, notes: list[str]) -> tuple[dict, float, np.ndarray]:
+    """First-token wait = intercept + per_token * p (+ per_token2 * p^2): the intercept
+    is the step's fixed cost (at most decode's) plus the request overhead."""
     p = pre["uncached"].to_numpy(float)
-    w = pre["wait_s"].to_numpy(float)
     terms = [np.ones_like(p), p] + ([p * p] if quadratic else [])
-    coef = _robust_nnls(np.column_stack(terms), w)
+    coef = _robust_nnls(np.column_stack(terms), pre["wait_s"].to_numpy(float))
     intercept, slope = float(coef[0]), float(coef[1])
     quad = float(coef[2]) if quadratic else 0.0
-    prefill_base = min(intercept, decode["base"])
-    overhead = intercept - prefill_base
-    prefill = {"base": prefill_base, "per_token": slope, "per_token2": quad}
-    yhat_pre = intercept + slope * p + quad * p * p
+    prefill_base = min(intercept, decode_base)
     if slope <= 0:
         notes.append("prefill time did not grow with prompt length: per_token is 0; add longer prompts")
+    prefill = {"base": prefill_base, "per_token": slope, "per_token2": quad}
+    return prefill, intercept - prefill_base, intercept + slope * p + quad * p * p
 
-    noise = {"prefill": fit_noise(w / yhat_pre), "decode": fit_noise(y / yhat_dec)}
-    for k, nf in noise.items():
-        if nf.dist is None:
-            notes.append(f"{k} noise: {nf.points} points (< {MIN_NOISE_POINTS}): no noise fitted")
-    for n in notes:
-        warnings.warn(f"engine {obs.engine}: {n}", CalibrationWarning, stacklevel=2)
-    data = {
+
+def _fit_points(obs: Observations) -> dict:
+    """The points a fit used (kept in the profile, for plots and for checking it)."""
+    pre, dec = obs.prefill, obs.decode
+    p, w = pre["uncached"].to_numpy(float), pre["wait_s"].to_numpy(float)
+    b, c, y = (dec[k].to_numpy(float) for k in ("batch", "context", "per_token_s"))
+    return {
         "sources": obs.sources,
         "prefill_points": {"uncached_tokens": p.astype(int).tolist(), "wait_s": np.round(w, 5).tolist()},
         "decode_points": {"tokens": dec["tokens"].astype(int).tolist(), "batch": np.round(b, 3).tolist(),
@@ -359,10 +382,6 @@ def fit_engine(obs: Observations, quadratic: bool = True) -> EngineFit:
         "ranges": {"uncached_tokens": [int(p.min()), int(p.max())], "batch": [float(b.min()), float(b.max())],
                    "context": [float(c.min()), float(c.max())]},
     }
-    residuals = {"prefill": _stats(w, yhat_pre), "decode": _stats(y, yhat_dec),
-                 "noise_candidates": {k: nf.candidates for k, nf in noise.items()}}
-    return EngineFit(obs.engine, obs.models[0] if obs.models else None, prefill, decode, overhead, noise,
-                     residuals, data, notes)
 
 
 def build_profile(fits: dict[str, EngineFit], proposers: Sequence[str], aggregator: str, *, name: str,

@@ -195,25 +195,7 @@ def replay(run: LiveRun, profile: Profile, *, replicates: int = 3, seed: int = 0
             continue
         if name not in by_name:
             raise ConfigError("policy", name, f"a policy the recorded arguments build: {', '.join(by_name)}")
-        req = req.sort_values("request_id").reset_index(drop=True)
-        n = len(req)
-        if list(req["request_id"]) != list(range(n)):
-            raise ConfigError(f"{run.folder.name}/{name} request ids", list(req["request_id"])[:5],
-                              "0, 1, ... (one row per request)")
-        chunks = run.chunks[name]
-        tokens = chunks.groupby(["node", "request_id"])["tokens"].sum()
-        lengths = {}
-        for node in topology.nodes:
-            per = np.ones(n, dtype=np.int64)
-            if node.id in tokens.index.get_level_values(0):
-                got = tokens.loc[node.id]
-                per[got.index.to_numpy()] = got.to_numpy()
-            if node.is_final:
-                per = np.maximum(per, req["output_tokens"].to_numpy())
-            lengths[node.id] = per
-        arrivals = req["arrival_s"].to_numpy(float) - float(req["arrival_s"].min())
-        requests = [Request(i, float(arrivals[i]) if concurrency is None else float("nan"),
-                            int(req["query_tokens"][i]), int(lengths[topology.final.id][i])) for i in range(n)]
+        requests, lengths = _replayed_requests(run, name, req, topology, concurrency)
         frames = []
         for k in range(replicates):
             t = simulate(topology, by_name[name], requests, profile, seed=seed + k, max_tokens=int(cfg["max_tokens"]),
@@ -223,6 +205,30 @@ def replay(run: LiveRun, profile: Profile, *, replicates: int = 3, seed: int = 0
         reqs = pd.concat([f[0] for f in frames], ignore_index=True)
         out[name] = (reqs, pd.concat([f[1] for f in frames], ignore_index=True)) if with_chunks else reqs
     return out
+
+
+def _replayed_requests(run: LiveRun, name: str, req: pd.DataFrame, topology, concurrency: int | None):
+    """(requests, node -> answer length per request) of one policy's live rows: the
+    recorded arrivals (open loop) and query tokens, and each node's recorded tokens."""
+    req = req.sort_values("request_id").reset_index(drop=True)
+    n = len(req)
+    if list(req["request_id"]) != list(range(n)):
+        raise ConfigError(f"{run.folder.name}/{name} request ids", list(req["request_id"])[:5],
+                          "0, 1, ... (one row per request)")
+    tokens = run.chunks[name].groupby(["node", "request_id"])["tokens"].sum()
+    lengths = {}
+    for node in topology.nodes:
+        per = np.ones(n, dtype=np.int64)
+        if node.id in tokens.index.get_level_values(0):
+            got = tokens.loc[node.id]
+            per[got.index.to_numpy()] = got.to_numpy()
+        if node.is_final:
+            per = np.maximum(per, req["output_tokens"].to_numpy())
+        lengths[node.id] = per
+    arrivals = req["arrival_s"].to_numpy(float) - float(req["arrival_s"].min())
+    requests = [Request(i, float(arrivals[i]) if concurrency is None else float("nan"),
+                        int(req["query_tokens"][i]), int(lengths[topology.final.id][i])) for i in range(n)]
+    return requests, lengths
 
 
 def compare(live: dict[str, pd.DataFrame], sim: dict[str, pd.DataFrame], run_label: str) -> pd.DataFrame:

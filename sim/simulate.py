@@ -110,10 +110,9 @@ def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[R
     """Run ``policy`` over the workload; returns the trace (requests, and chunks unless
     ``keep_chunks=False``, the summary-only mode).
 
-    With an explicit request list: ``concurrency`` runs it as a closed loop with that
-    many users (else each request arrives at its ``arrival_s``); ``node_lengths`` gives
-    every node's answer length per request; ``tokenizer`` counts the fixed prompt texts
-    (instructions, labels) with a real tokenizer instead of the approximate one."""
+    With an explicit request list: ``concurrency`` runs it as a closed loop with that many
+    users (else each request arrives at its ``arrival_s``); ``node_lengths`` gives every
+    node's answer length per request; ``tokenizer`` counts the fixed prompt texts."""
     requests, closed, wdesc = _requests(workload, seed, concurrency)
     policy.validate_for(topology)  # before any work
     env = simpy.Environment()
@@ -137,12 +136,12 @@ def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[R
     _arrive(env, requests, closed, pending, begin)
     env.run()
     bar.close()
-    meta = {"policy": policy.describe(), "topology": topology.describe(), "workload": wdesc,
-            "profile": profile.name, "profile_calibrated": profile.calibrated, "seed": seed,
-            "max_tokens": max_tokens, "noise": noise, "sim_end_s": env.now, "engines": _engine_report(engines)}
+    meta = {"policy": policy.describe(), "topology": topology.describe(), "workload": wdesc, "profile": profile.name,
+            "profile_calibrated": profile.calibrated, "seed": seed, "max_tokens": max_tokens, "noise": noise,
+            "sim_end_s": env.now, "engines": _engine_report(engines)}
     trace = recorder.trace(policy.name, meta)
-    if len(trace.requests) != len(requests):
-        raise RuntimeError(f"simulation ended with {len(requests) - len(trace.requests)} requests unfinished (a deadlock)")
+    if len(trace.requests) != len(requests):  # a deadlock
+        raise RuntimeError(f"simulation ended with {len(requests) - len(trace.requests)} requests unfinished")
     return trace
 
 
