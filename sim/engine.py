@@ -36,6 +36,7 @@ from staircase.driver import CallRecord
 from .profile import EngineModel, Noise
 
 EPS = 1e-9
+FAILED = "failed"  # a call's end reason under fault injection (SimCall.fail_after)
 SHARED_KEYS = 4096  # shared-prefix keys an engine remembers (system prompts; one request's source prompt)
 
 
@@ -59,7 +60,7 @@ class Draws:
 
 class SimCall(CallRecord):
     """One Generate on an engine, and the request driver's record of it: the engine
-    reports progress to ``driver`` (``admitted``, ``chunk``, ``finished``)."""
+    reports progress to ``driver`` (``admitted``, ``chunk``, ``finished``, ``failed``)."""
 
     __slots__ = ("key", "reuse_tokens", "shared_tokens", "shared_key", "ends", "reason", "end_i", "join_iter",
                  "cancelled")
@@ -96,8 +97,16 @@ class SimCall(CallRecord):
     def extend(self, boundary: int) -> None:
         """The next chunk ends at ``boundary`` (asked while the engine reports the chunk
         at the last known boundary, so the engine schedules it next)."""
-        if boundary < self.ends[-1]:
+        if boundary < self.ends[-1] or (boundary == self.ends[-1] and self.reason is FAILED):
             self.ends.insert(len(self.ends) - 1, boundary)
+
+    def fail_after(self, tokens: int) -> None:
+        """Fault injection: the call fails once it has produced ``tokens`` tokens (0: at
+        its first token), if it gets that far; the chunks that ended by then are
+        delivered, the tokens since are lost (as a live stream that breaks)."""
+        if tokens < self.ends[-1]:
+            self.ends = [b for b in self.ends if b <= tokens] + [tokens]
+            self.reason = FAILED
 
 
 class SimEngine:
@@ -357,6 +366,10 @@ class SimEngine:
             if call.cancelled:
                 continue
             end = call.ends[call.end_i]
+            if call.reason is FAILED and call.end_i == len(call.ends) - 1:
+                self._leave(call)
+                call.driver.failed(call, f"injected failure after {call.tokens_before + end} tokens", now)
+                continue
             start = call.ends[call.end_i - 1] if call.end_i else 0
             if call.end_i == 0:
                 first = call.last_end_s  # the prefill's end: it produced token 1

@@ -30,7 +30,8 @@ class _SimPort:
     and reports straight to it."""
 
     def __init__(self, env: simpy.Environment, engines: dict[str, SimEngine], slot_engine: dict[str, str],
-                 lengths: dict[str, np.ndarray], on_done: Callable[[int], None]):
+                 lengths: dict[str, np.ndarray], on_done: Callable[[int], None], faults: Mapping[str, int]):
+        self.faults = faults  # node -> tokens after which its answer breaks off (fault injection)
         self.env = env
         self.engines = engines
         self.slot_engine = slot_engine
@@ -53,6 +54,8 @@ class _SimPort:
                                                                       prompt.messages[0].pieces[0].key)
         call = SimCall(driver, g, node, tokens_before, (rid, g.node), prompt.tokens, prompt.reuse_prefix_tokens,
                        shared_tokens, shared_key, max(1, natural))
+        if self.faults and g.node in self.faults:
+            call.fail_after(max(0, self.faults[g.node] - tokens_before))
         call.engine = self.slot_engine[node.slot]
         self.engines[call.engine].submit(call)  # sets sent_s (the engine's clock: the same now)
         return call
@@ -106,15 +109,16 @@ def _node_lengths(topology: Topology, profile: Profile, requests: Sequence[Reque
 def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[Request], profile: Profile, *,
              seed: int = 0, max_tokens: int = 512, noise: bool = True, keep_chunks: bool = True,
              progress: bool | None = None, concurrency: int | None = None,
-             node_lengths: Mapping[str, Sequence[int]] | None = None, tokenizer: Tokenizer | None = None) -> Trace:
+             node_lengths: Mapping[str, Sequence[int]] | None = None, tokenizer: Tokenizer | None = None,
+             faults: Mapping[str, int] | None = None) -> Trace:
     """Run ``policy`` over the workload; returns the trace (requests, and chunks unless
-    ``keep_chunks=False``, the summary-only mode).
-
-    With an explicit request list: ``concurrency`` runs it as a closed loop with that many
-    users (else each request arrives at its ``arrival_s``); ``node_lengths`` gives every
-    node's answer length per request; ``tokenizer`` counts the fixed prompt texts."""
+    ``keep_chunks=False``). With a request list, ``concurrency`` makes a closed loop of that
+    many users (else requests arrive at their ``arrival_s``); ``node_lengths``: every node's
+    answer length per request; ``tokenizer`` counts the fixed prompt texts; ``faults``: node
+    id -> tokens after which its answer breaks off (a failed call), in every request."""
     requests, closed, wdesc = _requests(workload, seed, concurrency)
     policy.validate_for(topology)  # before any work
+    faults = _check_faults(policy.plan(topology), faults)
     env = simpy.Environment()
     engines, slot_engine = _engines(env, topology, profile, seed, noise)
     lengths = _node_lengths(topology, profile, requests, seed, node_lengths)
@@ -127,22 +131,34 @@ def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[R
 
     def on_done(_rid: int) -> None:
         bar.update(1)
-        if closed is not None:
-            nxt = next(pending, None)
-            if nxt is not None:
-                begin(nxt)
+        nxt = next(pending, None) if closed is not None else None  # closed loop: the next user's request
+        if nxt is not None:
+            begin(nxt)
 
-    port = _SimPort(env, engines, slot_engine, lengths, on_done)
+    port = _SimPort(env, engines, slot_engine, lengths, on_done, faults)
     _arrive(env, requests, closed, pending, begin)
     env.run()
     bar.close()
-    meta = {"policy": policy.describe(), "topology": topology.describe(), "workload": wdesc, "profile": profile.name,
-            "profile_calibrated": profile.calibrated, "seed": seed, "max_tokens": max_tokens, "noise": noise,
-            "sim_end_s": env.now, "engines": _engine_report(engines)}
-    trace = recorder.trace(policy.name, meta)
+    trace = recorder.trace(policy.name, {
+        "policy": policy.describe(), "topology": topology.describe(), "workload": wdesc, "profile": profile.name,
+        "profile_calibrated": profile.calibrated, "seed": seed, "max_tokens": max_tokens, "noise": noise,
+        "sim_end_s": env.now, "engines": _engine_report(engines)} | ({"faults": faults} if faults else {}))
     if len(trace.requests) != len(requests):  # a deadlock
         raise RuntimeError(f"simulation ended with {len(requests) - len(trace.requests)} requests unfinished")
     return trace
+
+
+def _check_faults(plan: Topology, faults: Mapping[str, int] | None) -> dict[str, int]:
+    if faults is None:
+        return {}
+    if not isinstance(faults, Mapping):
+        raise ConfigError("faults", faults, "a mapping of node id -> tokens before the node fails")
+    for node, tokens in faults.items():
+        if node not in plan.by_id:
+            raise ConfigError("faults", node, f"node ids of the topology this policy runs: {', '.join(plan.by_id)}")
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+            raise ConfigError(f"faults.{node}", tokens, "an integer >= 0 (tokens before the failure)")
+    return dict(faults)
 
 
 def _engine_report(engines: dict[str, SimEngine]) -> dict:

@@ -26,11 +26,13 @@ LENGTH = 40  # every node's natural answer, in tokens
 
 class ScriptedEngine(Engine):
     """Streams ``LENGTH`` tokens per node and request (over all its calls), one per
-    delta; ``fail_nodes`` fail after their first token."""
+    delta; ``fail_nodes`` break off once they have produced ``fail_after`` tokens (the
+    simulator's ``faults`` do the same)."""
 
-    def __init__(self, name: str = "scripted", fail_nodes: tuple[str, ...] = ()):
+    def __init__(self, name: str = "scripted", fail_nodes: tuple[str, ...] = (), fail_after: int = 0):
         self.name = name
         self.fail_nodes = fail_nodes
+        self.fail_after = fail_after
         self.produced: dict[tuple[str, str], int] = {}
 
     async def stream(self, request_id, prompt, max_tokens, sampling):
@@ -39,8 +41,8 @@ class ScriptedEngine(Engine):
         n = min(max_tokens, LENGTH - done)
         for i in range(n):
             await asyncio.sleep(0.001)
-            if node in self.fail_nodes:
-                raise EngineError("scripted failure")
+            if node in self.fail_nodes and done + i >= self.fail_after:
+                raise EngineError(f"injected failure after {done + i} tokens")
             self.produced[(prefix, node)] = done + i + 1
             last = i == n - 1
             finish = None if not last else ("stop" if done + n >= LENGTH else "length")
@@ -59,10 +61,11 @@ def _live(topology, policy, requests: int, engine=None):
         loop.close()
 
 
-def _sim(topology, policy, requests: int):
+def _sim(topology, policy, requests: int, faults=None):
     reqs = [Request(i, float(i) * 100.0, 30, LENGTH, f"question {i}") for i in range(requests)]
     lengths = {n.id: [LENGTH] * requests for n in topology.nodes}
-    return simulate(topology, policy, reqs, load_profile(), max_tokens=64, noise=False, node_lengths=lengths)
+    return simulate(topology, policy, reqs, load_profile(), max_tokens=64, noise=False, node_lengths=lengths,
+                    faults=faults)
 
 
 CHUNK_FIELDS = ["request_id", "policy", "node", "role", "stage", "call", "chunk_index", "tokens", "user_visible"]
@@ -93,13 +96,37 @@ def test_live_keeps_the_texts_and_prompt_ids_the_simulator_leaves_empty():
     assert sim.requests["answer_text"].isna().all() and sim.chunks["text"].isna().all()
 
 
-def test_a_failed_proposer_is_recorded_by_the_driver():
-    engine = ScriptedEngine(fail_nodes=("L0.p1",))
-    t = _live(moa(3), StaircasePolicy(redundancy=1), 1, engine)
-    row = t.requests.iloc[0]
-    assert row["outcome"] == "ok" and row["lost"] == "L0.p1: scripted failure"
-    t0 = _live(moa(3), StaircasePolicy(redundancy=0), 1, ScriptedEngine(fail_nodes=("L0.p1",)))
-    assert t0.requests.iloc[0]["outcome"] == "error" and "L0.p1 (scripted failure)" in t0.requests.iloc[0]["error"]
+@pytest.mark.parametrize("policy,fail_after", [(WaitAllPolicy(tolerance=1), 0), (WaitAllPolicy(tolerance=1), 17),
+                                               (WaitAllPolicy(tolerance=0), 17),
+                                               (StaircasePolicy((4,), (4,), redundancy=1), 0),
+                                               (StaircasePolicy((4,), (4,), redundancy=0), 0)],
+                         ids=["wait-all-tolerated-at-once", "wait-all-tolerated-mid-answer", "wait-all-fatal",
+                              "staircase-tolerated", "staircase-fatal"])
+def test_a_failure_is_recorded_alike_by_both_runners(policy, fail_after):
+    """The same fault (L0.p1's answer breaks off after ``fail_after`` tokens) in the
+    simulator (``faults``) and live (a scripted engine): the same outcome, error, lost
+    inputs and chunks up to the failure."""
+    sim = _sim(moa(3), policy, 2, faults={"L0.p1": fail_after})
+    live = _live(moa(3), policy, 2, ScriptedEngine(fail_nodes=("L0.p1",), fail_after=fail_after))
+    pd.testing.assert_frame_equal(live.requests[REQUEST_FIELDS[:5]], sim.requests[REQUEST_FIELDS[:5]])
+    row = sim.requests.iloc[0]
+    assert row["lost"] == f"L0.p1: injected failure after {fail_after} tokens"
+    assert (row["outcome"] == "ok") == (policy.tolerance >= 1), row["error"]
+    if row["outcome"] == "error":
+        assert "L0.p1 (injected failure" in row["error"]
+    failed = lambda t: t.chunks[t.chunks["node"] == "L0.p1"][CHUNK_FIELDS].reset_index(drop=True)
+    pd.testing.assert_frame_equal(failed(live), failed(sim))  # chunks delivered before the break
+    if isinstance(policy, StaircasePolicy) and fail_after == 0:
+        assert failed(sim).empty
+    assert sim.meta["faults"] == {"L0.p1": fail_after}
+
+
+def test_a_fault_mid_stream_delivers_the_chunks_before_it_in_the_simulator():
+    t = _sim(moa(3), StaircasePolicy((4,), (4,), redundancy=1), 1, faults={"L0.p1": 10})
+    rows = t.chunks[t.chunks["node"] == "L0.p1"]
+    assert list(rows["tokens"]) == [4, 4] and t.requests.iloc[0]["outcome"] == "ok"  # tokens 9-10 lost
+    t = _sim(moa(3), StaircasePolicy((4,), (4,), redundancy=1), 1, faults={"L0.p1": 8})
+    assert list(t.chunks[t.chunks["node"] == "L0.p1"]["tokens"]) == [4, 4]  # a boundary at the break: delivered
 
 
 def test_a_simulated_call_is_a_complete_call_record():
@@ -156,3 +183,13 @@ def test_both_runners_honour_chunk_boundaries_set_while_calls_stream():
     pd.testing.assert_frame_equal(props(sim), props(live))
     for t in (sim, live):
         assert (t.requests["outcome"] == "ok").all() and (t.requests["output_tokens"] == LENGTH).all()
+
+
+@pytest.mark.parametrize("faults,field", [({"L0.p9": 3}, "faults"), ({"L0.p1": -1}, "faults.L0.p1"),
+                                          ({"L0.p1": 2.5}, "faults.L0.p1"), ([("L0.p1", 3)], "faults")])
+def test_bad_faults_are_named_before_any_work(faults, field):
+    from staircase.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        _sim(moa(3), WaitAllPolicy(), 1, faults=faults)
+    assert err.value.field == field
