@@ -142,10 +142,9 @@ def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[R
     with _fewer_gc_passes():
         env.run()
     bar.close()
-    trace = recorder.trace(policy.name, {
-        "policy": policy.describe(), "topology": topology.describe(), "workload": wdesc, "profile": profile.name,
-        "profile_calibrated": profile.calibrated, "seed": seed, "max_tokens": max_tokens, "noise": noise,
-        "sim_end_s": env.now, "engines": _engine_report(engines)} | ({"faults": faults} if faults else {}))
+    meta = {"policy": policy.describe(), "topology": topology.describe(), "workload": wdesc, "seed": seed,
+            "max_tokens": max_tokens, "noise": noise, "sim_end_s": env.now, **_run_report(profile, engines, faults)}
+    trace = recorder.trace(policy.name, meta)
     if len(trace.requests) != len(requests):  # a deadlock
         raise RuntimeError(f"simulation ended with {len(requests) - len(trace.requests)} requests unfinished")
     return trace
@@ -174,6 +173,11 @@ def _check_faults(plan: Topology, faults: Mapping[str, int] | None) -> dict[str,
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
             raise ConfigError(f"faults.{node}", tokens, "an integer >= 0 (tokens before the failure)")
     return dict(faults)
+
+
+def _run_report(profile: Profile, engines: dict[str, SimEngine], faults: dict[str, int]) -> dict:
+    return {"profile": profile.name, "profile_calibrated": profile.calibrated, "engines": _engine_report(engines)} \
+        | ({"faults": faults} if faults else {})
 
 
 def _engine_report(engines: dict[str, SimEngine]) -> dict:
