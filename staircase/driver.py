@@ -84,7 +84,7 @@ class RequestDriver:
     """One request through the scheduler, on a runner's port."""
 
     __slots__ = ("port", "recorder", "policy", "sched", "request_id", "arrival_s", "prompt_id", "keep_text",
-                 "calls", "user", "prompt_tokens", "cached_tokens", "n_calls", "row", "done")
+                 "calls", "user", "prompt_tokens", "cached_tokens", "n_calls", "context_tokens", "row", "done")
 
     def __init__(self, port: Port, recorder: Recorder, topology: Topology, policy: Policy, query: Query, *,
                  request_id: int, max_tokens: int, arrival_s: float | None = None, prompt_id: str | None = None,
@@ -97,6 +97,7 @@ class RequestDriver:
         self.calls: dict[str, CallRecord] = {}  # node -> its current call
         self.user: list[tuple[int, float, float]] = []  # (tokens, first token, end) of user-visible chunks
         self.prompt_tokens = self.cached_tokens = self.n_calls = 0
+        self.context_tokens = float("nan")  # inputs read by the final node's first call
         self.row: RequestRow | None = None
         self.done = False
 
@@ -177,6 +178,8 @@ class RequestDriver:
     def _generate(self, g: Generate, now: float) -> None:
         state = self.sched.states[g.node]  # the planned topology's node and its output so far
         self.n_calls += 1
+        if g.call == 0 and state.node.is_final:  # its prompt holds every input chunk delivered so far
+            self.context_tokens = sum(u.tokens for u in state.inputs)
         self.calls[g.node] = self.port.start_call(self, g, state.node, now, state.tokens)
 
     def _finish(self, d: Done) -> None:
@@ -187,7 +190,7 @@ class RequestDriver:
             self.request_id, self.policy.name, self.arrival_s, self.sched.query.tokens, d.outcome, d.error or "",
             lost, m["ttft_s"], m["e2e_s"], m["tpot_s"], m["output_tokens"], m["output_tokens_per_s"],
             m["longest_stall_s"], m["stalls_over_threshold"], self.n_calls, self.prompt_tokens, self.cached_tokens,
-            self.prompt_id, self.sched.output_text() if self.keep_text else None)
+            self.context_tokens, self.prompt_id, self.sched.output_text() if self.keep_text else None)
         self.recorder.requests.append(self.row)
         for call in self.calls.values():
             call.handle = None  # the runner's handle points back to its record

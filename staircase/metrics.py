@@ -103,6 +103,11 @@ def summarize(requests: pd.DataFrame, chunks: pd.DataFrame | None = None) -> dic
     out["cached_tokens_mean"] = float(requests["cached_tokens"].mean()) if len(requests) else math.nan
     out["prefilled_tokens_mean"] = out["prompt_tokens_mean"] - out["cached_tokens_mean"]
     out["calls_mean"] = float(requests["calls"].mean()) if len(requests) else math.nan
+    context = pd.to_numeric(ok["context_tokens"], errors="coerce").dropna().to_numpy() \
+        if "context_tokens" in ok else np.array([])
+    for q in PERCENTILES:  # the inputs the first answer token is written from (a quality proxy)
+        out[f"context_tokens_p{q}"] = weighted_percentile(context, q)
+    out["context_tokens_mean"] = float(context.mean()) if context.size else math.nan
     out["stalls_over_threshold_mean"] = float(ok["stalls_over_threshold"].mean()) if len(ok) else math.nan
     if chunks is not None and len(chunks):
         v, w = chunk_itl(chunks[chunks["request_id"].isin(ok["request_id"])])

@@ -60,6 +60,7 @@ class RequestRow(NamedTuple):
     calls: int
     prompt_tokens: int  # over every call of the request
     cached_tokens: int  # of which served from a prefix cache
+    context_tokens: float  # input tokens in the final node's first call: what its first token answers from
     prompt_id: str | None  # which prompt of which set (live: "mt_bench/3"); None when synthetic
     answer_text: str | None  # the final answer (live); None in the simulator
 
@@ -73,8 +74,8 @@ def _columns(row: type) -> dict[str, str]:
 
 CHUNK_COLUMNS = _columns(ChunkRow)
 REQUEST_COLUMNS = _columns(RequestRow)
-# columns traces written before they existed lack; readers fill them with None
-OPTIONAL_COLUMNS = ("text", "prompt_id", "answer_text")
+# columns traces written before they existed lack; readers fill them with None (numbers: NaN)
+OPTIONAL_COLUMNS = ("text", "prompt_id", "answer_text", "context_tokens")
 
 
 def frame(rows: list, columns: dict[str, str]) -> pd.DataFrame:
@@ -125,7 +126,7 @@ def read_chunks(path: Path | str) -> pd.DataFrame:
 def _with_optional(df: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
     for c in OPTIONAL_COLUMNS:
         if c in columns and c not in df.columns:
-            df[c] = None
+            df[c] = float("nan") if columns[c] == "float64" else None
     return df
 
 
