@@ -11,12 +11,14 @@ gives hand-set GPU-class engines of three sizes instead.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 from staircase.machine import label
 from staircase.cli import add_output_arguments, add_topology_policy_arguments, finish_run, topology_and_policies
 from staircase.report import summary_frame
 
+from .capacity import at_load, capacity, overload
 from .profile import default_profile_path, load_profile
 from .simulate import simulate_policies
 from .workload import WORKLOAD_KINDS, Workload
@@ -43,6 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--output-tokens", type=int, default=128, help="median answer length (synthetic workloads)")
     g.add_argument("--trace", default=None, help="azure: trace CSV (default: the bundled copy)")
     g.add_argument("--time-scale", type=float, default=1.0, help="azure: divide arrival times by this")
+    g.add_argument("--load", type=float, default=None,
+                   help="arrivals at this fraction of the deployment's capacity (requests/s wait-all completes in "
+                        "a closed loop on these engines, measured first); sets --rate, or the azure time scale")
     g = p.add_argument_group("simulation")
     g.add_argument("--profile", default=None,
                    help=f"engine profile: a JSON file or a bundled name (default, illustrative-gpu); "
@@ -61,11 +66,19 @@ def run(args: argparse.Namespace) -> int:
     workload = Workload(args.workload, args.requests, args.rate, args.cv, args.concurrency, args.query_tokens,
                         args.output_tokens, trace=args.trace, time_scale=args.time_scale)
     profile = load_profile(args.profile)
+    load = None
+    if args.load is not None:
+        cap = capacity(topology, profile, workload, max_tokens=args.max_tokens, seed=args.seed)
+        workload = at_load(workload, args.load, cap)
+        load = {"load": args.load, "capacity_per_s": cap}
     started = time.perf_counter()
     traces = simulate_policies(topology, policies, workload, profile, seed=args.seed, max_tokens=args.max_tokens,
                                noise=not args.no_noise, keep_chunks=not args.summary_only, progress=args.progress)
     wall_s = time.perf_counter() - started
     summary = summary_frame(traces)
+    overloaded = {name: why for name, t in traces.items() if (why := overload(t.requests))}
+    for name, why in overloaded.items():
+        print(f"warning: {name}: {why}", file=sys.stderr)
     config = {
         "command": "sim",
         "topology": topology.describe(),
@@ -77,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
         "profile": {"path": profile.source, "name": profile.name, "calibrated": profile.calibrated,
                     "note": profile.note, "machine": profile.machine},
         "seed": args.seed, "max_tokens": args.max_tokens, "noise": not args.no_noise,
-        "summary_only": args.summary_only, "wall_s": round(wall_s, 3),
-    }
+        "summary_only": args.summary_only, "wall_s": round(wall_s, 3), "overloaded": overloaded,
+    } | ({"load": load} if load else {})
     if args.format == "table":
         if profile.calibrated:
             print(f"profile {profile.name}: calibrated on {label(profile.machine)}; it predicts that machine\n")
