@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from .errors import ConfigError, StaircaseError
-from .policy import PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, SCOPES, ChunkSchedule, Policy, make_policies
+from .policy import (PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, SCOPES, ChunkSchedule, Policy, make_policies,
+                     policy_from_dict)
 from .report import format_table, summary_json, write_results
 from .topology import TOPOLOGY_KINDS, Topology, build
 
@@ -108,10 +109,13 @@ def add_topology_policy_arguments(parser: argparse.ArgumentParser, policies: str
     g.add_argument("--aggregator-schedule", default=",".join(map(str, PAPER_AGGREGATOR_SCHEDULE)),
                    help="aggregator (final node) chunk sizes in tokens; the last repeats")
     g.add_argument("--max-wait-s", type=float, default=0.5, help="staircase-deadline: longest wait for the first step")
+    g.add_argument("--policy-config", action="append", default=[], metavar="JSON",
+                   help="one more policy as data, e.g. '{\"kind\": \"staircase\", \"redundancy\": 1}' (any kind and "
+                        "parameter; `staircase search` prints these); repeatable; --policies '' for these alone")
 
 
 TOPOLOGY_POLICY_KEYS = ("topology", "proposers", "layers", "agents", "rounds", "policies", "redundancy", "scope",
-                        "proposer_schedule", "aggregator_schedule", "max_wait_s")
+                        "proposer_schedule", "aggregator_schedule", "max_wait_s", "policy_config")
 
 
 def topology_policy_args(args: argparse.Namespace) -> dict:
@@ -124,15 +128,29 @@ def topology_and_policies(args: argparse.Namespace) -> tuple[Topology, list[Poli
     """Build and check what `add_topology_policy_arguments` parsed."""
     topology = build(args.topology, proposers=args.proposers, layers=args.layers, agents=args.agents,
                      rounds=args.rounds)
+    names = [n for n in args.policies.split(",") if n.strip()]
     policies = make_policies(
-        args.policies.split(","),
+        names,
         redundancies=parse_int_list(args.redundancy, "redundancy"),
         proposer_schedule=ChunkSchedule.parse(args.proposer_schedule, "proposer_schedule"),
         aggregator_schedule=ChunkSchedule.parse(args.aggregator_schedule, "aggregator_schedule"),
-        scope=args.scope, max_wait_s=args.max_wait_s)
+        scope=args.scope, max_wait_s=args.max_wait_s) if names else []
+    policies += [_policy_from_json(text) for text in getattr(args, "policy_config", None) or []]
+    if not policies:
+        raise ConfigError("policies", args.policies, "at least one policy (names, or --policy-config)")
+    if len({p.name for p in policies}) != len(policies):
+        raise ConfigError("policies", [p.name for p in policies], "each policy name once (give a config its own name)")
     for policy in policies:
         policy.validate_for(topology)
     return topology, policies
+
+
+def _policy_from_json(text: str) -> Policy:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError("policy-config", text, f"a JSON object ({err.msg})") from None
+    return policy_from_dict(raw)
 
 
 def parse_int_list(text: str, field: str, minimum: int = 0) -> list[int]:

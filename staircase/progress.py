@@ -11,11 +11,11 @@ class _NoBar:
     def close(self) -> None: ...
 
 
-def progress(total: int, label: str, enabled: bool | None = None):
+def progress(total: int, label: str, enabled: bool | None = None, unit: str = "req"):
     if enabled is None:
         enabled = sys.stderr.isatty()
     if not enabled:
         return _NoBar()
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=label, unit="req", file=sys.stderr, leave=False, mininterval=0.5)
+    return tqdm(total=total, desc=label, unit=unit, file=sys.stderr, leave=False, mininterval=0.5)
