@@ -1,5 +1,144 @@
-"""``staircase search`` (placeholder until the CLI lands in this commit series)."""
+"""``staircase search``: which policy, for these engines and this traffic.
+
+With no arguments it runs the embedded default: the bundled CPU profile, MoA with 3
+proposers and one aggregator, 200 Poisson requests of the default shape at 0.3 and 0.7
+of the deployment's measured capacity, staircase and wait-all candidates (schedules,
+redundancy, scope, layout, tolerance), NSGA-II over 256 candidates, objectives TTFT p90,
+longest stall p50, E2E p50 and prefilled tokens, under the constraint that the first
+answer token reads at least 16 proposer tokens. About a minute on 2 cores.
+
+Results (the folder given with --out resumes an interrupted search: finished
+evaluations are never redone): evaluations.parquet (every candidate x scenario),
+pareto.csv (the front per scenario), best.json (the best policy under the constraints,
+the references wait-all and the paper's staircase, and the `staircase sim` / `live`
+command lines that reproduce it), pareto.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from staircase.cli import results_folder
+from staircase.topology import TOPOLOGY_KINDS, build
+
+from sim.workload import WORKLOAD_KINDS, Workload
+
+from .objectives import DEFAULT_OBJECTIVES, METRICS, Constraint, check_objectives
+from .report import write_report
+from .run import METHODS, SearchConfig, make_scenarios, run_search
+from .space import SearchSpace, parse_fix, parse_range
 
 
-def register(subparsers) -> None:
-    pass
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("search", help="search policies on the simulator (no arguments: the embedded default)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("deployment and traffic (one scenario per profile x load)")
+    g.add_argument("--profile", default="default", help="comma list of engine profiles (bundled names or JSON files)")
+    g.add_argument("--topology", choices=TOPOLOGY_KINDS, default="moa")
+    g.add_argument("--proposers", type=int, default=3)
+    g.add_argument("--layers", type=int, default=1)
+    g.add_argument("--agents", type=int, default=3)
+    g.add_argument("--rounds", type=int, default=2)
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--workload", choices=[k for k in WORKLOAD_KINDS if k != "closed"], default="poisson")
+    g.add_argument("--requests", type=int, default=200, help="requests per evaluation")
+    g.add_argument("--load", default="0.3,0.7", help="comma list of loads, fractions of the measured capacity")
+    g.add_argument("--query-tokens", type=int, default=120)
+    g.add_argument("--output-tokens", type=int, default=128)
+    g.add_argument("--cv", type=float, default=2.0, help="gamma: coefficient of variation")
+    g.add_argument("--trace", default=None, help="azure: trace CSV (default: the bundled copy)")
+    g = p.add_argument_group("search space")
+    g.add_argument("--kinds", default="staircase,wait-all", help="policy kinds whose knobs are searched")
+    g.add_argument("--fix", action="append", default=[], metavar="KIND.KNOB=VALUE",
+                   help="pin a knob, e.g. staircase.layout=prefix-cache, staircase.proposer_schedule=8,128,256")
+    g.add_argument("--range", action="append", default=[], metavar="KIND.KNOB=LOW..HIGH",
+                   help="narrow a knob, e.g. staircase.redundancy=0..1 (schedules: chunk sizes)")
+    g = p.add_argument_group("objectives")
+    g.add_argument("--objectives", default=",".join(DEFAULT_OBJECTIVES),
+                   help="comma list of: " + ", ".join(f"{k} ({v[1][:3]})" for k, v in METRICS.items()))
+    g.add_argument("--constraint", action="append", default=None, metavar="METRIC<=X",
+                   help="repeatable; default: context_p50>=16; 'none' for none")
+    g.add_argument("--minimise", default=None, help="what 'best' means (default: the first objective)")
+    g = p.add_argument_group("method and scale")
+    g.add_argument("--method", choices=METHODS, default="nsga")
+    g.add_argument("--budget", type=int, default=256, help="candidates to evaluate (grid: at least its size)")
+    g.add_argument("--grid-points", type=int, default=3, help="grid: values per numeric knob")
+    g.add_argument("--batch", type=int, default=16, help="candidates asked at once (results do not depend on workers)")
+    g.add_argument("--workers", type=int, default=0, help="processes (0: every core)")
+    g.add_argument("--ray", default=None, metavar="auto|ADDRESS", help="evaluate on a Ray cluster instead")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default=None, help="results folder (an existing one resumes its search)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--format", choices=("table", "json"), default="table")
+    g.add_argument("--no-figure", action="store_true")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[SearchConfig, str]:
+    """Everything checked before any work: space, objectives, constraints, then the scenarios."""
+    topology = build(args.topology, proposers=args.proposers, layers=args.layers, agents=args.agents,
+                     rounds=args.rounds)
+    space = SearchSpace(args.kinds.split(","), topology, dict(parse_fix(f) for f in args.fix),
+                        dict(parse_range(r) for r in args.range))
+    objectives = check_objectives(args.objectives.split(","))
+    limit = max((len(n.upstream) for n in topology.nodes if n.is_final), default=0) * args.max_tokens
+    texts = args.constraint if args.constraint is not None else ["context_p50>=16"]
+    constraints = [Constraint.parse(c, limit) for c in texts if c != "none"]
+    minimise = args.minimise or objectives[0]
+    if minimise not in METRICS:
+        raise_config("minimise", minimise, ", ".join(METRICS))
+    loads = [float(x) for x in args.load.split(",") if x.strip()] if args.load else None
+    workload = Workload(args.workload, args.requests, 1.0, args.cv, 8, args.query_tokens, args.output_tokens,
+                        trace=args.trace)
+    profiles = [None if p == "default" else p for p in args.profile.split(",")]
+    scenarios = make_scenarios(profiles, topology, workload, loads, max_tokens=args.max_tokens, seed=args.seed)
+    cfg = SearchConfig(space, scenarios, objectives, constraints, args.method, args.budget, args.batch, args.seed,
+                       args.workers, args.ray, args.grid_points)
+    cfg.check()
+    return cfg, minimise
+
+
+def raise_config(field: str, value, allowed: str):
+    from staircase.errors import ConfigError
+
+    raise ConfigError(field, value, allowed)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    cfg, minimise = config_from_args(args)
+    folder = Path(args.out) if args.out else results_folder(argparse.Namespace(out=None), "search")
+    study = run_search(cfg, folder, progress=args.progress)
+    result = write_report(study, cfg, folder, minimise, figure=not args.no_figure)
+    result["results"] = str(folder)
+    if args.format == "json":
+        print(json.dumps(result, indent=1, default=str))
+        return 0
+    print(_table(result))
+    print(f"\nresults: {folder}/ (evaluations.parquet, pareto.csv, best.json"
+          + ("" if args.no_figure else ", pareto.png") + ")")
+    return 0
+
+
+def _table(result: dict) -> str:
+    cols = ["ttft_p50", "ttft_p90", "stall_p50", "e2e_p50", "prefilled", "context_p50"]
+    lines = [f"evaluated {result['evaluated']} policies; Pareto front sizes: {result['pareto_sizes']}",
+             f"best under {' and '.join(result['constraints']) or 'no constraint'}, minimising {result['minimise']}:"]
+    if "best" not in result:
+        lines.append("  none meets the constraints in every scenario (see pareto.csv, evaluations.parquet)")
+        return "\n".join(lines)
+    lines.append("  " + json.dumps(result["best"], sort_keys=True))
+    lines.append("| scenario | policy | " + " | ".join(cols) + " |")
+    lines.append("|---|---|" + "---|" * len(cols))
+    for name, per in [("search-best", result["best_metrics"])] + list(result["references"].items()):
+        for scen, m in per.items():
+            lines.append(f"| {scen} | {name} | " + " | ".join(_fmt(m[c]) for c in cols) + " |")
+    lines.append("\nreproduce it:\n  " + result["commands"]["sim"] + "\n  " + result["commands"]["live"])
+    return "\n".join(lines)
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3g}"
+

@@ -244,6 +244,27 @@ def open_study(cfg: SearchConfig, folder: Path):
     return study
 
 
+def identity(cfg: SearchConfig) -> dict:
+    """What makes a search the same search (budget, batch and workers may change on resume)."""
+    return {"space": cfg.space.describe(), "kinds": cfg.space.kinds, "scenarios": [asdict(s) for s in cfg.scenarios],
+            "objectives": cfg.objectives, "constraints": [str(c) for c in cfg.constraints], "method": cfg.method,
+            "seed": cfg.seed, "grid_points": cfg.grid_points, "baselines": cfg.baselines}
+
+
+def _same_search(cfg: SearchConfig, folder: Path) -> None:
+    """``search.json`` records the search; a folder holding another one is not resumed."""
+    path = folder / "search.json"
+    mine = json.loads(json.dumps(identity(cfg), default=str))
+    if path.exists():
+        theirs = json.loads(path.read_text())
+        diff = sorted(k for k in mine if mine[k] != theirs.get(k))
+        if diff:
+            raise ConfigError("out", str(folder), f"a new folder, or this folder's own search settings "
+                              f"(it holds a search with other {', '.join(diff)})")
+    else:
+        path.write_text(json.dumps(mine, indent=1) + "\n")
+
+
 def _finished(study) -> int:
     import optuna
 
@@ -256,6 +277,7 @@ def run_search(cfg: SearchConfig, folder: Path, progress: bool | None = None):
     returns the optuna study. Every evaluation is in ``folder/evaluations.jsonl``."""
     cfg.check()
     folder.mkdir(parents=True, exist_ok=True)
+    _same_search(cfg, folder)
     study = open_study(cfg, folder)
     store = Store(folder)
     ex = executor(cfg.workers or os.cpu_count() or 1, cfg.ray)

@@ -50,9 +50,12 @@ class Dim:
             if self.log:
                 return sorted({int(round(lo * (hi / lo) ** (i / (points - 1)))) for i in range(points)})
             return sorted({int(round(lo + (hi - lo) * i / (points - 1))) for i in range(points)})
-        if self.log:
-            return [self.low * (self.high / self.low) ** (i / max(1, points - 1)) for i in range(points)]
-        return [self.low + (self.high - self.low) * i / max(1, points - 1) for i in range(points)]
+        if points == 1:
+            return [self.low]
+        steps = [i / (points - 1) for i in range(points)]
+        inner = [self.low * (self.high / self.low) ** f if self.log else self.low + (self.high - self.low) * f
+                 for f in steps[1:-1]]
+        return [self.low, *inner, self.high]  # the ends exactly
 
 
 def schedule_sizes(first: int, growth: int, cap: int) -> tuple[int, ...]:
