@@ -48,6 +48,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--output-tokens", type=int, default=128)
     g.add_argument("--cv", type=float, default=2.0, help="gamma: coefficient of variation")
     g.add_argument("--trace", default=None, help="azure: trace CSV (default: the bundled copy)")
+    _space_arguments(p)
+    p.set_defaults(func=run)
+
+
+def _space_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("search space")
     g.add_argument("--kinds", default="staircase,wait-all", help="policy kinds whose knobs are searched")
     g.add_argument("--fix", action="append", default=[], metavar="KIND.KNOB=VALUE",
@@ -72,7 +77,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--format", choices=("table", "json"), default="table")
     g.add_argument("--no-figure", action="store_true")
-    p.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[SearchConfig, str]:
