@@ -104,6 +104,8 @@ def plot(df: pd.DataFrame, front: pd.DataFrame, objectives: list[str], path: Pat
             if len(r):
                 ax.annotate(ref, (r[x].iloc[0], r[y].iloc[0]), fontsize=8, xytext=(4, 4), textcoords="offset points")
         ax.set_title(name)
+        if x.startswith(("ttft", "e2e", "stall")) and (d[x] > 0).all():
+            ax.set_xscale("log")  # references (wait-all) sit far from the staircases
         ax.set_xlabel(f"{x}: {METRICS[x][2]}", fontsize=8)
         ax.set_ylabel(f"{y}: {METRICS[y][2]}", fontsize=8)
         ax.legend(fontsize=7)
