@@ -321,9 +321,11 @@ def _print_validation(table, checks) -> None:
         lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))
     print()
-    speeds = table.groupby("run", sort=False)["decode_time_ratio"].first()
-    for run, ratio in speeds.items():
-        if ratio == ratio:
-            print(f"engine speed: {run} decoded at {ratio:.2f} x the profile's iteration time")
+    speeds = table.groupby("run", sort=False)[["prefill_time_ratio", "decode_time_ratio"]].first()
+    for run, r in speeds.iterrows():
+        parts = [f"{phase} at {r[k]:.2f} x" for phase, k in (("prefilled", "prefill_time_ratio"),
+                                                             ("decoded", "decode_time_ratio")) if r[k] == r[k]]
+        if parts:
+            print(f"engine speed: {run} {' and '.join(parts)} the profile's time")
     for _, c in checks.iterrows():
         print(f"{'PASS' if c['pass'] else 'MISS'}  {c['run']}  {c['policy']}: {c['target']} ({c['rel_err']:+.1%})")

@@ -137,32 +137,57 @@ def check_machine(profile: Profile, run: LiveRun) -> list[str]:
 
 
 def decode_speed(run: LiveRun, profile: Profile) -> dict | None:
-    """How fast the run's engine decoded compared with the profile: the tokens-weighted
-    median of measured / profile iteration time over the run's prefill-free decode
-    intervals (the fit's own observations). Far from 1, the engine or the machine ran
-    at another speed than at calibration, and every error includes that drift. None
-    for runs on several engines or without such intervals."""
+    """How fast the run's engine worked compared with the profile, phase by phase: the
+    tokens-weighted median of measured / profile iteration time over the run's
+    prefill-free decode intervals, and the median of measured / profile first-token
+    wait over the calls that had the engine to themselves (the fit's own
+    observations; NaN where the run has none). Far from 1, the engine or the machine
+    ran at another speed than at calibration, and every error includes that drift.
+    None for runs on several engines or with neither kind of observation."""
     from .fit import RunGroup, observations
 
     slot_engines = run.config.get("slot_engines") or {}
     if len(set(slot_engines.values())) > 1:
         return None
     model = profile.engine_for_slot("aggregator")[1]
-    ratios, weights = [], []
+    ratios, weights, pre_ratios = [], [], []
     for name, chunks in run.chunks.items():
         try:
-            dec = observations([RunGroup(f"{run.folder.name}/{name}", name, chunks)]).decode
+            obs = observations([RunGroup(f"{run.folder.name}/{name}", name, chunks)])
         except ConfigError:
             continue
-        if not len(dec):
-            continue
-        pred = (model.decode_base_s + model.decode_per_seq_s * dec["batch"].to_numpy(float)
-                + model.decode_per_context_token_s * dec["context"].to_numpy(float))
-        ratios.extend(dec["per_token_s"].to_numpy(float) / pred)
-        weights.extend(dec["tokens"].to_numpy(float))
-    if not ratios:
+        dec, pre = obs.decode, obs.prefill
+        if len(dec):
+            pred = (model.decode_base_s + model.decode_per_seq_s * dec["batch"].to_numpy(float)
+                    + model.decode_per_context_token_s * dec["context"].to_numpy(float))
+            ratios.extend(dec["per_token_s"].to_numpy(float) / pred)
+            weights.extend(dec["tokens"].to_numpy(float))
+        if len(pre):
+            p = pre["uncached"].to_numpy(float)
+            pred = model.request_overhead_s + model.prefill_s(p, p * p)
+            pre_ratios.extend(pre["wait_s"].to_numpy(float) / pred)
+    if not ratios and not pre_ratios:
         return None
-    return {"decode_time_ratio": weighted_percentile(ratios, 50, weights), "intervals": len(ratios)}
+    return {"decode_time_ratio": weighted_percentile(ratios, 50, weights) if ratios else float("nan"),
+            "intervals": len(ratios),
+            "prefill_time_ratio": float(np.median(pre_ratios)) if pre_ratios else float("nan"),
+            "prefills": len(pre_ratios)}
+
+
+def speed_note(run: LiveRun, profile: Profile, speed: dict | None) -> str | None:
+    """A warning when either phase ran more than SPEED_TOLERANCE off the profile,
+    naming the CPU of each side."""
+    if speed is None:
+        return None
+    off = [f"{phase} at {speed[k]:.2f} x the profile's time ({speed[n]} {what})"
+           for phase, k, n, what in (("prefilled", "prefill_time_ratio", "prefills", "first-token waits"),
+                                     ("decoded", "decode_time_ratio", "intervals", "intervals"))
+           if speed[k] == speed[k] and abs(speed[k] - 1) > SPEED_TOLERANCE]
+    if not off:
+        return None
+    return (f"live run {run.folder.name} {' and '.join(off)}, on {machine_label(run.config.get('machine'))}; profile "
+            f"{profile.name} was calibrated on {machine_label(profile.machine)}: the engine or machine ran at another "
+            "speed than at calibration, and the errors include that drift")
 
 
 def run_topology_and_policies(cfg: dict):
@@ -328,16 +353,15 @@ def validate(runs: Sequence[LiveRun], profile: Profile, *, replicates: int = 3, 
     for i, run in enumerate(runs):
         run_notes = check_profile_model(profile, run, allow_other_model)
         speed = decode_speed(run, profile)
-        if speed is not None and abs(speed["decode_time_ratio"] - 1) > SPEED_TOLERANCE:
-            run_notes.append(f"live run {run.folder.name} decoded at {speed['decode_time_ratio']:.2f} x the profile's "
-                             f"iteration time ({speed['intervals']} intervals): the engine or machine ran at another "
-                             "speed than at calibration, and the errors include that drift")
+        if (note := speed_note(run, profile, speed)) is not None:
+            run_notes.append(note)
         for note in run_notes:
             warnings.warn(note, ValidationWarning, stacklevel=2)
             notes.append(note)
         sim = replay(run, profile, replicates=replicates, seed=seed, tokenizer=approx_or_model_tokenizer(run, tokenizer))
         table = compare(run.requests, sim, run.label)
         table["decode_time_ratio"] = speed["decode_time_ratio"] if speed else float("nan")
+        table["prefill_time_ratio"] = speed["prefill_time_ratio"] if speed else float("nan")
         tables.append(table)
         if figures_folder is not None:
             figures_folder.mkdir(parents=True, exist_ok=True)

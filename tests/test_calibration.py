@@ -293,7 +293,28 @@ def test_speed_drift_between_calibration_and_a_run_is_reported():
     same_hour = load_live_run(CPU_RUNS / "live-alpaca-0-7-c1")
     later = load_live_run(CPU_RUNS / "drift" / "repeat-live-alpaca-0-7-c1")
     assert 0.9 < decode_speed(same_hour, profile)["decode_time_ratio"] < 1.1
+    assert 0.9 < decode_speed(same_hour, profile)["prefill_time_ratio"] < 1.1
     assert decode_speed(later, profile)["decode_time_ratio"] < 0.8
-    with pytest.warns(ValidationWarning, match="decoded at 0.[67]. x the profile's iteration time"):
+    with pytest.warns(ValidationWarning, match="decoded at 0.[67]. x the profile's time"):
         table, *_ = validate([later], profile, replicates=1, tokenizer="approx")
     assert (table["decode_time_ratio"] < 0.8).all()
+
+
+def test_a_prefill_slower_than_the_profiles_is_reported_with_the_cpus():
+    """Decode alone cannot see a machine whose prefill is many times slower (bf16 on a
+    CPU without native bf16): the speed check measures the first-token waits too."""
+    import copy
+
+    profile = load_profile()
+    raw = copy.deepcopy(profile.raw)
+    for engine in raw["engines"].values():
+        for k in ("base", "per_token", "per_token2"):
+            engine["prefill_s"][k] /= 19.0
+        engine["request_overhead_s"] /= 19.0
+    fast_prefill = parse_profile(raw)
+    run = load_live_run(CPU_RUNS / "live-alpaca-0-7-c1")
+    speed = decode_speed(run, fast_prefill)
+    assert speed["prefill_time_ratio"] > 10 and 0.9 < speed["decode_time_ratio"] < 1.1
+    with pytest.warns(ValidationWarning, match=r"prefilled at 1\d\.\d\d x the profile's time .* on .*calibrated on"):
+        table, *_ = validate([run], fast_prefill, replicates=1, tokenizer="approx")
+    assert (table["prefill_time_ratio"] > 10).all()
