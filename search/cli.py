@@ -24,6 +24,8 @@ from staircase.topology import TOPOLOGY_KINDS, build
 
 from sim.workload import WORKLOAD_KINDS, Workload
 
+OPEN_LOOP = [k for k in WORKLOAD_KINDS if k != "closed"]
+
 from .objectives import DEFAULT_OBJECTIVES, METRICS, Constraint, check_objectives
 from .report import write_report
 from .run import METHODS, SearchConfig, make_scenarios, run_search
@@ -41,7 +43,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--agents", type=int, default=3)
     g.add_argument("--rounds", type=int, default=2)
     g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--workload", choices=[k for k in WORKLOAD_KINDS if k != "closed"], default="poisson")
+    g.add_argument("--workload", default="poisson",
+                   help="comma list of: " + ", ".join(OPEN_LOOP) + " (one scenario set per workload)")
     g.add_argument("--requests", type=int, default=200, help="requests per evaluation")
     g.add_argument("--load", default="0.3,0.7", help="comma list of loads, fractions of the measured capacity")
     g.add_argument("--query-tokens", type=int, default=120)
@@ -93,8 +96,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[SearchConfig, str]:
     if minimise not in METRICS:
         raise_config("minimise", minimise, ", ".join(METRICS))
     loads = [float(x) for x in args.load.split(",") if x.strip()] if args.load else None
-    workload = Workload(args.workload, args.requests, 1.0, args.cv, 8, args.query_tokens, args.output_tokens,
-                        trace=args.trace)
+    kinds = [k.strip() for k in args.workload.split(",") if k.strip()]
+    for k in kinds:
+        if k not in OPEN_LOOP:
+            raise_config("workload", k, ", ".join(OPEN_LOOP))
+    workload = [Workload(k, args.requests, 1.0, args.cv, 8, args.query_tokens, args.output_tokens, trace=args.trace)
+                for k in kinds]
     profiles = [None if p == "default" else p for p in args.profile.split(",")]
     scenarios = make_scenarios(profiles, topology, workload, loads, max_tokens=args.max_tokens, seed=args.seed)
     cfg = SearchConfig(space, scenarios, objectives, constraints, args.method, args.budget, args.batch, args.seed,

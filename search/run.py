@@ -56,17 +56,19 @@ class Scenario:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def make_scenarios(profiles, topology: Topology, workload: Workload, loads, *, max_tokens: int,
+def make_scenarios(profiles, topology: Topology, workload: Workload | list[Workload], loads, *, max_tokens: int,
                    seed: int) -> list[Scenario]:
-    """One scenario per (profile, load); ``loads`` None: the workload's own rate."""
+    """One scenario per (profile, workload, load); ``loads`` None: each workload's own rate."""
+    workloads = workload if isinstance(workload, list) else [workload]
     out = []
     for prof in profiles:
         p = load_profile(prof)
-        cap = capacity(topology, p, workload, max_tokens=max_tokens, seed=seed) if loads else None
-        for load in loads or [None]:
-            w = at_load(workload, load, cap) if load is not None else workload
-            name = f"{p.name}" + (f"@{load:g}" if load is not None else "")
-            out.append(Scenario(name, prof, topology.config(), asdict(w), max_tokens, seed, load, cap))
+        for wl in workloads:
+            cap = capacity(topology, p, wl, max_tokens=max_tokens, seed=seed) if loads else None
+            for load in loads or [None]:
+                w = at_load(wl, load, cap) if load is not None else wl
+                name = p.name + (f"/{wl.kind}" if len(workloads) > 1 else "") + (f"@{load:g}" if load is not None else "")
+                out.append(Scenario(name, prof, topology.config(), asdict(w), max_tokens, seed, load, cap))
     return out
 
 

@@ -179,3 +179,16 @@ def test_grid_budget_and_pareto(tmp_path):
                        "e2e_p50": [3, 2, 4, 0.1]})
     front = pareto(df, ["ttft_p50", "e2e_p50"])
     assert sorted(front["ttft_p50"]) == [1, 2]  # (3, 4) is dominated; the infeasible point does not count
+
+
+def test_several_workloads_and_loads_make_one_scenario_each():
+    topo = moa(3)
+    w = [Workload("poisson", 20, 1.0, query_tokens=80, output_tokens=32),
+         Workload("gamma", 20, 1.0, cv=3.0, query_tokens=80, output_tokens=32)]
+    scen = make_scenarios([None], topo, w, [0.2, 0.6], max_tokens=32, seed=0)
+    assert [s.name.split("/")[1] for s in scen] == ["poisson@0.2", "poisson@0.6", "gamma@0.2", "gamma@0.6"]
+    assert len({s.key() for s in scen}) == 4
+    rates = {s.name: s.workload["rate_per_s"] for s in scen}
+    assert rates["cpu-smollm2-135m/poisson@0.6"] == pytest.approx(3 * rates["cpu-smollm2-135m/poisson@0.2"])
+    done = subprocess.run(STAIRCASE + ["search", "--workload", "poisson,closed"], capture_output=True, text=True)
+    assert done.returncode == 2 and "workload" in done.stderr
