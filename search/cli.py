@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from staircase.cli import results_folder
-from staircase.topology import TOPOLOGY_KINDS, build
+from staircase.cli import add_topology_arguments, build_topology, results_folder
+from staircase.errors import ConfigError
 
 from sim.workload import WORKLOAD_KINDS, Workload
 
@@ -35,13 +35,9 @@ from .space import SearchSpace, parse_fix, parse_range
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("search", help="search policies on the simulator (no arguments: the embedded default)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    g = p.add_argument_group("deployment and traffic (one scenario per profile x load)")
+    add_topology_arguments(p)
+    g = p.add_argument_group("deployment and traffic (one scenario per profile x workload x load)")
     g.add_argument("--profile", default="default", help="comma list of engine profiles (bundled names or JSON files)")
-    g.add_argument("--topology", choices=TOPOLOGY_KINDS, default="moa")
-    g.add_argument("--proposers", type=int, default=3)
-    g.add_argument("--layers", type=int, default=1)
-    g.add_argument("--agents", type=int, default=3)
-    g.add_argument("--rounds", type=int, default=2)
     g.add_argument("--max-tokens", type=int, default=128)
     g.add_argument("--workload", default="poisson",
                    help="comma list of: " + ", ".join(OPEN_LOOP) + " (one scenario set per workload)")
@@ -84,8 +80,7 @@ def _space_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> tuple[SearchConfig, str]:
     """Everything checked before any work: space, objectives, constraints, then the scenarios."""
-    topology = build(args.topology, proposers=args.proposers, layers=args.layers, agents=args.agents,
-                     rounds=args.rounds)
+    topology = build_topology(args)
     space = SearchSpace(args.kinds.split(","), topology, dict(parse_fix(f) for f in args.fix),
                         dict(parse_range(r) for r in args.range))
     objectives = check_objectives(args.objectives.split(","))
@@ -94,12 +89,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[SearchConfig, str]:
     constraints = [Constraint.parse(c, limit) for c in texts if c != "none"]
     minimise = args.minimise or objectives[0]
     if minimise not in METRICS:
-        raise_config("minimise", minimise, ", ".join(METRICS))
+        raise ConfigError("minimise", minimise, ", ".join(METRICS))
     loads = [float(x) for x in args.load.split(",") if x.strip()] if args.load else None
     kinds = [k.strip() for k in args.workload.split(",") if k.strip()]
     for k in kinds:
         if k not in OPEN_LOOP:
-            raise_config("workload", k, ", ".join(OPEN_LOOP))
+            raise ConfigError("workload", k, ", ".join(OPEN_LOOP))
     workload = [Workload(k, args.requests, 1.0, args.cv, 8, args.query_tokens, args.output_tokens, trace=args.trace)
                 for k in kinds]
     profiles = [None if p == "default" else p for p in args.profile.split(",")]
@@ -108,12 +103,6 @@ def config_from_args(args: argparse.Namespace) -> tuple[SearchConfig, str]:
                        args.workers, args.ray, args.grid_points)
     cfg.check()
     return cfg, minimise
-
-
-def raise_config(field: str, value, allowed: str):
-    from staircase.errors import ConfigError
-
-    raise ConfigError(field, value, allowed)
 
 
 def run(args: argparse.Namespace) -> int:

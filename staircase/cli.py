@@ -90,13 +90,7 @@ def finish_run(args: argparse.Namespace, command: str, traces: Mapping, summary,
 def add_topology_policy_arguments(parser: argparse.ArgumentParser, policies: str, redundancy: str,
                                   proposers: int) -> None:
     """The topology and policy options shared by `sim` and `live`."""
-    g = parser.add_argument_group("topology")
-    g.add_argument("--topology", choices=TOPOLOGY_KINDS, default="moa",
-                   help="moa: layers of proposers -> aggregator; mad: debate agents x rounds -> judge")
-    g.add_argument("--proposers", type=int, default=proposers, help="MoA proposers per layer")
-    g.add_argument("--layers", type=int, default=1, help="MoA proposer layers before the aggregator")
-    g.add_argument("--agents", type=int, default=3, help="MAD agents per round")
-    g.add_argument("--rounds", type=int, default=2, help="MAD rounds before the judge")
+    add_topology_arguments(parser, proposers)
     g = parser.add_argument_group("policies")
     g.add_argument("--policies", default=policies,
                    help="comma list of: wait-all, single, staircase (both layouts), staircase-standard, "
@@ -114,6 +108,22 @@ def add_topology_policy_arguments(parser: argparse.ArgumentParser, policies: str
                         "parameter; `staircase search` prints these); repeatable; --policies '' for these alone")
 
 
+def add_topology_arguments(parser: argparse.ArgumentParser, proposers: int = 3) -> None:
+    """The topology options (`sim`, `live`, `search`); ``build_topology`` reads them."""
+    g = parser.add_argument_group("topology")
+    g.add_argument("--topology", choices=TOPOLOGY_KINDS, default="moa",
+                   help="moa: layers of proposers -> aggregator; mad: debate agents x rounds -> judge")
+    g.add_argument("--proposers", type=int, default=proposers, help="MoA proposers per layer")
+    g.add_argument("--layers", type=int, default=1, help="MoA proposer layers before the aggregator")
+    g.add_argument("--agents", type=int, default=3, help="MAD agents per round")
+    g.add_argument("--rounds", type=int, default=2, help="MAD rounds before the judge")
+
+
+def build_topology(args: argparse.Namespace) -> Topology:
+    """The topology `add_topology_arguments` parsed."""
+    return build(args.topology, proposers=args.proposers, layers=args.layers, agents=args.agents, rounds=args.rounds)
+
+
 TOPOLOGY_POLICY_KEYS = ("topology", "proposers", "layers", "agents", "rounds", "policies", "redundancy", "scope",
                         "proposer_schedule", "aggregator_schedule", "max_wait_s", "policy_config")
 
@@ -126,8 +136,7 @@ def topology_policy_args(args: argparse.Namespace) -> dict:
 
 def topology_and_policies(args: argparse.Namespace) -> tuple[Topology, list[Policy]]:
     """Build and check what `add_topology_policy_arguments` parsed."""
-    topology = build(args.topology, proposers=args.proposers, layers=args.layers, agents=args.agents,
-                     rounds=args.rounds)
+    topology = build_topology(args)
     names = [n for n in args.policies.split(",") if n.strip()]
     policies = make_policies(
         names,
