@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -51,15 +50,11 @@ def timed_search(folder: Path, policies: int, requests: int, **kw) -> tuple[floa
     return time.perf_counter() - started, [(t.user_attrs.get("key"), t.values) for t in study.trials]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def on_ray(folder: Path, policies: int, requests: int) -> tuple[float, list]:
+    from live.engines import free_port
+
     ray = Path(sys.executable).parent / "ray"
-    port = _free_port()
+    port = free_port()
     subprocess.run([str(ray), "start", "--head", "--num-cpus=2", f"--port={port}", "--include-dashboard=false",
                     "--disable-usage-stats"], check=True, capture_output=True)
     try:

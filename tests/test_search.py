@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from live.engines import free_port
 from search.objectives import Constraint
 from search.report import pareto
 from search.run import SearchConfig, make_scenarios, run_search
@@ -133,17 +133,11 @@ def test_resume_after_a_kill_redoes_and_loses_nothing(tmp_path):
     assert other.returncode == 2 and "scenarios" in other.stderr, other.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_a_local_ray_cluster_gives_the_same_results(tmp_path):
     ray_bin = Path(sys.executable).parent / "ray"
     if not ray_bin.exists():
         pytest.skip("ray is not installed (make test installs it)")
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     started = subprocess.run([str(ray_bin), "start", "--head", "--num-cpus=2", f"--port={port}",
                               "--include-dashboard=false", "--disable-usage-stats"],
