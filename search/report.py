@@ -12,13 +12,12 @@ import numpy as np
 import pandas as pd
 
 from .objectives import METRICS, value
-from .run import SearchConfig, Store, baseline_configs
+from .run import SearchConfig, baseline_configs, read_evaluations
 
 
 def evaluations(study, cfg: SearchConfig, folder: Path) -> pd.DataFrame:
     """One row per (candidate, scenario): the trial, the config, feasibility, metrics."""
-    store = Store(folder)
-    store.close()
+    done = read_evaluations(folder)
     rows = []
     paper = {c.key(): name for c, name in zip(baseline_configs(cfg.space.topology), ("wait-all", "paper"))}
     for t in study.get_trials(deepcopy=False):
@@ -26,7 +25,7 @@ def evaluations(study, cfg: SearchConfig, folder: Path) -> pd.DataFrame:
         if key is None:
             continue
         for s in cfg.scenarios:
-            m = store.done.get((key, s.key()))
+            m = done.get((key, s.key()))
             if m is None or "error" in m:
                 continue
             row = {"trial": t.number, "key": key, "kind": t.user_attrs["config"]["kind"],

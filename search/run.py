@@ -148,14 +148,7 @@ class Store:
 
     def __init__(self, folder: Path):
         self.path = folder / "evaluations.jsonl"
-        self.done: dict[tuple[str, str], dict] = {}
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut short by a kill: that evaluation is simply redone
-                self.done[(row["key"], row["scenario"])] = row["metrics"]
+        self.done = read_evaluations(folder)
         self._file = self.path.open("a")
 
     def add(self, key: str, scenario: str, config: dict, metrics: dict) -> None:
@@ -166,6 +159,20 @@ class Store:
 
     def close(self) -> None:
         self._file.close()
+
+
+def read_evaluations(folder: Path) -> dict[tuple[str, str], dict]:
+    """(candidate key, scenario key) -> metrics, from a search folder's store."""
+    done: dict[tuple[str, str], dict] = {}
+    path = folder / "evaluations.jsonl"
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill: that evaluation is simply redone
+            done[(row["key"], row["scenario"])] = row["metrics"]
+    return done
 
 
 # ----------------------------------------------------------------------- search
