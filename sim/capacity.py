@@ -30,15 +30,13 @@ def capacity(topology: Topology, profile: Profile, workload: Workload, *, max_to
     from .simulate import simulate
 
     users = 4 * max(m.max_batch_size for m in profile.engines.values())
-    closed = replace(workload, kind="closed", requests=max(requests, 4 * users), concurrency=users)
-    if workload.kind == "azure":  # the trace's lengths, in a closed loop
-        closed = replace(closed, kind="azure")
-        reqs = [replace(r, arrival_s=float("nan")) for r in make_requests(closed, seed)]
-        trace = simulate(topology, WaitAllPolicy(), reqs, profile, seed=seed, max_tokens=max_tokens,
-                         keep_chunks=False, progress=False, concurrency=users)
-    else:
-        trace = simulate(topology, WaitAllPolicy(), closed, profile, seed=seed, max_tokens=max_tokens,
-                         keep_chunks=False, progress=False)
+    n = max(requests, 4 * users)
+    # the workload's lengths (synthetic, or the trace's), sent by a closed loop of users
+    source = replace(workload, requests=n) if workload.kind == "azure" else \
+        replace(workload, kind="closed", requests=n, concurrency=users)
+    reqs = [replace(r, arrival_s=float("nan")) for r in make_requests(source, seed)]
+    trace = simulate(topology, WaitAllPolicy(), reqs, profile, seed=seed, max_tokens=max_tokens, keep_chunks=False,
+                     progress=False, concurrency=users)
     done = (trace.requests["arrival_s"] + trace.requests["e2e_s"]).sort_values().to_numpy()
     half = len(done) // 2  # the steady second half: past the start-up ramp
     return float((len(done) - half) / (done[-1] - done[half - 1]))
