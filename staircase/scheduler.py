@@ -326,7 +326,7 @@ class Scheduler:
         st.status = RUNNING
         st.final_call = final or max_tokens == remaining
         boundaries = self._call_boundaries(st, max_tokens, view.now_s, final)
-        return Generate(st.node.id, st.call, prompt, max_tokens, boundaries, len(st.pieces), st.step, st.final_call)
+        return Generate(st.node.id, st.call, prompt, max_tokens, boundaries, st.chunks, st.step, st.final_call)
 
     def _step_tokens(self, st: _NodeState, view: ConsumerView, decision, remaining: int) -> int:
         """A step's size: the decision's, else the schedule's; at most what is left."""
@@ -349,14 +349,14 @@ class Scheduler:
             return (max_tokens,)
         if not self._adaptive_chunks:
             st.call_bound = st.call_max
-            return self.policy.output_schedule(st.node).boundaries(len(st.pieces), max_tokens)
+            return self.policy.output_schedule(st.node).boundaries(st.chunks, max_tokens)
         st.call_bound = tokens
         return (self._next_chunk(st, now_s).boundary,)
 
     def _next_chunk(self, st: _NodeState, now_s: float) -> NextChunk:
         """Ask the policy for the size of the call's next chunk (at its last boundary)."""
         call_tokens = st.tokens - st.call_start
-        view = StreamView(st.node, len(st.pieces), now_s, st.tokens, call_tokens, st.call_max - st.call_start,
+        view = StreamView(st.node, st.chunks, now_s, st.tokens, call_tokens, st.call_max - st.call_start,
                           self.policy_state, self.states)
         size = self.policy.chunk_tokens(view)
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
