@@ -50,12 +50,14 @@ class Draws:
         self._buf: list[float] = []
 
     def __call__(self) -> float:
+        buf = self._buf
+        if buf:
+            return buf.pop()
         if self._dist is None:
             return 1.0
-        if not self._buf:
-            self._buf = self._dist.rvs(size=self._block, random_state=self._rng).tolist()
-            self._buf.reverse()
-        return self._buf.pop()
+        self._buf = buf = self._dist.rvs(size=self._block, random_state=self._rng).tolist()
+        buf.reverse()
+        return buf.pop()
 
 
 class SimCall(CallRecord):
@@ -130,8 +132,9 @@ class SimEngine:
         self.prefilling: list[SimCall] | None = None
         self.prefill_end = 0.0
         self._mixed = False
-        self._timer = None
-        self._timer_target: float | None = None
+        self._timer = None  # the one live timer; older ones are stale
+        self._decode_target = 0.0  # the iteration the live decode timer wakes at
+        self._on_prefill_timer_cb, self._on_decode_timer_cb = self._on_prefill_timer, self._on_decode_timer
         self._busy = False
         self.cache: OrderedDict = OrderedDict()  # (request, node) -> tokens
         self.cache_tokens = 0
@@ -175,12 +178,6 @@ class SimEngine:
         u = (m.decode_base_s + m.decode_per_seq_s * b + m.decode_per_context_token_s * self.context) * self.factor
         v = m.decode_per_context_token_s * b * self.factor
         return u, v
-
-    def _iteration_s(self) -> float:
-        """The next decode iteration's time (``_iteration_terms()[0]``) alone (per reported chunk: the hot path)."""
-        m = self.model
-        return (m.decode_base_s + m.decode_per_seq_s * len(self.batch)
-                + m.decode_per_context_token_s * self.context) * self.factor
 
     def _advance(self, now: float) -> None:
         """Bring the fluid decode state up to ``now`` (no-op while prefilling)."""
@@ -288,37 +285,47 @@ class SimEngine:
         else:
             self._mixed = False
             duration = cost * self._prefill_noise()
-        now = self.env.now
-        self.prefill_end = now + duration
-        self._set_timer(self.prefill_end - now, None)  # (as rounded: the same times as ever)
+        self._prefill_timer(duration)
         return True
 
-    def _arm_decode_timer(self) -> None:
-        """Decode until the nearest chunk boundary of a running call: one timer."""
-        while self.heap and self.heap[0][2].cancelled:
-            heapq.heappop(self.heap)
-        if not self.heap:
-            return
-        target = self.heap[0][0]
-        self.factor = self._decode_noise()
-        self.iterations_scheduled += 1
-        self._set_timer(self._time_for(max(0.0, target - self.iters)), target)
-
-    def _set_timer(self, delay: float, target: float | None) -> None:
-        """One live timer per engine; a newer one makes older ones stale."""
-        ev = self.env.timeout(delay)
-        ev.callbacks.append(self._on_timer)
+    def _prefill_timer(self, duration: float) -> None:
+        now = self.env.now
+        self.prefill_end = now + duration
+        ev = self.env.timeout(self.prefill_end - now)  # (as rounded: the same times as ever)
+        ev.callbacks.append(self._on_prefill_timer_cb)
         self._timer = ev
-        self._timer_target = target
 
-    def _on_timer(self, ev) -> None:
-        if ev is not self._timer:
+    def _arm_decode_timer(self) -> None:
+        """Decode until the nearest chunk boundary of a running call: one timer (the
+        arithmetic series of ``_time_for``, inline: this runs after every boundary)."""
+        heap = self.heap
+        while heap and heap[0][2].cancelled:
+            heapq.heappop(heap)
+        if not heap:
             return
-        self._timer = None
-        if self._timer_target is None:
+        target = heap[0][0]
+        self.factor = f = self._decode_noise()
+        self.iterations_scheduled += 1
+        m, b = self.model, len(self.batch)
+        u = (m.decode_base_s + m.decode_per_seq_s * b + m.decode_per_context_token_s * self.context) * f
+        v = m.decode_per_context_token_s * b * f
+        n = target - self.iters
+        if n < 0.0:
+            n = 0.0
+        ev = self.env.timeout(n * u + v * n * (n - 1) / 2)
+        ev.callbacks.append(self._on_decode_timer_cb)
+        self._timer = ev
+        self._decode_target = target
+
+    def _on_prefill_timer(self, ev) -> None:
+        if ev is self._timer:
+            self._timer = None
             self._prefill_done()
-        else:
-            self._boundary(self._timer_target)
+
+    def _on_decode_timer(self, ev) -> None:
+        if ev is self._timer:
+            self._timer = None
+            self._boundary(self._decode_target)
 
     def _push(self, call: SimCall) -> None:
         target = call.join_iter + call.ends[call.end_i] - 1
@@ -356,32 +363,41 @@ class SimEngine:
         self._busy = True
         self._process(now)
         self._busy = False
-        self._reschedule()
+        self._timer = None  # (``_reschedule``, inline: no prefill runs after a boundary)
+        if self.waiting and self._start_prefill():
+            return
+        if self.batch:
+            self._arm_decode_timer()
 
     def _process(self, now: float) -> None:
-        """Report every chunk boundary reached by ``self.iters``."""
-        heap = self.heap
-        while heap and heap[0][0] <= self.iters + EPS:
-            _, _, call = heapq.heappop(heap)
+        """Report every chunk boundary reached by ``self.iters`` (constant here: a cancel
+        while reporting advances nothing, the clock stands still)."""
+        heap, heappop, limit = self.heap, heapq.heappop, self.iters + EPS
+        m = self.model
+        while heap and heap[0][0] <= limit:
+            call = heappop(heap)[2]
             if call.cancelled:
                 continue
-            end = call.ends[call.end_i]
-            if call.reason is FAILED and call.end_i == len(call.ends) - 1:
+            ends, i = call.ends, call.end_i
+            end = ends[i]
+            if call.reason is FAILED and i == len(ends) - 1:
                 self._leave(call)
                 call.driver.failed(call, f"injected failure after {call.tokens_before + end} tokens", now)
                 continue
-            start = call.ends[call.end_i - 1] if call.end_i else 0
-            if call.end_i == 0:
-                first = call.last_end_s  # the prefill's end: it produced token 1
+            if i == 0:
+                call.driver.chunk(call, end, None, call.last_end_s, now)  # the prefill's end: it produced token 1
             else:
-                first = min(now, call.last_end_s + self._iteration_s())
-            call.driver.chunk(call, end - start, None, first, now)
+                first = call.last_end_s + (m.decode_base_s + m.decode_per_seq_s * len(self.batch)
+                                           + m.decode_per_context_token_s * self.context) * self.factor
+                call.driver.chunk(call, end - ends[i - 1], None, now if now < first else first, now)
             call.last_end_s = now
             if call.cancelled:
                 continue
-            call.end_i += 1
-            if call.end_i < len(call.ends):
-                self._push(call)
+            i += 1
+            call.end_i = i
+            if i < len(ends):
+                self._tie += 1
+                heapq.heappush(heap, (call.join_iter + ends[i] - 1, self._tie, call))
             else:
                 self._leave(call)
                 call.driver.finished(call, call.reason, now)

@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 from .metrics import request_metrics
 from .policy import Policy
 from .prompts import TextPieces, Tokenizer
-from .scheduler import (Cancel, Chunk, Done, Emit, Failed, Finished, Generate, NextChunk, Query, Scheduler, SetTimer,
+from .scheduler import (Cancel, Done, Emit, Failed, Finished, Generate, NextChunk, Query, Scheduler, SetTimer,
                         TimerFired)
 from .topology import Node, Topology
 from .trace import ChunkRow, RequestRow, Trace, frame, CHUNK_COLUMNS, REQUEST_COLUMNS
@@ -127,7 +127,9 @@ class RequestDriver:
                 call.sent_s if first else call.last_end_s, first_s, end_s, node.is_final, text))
         call.chunks += 1
         call.last_end_s = end_s
-        self._apply(self.sched.on(Chunk(node.id, g.call, index, tokens, text), end_s), end_s)  # reported as it ends
+        actions = self.sched.on_chunk(node.id, g.call, index, tokens, text, end_s)  # reported as it ends
+        if actions:
+            self._apply(actions, end_s)
 
     def finished(self, call: CallRecord, reason: str, now_s: float) -> None:
         """``call`` ended (``stop`` or ``length``) at ``now_s`` on the runner's clock."""
@@ -150,9 +152,10 @@ class RequestDriver:
     # ------------------------------------------------------------------------ actions
     def _apply(self, actions, now: float) -> None:
         for a in actions:
-            if isinstance(a, Emit):
+            kind = type(a)  # (exact types first: this runs on every chunk)
+            if kind is Emit:
                 continue  # user-visible chunks are recorded with their times in chunk()
-            if isinstance(a, Generate):
+            if kind is Generate or isinstance(a, Generate):
                 self._generate(a, now)
             elif isinstance(a, NextChunk):
                 call = self.calls.get(a.node)

@@ -237,32 +237,42 @@ class Scheduler:
         if isinstance(event, Started):
             return []
         if isinstance(event, Chunk):
-            return self._on_chunk(st, event, now_s)
+            return self._on_chunk(st, event.node, event.index, event.tokens, event.text, now_s)
         if isinstance(event, Finished):
             return self._on_finished(st, event, now_s)
         if isinstance(event, Failed):
             return self._on_failed(st, event, now_s)
         raise ProtocolError(f"unknown event {event!r}")
 
+    def on_chunk(self, node_id: str, call: int, index: int, tokens: int, text: str | None,
+                 now_s: float) -> list[Action]:
+        """``on(Chunk(node_id, call, index, tokens, text), now_s)`` without the event
+        object (the runners' hot path: once per chunk)."""
+        st = self.states.get(node_id)
+        if self.done is not None or st is None or call != st.call or st.status is not RUNNING:
+            return self.on(Chunk(node_id, call, index, tokens, text), now_s)  # the rare paths, and their errors
+        return self._on_chunk(st, node_id, index, tokens, text, now_s)
+
     # --------------------------------------------------------------- event handlers
-    def _on_chunk(self, st: _NodeState, ev: Chunk, now_s: float) -> list[Action]:
-        if ev.index != st.chunks:
-            raise ProtocolError(f"{ev.node}: chunk {ev.index} arrived, expected chunk {st.chunks}")
-        if ev.tokens < 1 or st.tokens + ev.tokens > self.max_tokens:
-            raise ProtocolError(f"{ev.node}: chunk of {ev.tokens} tokens after {st.tokens} (max {self.max_tokens})")
-        piece = Piece(("out", ev.node, ev.index), ev.tokens, ev.text)
+    def _on_chunk(self, st: _NodeState, node_id: str, index: int, tokens: int, text: str | None,
+                  now_s: float) -> list[Action]:
+        if index != st.chunks:
+            raise ProtocolError(f"{node_id}: chunk {index} arrived, expected chunk {st.chunks}")
+        if tokens < 1 or st.tokens + tokens > self.max_tokens:
+            raise ProtocolError(f"{node_id}: chunk of {tokens} tokens after {st.tokens} (max {self.max_tokens})")
+        piece = Piece(("out", node_id, index), tokens, text)
         st.pieces.append(piece)
         st.chunks += 1
         st.chunk_end_s.append(now_s)
-        st.tokens += ev.tokens
+        st.tokens += tokens
         if st.prompts is not None:
             st.prompts.add_output(piece)
         actions: list[Action] = []
         if self._adaptive_chunks and st.call_bound <= st.tokens < st.call_max:
             actions.append(self._next_chunk(st, now_s))
         if st.node.is_final:
-            actions.append(Emit(ev.node, ev.index, ev.tokens, ev.text))
-        actions += self._evaluate(self.topology.downstream[ev.node], now_s)
+            actions.append(Emit(node_id, index, tokens, text))
+        self._evaluate(self.topology.downstream[node_id], now_s, actions)
         return actions
 
     def _on_finished(self, st: _NodeState, ev: Finished, now_s: float) -> list[Action]:
@@ -291,15 +301,18 @@ class Scheduler:
         st = self.states[node_id]
         return ConsumerView(st.node, st.step, now_s, st.tokens, st.inputs, self.policy_state, self.states)
 
-    def _evaluate(self, node_ids, now_s: float) -> list[Action]:
-        actions: list[Action] = []
+    def _evaluate(self, node_ids, now_s: float, actions: list[Action] | None = None) -> list[Action]:
+        """Ask the policy about each of ``node_ids`` that may start a step; the actions go
+        onto ``actions`` (a new list when None), which is returned."""
+        if actions is None:
+            actions = []
         for node_id in node_ids:
             if self.done is not None:
                 break
             st = self.states[node_id]
-            if st.status not in (PENDING, IDLE):
+            if st.status is not PENDING and st.status is not IDLE:
                 continue
-            view = self.view(node_id, now_s)
+            view = ConsumerView(st.node, st.step, now_s, st.tokens, st.inputs, self.policy_state, self.states)
             decision = self.policy.decide(view)
             kind = decision.kind
             if kind == _WAIT:
@@ -308,7 +321,8 @@ class Scheduler:
                     actions.append(SetTimer((node_id, st.step), max(0.0, decision.wake_after_s)))
             elif kind == _FAIL:
                 lost = ", ".join(f"{u} ({self.lost.get(u, '?')})" for u in st.node.upstream if u in self.lost)
-                return actions + self._finish("error", f"{node_id} cannot go on: {decision.reason}: {lost}")
+                actions += self._finish("error", f"{node_id} cannot go on: {decision.reason}: {lost}")
+                return actions
             elif kind == _STEP or kind == _FINAL:
                 generate = self._generate(st, view, decision, kind == _FINAL)
                 actions.append(generate)
