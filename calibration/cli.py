@@ -320,6 +320,7 @@ def _print_validation(table, checks) -> None:
         cells.append(f"{r['wasserstein']:.3g} ({r['wasserstein_rel']:.1%})")
         lines.append("| " + " | ".join(cells) + " |")
     print("\n".join(lines))
+    _print_phases(table)
     print()
     speeds = table.groupby("run", sort=False)[["prefill_time_ratio", "decode_time_ratio"]].first()
     for run, r in speeds.iterrows():
@@ -329,3 +330,19 @@ def _print_validation(table, checks) -> None:
             print(f"engine speed: {run} {' and '.join(parts)} the profile's time")
     for _, c in checks.iterrows():
         print(f"{'PASS' if c['pass'] else 'MISS'}  {c['run']}  {c['policy']}: {c['target']} ({c['rel_err']:+.1%})")
+
+
+def _print_phases(table) -> None:
+    """Where the error comes from: each phase's p50, live vs simulated, per run and policy."""
+    from .validate import PHASES
+
+    show = table[table["metric"].isin(list(PHASES))]
+    if show.empty:
+        return
+    print("\nphases (p50, live -> sim, error):")
+    for (run, policy), g in show.groupby(["run", "policy"], sort=False):
+        cells = [f"{r['metric'].removesuffix('_s')} {r['live_p50']:.3g} -> {r['sim_p50']:.3g} ({r['rel_err_p50']:+.0%})"
+                 for _, r in g.iterrows() if r["live_n"]]
+        print(f"  {run}  {policy}: " + "; ".join(cells))
+    for phase, what in PHASES.items():
+        print(f"  {phase.removesuffix('_s')}: {what}")

@@ -44,7 +44,14 @@ METRICS = {"ttft_s": "TTFT (s)", "e2e_s": "E2E (s)", "tpot_s": "ITL, mean per re
            "cached_tokens": "cached tokens per request"}
 TIMING_METRICS = ("ttft_s", "e2e_s", "tpot_s", "output_tokens_per_s")
 PERCENTILES = (50, 90, 99)
-TARGETS = {("ttft_s", 50): 0.10, ("ttft_s", 90): 0.15}  # issue 4: |relative error| at most
+TARGETS = {("ttft_s", 50): 0.10, ("ttft_s", 90): 0.15, ("e2e_s", 50): 0.10}  # |relative error| at most
+PHASES = {  # where a request's time goes, from chunk rows (``phase_samples``)
+    "source_first_token_s": "proposers: call sent -> first token (queue + overhead + prefill)",
+    "source_decode_s": "proposers: seconds per token after the first chunk (decode at the batch they met)",
+    "final_wait_s": "aggregator: request arrival -> its first call sent (waiting for proposers)",
+    "final_first_token_s": "aggregator: each call sent -> its first token (its prefills)",
+    "final_decode_s": "aggregator: seconds per token after each call's first chunk",
+}
 SPEED_TOLERANCE = 0.10  # warn when a run decodes more than 10 % off the profile
 
 
@@ -265,19 +272,56 @@ def compare(live: dict[str, pd.DataFrame], sim: dict[str, pd.DataFrame], run_lab
         lok = lreq[lreq["outcome"] == "ok"]
         sok = sreq[sreq["outcome"] == "ok"]
         for metric in METRICS:
-            lv = lok[metric].to_numpy(float)
-            sv = sok[metric].to_numpy(float)
-            lv, sv = lv[np.isfinite(lv)], sv[np.isfinite(sv)]
-            row = {"run": run_label, "policy": name, "metric": metric, "live_n": len(lv), "sim_n": len(sv)}
-            for q in PERCENTILES:
-                lq = float(np.percentile(lv, q)) if len(lv) else float("nan")
-                sq = float(np.percentile(sv, q)) if len(sv) else float("nan")
-                row[f"live_p{q}"], row[f"sim_p{q}"] = lq, sq
-                row[f"rel_err_p{q}"] = (sq - lq) / lq if lq else float("nan")
-            w = float(scipy.stats.wasserstein_distance(lv, sv)) if len(lv) and len(sv) else float("nan")
-            row["wasserstein"] = w
-            row["wasserstein_rel"] = w / float(np.mean(np.abs(lv))) if len(lv) and np.mean(np.abs(lv)) else float("nan")
-            rows.append(row)
+            rows.append(_error_row(run_label, name, metric, lok[metric].to_numpy(float), sok[metric].to_numpy(float)))
+    return pd.DataFrame(rows)
+
+
+def _error_row(run_label: str, policy: str, metric: str, lv: np.ndarray, sv: np.ndarray) -> dict:
+    """Live vs simulated samples of one metric: percentiles, relative errors, W1."""
+    lv, sv = lv[np.isfinite(lv)], sv[np.isfinite(sv)]
+    row = {"run": run_label, "policy": policy, "metric": metric, "live_n": len(lv), "sim_n": len(sv)}
+    for q in PERCENTILES:
+        lq = float(np.percentile(lv, q)) if len(lv) else float("nan")
+        sq = float(np.percentile(sv, q)) if len(sv) else float("nan")
+        row[f"live_p{q}"], row[f"sim_p{q}"] = lq, sq
+        row[f"rel_err_p{q}"] = (sq - lq) / lq if lq else float("nan")
+    w = float(scipy.stats.wasserstein_distance(lv, sv)) if len(lv) and len(sv) else float("nan")
+    row["wasserstein"] = w
+    row["wasserstein_rel"] = w / float(np.mean(np.abs(lv))) if len(lv) and np.mean(np.abs(lv)) else float("nan")
+    return row
+
+
+def phase_samples(chunks: pd.DataFrame, requests: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Samples of each of ``PHASES`` from one policy's chunk and request rows (a
+    ``replicate`` column, where present, keeps simulated replicates apart)."""
+    keys = ["replicate", "request_id"] if "replicate" in chunks.columns else ["request_id"]
+    c = chunks.sort_values([*keys, "node", "call", "chunk_index"])
+    first = ~c.duplicated([*keys, "node", "call"])  # each call's first chunk
+    later = c[~first]
+    src = c["stage"] == 0
+    fin = c["user_visible"].astype(bool)
+    calls = c[first]
+    arrival = requests.set_index(keys)["arrival_s"]
+    final_first_call = calls[fin[first] & (calls["call"] == 0)]
+    sent = final_first_call.set_index(keys)["sent_s"]
+    per_token = (later["end_s"] - later["sent_s"]) / later["tokens"]
+    return {
+        "source_first_token_s": (calls["first_token_s"] - calls["sent_s"])[src[first]].to_numpy(float),
+        "source_decode_s": per_token[src[~first]].to_numpy(float),
+        "final_wait_s": (sent - arrival.reindex(sent.index)).to_numpy(float),
+        "final_first_token_s": (calls["first_token_s"] - calls["sent_s"])[fin[first]].to_numpy(float),
+        "final_decode_s": per_token[fin[~first]].to_numpy(float),
+    }
+
+
+def compare_phases(live_chunks: dict[str, pd.DataFrame], live_reqs: dict[str, pd.DataFrame],
+                   sim: dict[str, tuple[pd.DataFrame, pd.DataFrame]], run_label: str) -> pd.DataFrame:
+    """``compare``'s rows for the ``PHASES`` of every policy: where the error comes from."""
+    rows = []
+    for name, (sreq, schunks) in sim.items():
+        lp = phase_samples(live_chunks[name], live_reqs[name])
+        sp = phase_samples(schunks, sreq)
+        rows += [_error_row(run_label, name, phase, lp[phase], sp[phase]) for phase in PHASES]
     return pd.DataFrame(rows)
 
 
@@ -358,14 +402,16 @@ def validate(runs: Sequence[LiveRun], profile: Profile, *, replicates: int = 3, 
         for note in run_notes:
             warnings.warn(note, ValidationWarning, stacklevel=2)
             notes.append(note)
-        sim = replay(run, profile, replicates=replicates, seed=seed, tokenizer=approx_or_model_tokenizer(run, tokenizer))
-        table = compare(run.requests, sim, run.label)
+        sim = replay(run, profile, replicates=replicates, seed=seed, tokenizer=approx_or_model_tokenizer(run, tokenizer),
+                     with_chunks=True)
+        table = pd.concat([compare(run.requests, {k: v[0] for k, v in sim.items()}, run.label),
+                           compare_phases(run.chunks, run.requests, sim, run.label)], ignore_index=True)
         table["decode_time_ratio"] = speed["decode_time_ratio"] if speed else float("nan")
         table["prefill_time_ratio"] = speed["prefill_time_ratio"] if speed else float("nan")
         tables.append(table)
         if figures_folder is not None:
             figures_folder.mkdir(parents=True, exist_ok=True)
-            figures.append(plot_cdfs(run.requests, sim, figures_folder / f"cdf_{i}_{run.folder.name}.png",
+            figures.append(plot_cdfs(run.requests, {k: v[0] for k, v in sim.items()}, figures_folder / f"cdf_{i}_{run.folder.name}.png",
                                      f"{run.label}: live vs simulated ({profile.name})"))
     table = pd.concat(tables, ignore_index=True)
     return table, target_checks(table), notes, figures

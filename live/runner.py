@@ -51,6 +51,7 @@ class LiveRunner:
         self.sampling = sampling or Sampling()
         self.stall = stall or StallLimits()
         self.paces = {id(e): EnginePace(self.stall) for e in self.engines.values()}
+        self.in_flight = {id(e): 0 for e in self.engines.values()}  # calls in flight per engine (policies' load)
         if request_timeout_s is not None and not request_timeout_s > 0:
             raise ConfigError("request_timeout_s", request_timeout_s, "a number of seconds > 0, or None for no limit")
         self.request_timeout_s = request_timeout_s
@@ -250,7 +251,14 @@ class _LivePort:
         call.engine = self.runner.engines[node.slot].name
         call.handle = asyncio.create_task(self.runner._call(call, self))
         self.tasks.append(call.handle)
+        engine = self.runner.engines[node.slot]
+        self.runner.in_flight[id(engine)] += 1  # until the task is done, however it ends (even before it ran)
+        call.handle.add_done_callback(lambda _task, key=id(engine): self.runner.in_flight.__setitem__(
+            key, self.runner.in_flight[key] - 1))
         return call
+
+    def in_flight(self, node: Node) -> int:
+        return self.runner.in_flight[id(self.runner.engines[node.slot])]
 
     def cancel_call(self, call: CallRecord) -> None:
         if call.handle is not None:

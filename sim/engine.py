@@ -65,7 +65,7 @@ class SimCall(CallRecord):
     reports progress to ``driver`` (``admitted``, ``chunk``, ``finished``, ``failed``)."""
 
     __slots__ = ("key", "reuse_tokens", "shared_tokens", "shared_key", "ends", "reason", "end_i", "join_iter",
-                 "cancelled")
+                 "cancelled", "open")
 
     def __init__(self, driver, generate, node, tokens_before: int, key, prompt_tokens: int, reuse_tokens: int,
                  shared_tokens: int, shared_key, natural_tokens: int):
@@ -81,6 +81,7 @@ class SimCall(CallRecord):
         self.shared_tokens = shared_tokens
         self.shared_key = shared_key
         self.cancelled = False
+        self.open = False  # counted in its engine's in_flight (submitted, not ended or cancelled)
         max_tokens, boundaries = generate.max_tokens, generate.boundaries
         self.reason = "stop" if natural_tokens <= max_tokens else "length"
         # chunk ends, cumulative in the call; the last is where the call stops. A policy
@@ -140,6 +141,7 @@ class SimEngine:
         self.cache_tokens = 0
         self.shared_seen: OrderedDict = OrderedDict()  # shared-prefix keys seen, most recent last (bounded)
         self.running_tokens = 0  # KV of admitted calls (prompt + generated at admission + growth)
+        self.in_flight = 0  # calls submitted and not ended or cancelled (what policies see as load)
         # counters for reports
         self.iterations_scheduled = 0
         self.prefills = 0
@@ -148,6 +150,8 @@ class SimEngine:
     def submit(self, call: SimCall) -> None:
         """Send a call; it reaches the engine after the per-request overhead."""
         call.sent_s = self.env.now
+        call.open = True
+        self.in_flight += 1
         delay = self.model.request_overhead_s * self._overhead_noise()
         ev = self.env.timeout(delay, call)
         ev.callbacks.append(self._arrive_event)
@@ -156,6 +160,9 @@ class SimEngine:
         if call.cancelled:
             return
         call.cancelled = True
+        if call.open:
+            call.open = False
+            self.in_flight -= 1
         if call in self.batch:
             self._advance(self.env.now)
             self._leave(call)
@@ -203,6 +210,9 @@ class SimEngine:
 
     def _leave(self, call: SimCall) -> None:
         self.batch.discard(call)
+        if call.open:
+            call.open = False
+            self.in_flight -= 1
         ctx = call.prompt_tokens + self._generated(call)
         self.context -= ctx
         self.running_tokens -= call.prompt_tokens + call.ends[-1]

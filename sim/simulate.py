@@ -68,6 +68,9 @@ class _SimPort:
     def extend_call(self, call: SimCall, boundary: int) -> None:
         call.extend(boundary)
 
+    def in_flight(self, node: Node) -> int:
+        return self.engines[self.slot_engine[node.slot]].in_flight
+
     def set_timer(self, delay_s: float, fire: Callable[[], None]) -> None:
         self.env.timeout(delay_s).callbacks.append(lambda _event: fire())
 

@@ -42,6 +42,9 @@ class Port(Protocol):
 
     def set_timer(self, delay_s: float, fire: Callable[[], None]) -> None: ...
 
+    def in_flight(self, node: Node) -> int:
+        """Calls in flight (sent, not ended; every request's) on the engine serving ``node``."""
+
     def request_done(self, driver: "RequestDriver") -> None: ...
 
 
@@ -90,7 +93,7 @@ class RequestDriver:
                  request_id: int, max_tokens: int, arrival_s: float | None = None, prompt_id: str | None = None,
                  keep_text: bool = False, tokenizer: Tokenizer | None = None, texts: TextPieces | None = None):
         self.port, self.recorder, self.policy = port, recorder, policy
-        self.sched = Scheduler(topology, policy, query, max_tokens, tokenizer=tokenizer, texts=texts)
+        self.sched = Scheduler(topology, policy, query, max_tokens, tokenizer=tokenizer, texts=texts, load=self._load)
         self.request_id = request_id
         self.arrival_s = port.now() if arrival_s is None else arrival_s
         self.prompt_id, self.keep_text = prompt_id, keep_text
@@ -100,6 +103,10 @@ class RequestDriver:
         self.context_tokens = float("nan")  # inputs read by the final node's first call
         self.row: RequestRow | None = None
         self.done = False
+
+    def _load(self, node_id: str) -> int:
+        """What views show as ``load``: the port's count for the node's engine."""
+        return self.port.in_flight(self.sched.states[node_id].node)
 
     def start(self) -> "RequestDriver":
         now = self.port.now()

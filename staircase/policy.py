@@ -19,6 +19,8 @@ The protocol lets a policy adapt as a request goes:
 - ``new_state(topology)``: state of the policy's own for one request (rates seen so
   far, ...); every view carries it as ``state``, so one policy object serves every
   request.
+- ``view.load(node_id)``: calls in flight (sent, not ended; every request's) on the
+  engine serving that node, as the runner counts them: the load a policy adds to.
 - ``chunk_tokens(StreamView) -> int``: the size of a streaming call's next chunk. A
   policy with ``ADAPTIVE_CHUNKS = True`` is asked when each chunk is reached, so the
   boundaries of a call are set while it streams (the scheduler's ``NextChunk``
@@ -33,7 +35,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 from .errors import ConfigError
 from .topology import Node, Topology
@@ -120,6 +122,7 @@ class ConsumerView:
     upstream: Sequence[UpstreamView]
     state: object = None  # this request's policy state (``Policy.new_state``)
     nodes: Mapping[str, UpstreamView] | None = None  # every node of the request, by id
+    load: Callable[[str], int] | None = None  # node id -> calls in flight on its engine (every request's)
 
     @property
     def lost(self) -> int:
@@ -138,6 +141,7 @@ class StreamView:
     call_max_tokens: int  # this call's limit: a boundary beyond it is cut to it
     state: object
     nodes: Mapping[str, UpstreamView]
+    load: Callable[[str], int] | None = None  # node id -> calls in flight on its engine (every request's)
 
 
 class DecisionKind(StrEnum):
@@ -436,7 +440,9 @@ def _as_schedule(value: ChunkSchedule | Sequence[int] | str, field: str) -> Chun
     return value if isinstance(value, ChunkSchedule) else ChunkSchedule.parse(value, field)
 
 
-BASE_POLICY_NAMES = ("wait-all", "single", "staircase", "staircase-standard", "staircase-prefix-cache", "staircase-deadline")
+BASE_POLICY_NAMES = ("wait-all", "single", "staircase", "staircase-standard", "staircase-prefix-cache", "staircase-deadline",
+                     "staircase-smooth", "staircase-straggler", "staircase-load")
+ADAPTIVE_NAMES = ("staircase-smooth", "staircase-straggler", "staircase-load")  # staircase.adaptive, prefix-cache layout
 
 
 def make_policies(
@@ -469,18 +475,22 @@ def make_policies(
                 out.append(DeadlineStaircasePolicy(max_wait_s, proposer_schedule=prop, aggregator_schedule=agg,
                                                    redundancy=r, scope=scope, layout="prefix-cache",
                                                    name=f"staircase-deadline-r{r}"))
+        elif name in ADAPTIVE_NAMES:
+            cls = next(c for c in ADAPTIVE_POLICIES if c.KIND == name)
+            out += [cls(proposer_schedule=prop, aggregator_schedule=agg, redundancy=r, layout="prefix-cache",
+                        name=f"{name}-r{r}") for r in redundancies]
         else:
             raise ConfigError("policy", name, ", ".join(BASE_POLICY_NAMES))
-    seen: set[str] = set()
-    for p in out:
-        if p.name in seen:
-            raise ConfigError("policy", p.name, "each policy once")
-        seen.add(p.name)
+    names_made = [p.name for p in out]
+    if len(set(names_made)) < len(names_made):
+        raise ConfigError("policy", next(n for n in names_made if names_made.count(n) > 1), "each policy once")
     return out
 
 
+from .adaptive import ADAPTIVE_POLICIES  # noqa: E402  (they build on the classes above)
+
 POLICY_KINDS: dict[str, type[Policy]] = {c.KIND: c for c in (StaircasePolicy, DeadlineStaircasePolicy, WaitAllPolicy,
-                                                             SinglePolicy)}
+                                                             SinglePolicy, *ADAPTIVE_POLICIES)}
 _LEGACY_KINDS = {c.__name__: c.KIND for c in POLICY_KINDS.values()}  # what runs before policy configs recorded
 
 

@@ -18,6 +18,7 @@ started) raise ``ProtocolError``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 from enum import StrEnum
 
 from .errors import ConfigError, ProtocolError
@@ -182,7 +183,8 @@ class Scheduler:
     ``.on(event, now_s) -> [Action]`` until a ``Done`` action."""
 
     def __init__(self, topology: Topology, policy: Policy, query: Query, max_tokens: int = 512,
-                 tokenizer: Tokenizer | None = None, texts: TextPieces | None = None):
+                 tokenizer: Tokenizer | None = None, texts: TextPieces | None = None,
+                 load: Callable[[str], int] | None = None):
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             raise ConfigError("max_tokens", max_tokens, "an integer >= 1")
         policy.validate_for(topology)
@@ -194,6 +196,7 @@ class Scheduler:
         self.states = {n.id: _NodeState(n) for n in self.topology.nodes}
         self.lost: dict[str, str] = {}
         self.policy_state = policy.new_state(self.topology)  # the policy's own, for this request
+        self.load = load  # node id -> calls in flight on its engine (the runner's count), for the views
         self._adaptive_chunks = policy.ADAPTIVE_CHUNKS
         self._source_prompt: Prompt | None = None
         self.done: Done | None = None
@@ -299,7 +302,7 @@ class Scheduler:
     # ------------------------------------------------------------------- decisions
     def view(self, node_id: str, now_s: float) -> ConsumerView:
         st = self.states[node_id]
-        return ConsumerView(st.node, st.step, now_s, st.tokens, st.inputs, self.policy_state, self.states)
+        return ConsumerView(st.node, st.step, now_s, st.tokens, st.inputs, self.policy_state, self.states, self.load)
 
     def _evaluate(self, node_ids, now_s: float, actions: list[Action] | None = None) -> list[Action]:
         """Ask the policy about each of ``node_ids`` that may start a step; the actions go
@@ -312,7 +315,8 @@ class Scheduler:
             st = self.states[node_id]
             if st.status is not PENDING and st.status is not IDLE:
                 continue
-            view = ConsumerView(st.node, st.step, now_s, st.tokens, st.inputs, self.policy_state, self.states)
+            view = ConsumerView(st.node, st.step, now_s, st.tokens, st.inputs, self.policy_state, self.states,
+                                self.load)
             decision = self.policy.decide(view)
             kind = decision.kind
             if kind == _WAIT:
@@ -371,7 +375,7 @@ class Scheduler:
         """Ask the policy for the size of the call's next chunk (at its last boundary)."""
         call_tokens = st.tokens - st.call_start
         view = StreamView(st.node, st.chunks, now_s, st.tokens, call_tokens, st.call_max - st.call_start,
-                          self.policy_state, self.states)
+                          self.policy_state, self.states, self.load)
         size = self.policy.chunk_tokens(view)
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise ProtocolError(f"policy {self.policy.name} chose a chunk of {size!r} tokens (an integer >= 1)")

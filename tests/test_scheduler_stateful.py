@@ -9,10 +9,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from adaptive import RandomChunksPolicy
+from staircase.adaptive import LoadAwareStaircasePolicy, SmoothStaircasePolicy, StragglerStaircasePolicy
 from staircase.policy import ChunkSchedule, SinglePolicy, StaircasePolicy, WaitAllPolicy
 from staircase.prompts import _keyed
 from staircase.scheduler import (Cancel, Chunk, Done, Emit, Failed, Finished, Generate, NextChunk, Query,
-                                 Scheduler, SetTimer)
+                                 Scheduler, SetTimer, TimerFired)
 from staircase.topology import mad, moa
 
 schedules = st.lists(st.integers(1, 12), min_size=1, max_size=3).map(lambda s: ChunkSchedule(tuple(s)))
@@ -25,7 +26,19 @@ topologies = st.one_of(
 @st.composite
 def policies(draw, fan_in: int):
     kind = draw(st.sampled_from(["staircase", "staircase", "staircase", "adaptive", "adaptive", "wait-all",
-                                 "single"]))
+                                 "single", "smooth", "smooth", "straggler", "straggler", "load", "load"]))
+    common = {"redundancy": draw(st.integers(0, max(0, fan_in - 1))), "scope": draw(st.sampled_from(["first", "every"])),
+              "layout": draw(st.sampled_from(["standard", "prefix-cache"])),
+              "proposer_schedule": draw(schedules), "aggregator_schedule": draw(schedules)}
+    if kind == "smooth":
+        low = draw(st.integers(1, 6))
+        return SmoothStaircasePolicy(first_chunk=draw(st.integers(1, 12)), slack=draw(st.floats(0.1, 2.0)),
+                                     smoothing=draw(st.floats(0.05, 1.0)), min_chunk=low,
+                                     max_chunk=draw(st.integers(low, 12)), **common)
+    if kind == "straggler":
+        return StragglerStaircasePolicy(patience=draw(st.floats(0.0, 3.0)), **common)
+    if kind == "load":
+        return LoadAwareStaircasePolicy(busy_calls=draw(st.integers(1, 4)), **common)
     if kind == "adaptive":
         low = draw(st.integers(1, 8))
         return RandomChunksPolicy(low, draw(st.integers(low, 16)), draw(st.integers(0, 2**16)), redundancy=draw(st.integers(0, max(0, fan_in - 1))),
@@ -48,7 +61,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         topo = data.draw(topologies)
         self.policy = data.draw(policies(topo.min_fan_in))
         self.max_tokens = data.draw(st.integers(1, 40))
-        self.sched = Scheduler(topo, self.policy, Query("what is two plus two?"), self.max_tokens)
+        self.load = 0  # calls in flight on every engine, as the runner would report them (rule load_changes)
+        self.timers: dict[tuple, float] = {}  # pending timer key -> when it fires
+        self.sched = Scheduler(topo, self.policy, Query("what is two plus two?"), self.max_tokens,
+                               load=lambda _node: self.load)
         self.topo = self.sched.topology
         nodes = self.topo.nodes
         # natural answer length of every node (tokens until EOS)
@@ -97,7 +113,9 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert a.node == self.topo.final.id
                 self.emitted.append(a.text)
             elif isinstance(a, SetTimer):
-                raise AssertionError("no policy under test sets timers")
+                assert isinstance(self.policy, StragglerStaircasePolicy), "only the straggler policy sets timers"
+                assert a.delay_s >= 0 and a.key not in self.timers
+                self.timers[a.key] = self.now + a.delay_s
             elif isinstance(a, Done):
                 self.done = a
 
@@ -109,7 +127,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert g.max_tokens == min(g.max_tokens, self.max_tokens - produced) and g.max_tokens >= 1
         assert list(g.boundaries) == sorted(set(g.boundaries)) and 1 <= g.boundaries[0]
         adaptive = isinstance(self.policy, RandomChunksPolicy)
-        if adaptive:
+        if isinstance(self.policy, SmoothStaircasePolicy) and (not node.upstream or g.final_call):
+            assert len(g.boundaries) == 1  # the first boundary now, the others as the call goes
+            if not node.upstream:
+                assert g.boundaries == (min(self.policy.first_chunk, g.max_tokens),)
+        elif adaptive:
             state = self.sched.policy_state
             if node.upstream and (g.node, g.step) in state["steps"]:  # a step: one chunk, of the size chosen
                 assert g.boundaries == (g.max_tokens,)
@@ -117,10 +139,15 @@ class SchedulerMachine(RuleBasedStateMachine):
             else:  # the first boundary now, the others as the call goes
                 chosen = state["chunks"][(g.node, g.first_chunk_index)]
                 assert g.boundaries == (min(chosen, g.max_tokens),), (g, chosen)
-        else:
+        elif not self.policy.ADAPTIVE_CHUNKS or (node.upstream and not g.final_call):
             assert g.boundaries[-1] == g.max_tokens
         schedule = self.policy.output_schedule(node)
         if node.upstream:
+            if isinstance(self.policy, LoadAwareStaircasePolicy) and self.load >= self.policy.busy_calls \
+                    and not all(u in self.finished or u in self.failed for u in node.upstream):
+                # busy: no step, and a final call only with r inputs left behind, as the staircase allows
+                assert g.final_call and self.ready_count(node, g.step) >= self.needed(node, g.step)
+                assert sum(u in self.finished for u in node.upstream) >= self.needed(node, g.step)
             if isinstance(self.policy, StaircasePolicy):
                 # never starts step k before N - r_k inputs delivered chunk k (or finished) ...
                 assert self.ready_count(node, g.step) >= self.needed(node, g.step), (g.node, g.step)
@@ -133,7 +160,7 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert g.max_tokens == min(schedule.size(g.step), self.max_tokens - produced)
             assert g.first_chunk_index == len(self.delivered[g.node])
             self.check_prompt(node, g)
-        elif not adaptive:
+        elif not self.policy.ADAPTIVE_CHUNKS:
             assert g.boundaries == schedule.boundaries(0, self.max_tokens)
 
     def check_next_chunk(self, a: NextChunk):
@@ -141,6 +168,14 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert call is not None and call["gen"].call == a.call, f"next chunk of {a.node}, which is not running"
         g = call["gen"]
         assert call["bounds"][-1] == call["produced"] < a.boundary <= g.max_tokens, (call, a)
+        if isinstance(self.policy, SmoothStaircasePolicy):  # sources within its bounds, the others by schedule
+            size = a.boundary - call["produced"]
+            if self.topo.by_id[a.node].upstream:
+                schedule = self.policy.output_schedule(self.topo.by_id[a.node])
+                assert size == min(schedule.size(len(self.delivered[a.node])), g.max_tokens - call["produced"])
+                return
+            assert size == g.max_tokens - call["produced"] or self.policy.min_chunk <= size <= self.policy.max_chunk
+            return
         chosen = self.sched.policy_state["chunks"][(a.node, len(self.delivered[a.node]))]
         assert a.boundary - call["produced"] == min(chosen, g.max_tokens - call["produced"])
 
@@ -198,6 +233,18 @@ class SchedulerMachine(RuleBasedStateMachine):
         self.now += 0.01
         self.apply(self.sched.on(Failed(node_id, g.call, "injected"), self.now))
 
+    @precondition(lambda self: self.done is None and self.timers)
+    @rule(data=st.data())
+    def timer_fires(self, data):
+        key = data.draw(st.sampled_from(sorted(self.timers)))
+        self.now = max(self.now, self.timers.pop(key))
+        self.apply(self.sched.on(TimerFired(key), self.now))
+
+    @precondition(lambda self: self.done is None)
+    @rule(load=st.sampled_from([0, 1, 2, 100]))
+    def load_changes(self, load):
+        self.load = load
+
     @precondition(lambda self: self.done is None and self.cancelled)
     @rule(data=st.data())
     def stale_event_is_ignored(self, data):
@@ -240,9 +287,15 @@ class SchedulerMachine(RuleBasedStateMachine):
             if not node.upstream or node.id in self.calls or node.id in self.finished | self.failed | self.cancelled:
                 continue
             step = self.sched.states[node.id].step
-            if self.lost(node) <= self.policy.tolerance:
-                assert self.ready_count(node, step) < self.needed(node, step), \
-                    f"{node.id} waits at step {step} although enough inputs are ready"
+            if self.lost(node) > self.policy.tolerance or self.ready_count(node, step) < self.needed(node, step):
+                continue
+            if isinstance(self.policy, StragglerStaircasePolicy):  # waits for stragglers until its deadline
+                assert (node.id, step) in self.timers, \
+                    f"{node.id} waits at step {step} for stragglers with no deadline"
+                continue
+            if isinstance(self.policy, LoadAwareStaircasePolicy):
+                continue  # it may have been busy when last asked: the next input event asks it again
+            raise AssertionError(f"{node.id} waits at step {step} although enough inputs are ready")
 
     @invariant()
     def user_output_is_the_emitted_chunks(self):
@@ -258,6 +311,12 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert len(chunks) <= 1
             if isinstance(self.policy, RandomChunksPolicy):  # sizes within the policy's bounds
                 assert all(tokens <= self.policy.high for tokens, _ in chunks)
+                continue
+            if isinstance(self.policy, SmoothStaircasePolicy) and not node.upstream:  # within its bounds
+                if chunks:
+                    assert chunks[0][0] <= self.policy.first_chunk
+                assert all(tokens <= self.policy.max_chunk for tokens, _ in chunks[1:])
+                assert all(tokens >= self.policy.min_chunk for tokens, _ in chunks[1:-1])
                 continue
             schedule = self.policy.output_schedule(node)
             for j, (tokens, _) in enumerate(chunks[:-1]):

@@ -1,0 +1,199 @@
+"""Adaptive staircase policies: they watch the streams of the request (token rates,
+the spread of input arrivals) and the load on the engines, through the protocol of
+``staircase.policy`` (``new_state``, ``chunk_tokens`` with ``ADAPTIVE_CHUNKS``,
+``Decision.tokens``, ``view.load``), so the simulator and the live runner run them as
+they are.
+
+- ``SmoothStaircasePolicy`` (``staircase-smooth``): sizes each source's next chunk so
+  that it arrives while the consumer is still emitting its current step (the rates
+  seen so far in this request), so the consumer's next step has its context when it
+  needs it: a stream without the paper schedule's long stall after the first token.
+- ``StragglerStaircasePolicy`` (``staircase-straggler``): waits for every input up to
+  a deadline set by the spread of the inputs' arrivals it has seen, then goes with
+  those in hand, never with fewer than N - r.
+- ``LoadAwareStaircasePolicy`` (``staircase-load``): the staircase while the
+  consumer's engine is lightly loaded; wait-all (one call, one queue wait) once the
+  calls in flight on it reach ``busy_calls``.
+"""
+
+from __future__ import annotations
+
+from .errors import ConfigError
+from .policy import (FINAL, STEP, WAIT, ConsumerView, Decision, DecisionKind, Knob, StaircasePolicy, StreamView,
+                     UpstreamView)
+from .topology import Topology
+
+
+def _number(field: str, value: object, low: float, high: float, integer: bool = False):
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
+    if ok and integer and value != int(value):
+        ok = False
+    if not ok:
+        raise ConfigError(field, value, f"{'an integer' if integer else 'a number'} in [{low:g}, {high:g}]")
+    return int(value) if integer else float(value)
+
+
+class SmoothStaircasePolicy(StaircasePolicy):
+    """The staircase with source chunks sized from the rates seen in this request.
+
+    A source's chunk j (j >= 1) feeds its consumer's step j; it should end while the
+    consumer still emits step j - 1, whose length is the consumer's schedule size
+    ``s`` times the consumer's observed seconds per token (its last steps, call
+    overhead and prefill included). So the chunk is ``slack * s * consumer_s_per_token
+    / source_s_per_token`` tokens (before any rate is seen the two are taken as equal),
+    within ``[min_chunk, max_chunk]``; chunk 0 is ``first_chunk``. Rates are
+    exponential averages (``smoothing``: the weight of the newest observation).
+    Consumers' steps follow their schedules as in the staircase."""
+
+    KIND = "staircase-smooth"
+    ADAPTIVE_CHUNKS = True
+    PARAMS = StaircasePolicy.PARAMS + ("first_chunk", "slack", "smoothing", "min_chunk", "max_chunk")
+    KNOBS = StaircasePolicy.KNOBS + (Knob("first_chunk", "int", 1, 256), Knob("slack", "float", 0.1, 2.0),
+                                     Knob("smoothing", "float", 0.05, 1.0), Knob("min_chunk", "int", 1, 64),
+                                     Knob("max_chunk", "int", 8, 4096))
+
+    def __init__(self, first_chunk: int = 8, slack: float = 0.8, smoothing: float = 0.5, min_chunk: int = 2,
+                 max_chunk: int = 256, **kwargs):
+        self.first_chunk = _number("first_chunk", first_chunk, 1, 1 << 20, integer=True)
+        self.slack = _number("slack", slack, 1e-3, 100.0)
+        self.smoothing = _number("smoothing", smoothing, 1e-3, 1.0)
+        self.min_chunk = _number("min_chunk", min_chunk, 1, 1 << 20, integer=True)
+        self.max_chunk = _number("max_chunk", max_chunk, 1, 1 << 20, integer=True)
+        if self.min_chunk > self.max_chunk:
+            raise ConfigError("min_chunk", min_chunk, f"at most max_chunk ({max_chunk})")
+        kwargs.setdefault("name", f"staircase-smooth-r{kwargs.get('redundancy', 2)}")
+        super().__init__(**kwargs)
+
+    def new_state(self, topology: Topology) -> dict:
+        consumers = {n.id: next((d for d in topology.nodes if n.id in d.upstream), None) for n in topology.nodes}
+        return {"consumer": consumers, "seen": {}, "s_per_token": {}, "step_seen": {}}
+
+    def chunk_tokens(self, view: StreamView) -> int:
+        consumer = view.state["consumer"].get(view.node.id)
+        if not view.node.is_source or consumer is None:
+            return super().chunk_tokens(view)
+        if view.chunk == 0:
+            return self.first_chunk
+        source = self._rate(view.state, view.nodes[view.node.id])
+        reader = view.state["s_per_token"].get(consumer.id)
+        ratio = reader / source if reader is not None and source else 1.0
+        size = round(self.slack * self.output_schedule(consumer).size(view.chunk - 1) * ratio)
+        return max(self.min_chunk, min(self.max_chunk, size))
+
+    def decide(self, view: ConsumerView) -> Decision:
+        if view.nodes is not None and view.step > 0:
+            self._step_rate(view.state, view.nodes[view.node.id], view.step)
+        return super().decide(view)
+
+    def _rate(self, state: dict, node: UpstreamView) -> float | None:
+        """A source's seconds per token between chunk ends, averaged (its first chunk,
+        queue and prefill included, is left out)."""
+        key = node.node.id
+        seen = state["seen"].get(key, 1)
+        if node.chunks > seen:
+            ends, sizes = node.chunk_end_s, node.chunk_sizes
+            avg = state["s_per_token"].get(key)
+            for i in range(seen, node.chunks):
+                x = (ends[i] - ends[i - 1]) / sizes[i]
+                avg = x if avg is None else avg + self.smoothing * (x - avg)
+            state["s_per_token"][key] = avg
+            state["seen"][key] = node.chunks
+        return state["s_per_token"].get(key)
+
+    def _step_rate(self, state: dict, node: UpstreamView, step: int) -> None:
+        """A consumer's seconds per token over its last step (sent to its end: call
+        overhead, prefill and decode), averaged; once per step."""
+        key = node.node.id
+        if state["step_seen"].get(key, 0) >= step or not node.chunks or node.sent_s < 0:
+            return
+        state["step_seen"][key] = step
+        x = (node.chunk_end_s[-1] - node.sent_s) / node.chunk_sizes[-1]
+        avg = state["s_per_token"].get(key)
+        state["s_per_token"][key] = x if avg is None else avg + self.smoothing * (x - avg)
+
+
+class StragglerStaircasePolicy(StaircasePolicy):
+    """Step k waits for every input's chunk k, but not forever: once N - r inputs
+    delivered it (at t_m, the (N - r)-th arrival; t_1 the first), it waits until
+    ``t_m + patience * (t_m - t_1)``, the spread seen so far, then goes with the
+    inputs in hand (a final call cancels the stragglers). ``redundancy`` is the most it
+    leaves behind, at every step (``scope`` ``every``, the default) or the first."""
+
+    KIND = "staircase-straggler"
+    PARAMS = StaircasePolicy.PARAMS + ("patience",)
+    KNOBS = StaircasePolicy.KNOBS + (Knob("patience", "float", 0.0, 8.0),)
+
+    def __init__(self, patience: float = 1.0, **kwargs):
+        self.patience = _number("patience", patience, 0.0, 1e6)
+        kwargs.setdefault("scope", "every")
+        kwargs.setdefault("redundancy", 1)
+        kwargs.setdefault("name", f"staircase-straggler-r{kwargs['redundancy']}")
+        super().__init__(**kwargs)
+
+    def new_state(self, topology: Topology) -> dict:
+        return {}  # (consumer, step) -> its deadline
+
+    def decide(self, view: ConsumerView) -> Decision:
+        step, upstream = view.step, view.upstream
+        lost = missing = finished = ready = 0
+        for u in upstream:  # the staircase's counts
+            lost += u.failed
+            if u.finished:
+                finished += 1
+                ready += 1
+            elif u.chunks > step:
+                ready += 1
+            elif u.failed:
+                missing += 1
+        if lost > self.tolerance:
+            return Decision(DecisionKind.FAIL, reason=f"lost {lost} of {len(upstream)} inputs; r={self.tolerance}")
+        alive = len(upstream) - missing  # inputs whose chunk k was or may be delivered
+        if ready >= alive:  # everyone in: as the staircase with r = 0
+            return FINAL if finished >= alive else STEP
+        need = min(len(upstream) - self.redundancy_at(step), alive)
+        if ready < need:
+            return WAIT
+        if view.now_s >= self._deadline(view, need) - 1e-12:  # go with those in hand, as the staircase with r
+            return FINAL if finished >= need else STEP
+        return Decision(DecisionKind.WAIT, wake_after_s=self._deadline(view, need) - view.now_s)
+
+    def _deadline(self, view: ConsumerView, need: int) -> float:
+        """Set once per (consumer, step), when ``need`` inputs are in: later arrivals never move it."""
+        key = (view.node.id, view.step)
+        if key not in view.state:
+            step = view.step
+            times = sorted(u.chunk_end_s[step] if u.chunks > step else u.chunk_end_s[-1] if u.chunks else view.now_s
+                           for u in view.upstream if u.finished or u.chunks > step)
+            view.state[key] = times[need - 1] + self.patience * (times[need - 1] - times[0])
+        return view.state[key]
+
+
+class LoadAwareStaircasePolicy(StaircasePolicy):
+    """The staircase while the consumer's engine has fewer than ``busy_calls`` calls in
+    flight (every request's, as the runner counts them: ``view.load``); at or above
+    it, wait-all for that step on: no more steps, one final call once every input it
+    waits for finished, so a loaded engine queues one call per request, not one per
+    step. Without a load signal it is the staircase."""
+
+    KIND = "staircase-load"
+    PARAMS = StaircasePolicy.PARAMS + ("busy_calls",)
+    KNOBS = StaircasePolicy.KNOBS + (Knob("busy_calls", "int", 1, 4096),)
+
+    def __init__(self, busy_calls: int = 16, **kwargs):
+        self.busy_calls = _number("busy_calls", busy_calls, 1, 1 << 30, integer=True)
+        kwargs.setdefault("name", f"staircase-load-r{kwargs.get('redundancy', 2)}")
+        super().__init__(**kwargs)
+
+    def busy(self, view: ConsumerView) -> bool:
+        return view.load is not None and view.load(view.node.id) >= self.busy_calls
+
+    def decide(self, view: ConsumerView) -> Decision:
+        decision = super().decide(view)
+        if decision.kind is not DecisionKind.STEP or not self.busy(view):
+            return decision
+        if all(u.finished or u.failed for u in view.upstream):
+            return FINAL
+        return WAIT  # asked again as inputs arrive or finish
+
+
+ADAPTIVE_POLICIES = (SmoothStaircasePolicy, StragglerStaircasePolicy, LoadAwareStaircasePolicy)

@@ -1,0 +1,98 @@
+"""The adaptive staircase policies (``staircase.adaptive``) on the real simulator and
+the bare scheduler. Their invariants under random event orders are in
+``test_scheduler_stateful.py``; here: what each promises, and what it adds."""
+
+from __future__ import annotations
+
+import pytest
+
+from sim.profile import load_profile
+from sim.simulate import simulate
+from sim.workload import Workload
+from staircase.adaptive import LoadAwareStaircasePolicy, SmoothStaircasePolicy, StragglerStaircasePolicy
+from staircase.errors import ConfigError
+from staircase.policy import POLICY_KINDS, PolicyConfig, StaircasePolicy, WaitAllPolicy
+from staircase.scheduler import Chunk, Generate, Query, Scheduler, SetTimer, TimerFired
+from staircase.topology import moa
+
+SAME_COLUMNS = ["request_id", "arrival_s", "outcome", "ttft_s", "e2e_s", "output_tokens", "longest_stall_s", "calls",
+                "prompt_tokens", "cached_tokens"]
+
+
+def run(policy, requests=30, profile="default", rate=0.05, **kw):
+    return simulate(moa(3), policy, Workload("poisson", requests=requests, rate_per_s=rate, output_tokens=96),
+                    load_profile(profile), seed=3, max_tokens=96, progress=False, **kw)
+
+
+@pytest.mark.parametrize("cls", [SmoothStaircasePolicy, StragglerStaircasePolicy, LoadAwareStaircasePolicy])
+def test_adaptive_policies_are_data_with_knobs(cls):
+    assert POLICY_KINDS[cls.KIND] is cls
+    policy = cls(redundancy=1)
+    config = policy.config()
+    assert PolicyConfig.from_dict(config.to_dict()).build().config() == config
+    own = set(cls.PARAMS) - set(StaircasePolicy.PARAMS)
+    assert own and own <= {k.name for k in cls.KNOBS}  # the search sees every new parameter
+
+
+@pytest.mark.parametrize("kwargs, field", [({"min_chunk": 9, "max_chunk": 4}, "min_chunk"),
+                                           ({"slack": 0}, "slack"), ({"first_chunk": 2.5}, "first_chunk")])
+def test_smooth_policy_rejects_bad_bounds_naming_the_field(kwargs, field):
+    with pytest.raises(ConfigError) as err:
+        SmoothStaircasePolicy(**kwargs)
+    assert err.value.field == field
+
+
+def test_smooth_policy_cuts_the_stall_after_the_first_token():
+    paper = run(StaircasePolicy(redundancy=1)).requests
+    smooth_policy = SmoothStaircasePolicy(redundancy=1, min_chunk=2, max_chunk=64)
+    trace = run(smooth_policy)
+    smooth = trace.requests
+    assert (smooth["outcome"] == "ok").all()
+    assert smooth["longest_stall_s"].median() < 0.7 * paper["longest_stall_s"].median()
+    chunks = trace.chunks
+    source = chunks[chunks["stage"] == 0].sort_values(["request_id", "node", "chunk_index"])
+    for _, g in source.groupby(["request_id", "node"]):
+        sizes = g["tokens"].tolist()
+        assert sizes[0] <= smooth_policy.first_chunk
+        assert all(2 <= s <= 64 for s in sizes[1:-1]) and all(s <= 64 for s in sizes[1:])
+
+
+def test_straggler_policy_waits_for_the_spread_then_goes_with_those_in_hand():
+    policy = StragglerStaircasePolicy(patience=1.0, redundancy=1, proposer_schedule=[4], aggregator_schedule=[4])
+    sched = Scheduler(moa(3), policy, Query("q", 5), max_tokens=16)
+    sched.start(0.0)
+    assert sched.on(Chunk("L0.p0", 0, 0, 4), 1.0) == []  # 1 of 3: fewer than N - r
+    actions = sched.on(Chunk("L0.p1", 0, 0, 4), 1.2)  # 2 of 3: wait the spread seen (0.2 s) for the third
+    timers = [a for a in actions if isinstance(a, SetTimer)]
+    assert len(timers) == 1 and timers[0].delay_s == pytest.approx(0.2)
+    assert not any(isinstance(a, Generate) for a in actions)
+    go = sched.on(TimerFired(timers[0].key), 1.4)
+    assert [a.node for a in go if isinstance(a, Generate)] == [sched.topology.final.id]
+
+
+def test_straggler_policy_with_endless_patience_is_the_staircase_waiting_for_all():
+    patient = run(StragglerStaircasePolicy(patience=1e6, redundancy=1, scope="every")).requests
+    all_in = run(StaircasePolicy(redundancy=0)).requests
+    assert patient[SAME_COLUMNS].equals(all_in[SAME_COLUMNS])
+
+
+def test_load_aware_policy_is_the_staircase_when_idle_and_one_final_call_when_busy():
+    never_busy = run(LoadAwareStaircasePolicy(busy_calls=10**6, redundancy=1)).requests
+    staircase = run(StaircasePolicy(redundancy=1)).requests
+    assert never_busy[SAME_COLUMNS].equals(staircase[SAME_COLUMNS])
+    # one engine serves every slot here, so the aggregator always sees its proposers' calls in flight
+    busy = run(LoadAwareStaircasePolicy(busy_calls=1, redundancy=1)).requests
+    assert (busy["calls"] == 4).all() and (staircase["calls"] > 4).any()
+
+
+def test_load_aware_policy_is_never_much_worse_than_wait_all_under_overload():
+    """The paper's shape (6 proposers of three sizes, 300-token answers) at about 1.2 x
+    wait-all's capacity (1.13 requests/s, ``sim.capacity``)."""
+    def e2e(policy):
+        return simulate(moa(6), policy, Workload("poisson", requests=400, rate_per_s=1.35, output_tokens=300),
+                        load_profile("illustrative-gpu"), seed=0, max_tokens=512, keep_chunks=False,
+                        progress=False).requests["e2e_s"].median()
+    wait_all, staircase = e2e(WaitAllPolicy()), e2e(StaircasePolicy(redundancy=2))
+    load = e2e(LoadAwareStaircasePolicy(busy_calls=16, redundancy=2))
+    assert staircase > 1.1 * wait_all  # the fixed staircase's loss under load, which the load-aware policy avoids
+    assert load < 1.1 * wait_all
