@@ -33,6 +33,9 @@ def _number(field: str, value: object, low: float, high: float, integer: bool = 
     return int(value) if integer else float(value)
 
 
+SMOOTH_AGGREGATOR_SCHEDULE = (8, 16, 32, 64, 128)
+
+
 class SmoothStaircasePolicy(StaircasePolicy):
     """The staircase with source chunks sized from the rates seen in this request.
 
@@ -43,7 +46,11 @@ class SmoothStaircasePolicy(StaircasePolicy):
     / source_s_per_token`` tokens (before any rate is seen the two are taken as equal),
     within ``[min_chunk, max_chunk]``; chunk 0 is ``first_chunk``. Rates are
     exponential averages (``smoothing``: the weight of the newest observation).
-    Consumers' steps follow their schedules as in the staircase."""
+    Consumers' steps follow their schedules as in the staircase; the aggregator's
+    default schedule doubles (8, 16, 32, 64, 128): with the paper's (8, 128, 128) and
+    short answers, step 1 is already the final call and reads a few tokens of each
+    input (live, 128-token answers: 14 tokens per proposer, then the inputs are
+    cancelled)."""
 
     KIND = "staircase-smooth"
     ADAPTIVE_CHUNKS = True
@@ -54,6 +61,8 @@ class SmoothStaircasePolicy(StaircasePolicy):
 
     def __init__(self, first_chunk: int = 8, slack: float = 0.8, smoothing: float = 0.5, min_chunk: int = 2,
                  max_chunk: int = 256, **kwargs):
+        # steps that double: its final call (the rest of the answer) comes late enough to read most of the inputs
+        kwargs.setdefault("aggregator_schedule", SMOOTH_AGGREGATOR_SCHEDULE)
         self.first_chunk = _number("first_chunk", first_chunk, 1, 1 << 20, integer=True)
         self.slack = _number("slack", slack, 1e-3, 100.0)
         self.smoothing = _number("smoothing", smoothing, 1e-3, 1.0)

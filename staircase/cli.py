@@ -94,7 +94,9 @@ def add_topology_policy_arguments(parser: argparse.ArgumentParser, policies: str
     g = parser.add_argument_group("policies")
     g.add_argument("--policies", default=policies,
                    help="comma list of: wait-all, single, staircase (both layouts), staircase-standard, "
-                        "staircase-prefix-cache, staircase-deadline (adaptive first step)")
+                        "staircase-prefix-cache, staircase-deadline (adaptive first step), staircase-smooth "
+                        "(proposer chunks sized from observed rates), staircase-straggler (waits for late inputs up "
+                        "to their spread), staircase-load (wait-all when the aggregator's engine is busy)")
     g.add_argument("--redundancy", default=redundancy,
                    help="redundancy r of staircase policies; a comma list gives one policy per value")
     g.add_argument("--scope", choices=SCOPES, default="first", help="apply r to the first step only, or every step")

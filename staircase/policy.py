@@ -476,9 +476,7 @@ def make_policies(
                                                    redundancy=r, scope=scope, layout="prefix-cache",
                                                    name=f"staircase-deadline-r{r}"))
         elif name in ADAPTIVE_NAMES:
-            cls = next(c for c in ADAPTIVE_POLICIES if c.KIND == name)
-            out += [cls(proposer_schedule=prop, aggregator_schedule=agg, redundancy=r, layout="prefix-cache",
-                        name=f"{name}-r{r}") for r in redundancies]
+            out += _adaptive_policies(name, prop, agg, redundancies)
         else:
             raise ConfigError("policy", name, ", ".join(BASE_POLICY_NAMES))
     names_made = [p.name for p in out]
@@ -488,6 +486,14 @@ def make_policies(
 
 
 from .adaptive import ADAPTIVE_POLICIES  # noqa: E402  (they build on the classes above)
+
+def _adaptive_policies(name: str, prop: ChunkSchedule, agg: ChunkSchedule, redundancies: Sequence[int]) -> list[Policy]:
+    cls = next(c for c in ADAPTIVE_POLICIES if c.KIND == name)
+    given = {} if name == "staircase-smooth" and agg == ChunkSchedule(PAPER_AGGREGATOR_SCHEDULE) else \
+        {"aggregator_schedule": agg}  # (the smooth policy's own default unless one is given)
+    return [cls(proposer_schedule=prop, redundancy=r, layout="prefix-cache", name=f"{name}-r{r}", **given)
+            for r in redundancies]
+
 
 POLICY_KINDS: dict[str, type[Policy]] = {c.KIND: c for c in (StaircasePolicy, DeadlineStaircasePolicy, WaitAllPolicy,
                                                              SinglePolicy, *ADAPTIVE_POLICIES)}
