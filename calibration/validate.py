@@ -304,12 +304,13 @@ def phase_samples(chunks: pd.DataFrame, requests: pd.DataFrame) -> dict[str, np.
     arrival = requests.set_index(keys)["arrival_s"]
     final_first_call = calls[fin[first] & (calls["call"] == 0)]
     sent = final_first_call.set_index(keys)["sent_s"]
+    first_token = calls["first_token_s"] - calls["sent_s"]
     per_token = (later["end_s"] - later["sent_s"]) / later["tokens"]
     return {
-        "source_first_token_s": (calls["first_token_s"] - calls["sent_s"])[src[first]].to_numpy(float),
+        "source_first_token_s": first_token[src[first]].to_numpy(float),
         "source_decode_s": per_token[src[~first]].to_numpy(float),
         "final_wait_s": (sent - arrival.reindex(sent.index)).to_numpy(float),
-        "final_first_token_s": (calls["first_token_s"] - calls["sent_s"])[fin[first]].to_numpy(float),
+        "final_first_token_s": first_token[fin[first]].to_numpy(float),
         "final_decode_s": per_token[fin[~first]].to_numpy(float),
     }
 
@@ -404,14 +405,15 @@ def validate(runs: Sequence[LiveRun], profile: Profile, *, replicates: int = 3, 
             notes.append(note)
         sim = replay(run, profile, replicates=replicates, seed=seed, tokenizer=approx_or_model_tokenizer(run, tokenizer),
                      with_chunks=True)
-        table = pd.concat([compare(run.requests, {k: v[0] for k, v in sim.items()}, run.label),
+        sim_requests = {name: reqs for name, (reqs, _) in sim.items()}
+        table = pd.concat([compare(run.requests, sim_requests, run.label),
                            compare_phases(run.chunks, run.requests, sim, run.label)], ignore_index=True)
         table["decode_time_ratio"] = speed["decode_time_ratio"] if speed else float("nan")
         table["prefill_time_ratio"] = speed["prefill_time_ratio"] if speed else float("nan")
         tables.append(table)
         if figures_folder is not None:
             figures_folder.mkdir(parents=True, exist_ok=True)
-            figures.append(plot_cdfs(run.requests, {k: v[0] for k, v in sim.items()}, figures_folder / f"cdf_{i}_{run.folder.name}.png",
+            figures.append(plot_cdfs(run.requests, sim_requests, figures_folder / f"cdf_{i}_{run.folder.name}.png",
                                      f"{run.label}: live vs simulated ({profile.name})"))
     table = pd.concat(tables, ignore_index=True)
     return table, target_checks(table), notes, figures

@@ -145,6 +145,10 @@ class LiveRunner:
             return s
         return replace(s, seed=(s.seed * 1_000_003 + zlib.crc32(f"{request_id}/{node_id}".encode())) % 2**31)
 
+    def call_ended(self, engine) -> None:
+        """A call's task on ``engine`` is done: one call less in flight there."""
+        self.in_flight[id(engine)] -= 1
+
     async def _call(self, call: "_LiveCall", port: "_LivePort") -> None:
         """Stream one call, cut it into the scheduler's chunks, report to the driver."""
         g, driver = call.generate, call.driver
@@ -248,13 +252,12 @@ class _LivePort:
     def start_call(self, driver: RequestDriver, generate: Generate, node: Node, sent_s: float,
                    tokens_before: int) -> CallRecord:
         call = _LiveCall(driver, generate, node, sent_s, tokens_before)
-        call.engine = self.runner.engines[node.slot].name
+        engine = self.runner.engines[node.slot]
+        call.engine = engine.name
         call.handle = asyncio.create_task(self.runner._call(call, self))
         self.tasks.append(call.handle)
-        engine = self.runner.engines[node.slot]
         self.runner.in_flight[id(engine)] += 1  # until the task is done, however it ends (even before it ran)
-        call.handle.add_done_callback(lambda _task, key=id(engine): self.runner.in_flight.__setitem__(
-            key, self.runner.in_flight[key] - 1))
+        call.handle.add_done_callback(lambda _task: self.runner.call_ended(engine))
         return call
 
     def in_flight(self, node: Node) -> int:

@@ -160,9 +160,7 @@ class SimEngine:
         if call.cancelled:
             return
         call.cancelled = True
-        if call.open:
-            call.open = False
-            self.in_flight -= 1
+        self._close(call)
         if call in self.batch:
             self._advance(self.env.now)
             self._leave(call)
@@ -201,18 +199,18 @@ class SimEngine:
         self.iters += n
         self.context += len(self.batch) * n
 
-    def _time_for(self, n: float) -> float:
-        u, v = self._iteration_terms()
-        return n * u + v * n * (n - 1) / 2
-
     def _generated(self, call: SimCall) -> float:
         return 1 + self.iters - call.join_iter
 
-    def _leave(self, call: SimCall) -> None:
-        self.batch.discard(call)
+    def _close(self, call: SimCall) -> None:
+        """The call no longer counts as in flight (it ended or was cancelled)."""
         if call.open:
             call.open = False
             self.in_flight -= 1
+
+    def _leave(self, call: SimCall) -> None:
+        self.batch.discard(call)
+        self._close(call)
         ctx = call.prompt_tokens + self._generated(call)
         self.context -= ctx
         self.running_tokens -= call.prompt_tokens + call.ends[-1]
@@ -306,23 +304,18 @@ class SimEngine:
         self._timer = ev
 
     def _arm_decode_timer(self) -> None:
-        """Decode until the nearest chunk boundary of a running call: one timer (the
-        arithmetic series of ``_time_for``, inline: this runs after every boundary)."""
+        """Decode until the nearest chunk boundary of a running call: one timer."""
         heap = self.heap
         while heap and heap[0][2].cancelled:
             heapq.heappop(heap)
         if not heap:
             return
         target = heap[0][0]
-        self.factor = f = self._decode_noise()
+        self.factor = self._decode_noise()
         self.iterations_scheduled += 1
-        m, b = self.model, len(self.batch)
-        u = (m.decode_base_s + m.decode_per_seq_s * b + m.decode_per_context_token_s * self.context) * f
-        v = m.decode_per_context_token_s * b * f
-        n = target - self.iters
-        if n < 0.0:
-            n = 0.0
-        ev = self.env.timeout(n * u + v * n * (n - 1) / 2)
+        u, v = self._iteration_terms()
+        n = max(0.0, target - self.iters)
+        ev = self.env.timeout(n * u + v * n * (n - 1) / 2)  # n iterations as the context grows: a series
         ev.callbacks.append(self._on_decode_timer_cb)
         self._timer = ev
         self._decode_target = target
@@ -373,17 +366,12 @@ class SimEngine:
         self._busy = True
         self._process(now)
         self._busy = False
-        self._timer = None  # (``_reschedule``, inline: no prefill runs after a boundary)
-        if self.waiting and self._start_prefill():
-            return
-        if self.batch:
-            self._arm_decode_timer()
+        self._reschedule()
 
     def _process(self, now: float) -> None:
         """Report every chunk boundary reached by ``self.iters`` (constant here: a cancel
         while reporting advances nothing, the clock stands still)."""
         heap, heappop, limit = self.heap, heapq.heappop, self.iters + EPS
-        m = self.model
         while heap and heap[0][0] <= limit:
             call = heappop(heap)[2]
             if call.cancelled:
@@ -397,8 +385,7 @@ class SimEngine:
             if i == 0:
                 call.driver.chunk(call, end, None, call.last_end_s, now)  # the prefill's end: it produced token 1
             else:
-                first = call.last_end_s + (m.decode_base_s + m.decode_per_seq_s * len(self.batch)
-                                           + m.decode_per_context_token_s * self.context) * self.factor
+                first = call.last_end_s + self._iteration_terms()[0]
                 call.driver.chunk(call, end - ends[i - 1], None, now if now < first else first, now)
             call.last_end_s = now
             if call.cancelled:

@@ -144,18 +144,9 @@ class StragglerStaircasePolicy(StaircasePolicy):
 
     def decide(self, view: ConsumerView) -> Decision:
         step, upstream = view.step, view.upstream
-        lost = missing = finished = ready = 0
-        for u in upstream:  # the staircase's counts
-            lost += u.failed
-            if u.finished:
-                finished += 1
-                ready += 1
-            elif u.chunks > step:
-                ready += 1
-            elif u.failed:
-                missing += 1
-        if lost > self.tolerance:
-            return Decision(DecisionKind.FAIL, reason=f"lost {lost} of {len(upstream)} inputs; r={self.tolerance}")
+        lost, missing, finished, ready = self.input_counts(upstream, step)
+        if (fail := self.lost_too_many(lost, len(upstream))) is not None:
+            return fail
         alive = len(upstream) - missing  # inputs whose chunk k was or may be delivered
         if ready >= alive:  # everyone in: as the staircase with r = 0
             return FINAL if finished >= alive else STEP

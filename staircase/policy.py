@@ -340,10 +340,13 @@ class StaircasePolicy(Policy):
     def redundancy_at(self, step: int) -> int:
         return self.redundancy if (self.scope == "every" or step == 0) else 0
 
-    def decide(self, view: ConsumerView) -> Decision:
-        step = view.step
+    @staticmethod
+    def input_counts(upstream: Sequence[UpstreamView], step: int) -> tuple[int, int, int, int]:
+        """(lost, missing, finished, ready) of a consumer's inputs at ``step``, in one
+        pass (this runs on every input chunk): lost = failed; missing = failed before
+        delivering chunk k (it never comes); ready = finished or delivered chunk k."""
         lost = missing = finished = ready = 0
-        for u in view.upstream:  # one pass: this runs on every input chunk
+        for u in upstream:
             if u.failed:
                 lost += 1
             if u.finished:
@@ -352,10 +355,21 @@ class StaircasePolicy(Policy):
             elif u.chunks > step:
                 ready += 1  # delivered chunk k, even if it failed later
             elif u.failed:
-                missing += 1  # failed before chunk k: it never comes
+                missing += 1
+        return lost, missing, finished, ready
+
+    def lost_too_many(self, lost: int, inputs: int) -> Decision | None:
+        """The FAIL decision when more inputs were lost than the policy tolerates."""
         if lost > self.tolerance:
-            return Decision(DecisionKind.FAIL, reason=f"lost {lost} of {len(view.upstream)} inputs; r={self.tolerance}")
+            return Decision(DecisionKind.FAIL, reason=f"lost {lost} of {inputs} inputs; r={self.tolerance}")
+        return None
+
+    def decide(self, view: ConsumerView) -> Decision:
+        step = view.step
+        lost, missing, finished, ready = self.input_counts(view.upstream, step)
         n = len(view.upstream)
+        if (fail := self.lost_too_many(lost, n)) is not None:
+            return fail
         need = min(n - self.redundancy_at(step), n - missing)
         if finished >= need:
             return FINAL
@@ -479,13 +493,20 @@ def make_policies(
             out += _adaptive_policies(name, prop, agg, redundancies)
         else:
             raise ConfigError("policy", name, ", ".join(BASE_POLICY_NAMES))
-    names_made = [p.name for p in out]
-    if len(set(names_made)) < len(names_made):
-        raise ConfigError("policy", next(n for n in names_made if names_made.count(n) > 1), "each policy once")
+    _check_unique_names(out)
     return out
 
 
+def _check_unique_names(policies: Sequence[Policy]) -> None:
+    seen: set[str] = set()
+    for p in policies:
+        if p.name in seen:
+            raise ConfigError("policy", p.name, "each policy once")
+        seen.add(p.name)
+
+
 from .adaptive import ADAPTIVE_POLICIES  # noqa: E402  (they build on the classes above)
+
 
 def _adaptive_policies(name: str, prop: ChunkSchedule, agg: ChunkSchedule, redundancies: Sequence[int]) -> list[Policy]:
     cls = next(c for c in ADAPTIVE_POLICIES if c.KIND == name)

@@ -315,8 +315,7 @@ class Scheduler:
             st = self.states[node_id]
             if st.status is not PENDING and st.status is not IDLE:
                 continue
-            view = ConsumerView(st.node, st.step, now_s, st.tokens, st.inputs, self.policy_state, self.states,
-                                self.load)
+            view = self.view(node_id, now_s)
             decision = self.policy.decide(view)
             kind = decision.kind
             if kind == _WAIT:
