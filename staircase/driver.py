@@ -93,7 +93,11 @@ class RequestDriver:
                  request_id: int, max_tokens: int, arrival_s: float | None = None, prompt_id: str | None = None,
                  keep_text: bool = False, tokenizer: Tokenizer | None = None, texts: TextPieces | None = None):
         self.port, self.recorder, self.policy = port, recorder, policy
-        self.sched = Scheduler(topology, policy, query, max_tokens, tokenizer=tokenizer, texts=texts, load=self._load)
+        self.sched = Scheduler(topology, policy, query, max_tokens, tokenizer=tokenizer, texts=texts)
+        # what views show as ``load``: the port's count for a node's engine (a closure over the port and the
+        # node states, not a method of this driver: that would be a cycle, and cycles wait for the collector)
+        in_flight, states = port.in_flight, self.sched.states
+        self.sched.load = lambda node_id: in_flight(states[node_id].node)
         self.request_id = request_id
         self.arrival_s = port.now() if arrival_s is None else arrival_s
         self.prompt_id, self.keep_text = prompt_id, keep_text
@@ -103,10 +107,6 @@ class RequestDriver:
         self.context_tokens = float("nan")  # inputs read by the final node's first call
         self.row: RequestRow | None = None
         self.done = False
-
-    def _load(self, node_id: str) -> int:
-        """What views show as ``load``: the port's count for the node's engine."""
-        return self.port.in_flight(self.sched.states[node_id].node)
 
     def start(self) -> "RequestDriver":
         now = self.port.now()
