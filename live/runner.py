@@ -75,12 +75,12 @@ class LiveRunner:
     async def run_policy(self, policy: Policy, queries: Sequence[str], *, concurrency: int = 1,
                          rate_per_s: float | None = None, seed: int = 0, progress: bool | None = None,
                          reset_cache: bool = True, prompt_ids: Sequence[str] | None = None,
-                         max_tokens: int | None = None) -> Trace:
+                         max_tokens: int | None = None, final_max_tokens: int | None = None) -> Trace:
         """All queries under one policy: closed loop with ``concurrency`` users, or open
         loop with Poisson arrivals at ``rate_per_s``. The prefix cache is emptied first
         unless ``reset_cache=False`` (calibration probes of cache hits). ``prompt_ids``
         (one per query) go into the request rows; ``max_tokens`` overrides the runner's
-        for this run."""
+        for this run, ``final_max_tokens`` caps the final node's answer alone."""
         if prompt_ids is not None and len(prompt_ids) != len(queries):
             raise ConfigError("prompt_ids", f"{len(prompt_ids)} ids", f"one per query ({len(queries)})")
         ids = list(prompt_ids) if prompt_ids is not None else [None] * len(queries)
@@ -97,7 +97,7 @@ class LiveRunner:
 
             async def open_loop(i: int, q: str):
                 await asyncio.sleep(max(0.0, arrivals[i] - self.now()))
-                await self.run_request(policy, i, q, ids[i], max_tokens)
+                await self.run_request(policy, i, q, ids[i], max_tokens, final_max_tokens)
                 bar.update(1)
             await asyncio.gather(*(open_loop(i, q) for i, q in enumerate(queries)))
         else:
@@ -105,7 +105,7 @@ class LiveRunner:
 
             async def closed_loop(i: int, q: str):
                 async with sem:
-                    await self.run_request(policy, i, q, ids[i], max_tokens)
+                    await self.run_request(policy, i, q, ids[i], max_tokens, final_max_tokens)
                     bar.update(1)
             await asyncio.gather(*(closed_loop(i, q) for i, q in enumerate(queries)))
         bar.close()
@@ -122,13 +122,13 @@ class LiveRunner:
 
     # --------------------------------------------------------------- one request
     async def run_request(self, policy: Policy, request_id: int, query: str, prompt_id: str | None = None,
-                          max_tokens: int | None = None) -> RequestRow:
+                          max_tokens: int | None = None, final_max_tokens: int | None = None) -> RequestRow:
         """One request through the shared request driver; returns its row (the answer
         text included)."""
         port = _LivePort(self, f"{policy.name}-{request_id}-{next(self._ids)}")
         driver = RequestDriver(port, self.recorder, self.topology, policy, Query(query, self.tokens.count(query)),
                                request_id=request_id, max_tokens=max_tokens or self.max_tokens, prompt_id=prompt_id,
-                               keep_text=True, tokenizer=self.tokens)
+                               keep_text=True, tokenizer=self.tokens, final_max_tokens=final_max_tokens)
         try:
             port.report(driver.start)
             await asyncio.wait_for(asyncio.shield(port.finished), self.request_timeout_s)

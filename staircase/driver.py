@@ -91,9 +91,11 @@ class RequestDriver:
 
     def __init__(self, port: Port, recorder: Recorder, topology: Topology, policy: Policy, query: Query, *,
                  request_id: int, max_tokens: int, arrival_s: float | None = None, prompt_id: str | None = None,
-                 keep_text: bool = False, tokenizer: Tokenizer | None = None, texts: TextPieces | None = None):
+                 keep_text: bool = False, tokenizer: Tokenizer | None = None, texts: TextPieces | None = None,
+                 final_max_tokens: int | None = None):
         self.port, self.recorder, self.policy = port, recorder, policy
-        self.sched = Scheduler(topology, policy, query, max_tokens, tokenizer=tokenizer, texts=texts)
+        self.sched = Scheduler(topology, policy, query, max_tokens, tokenizer=tokenizer, texts=texts,
+                               final_max_tokens=final_max_tokens)
         # what views show as ``load``: the port's count for a node's engine (a closure over the port and the
         # node states, not a method of this driver: that would be a cycle, and cycles wait for the collector)
         in_flight, states = port.in_flight, self.sched.states

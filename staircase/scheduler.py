@@ -149,10 +149,11 @@ class _NodeState:
 
     __slots__ = ("node", "status", "call", "pieces", "chunk_end_s", "tokens", "step", "final_call",
                  "timer_step", "prompts", "inputs", "sent_s", "call_start", "call_max", "call_bound", "chunks",
-                 "finished", "failed")
+                 "finished", "failed", "max_tokens")
 
-    def __init__(self, node: Node):
+    def __init__(self, node: Node, max_tokens: int):
         self.node = node
+        self.max_tokens = max_tokens  # this node's answer cap
         self.status = PENDING
         self.call = -1
         self.pieces: list[Piece] = []
@@ -184,16 +185,21 @@ class Scheduler:
 
     def __init__(self, topology: Topology, policy: Policy, query: Query, max_tokens: int = 512,
                  tokenizer: Tokenizer | None = None, texts: TextPieces | None = None,
-                 load: Callable[[str], int] | None = None):
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-            raise ConfigError("max_tokens", max_tokens, "an integer >= 1")
+                 load: Callable[[str], int] | None = None, final_max_tokens: int | None = None):
+        """``max_tokens``: every node's answer cap; ``final_max_tokens``: the final node's
+        instead (MoA setups often give the aggregator its own cap; default: the same)."""
+        final_max_tokens = max_tokens if final_max_tokens is None else final_max_tokens
+        for field, value in (("max_tokens", max_tokens), ("final_max_tokens", final_max_tokens)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(field, value, "an integer >= 1")
         policy.validate_for(topology)
         self.policy = policy
         self.topology = policy.plan(topology)
         self.max_tokens = max_tokens
         self.texts = texts or TextPieces(tokenizer)
         self.query = query_piece(query.text, query.tokens, self.texts.tokenizer)
-        self.states = {n.id: _NodeState(n) for n in self.topology.nodes}
+        self.states = {n.id: _NodeState(n, final_max_tokens if n.is_final else max_tokens)
+                       for n in self.topology.nodes}
         self.lost: dict[str, str] = {}
         self.policy_state = policy.new_state(self.topology)  # the policy's own, for this request
         self.load = load  # node id -> calls in flight on its engine (the runner's count), for the views
@@ -217,8 +223,8 @@ class Scheduler:
                 st.final_call = True
                 if self._source_prompt is None:
                     self._source_prompt = source_prompt(self.query, self.texts)
-                boundaries = self._call_boundaries(st, self.max_tokens, now_s, True)
-                actions.append(Generate(n.id, st.call, self._source_prompt, self.max_tokens, boundaries, 0, 0, True))
+                boundaries = self._call_boundaries(st, st.max_tokens, now_s, True)
+                actions.append(Generate(n.id, st.call, self._source_prompt, st.max_tokens, boundaries, 0, 0, True))
         return actions
 
     def on(self, event: Event, now_s: float) -> list[Action]:
@@ -261,8 +267,8 @@ class Scheduler:
                   now_s: float) -> list[Action]:
         if index != st.chunks:
             raise ProtocolError(f"{node_id}: chunk {index} arrived, expected chunk {st.chunks}")
-        if tokens < 1 or st.tokens + tokens > self.max_tokens:
-            raise ProtocolError(f"{node_id}: chunk of {tokens} tokens after {st.tokens} (max {self.max_tokens})")
+        if tokens < 1 or st.tokens + tokens > st.max_tokens:
+            raise ProtocolError(f"{node_id}: chunk of {tokens} tokens after {st.tokens} (max {st.max_tokens})")
         piece = Piece(("out", node_id, index), tokens, text)
         st.pieces.append(piece)
         st.chunks += 1
@@ -279,7 +285,7 @@ class Scheduler:
         return actions
 
     def _on_finished(self, st: _NodeState, ev: Finished, now_s: float) -> list[Action]:
-        complete = st.final_call or ev.reason == "stop" or st.tokens >= self.max_tokens
+        complete = st.final_call or ev.reason == "stop" or st.tokens >= st.max_tokens
         if not complete:
             st.status = IDLE
             st.step += 1
@@ -336,7 +342,7 @@ class Scheduler:
         return actions
 
     def _generate(self, st: _NodeState, view: ConsumerView, decision, final: bool) -> Generate:
-        remaining = self.max_tokens - st.tokens
+        remaining = st.max_tokens - st.tokens
         max_tokens = remaining if final else self._step_tokens(st, view, decision, remaining)
         prompt = st.prompts.next([u.pieces for u in st.inputs])
         st.call += 1

@@ -1,0 +1,124 @@
+"""A replay engine: streams given answer texts at a given token rate through the same
+``Engine`` interface as the real ones.
+
+Uses: quality experiments with fixed proposals (the late-key probe of ``staircase
+quality``), and feeding a real aggregator realistic proposals recorded from a stronger
+model without running it. The answer to a call is looked up by the prompt's first user
+message (the query, as a proposer sees it); a prompt that continues an open assistant
+turn gets the rest of the answer after what that turn already holds.
+
+Timing: the first token ``first_token_s`` after the call, then one token every
+``1 / tokens_per_s`` seconds, on an absolute schedule (no drift). Tokens are the
+tokenizer's when one is given (anything with ``encode`` / ``decode``, or a model folder),
+otherwise pieces of at most four characters (``ApproxTokenizer``'s rate).
+
+In a ``staircase live`` config::
+
+    {"kind": "replay", "answers": "answers.jsonl", "tokens_per_s": 30, "first_token_s": 0.05}
+
+``answers.jsonl``: one ``{"query": ..., "answer": ...}`` object per line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from pathlib import Path
+from typing import AsyncIterator, Callable, Mapping
+
+from staircase.errors import ConfigError
+from staircase.prompts import Prompt
+
+from .engines import Delta, Engine, EngineError, Sampling
+
+_APPROX_PIECES = re.compile(r"\s*\S{1,4}|\s+$")
+
+
+class ReplayEngine(Engine):
+    def __init__(self, answers: Mapping[str, str] | Callable[[str], str | None], name: str = "replay",
+                 tokens_per_s: float = 30.0, first_token_s: float = 0.05, tokenizer=None, model: str = "replay"):
+        for field, value in (("tokens_per_s", tokens_per_s), ("first_token_s", first_token_s)):
+            if not isinstance(value, (int, float)) or value < 0 or (field == "tokens_per_s" and value == 0):
+                raise ConfigError(field, value, "a number > 0" if field == "tokens_per_s" else "a number >= 0")
+        self.answers = answers
+        self.name = name
+        self.tokens_per_s = float(tokens_per_s)
+        self.first_token_s = float(first_token_s)
+        self.tokenizer = tokenizer
+        self.model = model
+        self.calls = 0
+
+    async def start(self) -> None:
+        if isinstance(self.tokenizer, (str, Path)):
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer))
+
+    def answer_for(self, prompt: Prompt) -> str:
+        query = next((m.text() for m in prompt.messages if m.role == "user"), "")
+        text = self.answers(query) if callable(self.answers) else self.answers.get(query)
+        if text is None:
+            raise EngineError(f"replay: no answer for query {query[:40]!r}")
+        if prompt.continue_final:
+            partial = prompt.messages[-1].text()
+            text = text[len(partial):] if text.startswith(partial) else text
+        return text
+
+    def pieces(self, text: str) -> list[str]:
+        """The answer cut into tokens (each piece one token)."""
+        if self.tokenizer is None:
+            return _APPROX_PIECES.findall(text)
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        out, done = [], ""
+        for i in range(1, len(ids) + 1):  # prefix decoding keeps multi-byte characters whole
+            now = self.tokenizer.decode(ids[:i])
+            out.append(now[len(done):])
+            done = now
+        return out
+
+    async def stream(self, request_id: str, prompt: Prompt, max_tokens: int, sampling: Sampling) -> AsyncIterator[Delta]:
+        self.calls += 1
+        pieces = self.pieces(self.answer_for(prompt))
+        finish = "length" if len(pieces) > max_tokens else "stop"
+        pieces = pieces[:max_tokens] or [""]
+        loop = asyncio.get_running_loop()
+        t0 = loop.time() + self.first_token_s
+        for i, piece in enumerate(pieces):
+            await asyncio.sleep(max(0.0, t0 + i / self.tokens_per_s - loop.time()))
+            last = i == len(pieces) - 1
+            delta = Delta(piece, 1 if piece else 0, finish if last else None)
+            if i == 0:
+                delta.prompt_tokens, delta.cached_tokens = self.count_tokens(prompt.render()), 0
+            yield delta
+
+
+def load_answers(path: str | Path, field: str = "answers") -> dict[str, str]:
+    """query -> answer from a JSONL file of ``{"query": ..., "answer": ...}`` lines."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(field, str(path), "an existing JSONL file of {\"query\": ..., \"answer\": ...} lines")
+    out: dict[str, str] = {}
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise ConfigError(f"{field} line {i}", line[:60], "one JSON object per line") from None
+        if not isinstance(row, dict) or not isinstance(row.get("query"), str) or not isinstance(row.get("answer"), str):
+            raise ConfigError(f"{field} line {i}", line[:60], "an object with string fields query and answer")
+        out[row["query"]] = row["answer"]
+    if not out:
+        raise ConfigError(field, str(path), "at least one answer")
+    return out
+
+
+def replay_from_spec(name: str, spec: dict) -> ReplayEngine:
+    """A replay engine from a ``staircase live`` config entry (fields checked)."""
+    answers = load_answers(spec.get("answers", ""), f"config.engines.{name}.answers")
+    try:
+        return ReplayEngine(answers, name=name, tokens_per_s=spec.get("tokens_per_s", 30.0),
+                            first_token_s=spec.get("first_token_s", 0.05), tokenizer=spec.get("tokenizer"))
+    except ConfigError as err:
+        raise ConfigError(f"config.engines.{name}.{err.field}", err.value, err.allowed) from None

@@ -1,0 +1,212 @@
+"""Scores, the per-policy summary with bootstrap intervals, the verdict, the quality
+table for the search, figures and the results folder.
+
+Metrics (one value per answer, then a mean with a 95 % interval over prompts):
+
+- ``exact_match`` (GSM8K): the answer's last number equals the reference's.
+- ``reference_similarity`` (AlpacaEval): similarity to the reference output.
+- ``agreement`` (both real sets): similarity to the reference policy's (wait-all's)
+  answer to the same prompt. The noise floor is the same score of wait-all run again
+  under another seed: what sampling alone does.
+- ``retention:<position>`` (probe): the key is in the answer; ``false_key`` is the
+  same on the control items without a key (should be 0).
+- ``judge`` (optional): pairwise win rate against wait-all, 0.5 = as good.
+
+A policy **drops** on a metric when its paired difference from wait-all (prompt by
+prompt) has an interval wholly below 0 (``judge``: wholly below 0.5); on ``agreement``
+the comparison is with the noise floor instead. A policy that drops nowhere *keeps
+quality*; the verdict names the one that keeps it at the lowest TTFT p50.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import pandas as pd
+
+from staircase.report import _clean, summary_frame
+
+from .data import Item
+from .run import REFERENCE, Collected, QualitySpec, noise_name
+from .scores import Embedder, exact_match, key_retained
+from .stats import mean_interval, paired_difference
+
+LATENCY = ("ttft_p50_s", "ttft_p90_s", "e2e_p50_s", "longest_stall_p50_s", "context_tokens_p50")
+HIGHER_IS_BETTER_EXCEPT = ("false_key",)
+
+
+def score_answers(answers: pd.DataFrame, items: Mapping[str, Item], embedder: Embedder | None) -> pd.DataFrame:
+    """Long frame (policy, prompt_id, set, metric, value): every score of every answer."""
+    rows = []
+    ok = answers.assign(answer_text=answers["answer_text"].where(answers["outcome"] == "ok", ""))
+    for r in ok.itertuples():
+        item = items[r.prompt_id]
+        if item.set == "gsm8k":
+            rows.append((r.policy, r.prompt_id, r.set, "exact_match", exact_match(r.answer_text, item.reference)))
+        elif item.set == "probe":
+            metric = "false_key" if item.position == "absent" else f"retention:{item.position}"
+            rows.append((r.policy, r.prompt_id, r.set, metric, key_retained(r.answer_text, item.key)))
+    scores = pd.DataFrame(rows, columns=["policy", "prompt_id", "set", "metric", "value"])
+    if embedder is not None:
+        scores = pd.concat([scores, _similarities(ok, items, embedder)], ignore_index=True)
+    return scores
+
+
+def _similarities(ok: pd.DataFrame, items: Mapping[str, Item], embedder: Embedder) -> pd.DataFrame:
+    """reference_similarity (AlpacaEval) and agreement with wait-all (real sets)."""
+    real = ok[ok["set"] != "probe"]
+    ref = real[real["policy"] == REFERENCE].set_index("prompt_id")["answer_text"]
+    frames = []
+    alpaca = real[real["set"] == "alpaca_eval"]
+    if len(alpaca):
+        sims = embedder.similarity(list(alpaca["answer_text"]), [items[p].reference for p in alpaca["prompt_id"]])
+        frames.append(alpaca[["policy", "prompt_id", "set"]].assign(metric="reference_similarity", value=sims))
+    others = real[(real["policy"] != REFERENCE) & real["prompt_id"].isin(ref.index)]
+    if len(others):
+        sims = embedder.similarity(list(others["answer_text"]), [ref[p] for p in others["prompt_id"]])
+        frames.append(others[["policy", "prompt_id", "set"]].assign(metric="agreement", value=sims))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["policy", "prompt_id", "set", "metric", "value"])
+
+
+def _paired(scores: pd.DataFrame, metric: str, a: str, b: str) -> tuple[np.ndarray, np.ndarray]:
+    wide = scores[scores["metric"] == metric].pivot_table(index="prompt_id", columns="policy", values="value")
+    if a not in wide or b not in wide:
+        return np.array([]), np.array([])
+    return wide[a].to_numpy(), wide[b].to_numpy()
+
+
+def metric_rows(scores: pd.DataFrame, policy: str, noise: str, resamples: int) -> list[dict]:
+    """Per metric: the policy's mean and interval, and its paired difference from the
+    baseline (wait-all; the noise floor for agreement; 0.5 for the judge)."""
+    out = []
+    for metric in sorted(scores.loc[scores["policy"] == policy, "metric"].unique()):
+        values = scores.loc[(scores["policy"] == policy) & (scores["metric"] == metric), "value"]
+        own = mean_interval(values, resamples)
+        if metric == "judge":
+            diff, base = mean_interval(values - 0.5, resamples), "even (0.5)"
+        else:
+            base = noise if metric == "agreement" else REFERENCE
+            diff = paired_difference(*_paired(scores, metric, policy, base), resamples) if policy != base else None
+        row = {"policy": policy, "metric": metric, "mean": own.mean, "low": own.low, "high": own.high, "n": own.n,
+               "baseline": base}
+        if diff is not None:
+            row.update(diff_mean=diff.mean, diff_low=diff.low, diff_high=diff.high)
+            row["drop"] = bool(metric not in HIGHER_IS_BETTER_EXCEPT and diff.n > 1 and diff.high < 0)
+        out.append(row)
+    return out
+
+
+def summarize(collected: Collected, scores: pd.DataFrame, spec: QualitySpec) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per-policy summary: latency and each metric's mean [interval]; long metric rows)."""
+    if collected.judged is not None and len(collected.judged):
+        judged = collected.judged.assign(set="judge", metric="judge", value=collected.judged["judge"])
+        scores = pd.concat([scores, judged[["policy", "prompt_id", "set", "metric", "value"]]], ignore_index=True)
+    names = [name for name, _ in collected.runs]
+    rows = [r for name in names for r in metric_rows(scores, name, noise_name(spec), spec.resamples)]
+    metrics = pd.DataFrame(rows)
+    traces = collected.traces or collected.probe_traces  # latency of the real sets; the probe's without them
+    latency = summary_frame(traces) if traces else pd.DataFrame(index=names)
+    summary = latency.reindex(names)[[c for c in LATENCY if c in latency]].copy()
+    for r in rows:
+        summary.loc[r["policy"], r["metric"]] = r["mean"]
+        summary.loc[r["policy"], f"{r['metric']}_ci"] = f"[{r['low']:.2f}, {r['high']:.2f}]" if r["n"] else "-"
+    dropped = metrics["drop"].eq(True) if "drop" in metrics else pd.Series(False, index=metrics.index)
+    summary["drops"] = [", ".join(metrics.loc[dropped & (metrics["policy"] == n), "metric"]) for n in names]
+    summary.index.name = "policy"
+    return summary, metrics
+
+
+def verdict(summary: pd.DataFrame, spec: QualitySpec) -> list[str]:
+    """Plain lines: where quality drops beyond wait-all's interval (or the noise floor),
+    and which policy keeps it at the lowest TTFT p50."""
+    lines, keepers = [], []
+    for name, row in summary.iterrows():
+        if name in (REFERENCE, noise_name(spec)):
+            continue
+        if row["drops"]:
+            lines.append(f"{name}: quality drops on {row['drops']} (paired 95 % interval below wait-all / noise floor)")
+        else:
+            lines.append(f"{name}: no drop beyond wait-all's interval or the noise floor on any metric")
+            keepers.append((row.get("ttft_p50_s", math.nan), name))
+    keepers = [k for k in keepers if not math.isnan(k[0])] or keepers
+    if keepers:
+        ttft, name = min(keepers)
+        ref = summary.loc[REFERENCE].get("ttft_p50_s", math.nan) if REFERENCE in summary.index else math.nan
+        lines.append(f"best: {name} keeps quality at the lowest TTFT p50 ({ttft:.3f} s; wait-all {ref:.3f} s)")
+    else:
+        lines.append("best: none of the policies under test keeps quality on every metric")
+    return lines
+
+
+def quality_table(collected: Collected, metrics: pd.DataFrame, policies_by_name: Mapping) -> pd.DataFrame:
+    """Per (policy, metric): the proposers' first chunk, the context the aggregator's
+    first token is written from (p50 tokens, from the traces of the set the metric comes
+    from), and the score with its interval: the table a policy search can constrain on."""
+    context = {}
+    for traces, kind in ((collected.traces, "real"), (collected.probe_traces, "probe")):
+        for name, t in traces.items():
+            ok = t.requests[t.requests["outcome"] == "ok"]
+            context[(name, kind)] = float(ok["context_tokens"].median()) if len(ok) else math.nan
+    out = metrics.copy()
+    kind = np.where(out["metric"].str.startswith(("retention", "false_key")), "probe", "real")
+    out["context_tokens_p50"] = [context.get((p, k), math.nan) for p, k in zip(out["policy"], kind)]
+    out["first_chunk"] = [_first_chunk(policies_by_name.get(p)) for p in out["policy"]]
+    cols = ["policy", "first_chunk", "context_tokens_p50", "metric", "mean", "low", "high", "n", "baseline",
+            "diff_mean", "diff_low", "diff_high", "drop"]
+    return out.reindex(columns=cols)
+
+
+def _first_chunk(policy) -> float:
+    schedule = getattr(policy, "proposer_schedule", None)
+    return float(schedule.sizes[0]) if schedule is not None else math.nan
+
+
+def summary_json(summary: pd.DataFrame, metrics: pd.DataFrame, lines: list[str]) -> dict:
+    policies = {}
+    for name in summary.index:
+        latency = {c: _clean(summary.loc[name, c]) for c in LATENCY if c in summary}
+        rows = metrics[metrics["policy"] == name].drop(columns=["policy"])
+        policies[str(name)] = {**latency, "metrics": {r["metric"]: {k: _clean(v) for k, v in r.items() if k != "metric"}
+                                                      for r in rows.to_dict("records")}}
+    return {"policies": policies, "verdict": lines}
+
+
+def write(folder: Path, collected: Collected, scores: pd.DataFrame, summary: pd.DataFrame, metrics: pd.DataFrame,
+          table: pd.DataFrame, lines: list[str], config: Mapping, figure: bool = True) -> dict[str, Path]:
+    """The results folder: config, every answer text, scores, summary, table, figures."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = {"config": folder / "config.json", "answers": folder / "answers.jsonl", "scores": folder / "scores.csv",
+             "summary": folder / "summary.csv", "json": folder / "summary.json",
+             "table": folder / "quality_table.csv"}
+    paths["config"].write_text(json.dumps(config, indent=2, default=str) + "\n")
+    collected.answers.to_json(paths["answers"], orient="records", lines=True, force_ascii=False)
+    scores.to_csv(paths["scores"], index=False)
+    summary.to_csv(paths["summary"])
+    paths["json"].write_text(json.dumps(summary_json(summary, metrics, lines), indent=2) + "\n")
+    table.to_csv(paths["table"], index=False)
+    for kind, traces in (("real", collected.traces), ("probe", collected.probe_traces)):
+        for t in traces.values():
+            write_trace(t, folder / "traces", kind)
+    if figure:
+        from .figures import plot_quality, plot_retention
+
+        paths["figure"] = plot_quality(summary, metrics, folder / "quality_vs_latency.png")
+        if "probe" in set(scores["set"]):
+            paths["retention"] = plot_retention(table, folder / "retention_vs_context.png")
+    return paths
+
+
+def write_trace(trace, folder: Path, kind: str) -> None:
+    """A run's trace: ``<policy>.requests.parquet`` (real sets) or ``<policy>.probe.requests.parquet``."""
+    if kind == "real":
+        trace.write(folder)
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    trace.requests.to_parquet(folder / f"{trace.policy}.probe.requests.parquet", index=False)
+    if trace.chunks is not None:
+        trace.chunks.to_parquet(folder / f"{trace.policy}.probe.chunks.parquet", index=False)
