@@ -6,10 +6,14 @@ Engines come from ``--config`` (JSON) or flags. Config shape::
     {"engines": {"local": {"kind": "vllm", "model": "smollm2"},
                  "api":   {"kind": "http", "url": "http://127.0.0.1:8000", "model": "m",
                            "api_key_env": "MY_KEY", "tokenizer": "/path/to/model"},
-                 "srv":   {"kind": "serve", "model": "/path/to/model"}},
+                 "srv":   {"kind": "serve", "model": "/path/to/model"},
+                 "rec":   {"kind": "replay", "answers": "answers.jsonl", "tokens_per_s": 30}},
      "slots": {"proposers": ["local", "api", "srv"], "aggregator": "local"}}
 
 ``proposer-i`` runs on ``proposers[i % n]``; slots naming the same engine share it.
+A ``replay`` engine streams fixed answers (``{"query": ..., "answer": ...}`` lines, looked
+up by the query) at ``tokens_per_s`` after ``first_token_s``: e.g. a stronger model's
+recorded answers as proposals for a real aggregator (``live/replay.py``).
 ``"model": "smollm2"`` means the bundled model (converted once, cached). ``vllm`` and
 ``serve`` engines take ``"dtype"`` (default: ``--dtype``).
 

@@ -49,6 +49,7 @@ class LiveRunner:
         self.topology = topology
         self.max_tokens = max_tokens
         self.sampling = sampling or Sampling()
+        self.final_seed: int | None = None  # the final node's run seed instead of sampling.seed
         self.stall = stall or StallLimits()
         self.paces = {id(e): EnginePace(self.stall) for e in self.engines.values()}
         self.in_flight = {id(e): 0 for e in self.engines.values()}  # calls in flight per engine (policies' load)
@@ -139,11 +140,14 @@ class LiveRunner:
         return port.finished.result()
 
     def _sampling(self, request_id: int, node_id: str) -> Sampling:
-        """Distinct but reproducible streams per request and node."""
+        """Distinct but reproducible streams per request and node; the final node's from
+        ``final_seed`` when set (the quality harness's noise floor resamples the
+        aggregator alone)."""
         s = self.sampling
         if s.seed is None:
             return s
-        return replace(s, seed=(s.seed * 1_000_003 + zlib.crc32(f"{request_id}/{node_id}".encode())) % 2**31)
+        seed = self.final_seed if self.final_seed is not None and node_id == self.topology.final.id else s.seed
+        return replace(s, seed=(seed * 1_000_003 + zlib.crc32(f"{request_id}/{node_id}".encode())) % 2**31)
 
     def call_ended(self, engine) -> None:
         """A call's task on ``engine`` is done: one call less in flight there."""

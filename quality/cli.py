@@ -1,8 +1,10 @@
 """``staircase quality``: does the staircase keep the answer right? Latency and quality
 side by side, on real engines, with bootstrap 95 % intervals paired by prompt.
 
-For each prompt it runs wait-all (the reference), wait-all again under another sampling
-seed (the noise floor: what sampling alone changes), and each policy under test, on the
+For each prompt it runs wait-all (the reference), wait-all again with the aggregator
+under another sampling seed (the noise floor: what resampling the final answer alone
+changes, the proposals the same; --noise-scope all resamples every node), and each
+policy under test, on the
 same engines with the same seeds, and scores every answer:
 
   exact_match           GSM8K: the answer's last number equals the number after ####
@@ -54,14 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--probe-items", type=int, default=3, help="probe items per key position")
     g.add_argument("--positions", default=",".join(POSITIONS), help=f"probe key positions: {', '.join(POSITIONS)}")
     g.add_argument("--replay-tokens-per-s", type=float, default=30.0, help="probe: the replay proposers' token rate")
-    g = p.add_argument_group("policies (wait-all and its noise-floor repeat always run)")
-    g.add_argument("--first-chunks", default="4,8,16,32",
-                   help="one paper staircase per first chunk (proposers' and aggregator's); '' for none")
-    g.add_argument("--redundancy", type=int, default=1, help="redundancy r of those staircase policies")
-    g.add_argument("--layout", choices=LAYOUTS, default="standard", help="prompt layout of those policies")
-    g.add_argument("--policies", default="", help="more policies by name (as `staircase live --policies`)")
-    g.add_argument("--policy-config", action="append", default=[], metavar="JSON", help="one more policy as data")
-    g.add_argument("--proposers", type=int, default=3, help="MoA proposers")
+    _add_policy_arguments(p)
     g = p.add_argument_group("sampling and load")
     g.add_argument("--max-tokens", type=int, default=128, help="max tokens of every answer (real sets)")
     g.add_argument("--probe-max-tokens", type=int, default=32, help="max tokens of the aggregator's probe answer")
@@ -69,6 +64,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--greedy", action="store_true", help="temperature 0: wait-all is deterministic")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--noise-seed", type=int, default=1, help="seed of wait-all's repeat (the noise floor)")
+    g.add_argument("--noise-scope", choices=("aggregator", "all"), default="aggregator",
+                   help="the repeat resamples the aggregator alone (same proposals; default) or every node")
     g.add_argument("--concurrency", type=int, default=1, help="requests in flight")
     g.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     g = p.add_argument_group("optional LLM judge (off by default)")
@@ -84,6 +81,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def _add_policy_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("policies (wait-all and its noise-floor repeat always run)")
+    g.add_argument("--first-chunks", default="4,8,16,32",
+                   help="one paper staircase per first chunk (proposers' and aggregator's); '' for none")
+    g.add_argument("--redundancy", type=int, default=1, help="redundancy r of those staircase policies")
+    g.add_argument("--layout", choices=LAYOUTS, default="standard", help="prompt layout of those policies")
+    g.add_argument("--policies", default="", help="more policies by name (as `staircase live --policies`)")
+    g.add_argument("--policy-config", action="append", default=[], metavar="JSON", help="one more policy as data")
+    g.add_argument("--proposers", type=int, default=3, help="MoA proposers")
+
+
 def spec_from_args(args: argparse.Namespace) -> QualitySpec:
     sets = tuple(s.strip() for s in args.sets.split(",") if s.strip())
     positions = tuple(s.strip() for s in args.positions.split(",") if s.strip())
@@ -95,7 +103,7 @@ def spec_from_args(args: argparse.Namespace) -> QualitySpec:
     return QualitySpec(sets=sets, prompts=args.prompts, skip=args.skip, probe_items=args.probe_items,
                        positions=positions, proposers=args.proposers, max_tokens=args.max_tokens,
                        probe_max_tokens=args.probe_max_tokens, temperature=0.0 if args.greedy else args.temperature,
-                       seed=args.seed, noise_seed=args.noise_seed, replay_tokens_per_s=args.replay_tokens_per_s,
+                       seed=args.seed, noise_seed=args.noise_seed, noise_scope=args.noise_scope, replay_tokens_per_s=args.replay_tokens_per_s,
                        concurrency=args.concurrency, resamples=args.resamples).check()
 
 
@@ -174,6 +182,10 @@ def rescore(args: argparse.Namespace) -> int:
     spec.resamples = args.resamples
     policies = [policy_from_dict(p) for p in config["policies"]]
     collected = load_collected(args.rescore / "traces", spec, policies)
+    if (args.rescore / "judge.csv").is_file():
+        import pandas as pd
+
+        collected.judged = pd.read_csv(args.rescore / "judge.csv")
     config["runs"] = collected.runs
     args.out = args.out or args.rescore
     return _score_and_write(args, args.out, spec, policies, collected, config)

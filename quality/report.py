@@ -189,6 +189,9 @@ def write(folder: Path, collected: Collected, scores: pd.DataFrame, summary: pd.
     summary.to_csv(paths["summary"])
     paths["json"].write_text(json.dumps(summary_json(summary, metrics, lines), indent=2) + "\n")
     table.to_csv(paths["table"], index=False)
+    if collected.judged is not None:
+        paths["judge"] = folder / "judge.csv"
+        collected.judged.to_csv(paths["judge"], index=False)
     for kind, traces in (("real", collected.traces), ("probe", collected.probe_traces)):
         for t in traces.values():
             write_trace(t, folder / "traces", kind)

@@ -4,7 +4,9 @@ For each policy (the reference, wait-all, first), the real sets (GSM8K, AlpacaEv
 run on the real engines, and the late-key probe runs with replay proposers
 (``live.replay.ReplayEngine``: each proposer streams its fixed proposal) and the real
 aggregator. The noise floor is the reference policy again under another sampling seed
-(``noise_seed``): what sampling alone changes. Request ``i`` gets the same seeds under
+(``noise_seed``; by default for the aggregator alone, so the proposals are the same:
+what resampling the final answer changes; ``noise_scope="all"`` resamples every node).
+Request ``i`` gets the same seeds under
 every policy (``LiveRunner`` derives a call's seed from the run seed, the request and
 the node), so the proposers of request ``i`` sample alike whatever the policy.
 
@@ -34,6 +36,7 @@ from .judge import judge_answers
 from .data import POSITIONS, SETS, Item, alpaca_items, gsm8k_items, probe_items
 
 REFERENCE = "wait-all"
+NOISE_SCOPES = ("aggregator", "all")
 PROPOSAL_CAP = 1024  # tokens: the probe's replay proposals stream whole (about 170 tokens each)
 ANSWER_COLUMNS = ("set", "prompt_id", "policy", "outcome", "answer_text", "ttft_s", "e2e_s", "longest_stall_s",
                   "context_tokens", "output_tokens", "prompt_tokens")
@@ -54,6 +57,7 @@ class QualitySpec:
     temperature: float = 0.7
     seed: int = 0
     noise_seed: int = 1
+    noise_scope: str = "aggregator"  # the noise run resamples the aggregator alone, or "all" nodes
     replay_tokens_per_s: float = 30.0
     concurrency: int = 1
     resamples: int = 2000
@@ -68,6 +72,8 @@ class QualitySpec:
                 raise ConfigError(name.replace("_", "-"), getattr(self, name), "an integer >= 1")
         if self.noise_seed == self.seed:
             raise ConfigError("noise-seed", self.noise_seed, f"a seed other than --seed ({self.seed})")
+        if self.noise_scope not in NOISE_SCOPES:
+            raise ConfigError("noise-scope", self.noise_scope, ", ".join(NOISE_SCOPES))
         if not self.temperature >= 0:
             raise ConfigError("temperature", self.temperature, "a number >= 0 (0: greedy)")
         return self
@@ -155,18 +161,11 @@ async def collect(engines: dict[str, Engine], spec: QualitySpec, policies: Seque
         raise ConfigError("topology", topology.describe(),
                           f"MoA with one layer of {spec.proposers} proposers for the probe set")
     sampling = Sampling(temperature=spec.temperature, seed=spec.seed)
-    runners = []
-    if real:
-        runners.append((LiveRunner(engines, topology, max_tokens=spec.max_tokens, sampling=sampling), real,
-                        spec.max_tokens))
-    if probe:
-        replay = probe_engines(probe, spec.proposers, engines["aggregator"], spec.replay_tokens_per_s)
-        runners.append((LiveRunner(replay, topology, max_tokens=PROPOSAL_CAP, sampling=sampling), probe,
-                        spec.probe_max_tokens))
+    runners = _runners(engines, topology, spec, sampling, real, probe)
     out = Collected(pd.DataFrame(columns=list(ANSWER_COLUMNS)))
     for policy, seed in runs_of(spec, policies):
         for runner, its, max_tokens in runners:
-            runner.sampling = replace(sampling, seed=seed)
+            _seed_runner(runner, spec, sampling, policy.name, seed)
             trace = await runner.run_policy(policy, [it.query for it in its], concurrency=spec.concurrency,
                                             seed=seed, progress=progress, prompt_ids=[it.prompt_id for it in its],
                                             final_max_tokens=max_tokens)
@@ -179,6 +178,28 @@ async def collect(engines: dict[str, Engine], spec: QualitySpec, policies: Seque
         out.judged = await judge_answers(judge, out.answers, {it.prompt_id: it.query for it in real}, REFERENCE,
                                          spec.concurrency)
     return out
+
+
+def _seed_runner(runner: LiveRunner, spec: QualitySpec, sampling: Sampling, name: str, seed: int) -> None:
+    """The run's seeds: the noise-floor run changes the aggregator's alone (same
+    proposals: what resampling the final answer changes) or every node's."""
+    if name == noise_name(spec) and spec.noise_scope == "aggregator":
+        runner.sampling, runner.final_seed = replace(sampling, seed=spec.seed), seed
+    else:
+        runner.sampling, runner.final_seed = replace(sampling, seed=seed), None
+
+
+def _runners(engines, topology: Topology, spec: QualitySpec, sampling: Sampling, real: list, probe: list) -> list:
+    """(runner, items, the final node's max tokens) for the real sets and for the probe."""
+    runners = []
+    if real:
+        runners.append((LiveRunner(engines, topology, max_tokens=spec.max_tokens, sampling=sampling), real,
+                        spec.max_tokens))
+    if probe:
+        replay = probe_engines(probe, spec.proposers, engines["aggregator"], spec.replay_tokens_per_s)
+        runners.append((LiveRunner(replay, topology, max_tokens=PROPOSAL_CAP, sampling=sampling), probe,
+                        spec.probe_max_tokens))
+    return runners
 
 
 def answers_frame(traces: dict[str, Trace]) -> pd.DataFrame:

@@ -26,7 +26,7 @@ from sim.workload import WORKLOAD_KINDS, Workload
 
 OPEN_LOOP = [k for k in WORKLOAD_KINDS if k != "closed"]
 
-from .objectives import DEFAULT_OBJECTIVES, METRICS, Constraint, check_objectives
+from .objectives import DEFAULT_OBJECTIVES, METRICS, Constraint, QualityCurve, check_objectives
 from .report import write_report
 from .run import METHODS, SearchConfig, make_scenarios, run_search
 from .space import SearchSpace, parse_fix, parse_range
@@ -64,6 +64,10 @@ def _space_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--constraint", action="append", default=None, metavar="METRIC<=X",
                    help="repeatable; default: context_p50>=16; 'none' for none")
     g.add_argument("--minimise", default=None, help="what 'best' means (default: the first objective)")
+    g.add_argument("--quality-table", default=None, metavar="FILE[:METRIC]",
+                   help="a `staircase quality` quality_table.csv: adds the metric quality (METRIC, default agreement, "
+                        "interpolated at each run's context_p50) for objectives and constraints, e.g. "
+                        "--constraint 'quality>=0.9'")
     g = p.add_argument_group("method and scale")
     g.add_argument("--method", choices=METHODS, default="nsga")
     g.add_argument("--budget", type=int, default=256, help="candidates to evaluate (grid: at least its size)")
@@ -100,7 +104,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[SearchConfig, str]:
     profiles = [None if p == "default" else p for p in args.profile.split(",")]
     scenarios = make_scenarios(profiles, topology, workload, loads, max_tokens=args.max_tokens, seed=args.seed)
     cfg = SearchConfig(space, scenarios, objectives, constraints, args.method, args.budget, args.batch, args.seed,
-                       args.workers, args.ray, args.grid_points)
+                       args.workers, args.ray, args.grid_points,
+                       quality=QualityCurve.from_table(args.quality_table) if args.quality_table else None)
     cfg.check()
     return cfg, minimise
 

@@ -21,6 +21,8 @@ METRICS = {
     "context_p50": ("context_tokens_p50", "maximize",
                     "input tokens the final node's first token is written from, median (a quality proxy)"),
     "errors": ("errors", "minimize", "failed requests"),
+    "quality": ("quality_predicted", "maximize",
+                "quality predicted at the run's context_p50 from a `staircase quality` table (--quality-table)"),
 }
 DEFAULT_OBJECTIVES = ("ttft_p90", "stall_p50", "e2e_p50", "prefilled")
 _CONSTRAINT = re.compile(r"^\s*([a-z0-9_]+)\s*(<=|>=)\s*([-+0-9.eE]+)\s*$")
@@ -78,3 +80,48 @@ class Constraint:
 
     def __str__(self) -> str:
         return f"{self.metric}{self.op}{self.bound:g}"
+
+
+@dataclass(frozen=True)
+class QualityCurve:
+    """Measured quality against the context the final node's first token is written
+    from: the rows of one metric of a ``staircase quality`` table (``quality_table.csv``:
+    ``context_tokens_p50``, ``mean``), interpolated linearly and held flat beyond its
+    ends. It turns a simulated run's ``context_tokens_p50`` into ``quality_predicted``."""
+
+    metric: str
+    contexts: tuple[float, ...]
+    means: tuple[float, ...]
+    source: str = ""
+
+    @classmethod
+    def from_table(cls, spec: str) -> "QualityCurve":
+        """From ``FILE`` or ``FILE:METRIC`` (default metric: agreement)."""
+        import pandas as pd
+
+        path, _, metric = spec.partition(":") if not spec.endswith(".csv") else (spec, "", "")
+        metric = metric or "agreement"
+        try:
+            table = pd.read_csv(path)
+        except (OSError, ValueError) as err:
+            raise ConfigError("quality-table", spec, f"a readable quality_table.csv ({type(err).__name__})") from None
+        if not {"metric", "context_tokens_p50", "mean"} <= set(table.columns):
+            raise ConfigError("quality-table", spec, "a quality_table.csv of `staircase quality` (metric, "
+                              "context_tokens_p50, mean columns)")
+        rows = table[table["metric"] == metric].dropna(subset=["context_tokens_p50", "mean"])
+        points = rows.groupby("context_tokens_p50")["mean"].mean().sort_index()
+        if points.empty:
+            raise ConfigError("quality-table metric", metric, ", ".join(sorted(table["metric"].dropna().unique())))
+        return cls(metric, tuple(map(float, points.index)), tuple(map(float, points.to_numpy())), spec)
+
+    def __call__(self, context: float) -> float:
+        import numpy as np
+
+        return float(np.interp(context, self.contexts, self.means)) if not math.isnan(context) else math.nan
+
+    def augment(self, metrics: dict) -> dict:
+        """``metrics`` with ``quality_predicted`` (from its ``context_tokens_p50``)."""
+        return {**metrics, "quality_predicted": self(float(metrics.get("context_tokens_p50", math.nan) or math.nan))}
+
+    def __str__(self) -> str:
+        return f"{self.source} ({self.metric}: " + ", ".join(f"{c:g}->{m:.2f}" for c, m in zip(self.contexts, self.means)) + ")"

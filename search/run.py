@@ -33,7 +33,7 @@ from sim.profile import load_profile
 from sim.simulate import simulate
 from sim.workload import Workload
 
-from .objectives import Constraint, check_objectives, directions, value
+from .objectives import Constraint, QualityCurve, check_objectives, directions, value
 from .space import SearchSpace
 
 METHODS = ("nsga", "tpe", "random", "grid")
@@ -190,6 +190,7 @@ class SearchConfig:
     ray: str | None = None
     grid_points: int = 3
     baselines: bool = True  # evaluate wait-all and the paper's staircase first
+    quality: QualityCurve | None = None  # measured quality against context (the ``quality`` metric)
 
     def check(self) -> None:
         check_objectives(self.objectives)
@@ -201,6 +202,10 @@ class SearchConfig:
                 raise ConfigError(name, v, "an integer >= 1")
         if not self.scenarios:
             raise ConfigError("scenarios", self.scenarios, "at least one profile and load")
+        uses = "quality" in self.objectives or any(c.metric == "quality" for c in self.constraints)
+        if uses and self.quality is None:
+            raise ConfigError("quality-table", None, "a quality_table.csv of `staircase quality` when an objective "
+                              "or constraint names quality")
 
 
 def baseline_configs(topology: Topology) -> list[PolicyConfig]:
@@ -257,7 +262,8 @@ def identity(cfg: SearchConfig) -> dict:
     """What makes a search the same search (budget, batch and workers may change on resume)."""
     return {"space": cfg.space.describe(), "kinds": cfg.space.kinds, "scenarios": [asdict(s) for s in cfg.scenarios],
             "objectives": cfg.objectives, "constraints": [str(c) for c in cfg.constraints], "method": cfg.method,
-            "seed": cfg.seed, "grid_points": cfg.grid_points, "baselines": cfg.baselines}
+            "seed": cfg.seed, "grid_points": cfg.grid_points, "baselines": cfg.baselines,
+            **({"quality": str(cfg.quality)} if cfg.quality is not None else {})}
 
 
 def _same_search(cfg: SearchConfig, folder: Path) -> None:
@@ -298,7 +304,7 @@ def run_search(cfg: SearchConfig, folder: Path, progress: bool | None = None):
             n = min(cfg.batch, cfg.budget - done)
             trials = [study.ask() for _ in range(n)]
             configs = [_candidate(cfg.space, t) for t in trials]
-            _evaluate_batch(ex, store, configs, cfg.scenarios)
+            _evaluate_batch(ex, store, configs, cfg.scenarios, cfg.quality)
             for trial, c in zip(trials, configs):
                 _tell(study, trial, c, cfg, store)
             done += n
@@ -318,7 +324,8 @@ def _candidate(space: SearchSpace, trial) -> PolicyConfig:
     return config
 
 
-def _evaluate_batch(ex, store: Store, configs: list[PolicyConfig], scenarios: list[Scenario]) -> None:
+def _evaluate_batch(ex, store: Store, configs: list[PolicyConfig], scenarios: list[Scenario],
+                    quality: QualityCurve | None = None) -> None:
     seen, tasks = set(), []
     for c in configs:
         for s in scenarios:
@@ -327,7 +334,8 @@ def _evaluate_batch(ex, store: Store, configs: list[PolicyConfig], scenarios: li
                 seen.add(k)
                 tasks.append((k, c.to_dict(), asdict(s)))
     for (k, config, _), metrics in ex.run(tasks):
-        store.add(k[0], k[1], config, metrics)
+        store.add(k[0], k[1], config, quality.augment(metrics) if quality is not None and "error" not in metrics
+                  else metrics)
 
 
 def _tell(study, trial, config: PolicyConfig, cfg: SearchConfig, store: Store) -> None:

@@ -30,27 +30,6 @@ MAX_TOKENS = 48
 
 
 @pytest.fixture(scope="session")
-def loop():
-    loop = asyncio.new_event_loop()
-    yield loop
-    loop.close()
-
-
-@pytest.fixture(scope="session")
-def model_dir():
-    return smollm2_folder()
-
-
-@pytest.fixture(scope="session")
-def engine(loop, model_dir):
-    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0"  # the server, when there is one, takes core 1
-    eng = VLLMEngine(model_dir, name="inproc")
-    loop.run_until_complete(eng.start())
-    yield eng
-    loop.run_until_complete(eng.close())
-
-
-@pytest.fixture(scope="session")
 def server(model_dir, tmp_path_factory):
     srv = VLLMServer(model_dir, threads="1", log_path=tmp_path_factory.mktemp("server") / "vllm.log").start()
     yield srv

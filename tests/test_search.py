@@ -186,3 +186,41 @@ def test_several_workloads_and_loads_make_one_scenario_each():
     assert rates["cpu-smollm2-135m/poisson@0.6"] == pytest.approx(3 * rates["cpu-smollm2-135m/poisson@0.2"])
     done = subprocess.run(STAIRCASE + ["search", "--workload", "poisson,closed"], capture_output=True, text=True)
     assert done.returncode == 2 and "workload" in done.stderr
+
+
+def test_a_quality_table_becomes_the_quality_metric_of_the_search(tmp_path):
+    """``--quality-table``: measured quality against context, interpolated at each
+    simulated run's context_p50, usable as an objective or a constraint."""
+    from search.objectives import QualityCurve
+
+    table = tmp_path / "quality_table.csv"
+    pd.DataFrame({"policy": ["a", "b", "c", "a"], "metric": ["agreement", "agreement", "agreement", "retention:last"],
+                  "context_tokens_p50": [16, 96, 400, 16], "mean": [0.5, 0.9, 0.95, 0.0]}).to_csv(table, index=False)
+    curve = QualityCurve.from_table(str(table))
+    assert curve.metric == "agreement" and curve(56) == pytest.approx(0.7)
+    assert curve(1) == 0.5 and curve(10_000) == 0.95  # held flat beyond the measured ends
+    assert QualityCurve.from_table(f"{table}:retention:last")(400) == 0.0
+    with pytest.raises(ConfigError) as err:
+        QualityCurve.from_table(f"{table}:exact_match")
+    assert err.value.field == "quality-table metric" and "agreement" in err.value.allowed
+    cfg, folder = small(tmp_path / "s", method="random", budget=6, batch=6, workers=1)
+    cfg.constraints = [Constraint.parse("quality>=0.6")]
+    with pytest.raises(ConfigError) as err:
+        cfg.check()
+    assert err.value.field == "quality-table"
+    cfg.space = SearchSpace(["staircase"], moa(3), fix={"staircase.scope": "first", "staircase.layout": "standard",
+                                                       "staircase.redundancy": "1", "staircase.aggregator_schedule": "8"},
+                            ranges={"staircase.proposer_schedule": (4, 64)})
+    cfg.quality = curve
+    run_search(cfg, folder, progress=False)
+    rows = [json.loads(line) for line in (folder / "evaluations.jsonl").read_text().splitlines()]
+    contexts = sorted({r["metrics"]["context_tokens_p50"] for r in rows})
+    assert len(contexts) > 1  # first chunks 4..64 read different contexts
+    for r in rows:
+        m = r["metrics"]
+        assert m["quality_predicted"] == pytest.approx(curve(m["context_tokens_p50"]))
+        assert cfg.constraints[0].violation(m) == pytest.approx(0.6 - m["quality_predicted"])
+    with pytest.raises(ConfigError) as err:  # a resumed folder with another table is another search
+        cfg.quality = QualityCurve.from_table(f"{table}:retention:last")
+        run_search(cfg, folder, progress=False)
+    assert err.value.field == "out" and "quality" in err.value.allowed

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("staircase", "sim", "live", "calibration", "search")
+PACKAGES = ("staircase", "sim", "live", "calibration", "search", "quality")
 MAX_FUNCTION_LINES = 40
 
 
@@ -34,8 +34,10 @@ def _imports(path: Path) -> set[str]:
 
 
 # package -> packages it must never import
-FORBIDDEN = {"staircase": ("sim", "live", "calibration", "search"), "sim": ("live", "calibration", "search"),
-             "live": ("sim", "calibration", "search"), "calibration": ("search",), "search": ("live", "calibration")}
+FORBIDDEN = {"staircase": ("sim", "live", "calibration", "search", "quality"),
+             "sim": ("live", "calibration", "search", "quality"), "live": ("sim", "calibration", "search", "quality"),
+             "calibration": ("search", "quality"), "search": ("live", "calibration", "quality"),
+             "quality": ("sim", "calibration", "search")}
 
 
 @pytest.mark.parametrize("package", PACKAGES)
