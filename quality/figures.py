@@ -74,14 +74,14 @@ def plot_retention(table: pd.DataFrame, path: Path) -> Path:
     aggregator token (probe traces), one line per position; wait-all reads everything."""
     plt, sns = _pyplot()
     t = table[table["metric"].str.startswith("retention") | (table["metric"] == "false_key")].copy()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     if len(t):
         t["position"] = t["metric"].str.replace("retention:", "", regex=False)
         t = t.sort_values("context_tokens_p50")
         for position, g in t.groupby("position", sort=False):
             ax.errorbar(g["context_tokens_p50"], g["mean"], yerr=[g["mean"] - g["low"], g["high"] - g["mean"]],
                         marker="o", capsize=3, label=position)
-        ax.legend(title="key position")
+        ax.legend(title="key position", loc="center left", bbox_to_anchor=(1.01, 0.5))
     _log_x(ax)
     ax.set_xlabel("proposer tokens the aggregator read before its first token (p50, log)")
     ax.set_ylabel("answers carrying the key")
