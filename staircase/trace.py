@@ -60,7 +60,7 @@ class RequestRow(NamedTuple):
     calls: int
     prompt_tokens: int  # over every call of the request
     cached_tokens: int  # of which served from a prefix cache
-    context_tokens: float  # input tokens in the final node's first call: what its first token answers from
+    context_tokens: float  # upstream (proposer) output tokens the final node's first call reads: what its first token answers from
     prompt_id: str | None  # which prompt of which set (live: "mt_bench/3"); None when synthetic
     answer_text: str | None  # the final answer (live); None in the simulator
 
