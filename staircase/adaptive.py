@@ -14,6 +14,9 @@ they are.
 - ``LoadAwareStaircasePolicy`` (``staircase-load``): the staircase while the
   consumer's engine is lightly loaded; wait-all (one call, one queue wait) once the
   calls in flight on it reach ``busy_calls``.
+- ``TTFTTargetStaircasePolicy`` (``staircase-ttft``): a TTFT target per request; the
+  final node's first step starts as late as the target allows, with all the context
+  delivered by then (the first chunk commits the answer: ``staircase quality``'s probe).
 """
 
 from __future__ import annotations
@@ -196,4 +199,52 @@ class LoadAwareStaircasePolicy(StaircasePolicy):
         return WAIT  # asked again as inputs arrive or finish
 
 
-ADAPTIVE_POLICIES = (SmoothStaircasePolicy, StragglerStaircasePolicy, LoadAwareStaircasePolicy)
+TTFT_PROPOSER_SCHEDULE = (8, 16, 32, 64, 128, 256)
+
+
+class TTFTTargetStaircasePolicy(StaircasePolicy):
+    """The deadline policy turned around: a TTFT target per request, and the most
+    context that fits it. The final node's first step waits, past the staircase's
+    readiness, until ``start + ttft_target_s - first_token_s`` (``start``: when the
+    request's source calls were sent; ``first_token_s``: the expected time from the
+    final node's call to its first token, prefill included), then reads every input
+    chunk delivered by then. Reached with fewer than N - r inputs in, it goes with any
+    input in hand; with every input finished earlier, it goes then. Other consumers and
+    later steps are the staircase's. Its default proposer schedule doubles
+    (8, 16, ... 256) so that waiting buys context in small steps."""
+
+    KIND = "staircase-ttft"
+    PARAMS = StaircasePolicy.PARAMS + ("ttft_target_s", "first_token_s")
+    KNOBS = StaircasePolicy.KNOBS + (Knob("ttft_target_s", "float", 0.05, 30.0), Knob("first_token_s", "float", 0.0, 5.0))
+
+    def __init__(self, ttft_target_s: float = 1.0, first_token_s: float = 0.1, **kwargs):
+        self.ttft_target_s = _number("ttft_target_s", ttft_target_s, 1e-3, 1e6)
+        self.first_token_s = _number("first_token_s", first_token_s, 0.0, 1e6)
+        kwargs.setdefault("proposer_schedule", TTFT_PROPOSER_SCHEDULE)
+        kwargs.setdefault("name", f"staircase-ttft-{ttft_target_s:g}s-r{kwargs.get('redundancy', 2)}")
+        super().__init__(**kwargs)
+
+    def new_state(self, topology: Topology) -> dict:
+        return {}  # final node id -> its first step's deadline
+
+    def decide(self, view: ConsumerView) -> Decision:
+        decision = super().decide(view)
+        if view.step != 0 or not view.node.is_final or decision.kind in (DecisionKind.FAIL, DecisionKind.FINAL):
+            return decision
+        deadline = self._deadline(view)
+        if view.now_s < deadline - 1e-12:
+            return Decision(DecisionKind.WAIT, wake_after_s=deadline - view.now_s)  # more context fits
+        if decision.kind is DecisionKind.STEP or any(u.chunks for u in view.upstream):
+            return STEP
+        return WAIT
+
+    def _deadline(self, view: ConsumerView) -> float:
+        if view.node.id not in view.state:
+            sent = [u.sent_s for u in (view.nodes or {}).values() if u.node.is_source and u.sent_s >= 0]
+            start = min(sent) if sent else view.now_s
+            view.state[view.node.id] = start + self.ttft_target_s - self.first_token_s
+        return view.state[view.node.id]
+
+
+ADAPTIVE_POLICIES = (SmoothStaircasePolicy, StragglerStaircasePolicy, LoadAwareStaircasePolicy,
+                     TTFTTargetStaircasePolicy)

@@ -96,7 +96,8 @@ def add_topology_policy_arguments(parser: argparse.ArgumentParser, policies: str
                    help="comma list of: wait-all, single, staircase (both layouts), staircase-standard, "
                         "staircase-prefix-cache, staircase-deadline (adaptive first step), staircase-smooth "
                         "(proposer chunks sized from observed rates), staircase-straggler (waits for late inputs up "
-                        "to their spread), staircase-load (wait-all when the aggregator's engine is busy)")
+                        "to their spread), staircase-load (wait-all when the aggregator's engine is busy), "
+                        "staircase-ttft (the first step reads all it can within --ttft-target-s)")
     g.add_argument("--redundancy", default=redundancy,
                    help="redundancy r of staircase policies; a comma list gives one policy per value")
     g.add_argument("--scope", choices=SCOPES, default="first", help="apply r to the first step only, or every step")
@@ -105,6 +106,8 @@ def add_topology_policy_arguments(parser: argparse.ArgumentParser, policies: str
     g.add_argument("--aggregator-schedule", default=",".join(map(str, PAPER_AGGREGATOR_SCHEDULE)),
                    help="aggregator (final node) chunk sizes in tokens; the last repeats")
     g.add_argument("--max-wait-s", type=float, default=0.5, help="staircase-deadline: longest wait for the first step")
+    g.add_argument("--ttft-target-s", type=float, default=1.0,
+                   help="staircase-ttft: each request's TTFT target (the first step reads all it can within it)")
     g.add_argument("--policy-config", action="append", default=[], metavar="JSON",
                    help="one more policy as data, e.g. '{\"kind\": \"staircase\", \"redundancy\": 1}' (any kind and "
                         "parameter; `staircase search` prints these); repeatable; --policies '' for these alone")
@@ -127,7 +130,7 @@ def build_topology(args: argparse.Namespace) -> Topology:
 
 
 TOPOLOGY_POLICY_KEYS = ("topology", "proposers", "layers", "agents", "rounds", "policies", "redundancy", "scope",
-                        "proposer_schedule", "aggregator_schedule", "max_wait_s", "policy_config")
+                        "proposer_schedule", "aggregator_schedule", "max_wait_s", "ttft_target_s", "policy_config")
 
 
 def topology_policy_args(args: argparse.Namespace) -> dict:
@@ -145,7 +148,7 @@ def topology_and_policies(args: argparse.Namespace) -> tuple[Topology, list[Poli
         redundancies=parse_int_list(args.redundancy, "redundancy"),
         proposer_schedule=ChunkSchedule.parse(args.proposer_schedule, "proposer_schedule"),
         aggregator_schedule=ChunkSchedule.parse(args.aggregator_schedule, "aggregator_schedule"),
-        scope=args.scope, max_wait_s=args.max_wait_s) if names else []
+        scope=args.scope, max_wait_s=args.max_wait_s, ttft_target_s=getattr(args, "ttft_target_s", 1.0)) if names else []
     policies += [_policy_from_json(text) for text in getattr(args, "policy_config", None) or []]
     if not policies:
         raise ConfigError("policies", args.policies, "at least one policy (names, or --policy-config)")

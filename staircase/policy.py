@@ -456,7 +456,7 @@ def _as_schedule(value: ChunkSchedule | Sequence[int] | str, field: str) -> Chun
 
 BASE_POLICY_NAMES = ("wait-all", "single", "staircase", "staircase-standard", "staircase-prefix-cache", "staircase-deadline",
                      "staircase-smooth", "staircase-straggler", "staircase-load")
-ADAPTIVE_NAMES = ("staircase-smooth", "staircase-straggler", "staircase-load")  # staircase.adaptive, prefix-cache layout
+ADAPTIVE_NAMES = ("staircase-smooth", "staircase-straggler", "staircase-load", "staircase-ttft")  # staircase.adaptive, prefix-cache layout
 
 
 def make_policies(
@@ -467,6 +467,7 @@ def make_policies(
     aggregator_schedule: ChunkSchedule | Sequence[int] | str = PAPER_AGGREGATOR_SCHEDULE,
     scope: str = "first",
     max_wait_s: float = 0.5,
+    ttft_target_s: float = 1.0,
 ) -> list[Policy]:
     """Policies from names (CLI vocabulary). ``staircase`` means both layouts; each
     staircase name expands over ``redundancies`` (names end in ``-r<r>``)."""
@@ -490,7 +491,7 @@ def make_policies(
                                                    redundancy=r, scope=scope, layout="prefix-cache",
                                                    name=f"staircase-deadline-r{r}"))
         elif name in ADAPTIVE_NAMES:
-            out += _adaptive_policies(name, prop, agg, redundancies)
+            out += _adaptive_policies(name, prop, agg, redundancies, ttft_target_s)
         else:
             raise ConfigError("policy", name, ", ".join(BASE_POLICY_NAMES))
     _check_unique_names(out)
@@ -508,12 +509,17 @@ def _check_unique_names(policies: Sequence[Policy]) -> None:
 from .adaptive import ADAPTIVE_POLICIES  # noqa: E402  (they build on the classes above)
 
 
-def _adaptive_policies(name: str, prop: ChunkSchedule, agg: ChunkSchedule, redundancies: Sequence[int]) -> list[Policy]:
+def _adaptive_policies(name: str, prop: ChunkSchedule, agg: ChunkSchedule, redundancies: Sequence[int],
+                       ttft_target_s: float) -> list[Policy]:
     cls = next(c for c in ADAPTIVE_POLICIES if c.KIND == name)
-    given = {} if name == "staircase-smooth" and agg == ChunkSchedule(PAPER_AGGREGATOR_SCHEDULE) else \
-        {"aggregator_schedule": agg}  # (the smooth policy's own default unless one is given)
-    return [cls(proposer_schedule=prop, redundancy=r, layout="prefix-cache", name=f"{name}-r{r}", **given)
-            for r in redundancies]
+    given: dict = {"ttft_target_s": ttft_target_s} if name == "staircase-ttft" else {}
+    # a schedule left at the paper's gives the policy its own default (smooth: doubling aggregator steps;
+    # ttft: doubling proposer chunks)
+    if agg != ChunkSchedule(PAPER_AGGREGATOR_SCHEDULE):
+        given["aggregator_schedule"] = agg
+    if prop != ChunkSchedule(PAPER_PROPOSER_SCHEDULE):
+        given["proposer_schedule"] = prop
+    return [cls(redundancy=r, layout="prefix-cache", name=f"{name}-r{r}", **given) for r in redundancies]
 
 
 POLICY_KINDS: dict[str, type[Policy]] = {c.KIND: c for c in (StaircasePolicy, DeadlineStaircasePolicy, WaitAllPolicy,

@@ -9,7 +9,8 @@ import pytest
 from sim.profile import load_profile
 from sim.simulate import simulate
 from sim.workload import Workload
-from staircase.adaptive import LoadAwareStaircasePolicy, SmoothStaircasePolicy, StragglerStaircasePolicy
+from staircase.adaptive import (ADAPTIVE_POLICIES, LoadAwareStaircasePolicy, SmoothStaircasePolicy,
+                                StragglerStaircasePolicy)
 from staircase.errors import ConfigError
 from staircase.policy import POLICY_KINDS, PolicyConfig, StaircasePolicy, WaitAllPolicy
 from staircase.scheduler import Chunk, Generate, Query, Scheduler, SetTimer, TimerFired
@@ -24,7 +25,7 @@ def run(policy, requests=30, profile="default", rate=0.05, **kw):
                     load_profile(profile), seed=3, max_tokens=96, progress=False, **kw)
 
 
-@pytest.mark.parametrize("cls", [SmoothStaircasePolicy, StragglerStaircasePolicy, LoadAwareStaircasePolicy])
+@pytest.mark.parametrize("cls", ADAPTIVE_POLICIES)
 def test_adaptive_policies_are_data_with_knobs(cls):
     assert POLICY_KINDS[cls.KIND] is cls
     policy = cls(redundancy=1)
@@ -96,3 +97,26 @@ def test_load_aware_policy_is_never_much_worse_than_wait_all_under_overload():
     load = e2e(LoadAwareStaircasePolicy(busy_calls=16, redundancy=2))
     assert staircase > 1.1 * wait_all  # the fixed staircase's loss under load, which the load-aware policy avoids
     assert load < 1.1 * wait_all
+
+
+def test_ttft_target_policy_reads_the_most_context_that_fits_its_target():
+    """On the calibrated CPU profile at light load: every TTFT within the target, and
+    more context at the first token than the paper's staircase; a target already missed
+    goes with any input in hand (no later than the staircase)."""
+    from staircase.adaptive import TTFTTargetStaircasePolicy
+
+    paper = run(StaircasePolicy(redundancy=1)).requests
+    # first_token_s: the profile's aggregator call-to-first-token (overhead, queue, prefill) is up to ~0.65 s here
+    policy = TTFTTargetStaircasePolicy(ttft_target_s=3.0, first_token_s=1.0, redundancy=1)
+    target = run(policy).requests
+    assert (target["outcome"] == "ok").all()
+    assert target["ttft_s"].max() <= 3.0
+    assert target["ttft_s"].median() > paper["ttft_s"].median()  # it spends the TTFT budget ...
+    assert target["context_tokens"].median() >= 2 * paper["context_tokens"].median()  # ... on context
+    missed = run(TTFTTargetStaircasePolicy(ttft_target_s=0.001, first_token_s=0.0, redundancy=1,
+                                           proposer_schedule=(8, 128, 256))).requests
+    assert missed["ttft_s"].median() <= paper["ttft_s"].median() + 1e-9
+    assert missed["context_tokens"].median() <= paper["context_tokens"].median()
+    with pytest.raises(ConfigError) as err:
+        TTFTTargetStaircasePolicy(ttft_target_s=0)
+    assert err.value.field == "ttft_target_s"

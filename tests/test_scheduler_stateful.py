@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from adaptive import RandomChunksPolicy
-from staircase.adaptive import LoadAwareStaircasePolicy, SmoothStaircasePolicy, StragglerStaircasePolicy
+from staircase.adaptive import (LoadAwareStaircasePolicy, SmoothStaircasePolicy, StragglerStaircasePolicy,
+                                TTFTTargetStaircasePolicy)
 from staircase.policy import ChunkSchedule, SinglePolicy, StaircasePolicy, WaitAllPolicy
 from staircase.prompts import _keyed
 from staircase.scheduler import (Cancel, Chunk, Done, Emit, Failed, Finished, Generate, NextChunk, Query,
@@ -26,7 +27,8 @@ topologies = st.one_of(
 @st.composite
 def policies(draw, fan_in: int):
     kind = draw(st.sampled_from(["staircase", "staircase", "staircase", "adaptive", "adaptive", "wait-all",
-                                 "single", "smooth", "smooth", "straggler", "straggler", "load", "load"]))
+                                 "single", "smooth", "smooth", "straggler", "straggler", "load", "load", "ttft",
+                                 "ttft"]))
     common = {"redundancy": draw(st.integers(0, max(0, fan_in - 1))), "scope": draw(st.sampled_from(["first", "every"])),
               "layout": draw(st.sampled_from(["standard", "prefix-cache"])),
               "proposer_schedule": draw(schedules), "aggregator_schedule": draw(schedules)}
@@ -39,6 +41,9 @@ def policies(draw, fan_in: int):
         return StragglerStaircasePolicy(patience=draw(st.floats(0.0, 3.0)), **common)
     if kind == "load":
         return LoadAwareStaircasePolicy(busy_calls=draw(st.integers(1, 4)), **common)
+    if kind == "ttft":
+        return TTFTTargetStaircasePolicy(ttft_target_s=draw(st.floats(0.01, 3.0)),
+                                         first_token_s=draw(st.floats(0.0, 1.0)), **common)
     if kind == "adaptive":
         low = draw(st.integers(1, 8))
         return RandomChunksPolicy(low, draw(st.integers(low, 16)), draw(st.integers(0, 2**16)), redundancy=draw(st.integers(0, max(0, fan_in - 1))),
@@ -113,7 +118,8 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert a.node == self.topo.final.id
                 self.emitted.append(a.text)
             elif isinstance(a, SetTimer):
-                assert isinstance(self.policy, StragglerStaircasePolicy), "only the straggler policy sets timers"
+                assert isinstance(self.policy, (StragglerStaircasePolicy, TTFTTargetStaircasePolicy)), \
+                    "only the straggler and TTFT-target policies set timers"
                 assert a.delay_s >= 0 and a.key not in self.timers
                 self.timers[a.key] = self.now + a.delay_s
             elif isinstance(a, Done):
@@ -148,7 +154,11 @@ class SchedulerMachine(RuleBasedStateMachine):
                 # busy: no step, and a final call only with r inputs left behind, as the staircase allows
                 assert g.final_call and self.ready_count(node, g.step) >= self.needed(node, g.step)
                 assert sum(u in self.finished for u in node.upstream) >= self.needed(node, g.step)
-            if isinstance(self.policy, StaircasePolicy):
+            early = isinstance(self.policy, TTFTTargetStaircasePolicy) and node.is_final and g.step == 0 \
+                and self.ready_count(node, 0) < self.needed(node, 0)
+            if early:  # past its TTFT deadline the first step goes with any input in hand, never before it
+                assert self.now >= self.sched.policy_state[node.id] - 1e-9 and self.ready_count(node, 0) >= 1
+            elif isinstance(self.policy, StaircasePolicy):
                 # never starts step k before N - r_k inputs delivered chunk k (or finished) ...
                 assert self.ready_count(node, g.step) >= self.needed(node, g.step), (g.node, g.step)
                 assert self.lost(node) <= self.policy.tolerance
@@ -295,6 +305,10 @@ class SchedulerMachine(RuleBasedStateMachine):
                 continue
             if isinstance(self.policy, LoadAwareStaircasePolicy):
                 continue  # it may have been busy when last asked: the next input event asks it again
+            if isinstance(self.policy, TTFTTargetStaircasePolicy) and node.is_final and step == 0:
+                assert (node.id, 0) in self.timers and self.now < self.sched.policy_state[node.id], \
+                    f"{node.id} waits for its TTFT deadline with no timer, or past it"
+                continue
             raise AssertionError(f"{node.id} waits at step {step} although enough inputs are ready")
 
     @invariant()
