@@ -66,7 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--noise-seed", type=int, default=1, help="seed of wait-all's repeat (the noise floor)")
     g.add_argument("--noise-scope", choices=("aggregator", "all"), default="aggregator",
                    help="the repeat resamples the aggregator alone (same proposals; default) or every node")
-    g.add_argument("--concurrency", type=int, default=1, help="requests in flight")
+    g.add_argument("--concurrency", type=int, default=4,
+                   help="requests in flight (closed loop; latency figures are at this load)")
     g.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
     g = p.add_argument_group("optional LLM judge (off by default)")
     g.add_argument("--judge-url", help="OpenAI-compatible endpoint of the judge model")
