@@ -47,7 +47,6 @@ class ReplayEngine(Engine):
         self.first_token_s = float(first_token_s)
         self.tokenizer = tokenizer
         self.model = model
-        self.calls = 0
 
     async def start(self) -> None:
         if isinstance(self.tokenizer, (str, Path)):
@@ -78,7 +77,6 @@ class ReplayEngine(Engine):
         return out
 
     async def stream(self, request_id: str, prompt: Prompt, max_tokens: int, sampling: Sampling) -> AsyncIterator[Delta]:
-        self.calls += 1
         pieces = self.pieces(self.answer_for(prompt))
         finish = "length" if len(pieces) > max_tokens else "stop"
         pieces = pieces[:max_tokens] or [""]

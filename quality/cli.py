@@ -96,16 +96,12 @@ def _add_policy_arguments(p: argparse.ArgumentParser) -> None:
 def spec_from_args(args: argparse.Namespace) -> QualitySpec:
     sets = tuple(s.strip() for s in args.sets.split(",") if s.strip())
     positions = tuple(s.strip() for s in args.positions.split(",") if s.strip())
-    unknown = [p for p in positions if p not in POSITIONS]
-    if unknown or not positions:
-        raise ConfigError("positions", args.positions, f"a comma list of {', '.join(POSITIONS)}")
-    if not args.replay_tokens_per_s > 0:
-        raise ConfigError("replay-tokens-per-s", args.replay_tokens_per_s, "a number > 0")
     return QualitySpec(sets=sets, prompts=args.prompts, skip=args.skip, probe_items=args.probe_items,
                        positions=positions, proposers=args.proposers, max_tokens=args.max_tokens,
                        probe_max_tokens=args.probe_max_tokens, temperature=0.0 if args.greedy else args.temperature,
-                       seed=args.seed, noise_seed=args.noise_seed, noise_scope=args.noise_scope, replay_tokens_per_s=args.replay_tokens_per_s,
-                       concurrency=args.concurrency, resamples=args.resamples).check()
+                       seed=args.seed, noise_seed=args.noise_seed, noise_scope=args.noise_scope,
+                       replay_tokens_per_s=args.replay_tokens_per_s, concurrency=args.concurrency,
+                       resamples=args.resamples).check()
 
 
 def policies_from_args(args: argparse.Namespace) -> list:

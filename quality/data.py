@@ -101,15 +101,19 @@ def with_key(sentences: list[str], key_sentence: str | None, position: str) -> s
     return " ".join(s)
 
 
+def check_positions(positions: tuple[str, ...]) -> None:
+    unknown = [p for p in positions if p not in POSITIONS]
+    if unknown or not positions:
+        raise ConfigError("positions", ",".join(positions), f"a comma list of {', '.join(POSITIONS)}")
+
+
 def probe_items(per_position: int, positions: tuple[str, ...] = POSITIONS[:3] + ("absent",), proposers: int = 3,
                 seed: int = 0) -> list[Item]:
     """``per_position`` probe items at each position; each proposer's proposal is other
     real text, and the key (a random 4-digit code) sits in every proposal at the same
     position. The query asks for the code (each item's query is made unique by its
     number so replay engines can look the proposals up)."""
-    unknown = [p for p in positions if p not in POSITIONS]
-    if unknown or not positions:
-        raise ConfigError("positions", ",".join(positions), f"a comma list of {', '.join(POSITIONS)}")
+    check_positions(positions)
     if not isinstance(per_position, int) or per_position < 1:
         raise ConfigError("probe items", per_position, "an integer >= 1 per position")
     rng = random.Random(seed)

@@ -33,7 +33,7 @@ from staircase.topology import Topology, moa
 from staircase.trace import Trace
 
 from .judge import judge_answers
-from .data import POSITIONS, SETS, Item, alpaca_items, gsm8k_items, probe_items
+from .data import POSITIONS, SETS, Item, alpaca_items, check_positions, gsm8k_items, probe_items
 
 REFERENCE = "wait-all"
 NOISE_SCOPES = ("aggregator", "all")
@@ -76,6 +76,9 @@ class QualitySpec:
             raise ConfigError("noise-scope", self.noise_scope, ", ".join(NOISE_SCOPES))
         if not self.temperature >= 0:
             raise ConfigError("temperature", self.temperature, "a number >= 0 (0: greedy)")
+        if not self.replay_tokens_per_s > 0:
+            raise ConfigError("replay-tokens-per-s", self.replay_tokens_per_s, "a number > 0")
+        check_positions(tuple(self.positions))
         return self
 
     def items(self) -> list[Item]:
@@ -173,7 +176,7 @@ async def collect(engines: dict[str, Engine], spec: QualitySpec, policies: Seque
             if on_trace is not None:
                 on_trace("probe" if its is probe else "real", trace)
         out.runs.append((policy.name, seed))
-    out.answers = answers_frame({**out.traces, **{f"{k} (probe)": v for k, v in out.probe_traces.items()}})
+    out.answers = answers_frame(out)
     if judge is not None and real:
         out.judged = await judge_answers(judge, out.answers, {it.prompt_id: it.query for it in real}, REFERENCE,
                                          spec.concurrency)
@@ -202,10 +205,11 @@ def _runners(engines, topology: Topology, spec: QualitySpec, sampling: Sampling,
     return runners
 
 
-def answers_frame(traces: dict[str, Trace]) -> pd.DataFrame:
-    """One row per answer (policy, prompt) from the traces' request rows."""
+def answers_frame(collected: Collected) -> pd.DataFrame:
+    """One row per answer (policy, prompt) from the request rows of the real sets' and
+    the probe's traces."""
     frames = []
-    for name, t in traces.items():
+    for t in [*collected.traces.values(), *collected.probe_traces.values()]:
         df = t.requests.copy()
         df["policy"] = t.policy
         df["set"] = df["prompt_id"].astype(str).str.split("/").str[0]
@@ -248,5 +252,5 @@ def load_collected(folder: Path, spec: QualitySpec, policies: Sequence[Policy]) 
             out.runs.append((policy.name, seed))
     if not out.runs:
         raise ConfigError("rescore", str(folder), "a traces folder with at least one finished run")
-    out.answers = answers_frame({**out.traces, **{f"{k} (probe)": v for k, v in out.probe_traces.items()}})
+    out.answers = answers_frame(out)
     return out

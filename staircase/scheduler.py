@@ -195,7 +195,6 @@ class Scheduler:
         policy.validate_for(topology)
         self.policy = policy
         self.topology = policy.plan(topology)
-        self.max_tokens = max_tokens
         self.texts = texts or TextPieces(tokenizer)
         self.query = query_piece(query.text, query.tokens, self.texts.tokenizer)
         self.states = {n.id: _NodeState(n, final_max_tokens if n.is_final else max_tokens)
