@@ -93,6 +93,7 @@ class Engine(ABC):
     """One model behind a streaming interface. Several topology slots may share one."""
 
     name: str
+    SESSIONS = False  # keeps a request open for more input (``open_session``; the ``session`` layout)
 
     async def start(self) -> None: ...
 
@@ -101,6 +102,13 @@ class Engine(ABC):
         """Stream the answer's deltas; raises EngineError."""
 
     async def abort(self, request_id: str) -> None: ...
+
+    def open_session(self, request_id: str):
+        """A consumer's steps as one request that takes more input (engines with ``SESSIONS``):
+        a ``live.session`` object with ``stream(prompt, max_tokens, sampling, last)`` and
+        ``close()``."""
+        raise ConfigError("layout", "session", f"an engine that keeps sessions open (in-process vLLM); "
+                                               f"{self.name} ({type(self).__name__}) does not")
 
     async def healthy(self) -> bool:
         """Whether the engine says it is alive (asked before the final node's call is
@@ -188,14 +196,25 @@ class VLLMEngine(Engine):
             raise EngineError(f"engine did not start: {type(err).__name__}: {str(err)[:200]}") from err
         self.tokenizer = self.llm.get_tokenizer()
 
-    async def stream(self, request_id: str, prompt: Prompt, max_tokens: int, sampling: Sampling) -> AsyncIterator[Delta]:
+    SESSIONS = True
+
+    @staticmethod
+    def params(max_tokens: int, sampling: Sampling):
+        """vLLM's sampling parameters of one call (or one step of a session), streamed as deltas."""
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
+        return SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                              seed=sampling.seed, ignore_eos=sampling.ignore_eos, output_kind=RequestOutputKind.DELTA)
+
+    def open_session(self, request_id: str):
+        from .session import VLLMSession
+
+        return VLLMSession(self, request_id)
+
+    async def stream(self, request_id: str, prompt: Prompt, max_tokens: int, sampling: Sampling) -> AsyncIterator[Delta]:
         text = self.render(prompt)
-        params = SamplingParams(max_tokens=max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                                seed=sampling.seed, ignore_eos=sampling.ignore_eos,
-                                output_kind=RequestOutputKind.DELTA)
+        params = self.params(max_tokens, sampling)
         first = True
         try:
             async for out in self.llm.generate(text, params, request_id=request_id):

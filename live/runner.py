@@ -86,6 +86,7 @@ class LiveRunner:
             raise ConfigError("prompt_ids", f"{len(prompt_ids)} ids", f"one per query ({len(queries)})")
         ids = list(prompt_ids) if prompt_ids is not None else [None] * len(queries)
         policy.validate_for(self.topology)
+        self.check_sessions(policy)
         first_row = len(self.recorder.requests), len(self.recorder.chunks)
         if reset_cache:
             for engine in {id(e): e for e in self.engines.values()}.values():
@@ -111,6 +112,16 @@ class LiveRunner:
             await asyncio.gather(*(closed_loop(i, q) for i, q in enumerate(queries)))
         bar.close()
         return self.trace(policy.name, *first_row)
+
+    def check_sessions(self, policy: Policy) -> None:
+        """The ``session`` layout needs engines that keep sessions for every consumer slot."""
+        if policy.layout != "session":
+            return
+        for n in self.topology.nodes:
+            engine = self.engines[n.slot]
+            if n.upstream and not engine.SESSIONS:
+                raise ConfigError("policy", policy.name, f"engines that keep sessions open (in-process vLLM, kind "
+                                  f"vllm) for every consumer; {n.slot} runs on {engine.name} ({type(engine).__name__})")
 
     def trace(self, policy_name: str, first_request_row: int = 0, first_chunk_row: int = 0) -> Trace:
         """The rows of one policy (from the given row positions on)."""
@@ -158,7 +169,11 @@ class LiveRunner:
         g, driver = call.generate, call.driver
         engine = self.engines[call.node.slot]
         key = f"{port.tag}-{g.node}-{g.call}"
-        stream = engine.stream(key, g.prompt, g.max_tokens, self._sampling(driver.request_id, g.node))
+        sampling = self._sampling(driver.request_id, g.node)
+        if call.session is not None:
+            stream = call.session.stream(g.prompt, g.max_tokens, sampling, last=g.final_call)
+        else:
+            stream = engine.stream(key, g.prompt, g.max_tokens, sampling)
         watch = CallWatch(self.paces[id(engine)], g.prompt.tokens, final=call.node.is_final, healthy=engine.healthy)
         chunker, finish = call.chunker, None
         try:
@@ -180,7 +195,7 @@ class LiveRunner:
         except EngineError as err:
             port.report(driver.failed, call, err.reason, self.now())
         except asyncio.CancelledError:
-            await engine.abort(key)
+            await (call.session.close() if call.session is not None else engine.abort(key))
             raise
         finally:
             watch.close()
@@ -223,13 +238,15 @@ class _Chunker:
 
 
 class _LiveCall(CallRecord):
-    """A live call's record: its chunker too (the port extends its boundaries)."""
+    """A live call's record: its chunker too (the port extends its boundaries), and the
+    engine session it is a step of (``session`` layout; None: a call of its own)."""
 
-    __slots__ = ("chunker",)
+    __slots__ = ("chunker", "session")
 
     def __init__(self, driver: RequestDriver, generate: Generate, node: Node, sent_s: float, tokens_before: int):
         super().__init__(driver, generate, node, sent_s, tokens_before)
         self.chunker = _Chunker(generate.boundaries)
+        self.session = None
 
 
 class _LivePort:
@@ -242,6 +259,7 @@ class _LivePort:
         self.loop = asyncio.get_running_loop()
         self.finished: asyncio.Future = self.loop.create_future()
         self.tasks: list[asyncio.Task] = []
+        self.sessions: dict = {}  # node -> its engine session (``session`` layout)
 
     def report(self, fn, *args) -> None:
         try:
@@ -258,6 +276,10 @@ class _LivePort:
         call = _LiveCall(driver, generate, node, sent_s, tokens_before)
         engine = self.runner.engines[node.slot]
         call.engine = engine.name
+        if generate.prompt.session:
+            if node.id not in self.sessions:
+                self.sessions[node.id] = engine.open_session(f"{self.tag}-{node.id}-session")
+            call.session = self.sessions[node.id]
         call.handle = asyncio.create_task(self.runner._call(call, self))
         self.tasks.append(call.handle)
         self.runner.in_flight[id(engine)] += 1  # until the task is done, however it ends (even before it ran)
@@ -285,3 +307,5 @@ class _LivePort:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
+        for session in self.sessions.values():
+            await session.close()

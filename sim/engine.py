@@ -15,7 +15,9 @@ mixed step, as in vLLM's scheduler (running decodes and whole new prefills in on
 batch): one decode iteration plus the prefill's marginal cost (``prefill_s`` less its
 base, the step's fixed cost already paid by the iteration), and every decoding
 sequence gains its token of that iteration. The prefix cache keeps, per (request, node), the
-tokens of the node's last prompt plus output (LRU within the KV budget), the
+tokens of the node's last prompt plus output (LRU within the KV budget; a step of a
+streaming-input session, ``session`` layout, reuses all of it but the last sampled token,
+whatever the cache holds: vLLM keeps a session's KV between steps), the
 system instruction of each prompt kind once seen, and a request's source prompt
 (system + query, identical for all its first-stage proposers) once one of them was
 prefilled; hits round down to whole blocks
@@ -65,10 +67,10 @@ class SimCall(CallRecord):
     reports progress to ``driver`` (``admitted``, ``chunk``, ``finished``, ``failed``)."""
 
     __slots__ = ("key", "reuse_tokens", "shared_tokens", "shared_key", "ends", "reason", "end_i", "join_iter",
-                 "cancelled", "open")
+                 "cancelled", "open", "session")
 
     def __init__(self, driver, generate, node, tokens_before: int, key, prompt_tokens: int, reuse_tokens: int,
-                 shared_tokens: int, shared_key, natural_tokens: int):
+                 shared_tokens: int, shared_key, natural_tokens: int, session: bool = False):
         # CallRecord's fields, set here rather than through its __init__ (one call less per simulated call)
         self.driver, self.generate, self.node, self.engine = driver, generate, node, ""
         self.sent_s = self.last_end_s = 0.0
@@ -81,6 +83,7 @@ class SimCall(CallRecord):
         self.shared_tokens = shared_tokens
         self.shared_key = shared_key
         self.cancelled = False
+        self.session = session  # a step of an engine session: its reuse is kept KV, not the cache's
         self.open = False  # counted in its engine's in_flight (submitted, not ended or cancelled)
         max_tokens, boundaries = generate.max_tokens, generate.boundaries
         self.reason = "stop" if natural_tokens <= max_tokens else "length"
@@ -231,6 +234,8 @@ class SimEngine:
             self.cache_tokens -= t
 
     def _cached_tokens(self, call: SimCall) -> int:
+        if call.session and call.reuse_tokens:
+            return call.reuse_tokens - 1  # the session kept its KV; the last sampled token is fed in again
         hit = 0
         entry = self.cache.get(call.key)
         if entry is not None and call.reuse_tokens:

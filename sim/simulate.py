@@ -55,7 +55,7 @@ class _SimPort:
             shared_tokens, shared_key = prompt.shared_prefix_tokens, (driver.policy.layout, node.role,
                                                                       prompt.messages[0].pieces[0].key)
         call = SimCall(driver, g, node, tokens_before, (rid, g.node), prompt.tokens, prompt.reuse_prefix_tokens,
-                       shared_tokens, shared_key, max(1, natural))
+                       shared_tokens, shared_key, max(1, natural), prompt.session)
         if self.faults and g.node in self.faults:
             call.fail_after(max(0, self.faults[g.node] - tokens_before))
         call.engine = self.slot_engine[node.slot]

@@ -94,7 +94,7 @@ def add_topology_policy_arguments(parser: argparse.ArgumentParser, policies: str
     g = parser.add_argument_group("policies")
     g.add_argument("--policies", default=policies,
                    help="comma list of: wait-all, single, staircase (both layouts), staircase-standard, "
-                        "staircase-prefix-cache, staircase-deadline (adaptive first step), staircase-smooth "
+                        "staircase-prefix-cache, staircase-session (prefix-cache prompts as one engine session per aggregator: in-process vLLM), staircase-deadline (adaptive first step), staircase-smooth "
                         "(proposer chunks sized from observed rates), staircase-straggler (waits for late inputs up "
                         "to their spread), staircase-load (wait-all when the aggregator's engine is busy), "
                         "staircase-ttft (the first step reads all it can within --ttft-target-s)")

@@ -40,7 +40,11 @@ from typing import Callable, Mapping, Protocol, Sequence
 from .errors import ConfigError
 from .topology import Node, Topology
 
-LAYOUTS = ("standard", "prefix-cache")
+LAYOUTS = ("standard", "prefix-cache", "session")
+# ``session``: the prefix-cache layout's prompts, a consumer's steps carried as one streaming-input session on
+# engines that keep a request open for more input (vLLM's in-process engine): each step sends only the tokens
+# its prompt adds, the KV of the earlier steps is kept, nothing is re-prefilled (``staircase.prompts``)
+CALL_LAYOUTS = ("standard", "prefix-cache")  # a new engine call per step: what ``staircase`` expands to
 SCOPES = ("first", "every")
 PAPER_PROPOSER_SCHEDULE = (8, 128, 256)
 PAPER_AGGREGATOR_SCHEDULE = (8, 128, 128)
@@ -454,8 +458,9 @@ def _as_schedule(value: ChunkSchedule | Sequence[int] | str, field: str) -> Chun
     return value if isinstance(value, ChunkSchedule) else ChunkSchedule.parse(value, field)
 
 
-BASE_POLICY_NAMES = ("wait-all", "single", "staircase", "staircase-standard", "staircase-prefix-cache", "staircase-deadline",
-                     "staircase-smooth", "staircase-straggler", "staircase-load")
+BASE_POLICY_NAMES = ("wait-all", "single", "staircase", "staircase-standard", "staircase-prefix-cache",
+                     "staircase-session", "staircase-deadline", "staircase-smooth", "staircase-straggler",
+                     "staircase-load")
 ADAPTIVE_NAMES = ("staircase-smooth", "staircase-straggler", "staircase-load", "staircase-ttft")  # staircase.adaptive, prefix-cache layout
 
 
@@ -469,8 +474,10 @@ def make_policies(
     max_wait_s: float = 0.5,
     ttft_target_s: float = 1.0,
 ) -> list[Policy]:
-    """Policies from names (CLI vocabulary). ``staircase`` means both layouts; each
-    staircase name expands over ``redundancies`` (names end in ``-r<r>``)."""
+    """Policies from names (CLI vocabulary). ``staircase`` means both per-call layouts
+    (standard, prefix-cache; ``staircase-session`` is named on its own: it needs engines
+    that keep a session open); each staircase name expands over ``redundancies`` (names
+    end in ``-r<r>``)."""
     prop = _as_schedule(proposer_schedule, "proposer_schedule")
     agg = _as_schedule(aggregator_schedule, "aggregator_schedule")
     out: list[Policy] = []
@@ -480,8 +487,8 @@ def make_policies(
             out.append(WaitAllPolicy(agg))
         elif name == "single":
             out.append(SinglePolicy(agg))
-        elif name in ("staircase", "staircase-standard", "staircase-prefix-cache"):
-            layouts = LAYOUTS if name == "staircase" else (name.removeprefix("staircase-"),)
+        elif name == "staircase" or name in (f"staircase-{layout}" for layout in LAYOUTS):
+            layouts = CALL_LAYOUTS if name == "staircase" else (name.removeprefix("staircase-"),)
             for layout in layouts:
                 for r in redundancies:
                     out.append(StaircasePolicy(prop, agg, r, scope, layout))

@@ -18,6 +18,10 @@ Layouts of a consumer (aggregator, later-layer proposer, debate agent):
   Prompt k + output k is a prefix of prompt k+1, so the engine's prefix cache hits
   on everything but the new tokens. The cost: a label per input per round and a
   turn's markup per round.
+- ``session``: the prefix-cache layout's prompts (``Prompt.session`` set), for runners
+  that carry a consumer's steps as one session on the engine (vLLM's streaming input):
+  prompt k + output k is a prefix of prompt k+1, so step k+1 sends only what it adds
+  and nothing already read is prefilled again, whatever the cache holds.
 """
 
 from __future__ import annotations
@@ -113,12 +117,15 @@ class Prompt:
     renders ``messages`` with the model's chat template and counts for itself.
     ``reuse_prefix_tokens``: leading tokens identical to this node's previous prompt
     plus its output (what a prefix cache can serve); ``shared_prefix_tokens``: leading
-    tokens identical across requests (the system instruction)."""
+    tokens identical across requests (the system instruction). ``session``: the
+    node's steps form one engine session (``session`` layout): a runner that keeps one
+    sends only the tokens past ``reuse_prefix_tokens``."""
 
     messages: list[Message]
     tokens: int
     shared_prefix_tokens: int
     reuse_prefix_tokens: int = 0
+    session: bool = False
 
     @property
     def continue_final(self) -> bool:
@@ -219,7 +226,7 @@ class ConsumerPrompts:
         return f"\n[Model {i + 1}]: "
 
     def _system(self) -> str:
-        streaming = self.layout == "prefix-cache"
+        streaming = self.layout != "standard"
         if self.role == "agent":
             return MAD_STREAM_SYSTEM if streaming else MAD_SYSTEM
         if self.role == "judge":
@@ -228,13 +235,13 @@ class ConsumerPrompts:
 
     def add_output(self, piece: Piece) -> None:
         self.own.append(piece)
-        if self.layout == "prefix-cache":
+        if self.layout != "standard":
             self._messages[-1].pieces.append(piece)
 
     def next(self, inputs: Sequence[Sequence[Piece]]) -> Prompt:
         own_since = self.own[self._own_at_previous:]
         self._own_at_previous = len(self.own)
-        if self.layout == "prefix-cache":
+        if self.layout != "standard":
             before = self._previous_tokens
             messages, added = self._append_round(inputs)
             # Append-only by construction (the stateful tests check it against the keys):
@@ -246,7 +253,8 @@ class ConsumerPrompts:
             # Only the open last message changes later; the earlier ones are final.
             last = messages[-1]
             snapshot = messages[:-1] + [Message(last.role, list(last.pieces), last.closed)]
-            return Prompt(snapshot, tokens, HEADER_TOKENS + messages[0].pieces[0].tokens, reuse)
+            return Prompt(snapshot, tokens, HEADER_TOKENS + messages[0].pieces[0].tokens, reuse,
+                          self.layout == "session")
         messages = self._standard(inputs)
         keyed = _keyed(messages)
         previous = self._previous + [(p.key, p.tokens) for p in own_since]

@@ -161,6 +161,29 @@ def test_prefix_cache_prompts_are_append_only_and_reuse_everything_before():
     assert p3.reuse_prefix_tokens == p3.tokens
 
 
+def test_session_prompts_are_the_prefix_cache_prompts_marked_as_one_session():
+    prompts = {}
+    for layout in ("prefix-cache", "session"):
+        cp, _ = _consumer(layout)
+        inputs = [[_chunk("p0", 0, "Rayleigh ")], [], []]
+        first = cp.next(inputs)
+        cp.add_output(_chunk("agg", 0, "Because "))
+        inputs[1].append(_chunk("p1", 0, "Blue is scattered more."))
+        prompts[layout] = (first, cp.next(inputs))
+    for pfx, ses in zip(prompts["prefix-cache"], prompts["session"]):
+        assert ses.render() == pfx.render() and ses.keyed() == pfx.keyed()
+        assert (ses.tokens, ses.reuse_prefix_tokens) == (pfx.tokens, pfx.reuse_prefix_tokens)
+        assert ses.session and not pfx.session
+
+
+def test_staircase_names_the_per_call_layouts_and_session_on_its_own():
+    assert [p.layout for p in make_policies(["staircase"], redundancies=[1])] == ["standard", "prefix-cache"]
+    (session,) = make_policies(["staircase-session"], redundancies=[1])
+    assert session.name == "staircase-session-r1" and session.layout == "session"
+    with pytest.raises(ConfigError, match="layout"):
+        StaircasePolicy(layout="sessions")
+
+
 def test_standard_prompts_stop_reuse_inside_the_first_grown_slot():
     cp, _ = _consumer("standard")
     inputs = [[_chunk("p0", 0, "aaaa")], [_chunk("p1", 0, "bbbb")], [_chunk("p2", 0, "cccc")]]

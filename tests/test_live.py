@@ -22,6 +22,7 @@ from live.model import smollm2_folder  # noqa: E402
 from live.prompts import load_prompts  # noqa: E402
 from live.runner import LiveRunner  # noqa: E402
 from live.watchdog import StallLimits  # noqa: E402
+from staircase.errors import ConfigError  # noqa: E402
 from staircase.policy import StaircasePolicy, WaitAllPolicy  # noqa: E402
 from staircase.topology import moa  # noqa: E402
 
@@ -102,6 +103,77 @@ def test_chunk_boundaries_set_while_real_calls_stream(loop, engine):
             exact += tokens == chosen[(node, j)]
             streamed += 1
     assert streamed >= 6 and exact >= streamed / 2, (exact, streamed)
+
+
+def test_session_context_is_the_rendered_prompt_and_what_was_sampled(loop, engine):
+    """A ``VLLMSession`` on the real engine: each step sends what its prompt adds, the
+    session's tokens decode to the last prompt as rendered plus the answer since (whatever
+    the model says), a later step keeps all but the last sampled token, and a prompt that
+    does not extend the session is refused."""
+    from live.session import VLLMSession
+    from staircase.prompts import ConsumerPrompts, Piece, TextPieces, query_piece
+
+    texts = TextPieces(engine)
+    cp = ConsumerPrompts("session", "aggregator", query_piece("Name a colour.", None, engine), ["p0"], 0, texts)
+    said = "Blue, like the sky."
+    inputs = [[Piece(("out", "p0", 0), engine.count(said[:5]), said[:5])]]
+    session = VLLMSession(engine, "session-test")
+    sent: list[list[int]] = []  # what each step sends the engine
+    put = session.inputs.put_nowait
+    session.inputs.put_nowait = lambda item: (item is None or sent.append(list(item.prompt["prompt_token_ids"])),
+                                              put(item))
+
+    async def step(prompt, last):
+        deltas = [d async for d in session.stream(prompt, 6, Sampling(temperature=0.7, seed=3), last)]
+        return deltas[0], "".join(d.text for d in deltas), sum(d.tokens for d in deltas)
+
+    async def scenario():
+        p1 = cp.next(inputs)
+        d1, text1, n1 = await step(p1, False)
+        assert d1.prompt_tokens == len(engine.tokenizer.encode(engine.render(p1), add_special_tokens=False))
+        cp.add_output(Piece(("out", "agg", 0), n1, text1))
+        inputs[0].append(Piece(("out", "p0", 1), engine.count(said[5:]), said[5:]))
+        p2 = cp.next(inputs)
+        held = len(session.ids)
+        d2, text2, n2 = await step(p2, True)
+        assert d2.cached_tokens == held - 1  # all but the last sampled token was kept
+        assert engine.tokenizer.decode(session.ids) == engine.render(p2) + text2
+        assert len(session.ids) == d2.prompt_tokens + n2 and d2.prompt_tokens > held
+        # the engine got: the first prompt; then the last token it sampled and what the second prompt adds
+        assert sent[0] + session.ids[len(sent[0]):held] + sent[1][1:] == session.ids[:-n2]
+        assert sent[1][0] == session.ids[held - 1] and len(sent) == 2
+        await asyncio.wait_for(session.task, 60)  # the last step ends the session on the engine
+        with pytest.raises(EngineError, match="does not extend"):
+            await step(p1, True)
+    loop.run_until_complete(scenario())
+
+
+def test_session_layout_on_the_real_engine(loop, engine):
+    """The ``session`` layout through the live runner: every aggregator step after the
+    first reads from the session all it read and wrote before, but the last sampled token."""
+    runner = LiveRunner(slots([engine] * 2, engine), moa(2), max_tokens=MAX_TOKENS,
+                        sampling=Sampling(temperature=0.7, seed=1))
+    policy = StaircasePolicy((8, 16), (8, 8, 16), 0, layout="session")
+    trace = loop.run_until_complete(runner.run_policy(policy, load_prompts("mt_bench", 2)))
+    assert (trace.requests["outcome"] == "ok").all()
+    agg = trace.chunks[trace.chunks["node"] == "agg"]
+    calls = agg.groupby(["request_id", "call"]).agg(prompt=("prompt_tokens", "max"), cached=("cached_tokens", "max"),
+                                                   out=("tokens", "sum")).reset_index()
+    later = 0
+    for _, c in calls.groupby("request_id"):
+        prev, cur = c.iloc[:-1], c.iloc[1:]
+        assert (cur["cached"].to_numpy() == (prev["prompt"] + prev["out"] - 1).to_numpy()).all()
+        later += len(cur)
+    assert later >= 2
+
+
+def test_session_layout_needs_engines_that_keep_sessions(loop):
+    from live.replay import ReplayEngine
+
+    replay = ReplayEngine({})
+    runner = LiveRunner(slots([replay] * 2, replay), moa(2))
+    with pytest.raises(ConfigError, match="keep sessions"):
+        loop.run_until_complete(runner.run_policy(StaircasePolicy(redundancy=0, layout="session"), ["q"]))
 
 
 def test_http_server_engine_end_to_end(loop, engine, server):

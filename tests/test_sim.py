@@ -175,6 +175,29 @@ def test_prefix_cache_layout_prefills_fewer_tokens_than_standard():
     assert pfx["cached_tokens"].mean() > std["cached_tokens"].mean()
 
 
+def aggregator_calls(chunks: pd.DataFrame) -> pd.DataFrame:
+    """Per aggregator call of each request: its prompt and cached tokens and its output."""
+    agg = chunks[chunks["node"] == "agg"]
+    return agg.groupby(["request_id", "call"]).agg(prompt=("prompt_tokens", "max"), cached=("cached_tokens", "max"),
+                                                   out=("tokens", "sum")).reset_index()
+
+
+def test_session_steps_reuse_all_they_read_and_wrote_but_the_last_token():
+    """A session step prefills only what its prompt adds (plus the last sampled token),
+    whatever the cache holds; prefix-cache calls round their hits down to blocks."""
+    policies = [StaircasePolicy((8, 32), (8, 16, 32), 1, "first", layout) for layout in ("prefix-cache", "session")]
+    traces = simulate_policies(moa(6), policies, SMALL, load_profile("illustrative-gpu"), seed=4)
+    calls = aggregator_calls(traces["staircase-session-r1"].chunks)
+    steps = 0
+    for _, c in calls.groupby("request_id"):
+        prev, cur = c.iloc[:-1], c.iloc[1:]
+        assert (cur["cached"].to_numpy() == (prev["prompt"] + prev["out"] - 1).to_numpy()).all()
+        steps += len(cur)
+    assert steps >= 2 * len(calls["request_id"].unique())
+    prefilled = {name: (t.requests["prompt_tokens"] - t.requests["cached_tokens"]).sum() for name, t in traces.items()}
+    assert prefilled["staircase-session-r1"] < prefilled["staircase-prefix-cache-r1"]
+
+
 def test_staircase_beats_wait_all_on_ttft_for_every_request_at_low_load():
     w = Workload("poisson", requests=30, rate_per_s=0.02)
     traces = simulate_policies(moa(6), make_policies(["wait-all", "staircase-prefix-cache"]), w, load_profile("illustrative-gpu"), seed=5)
