@@ -9,7 +9,9 @@ the engine only wakes when some sequence reaches a chunk boundary, a call arrive
 is cancelled, or a prefill ends.
 
 Prefill: waiting calls are admitted together (up to the batch and KV limits) in one
-engine step that produces each call's first token. On an idle engine the step costs
+engine step that produces each call's first token; a call that arrives while a decode
+iteration is under way waits for its end (a real engine schedules between steps; measured
+live: a call's arrival in the engine core waits for the step in progress). On an idle engine the step costs
 ``prefill_s`` of their uncached prompt tokens. When sequences are decoding it is a
 mixed step, as in vLLM's scheduler (running decodes and whole new prefills in one
 batch): one decode iteration plus the prefill's marginal cost (``prefill_s`` less its
@@ -262,9 +264,21 @@ class SimEngine:
         if self.batch:
             self._arm_decode_timer()
 
+    def _mid_iteration(self) -> bool:
+        """Whether a decode iteration is under way (the batch decodes and ``iters`` is
+        between two whole iterations): a new call waits for its end, as a real engine
+        schedules new work only between steps. On an idle engine the next step starts
+        a whole iteration."""
+        if not self.batch:
+            self.iters = float(math.ceil(self.iters - 1e-6))
+            return False
+        return abs(self.iters - round(self.iters)) > 1e-6
+
     def _start_prefill(self) -> bool:
         """Admit waiting calls together (up to the batch and KV limits) into one prefill
-        step, and time it; False when none could be admitted."""
+        step, and time it; False when none could be admitted or an iteration must end first."""
+        if self._mid_iteration():
+            return False
         group: list[SimCall] = []
         uncached = 0
         squares = 0.0
@@ -316,6 +330,8 @@ class SimEngine:
         if not heap:
             return
         target = heap[0][0]
+        if self.waiting and self._mid_iteration():  # wake at the iteration's end to admit them
+            target = min(target, float(math.ceil(self.iters)))
         self.factor = self._decode_noise()
         self.iterations_scheduled += 1
         u, v = self._iteration_terms()

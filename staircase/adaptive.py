@@ -124,10 +124,13 @@ class SmoothStaircasePolicy(StaircasePolicy):
         state["s_per_token"][key] = x if avg is None else avg + self.smoothing * (x - avg)
 
 
+SAME_STEP_S = 1e-3  # the straggler policy's least wait: what separates chunks of one engine step, live or simulated
+
+
 class StragglerStaircasePolicy(StaircasePolicy):
     """Step k waits for every input's chunk k, but not forever: once N - r inputs
     delivered it (at t_m, the (N - r)-th arrival; t_1 the first), it waits until
-    ``t_m + patience * (t_m - t_1)``, the spread seen so far, then goes with the
+    ``t_m + patience * (t_m - t_1)``, the spread seen so far (at least ``SAME_STEP_S``), then goes with the
     inputs in hand (a final call cancels the stragglers). ``redundancy`` is the most it
     leaves behind, at every step (``scope`` ``every``, the default) or the first."""
 
@@ -167,7 +170,8 @@ class StragglerStaircasePolicy(StaircasePolicy):
             step = view.step
             times = sorted(u.chunk_end_s[step] if u.chunks > step else u.chunk_end_s[-1] if u.chunks else view.now_s
                            for u in view.upstream if u.finished or u.chunks > step)
-            view.state[key] = times[need - 1] + self.patience * (times[need - 1] - times[0])
+            # at least SAME_STEP_S: chunks that end in one engine step (no spread) all come in before it goes
+            view.state[key] = times[need - 1] + max(self.patience * (times[need - 1] - times[0]), SAME_STEP_S)
         return view.state[key]
 
 

@@ -95,7 +95,7 @@ def test_load_aware_policy_is_never_much_worse_than_wait_all_under_overload():
                         progress=False).requests["e2e_s"].median()
     wait_all, staircase = e2e(WaitAllPolicy()), e2e(StaircasePolicy(redundancy=2))
     load = e2e(LoadAwareStaircasePolicy(busy_calls=16, redundancy=2))
-    assert staircase > 1.1 * wait_all  # the fixed staircase's loss under load, which the load-aware policy avoids
+    assert staircase > 1.05 * wait_all  # the fixed staircase's loss under load, which the load-aware policy avoids
     assert load < 1.1 * wait_all
 
 
