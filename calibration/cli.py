@@ -221,7 +221,8 @@ def fit_table(fits) -> str:
         nz = " / ".join(f"{n.dist}" if n.dist else "none" for n in (f.noise["prefill"], f.noise["decode"]))
         lines.append(
             f"| {e} | {f.model} | {f.request_overhead_s * 1e3:.1f} ms | {f.prefill['base'] * 1e3:.1f} ms + "
-            f"{f.prefill['per_token'] * 1e6:.1f} us/tok + {f.prefill['per_token2'] * 1e9:.2f} ns/tok^2 | "
+            f"{f.prefill['per_token'] * 1e6:.1f} us/tok + {f.prefill['per_token2'] * 1e9:.2f} ns/tok^2 + "
+            f"{f.prefill.get('per_token_cached', 0.0) * 1e9:.2f} ns/tok x cached | "
             f"{f.decode['base'] * 1e3:.2f} ms + {f.decode['per_seq'] * 1e3:.3f} ms/seq + "
             f"{f.decode['per_context_token'] * 1e6:.4f} us/tok | {rp['points']}, {rp['median_abs_rel_error']:.1%}, "
             f"{rp['r2']:.3f} | {rd['points']}, {rd['median_abs_rel_error']:.1%}, {rd['r2']:.3f} | {nz} |")

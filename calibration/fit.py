@@ -355,18 +355,21 @@ def _fit_decode(engine: str, dec, notes: list[str]) -> tuple[dict, np.ndarray]:
 
 
 def _fit_prefill(pre, decode_base: float, quadratic: bool, notes: list[str]) -> tuple[dict, float, np.ndarray]:
-    """First-token wait = intercept + per_token * p (+ per_token2 * p^2): the intercept
-    is the step's fixed cost (at most decode's) plus the request overhead."""
-    p = pre["uncached"].to_numpy(float)
-    terms = [np.ones_like(p), p] + ([p * p] if quadratic else [])
+    """First-token wait = intercept + per_token * p (+ per_token2 * p^2) (+ per_token_cached
+    * p * k, k the cached tokens, where calls with new tokens after a cached prefix were
+    seen): the intercept is the step's fixed cost (at most decode's) plus the overhead."""
+    p, k = pre["uncached"].to_numpy(float), pre["cached_tokens"].to_numpy(float)
+    cross = (p * k) if np.count_nonzero(p * k >= 16 * 256) >= 3 else None  # enough calls with both
+    terms = [np.ones_like(p), p] + ([p * p] if quadratic else []) + ([cross] if cross is not None else [])
     coef = _robust_nnls(np.column_stack(terms), pre["wait_s"].to_numpy(float))
     intercept, slope = float(coef[0]), float(coef[1])
     quad = float(coef[2]) if quadratic else 0.0
+    per_cached = float(coef[-1]) if cross is not None else 0.0
     prefill_base = min(intercept, decode_base)
     if slope <= 0:
         notes.append("prefill time did not grow with prompt length: per_token is 0; add longer prompts")
-    prefill = {"base": prefill_base, "per_token": slope, "per_token2": quad}
-    return prefill, intercept - prefill_base, intercept + slope * p + quad * p * p
+    prefill = {"base": prefill_base, "per_token": slope, "per_token2": quad, "per_token_cached": per_cached}
+    return prefill, intercept - prefill_base, intercept + slope * p + quad * p * p + per_cached * p * k
 
 
 def _fit_points(obs: Observations) -> dict:
@@ -376,7 +379,8 @@ def _fit_points(obs: Observations) -> dict:
     b, c, y = (dec[k].to_numpy(float) for k in ("batch", "context", "per_token_s"))
     return {
         "sources": obs.sources,
-        "prefill_points": {"uncached_tokens": p.astype(int).tolist(), "wait_s": np.round(w, 5).tolist()},
+        "prefill_points": {"uncached_tokens": p.astype(int).tolist(), "wait_s": np.round(w, 5).tolist(),
+                           "cached_tokens": pre["cached_tokens"].astype(int).tolist()},
         "decode_points": {"tokens": dec["tokens"].astype(int).tolist(), "batch": np.round(b, 3).tolist(),
                           "context": np.round(c, 1).tolist(), "per_token_s": np.round(y, 6).tolist()},
         "ranges": {"uncached_tokens": [int(p.min()), int(p.max())], "batch": [float(b.min()), float(b.max())],

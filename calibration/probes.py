@@ -7,6 +7,9 @@ call per request on the engine under test) over queries of designed token length
   a few output tokens: the first-token wait against uncached prompt tokens.
 - ``cache-hit``: the same queries again without emptying the prefix cache: the
   same prompts, mostly served from cache, so the wait at few uncached tokens.
+- ``cache-extend``: the first of those queries again, each followed by 128 or 384 new
+  tokens: new tokens after a cached prefix of 0 to 1,344 tokens, whose attention over
+  it costs more the longer the prefix (measured here: 0.18 us per new x cached token).
 - ``decode-c<c>-short`` / ``-long``: ``c`` requests sent at once, all with short
   (48-token) or all with long (1024-token) prompts, so batch size and batch
   context vary independently; a fixed number of output tokens (end-of-sequence ignored), cut into 8-token
@@ -37,6 +40,7 @@ class Probe:
     concurrency: int = 1
     reset_cache: bool = True
     same_queries_as: str | None = None  # reuse another group's queries (cache hits)
+    extends: str | None = None  # another group's queries, each followed by ``prompt_tokens[i]`` more tokens
     chunk_tokens: int = 8  # the trace's chunk size: one decode observation per chunk
 
 
@@ -46,7 +50,9 @@ def probe_set(kind: str) -> list[Probe]:
     if kind == "standard":
         ladder = (16, 96, 256, 512, 896, 1344, 1792)  # under the CPU build's 2048-token step budget
         probes = [Probe("prefill", ladder + ladder, 4),
-                  Probe("cache-hit", ladder + ladder, 4, reset_cache=False, same_queries_as="prefill")]
+                  Probe("cache-hit", ladder + ladder, 4, reset_cache=False, same_queries_as="prefill"),
+                  # new tokens after a cached prefix: their attention over it (prefill_s.per_token_cached)
+                  Probe("cache-extend", (128, 384) * 3, 4, reset_cache=False, extends="prefill")]
         # short and long prompts at each level, so batch size and batch context vary apart
         for c in (1, 4, 8, 16):
             for kind, tokens in (("short", 48), ("long", 1024)):
@@ -57,6 +63,7 @@ def probe_set(kind: str) -> list[Probe]:
         ladder = (16, 200, 600)
         return [Probe("prefill", ladder + ladder, 2),
                 Probe("cache-hit", ladder, 2, reset_cache=False, same_queries_as="prefill"),
+                Probe("cache-extend", (64, 128), 2, reset_cache=False, extends="prefill"),
                 Probe("decode-c1", (64,), 24), Probe("decode-c3", (64, 400, 64), 24, concurrency=3)]
     raise ConfigError("probes", kind, "standard or small")
 
@@ -103,6 +110,8 @@ async def run_probes(engine, probes, folder: Path, *, seed: int = 0, progress: b
     for probe in probes:
         qs = queries[probe.same_queries_as][: len(probe.prompt_tokens)] if probe.same_queries_as else \
             probe_queries(probe, count, cut, pool, f"{engine.name}/{probe.name}")
+        if probe.extends:  # the other group's queries, each with the tokens just cut after it
+            qs = [f"{q}\n{more}" for q, more in zip(queries[probe.extends], qs)]
         queries[probe.name] = qs
         t0 = time.perf_counter()
         policy = SinglePolicy([probe.chunk_tokens], name=f"probe-{engine.name}-{probe.name}")

@@ -280,8 +280,7 @@ class SimEngine:
         if self._mid_iteration():
             return False
         group: list[SimCall] = []
-        uncached = 0
-        squares = 0.0
+        uncached, squares, cross = 0, 0.0, 0.0  # new tokens; their squares and products with cached ones, summed
         model = self.model
         while self.waiting and len(self.batch) + len(group) < model.max_batch_size:
             call = self.waiting[0]
@@ -298,13 +297,14 @@ class SimEngine:
             new = call.prompt_tokens - cached
             uncached += new
             squares += new * new
+            cross += new * cached
             call.driver.admitted(call, call.prompt_tokens, cached)
             group.append(call)
         if not group:
             return False
         self.prefilling = group
         self.prefills += 1
-        cost = model.prefill_s(uncached, squares)
+        cost = model.prefill_s(uncached, squares, cross)
         if self.batch:  # a mixed step: the running sequences decode one token in it
             self._mixed = True
             u = model.decode_iteration_s(len(self.batch), self.context) * self._decode_noise()

@@ -1,6 +1,8 @@
 """Engine latency profiles (JSON): a few fitted parameters per engine model.
 
-    prefill_s(P)          = base + per_token * P + per_token2 * P^2     (P: uncached prompt tokens)
+    prefill_s(P, K)       = base + per_token * P + per_token2 * P^2 + per_token_cached * P * K
+                            (P: uncached prompt tokens, K: cached ones; per_token_cached, the
+                            new tokens' attention over the cached context, is optional: 0)
     decode_iteration_s    = base + per_seq * B + per_context_token * C  (B: batch size, C: context tokens in batch)
     request_overhead_s    = constant per call (network, API front end)
 
@@ -76,10 +78,14 @@ class EngineModel:
     kv_cache_tokens: int
     block_size_tokens: int
     noise: dict[str, Noise | None] = field(default_factory=dict)
+    prefill_per_token_cached_s: float = 0.0  # per (uncached x cached) token pair of a call
 
-    def prefill_s(self, uncached_tokens: float, squares: float | None = None) -> float:
+    def prefill_s(self, uncached_tokens: float, squares: float | None = None, cross: float = 0.0) -> float:
+        """A prefill of ``uncached_tokens`` (``squares``: the sum of each call's squared
+        uncached tokens, for a batch; ``cross``: the sum of uncached x cached tokens)."""
         sq = uncached_tokens * uncached_tokens if squares is None else squares
-        return self.prefill_base_s + self.prefill_per_token_s * uncached_tokens + self.prefill_per_token2_s * sq
+        return (self.prefill_base_s + self.prefill_per_token_s * uncached_tokens + self.prefill_per_token2_s * sq
+                + self.prefill_per_token_cached_s * cross)
 
     def decode_iteration_s(self, batch: int, context_tokens: float) -> float:
         return self.decode_base_s + self.decode_per_seq_s * batch + self.decode_per_context_token_s * context_tokens
@@ -168,6 +174,8 @@ def _engine(name: str, raw: dict) -> EngineModel:
         kv_cache_tokens=_number(raw, "kv_cache_tokens", where, 1, integer=True),
         block_size_tokens=_number(raw, "block_size_tokens", where, 1, integer=True),
         noise={k: _noise(noise_raw.get(k), f"{where}.noise.{k}") for k in ("prefill", "decode", "overhead")},
+        prefill_per_token_cached_s=_number(pre, "per_token_cached", f"{where}.prefill_s") if "per_token_cached" in pre
+        else 0.0,
     )
     if model.decode_base_s + model.decode_per_seq_s <= 0:
         raise ConfigError(f"{where}.decode_iteration_s.base", model.decode_base_s, "a positive iteration time")

@@ -93,6 +93,26 @@ def test_fitted_profile_simulates_like_the_truth():
         assert b["e2e_s"].median() == pytest.approx(a["e2e_s"].median(), rel=0.10), policy.name
 
 
+def test_prefill_fit_finds_the_cost_of_new_tokens_after_a_cached_prefix():
+    """First-token waits of calls with and without a cached prefix (as the cache-hit and
+    cache-extend probes give): the fit separates the new tokens' attention over the
+    cached ones (per_token_cached) from their own cost."""
+    from calibration.fit import _fit_prefill
+
+    rng = np.random.default_rng(5)
+    p = np.array([16, 96, 256, 512, 896, 1344, 1792] * 2 + [20, 30, 25, 18, 28] + [128, 384] * 3, float)
+    k = np.array([0] * 14 + [64, 256, 512, 896, 1344] + [0, 96, 256, 512, 896, 1344], float)
+    truth = {"base": 0.02, "per_token": 2.5e-4, "per_token2": 1.2e-7, "per_token_cached": 1.8e-7}
+    wait = 0.01 + truth["base"] + truth["per_token"] * p + truth["per_token2"] * p * p \
+        + truth["per_token_cached"] * p * k
+    pre = pd.DataFrame({"uncached": p, "cached_tokens": k, "wait_s": wait * rng.lognormal(0, 0.02, len(p))})
+    prefill, overhead, _ = _fit_prefill(pre, 0.02, True, [])
+    assert prefill["per_token_cached"] == pytest.approx(truth["per_token_cached"], rel=0.2)
+    assert prefill["per_token"] == pytest.approx(truth["per_token"], rel=0.1)
+    no_hits = _fit_prefill(pre[pre["cached_tokens"] == 0], 0.02, True, [])[0]
+    assert no_hits["per_token_cached"] == 0.0  # not identified without calls that had both
+
+
 def test_noise_choice_finds_the_distribution_family():
     rng = np.random.default_rng(3)
     r = scipy.stats.lognorm(s=0.2, scale=1.0).rvs(size=600, random_state=rng)

@@ -481,11 +481,15 @@ def test_probes_and_fit_on_the_real_engine(loop, engine, tmp_path):
     from sim.profile import parse_profile
 
     paths = loop.run_until_complete(run_probes(engine, probe_set("small"), tmp_path, progress=False))
-    assert len(paths) == 8  # 4 probe groups x (requests, chunks)
+    assert len(paths) == 10  # 5 probe groups x (requests, chunks)
     groups = load_runs([tmp_path])
     hits = next(g for g in groups if g.policy.endswith("cache-hit")).requests
     assert (hits["cached_tokens"] > 0).all()  # the second pass is served from the prefix cache
     prefill = next(g for g in groups if g.policy.endswith("-prefill")).requests
+    extend = next(g for g in groups if g.policy.endswith("cache-extend")).requests
+    # the first prefill queries again with more tokens after them: cached prefix + new tokens
+    assert (extend["cached_tokens"].to_numpy() >= prefill["prompt_tokens"].to_numpy()[:2] - 32 - 8).all()
+    assert ((extend["prompt_tokens"] - extend["cached_tokens"]).to_numpy() >= [64, 128]).all()
     assert sorted(prefill["prompt_tokens"].unique())[-1] > 550  # prompts cut to the designed lengths
     fit = fit_engine(observations(groups))
     assert fit.prefill["per_token"] > 0 and fit.decode["base"] > 0.001

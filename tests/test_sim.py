@@ -198,6 +198,28 @@ def test_session_steps_reuse_all_they_read_and_wrote_but_the_last_token():
     assert prefilled["staircase-session-r1"] < prefilled["staircase-prefix-cache-r1"]
 
 
+def test_new_tokens_after_a_cached_prefix_cost_their_attention_over_it():
+    """A profile's per_token_cached (0 when absent: profiles from before keep their
+    results) lengthens the first-token wait of calls with a cached prefix."""
+    base = reference_profile()
+    cross = copy.deepcopy(base)
+    for e in cross["engines"].values():
+        e["prefill_s"]["per_token_cached"] = 5e-6
+    assert parse_profile(base).engines["agg"].prefill_per_token_cached_s == 0.0
+    model = parse_profile(cross).engines["agg"]
+    assert model.prefill_s(100, 100 * 100, 100 * 500) - model.prefill_s(100) == pytest.approx(5e-6 * 100 * 500)
+    policy = StaircasePolicy((8, 32), (8, 16, 32), 1, "first", "prefix-cache")
+    w = Workload("poisson", requests=10, rate_per_s=0.05, query_tokens=300, output_tokens=64)
+    waits = {}
+    for name, raw in (("base", base), ("cross", cross)):
+        c = simulate(moa(4), policy, w, parse_profile(raw), seed=2, max_tokens=64, noise=False, progress=False).chunks
+        c = c[(c["node"] == "agg") & (c["prompt_tokens"] > 0)]
+        waits[name] = (c["first_token_s"] - c["sent_s"]).to_numpy(), c["cached_tokens"].to_numpy()
+    (w0, k0), (w1, k1) = waits["base"], waits["cross"]
+    assert (k0 > 0).sum() >= 10 and (k1 > 0).sum() >= 10
+    assert w1[k1 > 0].mean() > w0[k0 > 0].mean() + 5e-6 * 16 * np.median(k0[k0 > 0])  # at least 16 new tokens each
+
+
 def test_staircase_beats_wait_all_on_ttft_for_every_request_at_low_load():
     w = Workload("poisson", requests=30, rate_per_s=0.02)
     traces = simulate_policies(moa(6), make_policies(["wait-all", "staircase-prefix-cache"]), w, load_profile("illustrative-gpu"), seed=5)
