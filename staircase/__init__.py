@@ -1,0 +1,5 @@
+"""The shared core (see DESIGN.md)."""
+
+from . import compiled
+
+compiled.install()

@@ -1,0 +1,47 @@
+import cython
+from staircase.driver cimport CallRecord
+
+cdef class Draws:
+    cdef object _dist, _rng
+    cdef long _block
+    cdef list _buf
+
+cdef class SimCall(CallRecord):
+    cdef public object key, shared_key, reason
+    cdef public long reuse_tokens, shared_tokens, end_i
+    cdef public list ends
+    cdef public double join_iter
+    cdef public bint cancelled, open, session
+
+cdef class SimEngine:
+    cdef public object env, name, model
+    cdef public Draws _prefill_noise, _decode_noise, _overhead_noise
+    cdef public set batch
+    cdef public list heap
+    cdef public long _tie
+    cdef public double iters, context, last_t, factor, prefill_end, _decode_target
+    cdef public object waiting
+    cdef public object prefilling
+    cdef public bint _mixed, _busy
+    cdef public object _timer, _on_prefill_timer_cb, _on_decode_timer_cb
+    cdef public object cache, shared_seen
+    cdef public long cache_tokens, running_tokens, in_flight, iterations_scheduled, prefills
+
+    cpdef tuple _iteration_terms(self)
+    cpdef void _advance(self, double now)
+    cpdef double _generated(self, SimCall call)
+    cpdef void _close(self, SimCall call)
+    cpdef void _leave(self, SimCall call)
+    cpdef void _remember(self, object key, long tokens)
+    cpdef void _evict(self)
+    cpdef long _cached_tokens(self, SimCall call)
+    cpdef void _reschedule(self)
+    cpdef bint _mid_iteration(self)
+    cpdef bint _start_prefill(self)
+    cpdef void _prefill_timer(self, double duration)
+    cpdef void _arm_decode_timer(self)
+    cpdef void _push(self, SimCall call)
+    cpdef void _prefill_done(self)
+    cpdef void _boundary(self, double target)
+    @cython.locals(limit=double, i=long, end=long, call=SimCall)
+    cpdef void _process(self, double now)
