@@ -6,6 +6,8 @@ cdef class Draws:
     cdef long _block
     cdef list _buf
 
+    cpdef double draw(self)
+
 cdef class SimCall(CallRecord):
     cdef public object key, shared_key, reason
     cdef public long reuse_tokens, shared_tokens, end_i
@@ -19,6 +21,7 @@ cdef class SimEngine:
     cdef public set batch
     cdef public list heap
     cdef public long _tie
+    cdef double _base_s, _per_seq_s, _per_token_s
     cdef public double iters, context, last_t, factor, prefill_end, _decode_target
     cdef public object waiting
     cdef public object prefilling
@@ -27,7 +30,7 @@ cdef class SimEngine:
     cdef public object cache, shared_seen
     cdef public long cache_tokens, running_tokens, in_flight, iterations_scheduled, prefills
 
-    cpdef tuple _iteration_terms(self)
+    cpdef (double, double) _iteration_terms(self)
     cpdef void _advance(self, double now)
     cpdef double _generated(self, SimCall call)
     cpdef void _close(self, SimCall call)

@@ -54,6 +54,9 @@ class Draws:
         self._buf: list[float] = []
 
     def __call__(self) -> float:
+        return self.draw()
+
+    def draw(self) -> float:
         buf = self._buf
         if buf:
             return buf.pop()
@@ -123,6 +126,9 @@ class SimEngine:
         self.env = env
         self.name = name
         self.model = model
+        # the decode iteration's terms, read on every timer (the model does not change in a run)
+        self._base_s, self._per_seq_s = model.decode_base_s, model.decode_per_seq_s
+        self._per_token_s = model.decode_per_context_token_s
         nz = model.noise if noise else {}
         self._prefill_noise = Draws(nz.get("prefill"), rng)
         self._decode_noise = Draws(nz.get("decode"), rng)
@@ -157,7 +163,7 @@ class SimEngine:
         call.sent_s = self.env.now
         call.open = True
         self.in_flight += 1
-        delay = self.model.request_overhead_s * self._overhead_noise()
+        delay = self.model.request_overhead_s * self._overhead_noise.draw()
         ev = self.env.timeout(delay, call)
         ev.callbacks.append(self._arrive_event)
 
@@ -183,10 +189,9 @@ class SimEngine:
 
     def _iteration_terms(self) -> tuple[float, float]:
         """(time of the next decode iteration, its growth per iteration as context grows)."""
-        m = self.model
         b = len(self.batch)
-        u = (m.decode_base_s + m.decode_per_seq_s * b + m.decode_per_context_token_s * self.context) * self.factor
-        v = m.decode_per_context_token_s * b * self.factor
+        u = (self._base_s + self._per_seq_s * b + self._per_token_s * self.context) * self.factor
+        v = self._per_token_s * b * self.factor
         return u, v
 
     def _advance(self, now: float) -> None:
@@ -307,11 +312,11 @@ class SimEngine:
         cost = model.prefill_s(uncached, squares, cross)
         if self.batch:  # a mixed step: the running sequences decode one token in it
             self._mixed = True
-            u = model.decode_iteration_s(len(self.batch), self.context) * self._decode_noise()
-            duration = u + (cost - model.prefill_base_s) * self._prefill_noise()
+            u = model.decode_iteration_s(len(self.batch), self.context) * self._decode_noise.draw()
+            duration = u + (cost - model.prefill_base_s) * self._prefill_noise.draw()
         else:
             self._mixed = False
-            duration = cost * self._prefill_noise()
+            duration = cost * self._prefill_noise.draw()
         self._prefill_timer(duration)
         return True
 
@@ -332,7 +337,7 @@ class SimEngine:
         target = heap[0][0]
         if self.waiting and self._mid_iteration():  # wake at the iteration's end to admit them
             target = min(target, float(math.ceil(self.iters)))
-        self.factor = self._decode_noise()
+        self.factor = self._decode_noise.draw()
         self.iterations_scheduled += 1
         u, v = self._iteration_terms()
         n = max(0.0, target - self.iters)

@@ -8,7 +8,9 @@ module before its ``.py`` even after the ``.py`` changed; ``install()`` (run whe
 the ``.py`` instead when the build is missing its hash, no longer matches, or
 ``STAIRCASE_PURE=1`` is set (to profile or debug the Python source). The Python source
 is always correct; the build only makes it faster. Rebuild after an edit with
-``pip install -e .`` (``make run`` does it when ``pyproject.toml`` or ``setup.py`` change).
+``pip install -e .`` (``make run`` and ``make test`` do it after an edit). All or none: the
+compiled modules use each other's C types, so one stale build makes every one of them
+run as Python.
 """
 
 from __future__ import annotations
@@ -58,7 +60,11 @@ def state(py: Path) -> str:
 
 
 class _CurrentSourceFinder:
-    """Finds the modules of ``COMPILED``: the build when it is current, else the ``.py``."""
+    """Finds the modules of ``COMPILED``: the builds when every one is current (they use
+    each other's C types), else every ``.py``."""
+
+    def __init__(self):
+        self.compiled: bool | None = None  # decided at the first import of one of them
 
     def find_spec(self, fullname, path, target=None):
         if fullname not in COMPILED:
@@ -70,13 +76,18 @@ class _CurrentSourceFinder:
                 break
         else:
             return None
-        how = state(py)
-        if how == "compiled":
-            return None  # the default finders load the build
-        if how.startswith("python (build older"):
-            warnings.warn(f"{py} changed since it was compiled: running it as Python (slower); rebuild with "
-                          f"`pip install -e .`", RuntimeWarning, stacklevel=2)
-        return importlib.util.spec_from_file_location(fullname, py)
+        if self.compiled is None:
+            self.compiled = self._all_current(py.parents[1])
+        return None if self.compiled else importlib.util.spec_from_file_location(fullname, py)
+
+    @staticmethod
+    def _all_current(root: Path) -> bool:
+        states = {name: state(root.joinpath(*name.split(".")).with_suffix(".py")) for name in COMPILED}
+        stale = [name for name, how in states.items() if how.startswith("python (build older")]
+        if stale:
+            warnings.warn(f"{', '.join(stale)} changed since compiled: running every compiled module as Python "
+                          f"(slower); rebuild with `pip install -e .`", RuntimeWarning, stacklevel=3)
+        return all(how == "compiled" for how in states.values())
 
 
 def install() -> None:
@@ -91,5 +102,7 @@ def report() -> dict[str, str]:
         mod = sys.modules.get(name)
         if mod is not None:
             origin = Path(mod.__file__)
-            out[name] = "compiled" if origin.suffix != ".py" else state(origin)
+            how = state(origin) if origin.suffix == ".py" else "compiled (build)"
+            out[name] = {"compiled": "python (another module's build is older than its source)",
+                         "compiled (build)": "compiled"}.get(how, how)
     return out

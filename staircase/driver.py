@@ -191,7 +191,7 @@ class RequestDriver:
         state = self.sched.states[g.node]  # the planned topology's node and its output so far
         self.n_calls += 1
         if g.call == 0 and state.node.is_final:  # its prompt holds every input chunk delivered so far
-            self.context_tokens = sum(u.tokens for u in state.inputs)
+            self.context_tokens = sum([u.tokens for u in state.inputs])
         self.calls[g.node] = self.port.start_call(self, g, state.node, now, state.tokens)
 
     def _finish(self, d: Done) -> None:

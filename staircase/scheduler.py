@@ -328,7 +328,7 @@ class Scheduler:
                     st.timer_step = st.step
                     actions.append(SetTimer((node_id, st.step), max(0.0, decision.wake_after_s)))
             elif kind == _FAIL:
-                lost = ", ".join(f"{u} ({self.lost.get(u, '?')})" for u in st.node.upstream if u in self.lost)
+                lost = ", ".join([f"{u} ({self.lost.get(u, '?')})" for u in st.node.upstream if u in self.lost])
                 actions += self._finish("error", f"{node_id} cannot go on: {decision.reason}: {lost}")
                 return actions
             elif kind == _STEP or kind == _FINAL:

@@ -63,15 +63,15 @@ def test_compiled_modules_give_the_python_sources_results():
 
 
 def test_a_build_older_than_its_source_is_not_loaded(tmp_path):
-    """A copy of the two packages with one module edited after its build: that module
-    runs from its .py (with a warning), the others compiled."""
-    if "sim.engine" not in _built() or "staircase.driver" not in _built():
-        pytest.skip("no compiled build here: nothing can be stale")
+    """A copy of the two packages with one module edited after its build: every compiled
+    module runs from its .py (they share C types), with a warning naming the edited one."""
+    if set(_built()) != set(compiled.COMPILED):
+        pytest.skip("no complete compiled build here: nothing can be stale")
     for package in ("sim", "staircase"):
         shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
     engine = tmp_path / "sim" / "engine.py"
     engine.write_text(engine.read_text() + "\n# edited after the build\n")
-    code = ("import warnings; warnings.simplefilter('always'); import sim.engine, staircase.driver; "
+    code = ("import warnings; warnings.simplefilter('always'); import sim.simulate, staircase.driver; "
             "from staircase import compiled; print(sim.engine.__file__); print(staircase.driver.__file__); "
             "print(compiled.report())")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
@@ -79,9 +79,16 @@ def test_a_build_older_than_its_source_is_not_loaded(tmp_path):
     assert done.returncode == 0, done.stderr
     engine_file, driver_file, report = done.stdout.splitlines()
     assert Path(engine_file) == engine
-    assert Path(driver_file).parent == tmp_path / "staircase" and driver_file.endswith(".so")
+    assert Path(driver_file) == tmp_path / "staircase" / "driver.py"
     assert "'sim.engine': 'python (build older than its source)'" in report
-    assert "sim/engine.py changed since it was compiled" in done.stderr
+    assert "'staircase.driver': \"python (another module's build is older than its source)\"" in report
+    assert "sim.engine changed since compiled" in done.stderr
+    # and the untouched copy runs compiled
+    engine.write_text((ROOT / "sim" / "engine.py").read_text())
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          env=os.environ | {compiled.PURE_ENV: "0"}, timeout=120)
+    assert done.returncode == 0 and "changed since compiled" not in done.stderr, done.stderr
+    assert set(eval(done.stdout.splitlines()[2]).values()) == {"compiled"}
 
 
 def test_a_build_without_its_hash_is_not_trusted(tmp_path):
