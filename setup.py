@@ -8,6 +8,7 @@ the Python source instead of a build that no longer matches it.
 """
 
 import importlib.util
+import os
 from pathlib import Path
 
 from setuptools import Extension, setup
@@ -52,8 +53,9 @@ def extensions():
     except ImportError:  # a build without Cython: pure Python
         return []
     exts = [Extension(name, ["/".join(name.split(".")) + ".py"], optional=True) for name in _compiled().COMPILED]
-    return cythonize(exts, build_dir="build/cython", quiet=True,
+    return cythonize(exts, build_dir="build/cython", quiet=True, nthreads=os.cpu_count() or 1,
                      compiler_directives={"language_level": 3, "annotation_typing": False})
 
 
-setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt})
+setup(ext_modules=extensions(), cmdclass={"build_ext": BuildExt},
+      options={"build_ext": {"parallel": os.cpu_count() or 1}})

@@ -4,7 +4,8 @@ MoA with 6 proposers + aggregator, continuous batching, Poisson arrivals at a fr
 (``--load``, default 0.5) of the engines' capacity, summary-only mode (no per-chunk
 rows). Capacity is measured first: completed requests per simulated second in a
 closed loop with many users. Each size runs in a fresh process so its peak memory
-(max RSS) is its own.
+(max RSS) is its own. Each row says whether the hot path ran compiled (setup.py,
+staircase/compiled.py; ``STAIRCASE_PURE=1`` times the Python source).
 
     python benchmarks/bench_sim.py                       # 10,000 and 100,000 requests
     python benchmarks/bench_sim.py --requests 1000,10000 --policies wait-all
@@ -44,7 +45,18 @@ def one_run(policy_name: str, requests: int, rate: float, seed: int) -> dict:
             "ok": int((r["outcome"] == "ok").sum()), "ttft_p50_s": float(r["ttft_s"].median()),
             "e2e_p50_s": float(r["e2e_s"].median()),
             "decode_intervals": sum(e["decode_intervals"] for e in trace.meta["engines"].values()),
-            "prefills": sum(e["prefills"] for e in trace.meta["engines"].values())}
+            "prefills": sum(e["prefills"] for e in trace.meta["engines"].values()),
+            "hot_path": _hot_path()}
+
+
+def _hot_path() -> str:
+    """``compiled`` when every module of the compiled hot path runs its build, else how the others run."""
+    try:
+        from staircase import compiled
+    except ImportError:  # a checkout from before the compiled hot path
+        return "python"
+    hows = set(compiled.report().values())
+    return "compiled" if hows == {"compiled"} else ", ".join(sorted(hows))
 
 
 def capacity(policy_name: str, seed: int) -> float:
@@ -91,7 +103,7 @@ def main() -> int:
             rows.append(row)
             print(f"  {n:>7} requests: {row['wall_s']:7.1f} s wall, {row['requests_per_wall_s']:6.0f} req/s "
                   f"(target {TARGET_REQ_PER_S}), peak RSS {row['peak_rss_mb']:6.0f} MB (target < {TARGET_PEAK_MB}), "
-                  f"TTFT p50 {row['ttft_p50_s']:.3f} s, {row['ok']} ok", flush=True)
+                  f"TTFT p50 {row['ttft_p50_s']:.3f} s, {row['ok']} ok; hot path {row['hot_path']}", flush=True)
     for policy in args.policies.split(","):
         mine = [r for r in rows if r["policy"] == policy]
         if len(mine) >= 2:

@@ -84,9 +84,11 @@ class _CurrentSourceFinder:
     def _all_current(root: Path) -> bool:
         states = {name: state(root.joinpath(*name.split(".")).with_suffix(".py")) for name in COMPILED}
         stale = [name for name, how in states.items() if how.startswith("python (build older")]
-        if stale:
-            warnings.warn(f"{', '.join(stale)} changed since compiled: running every compiled module as Python "
-                          f"(slower); rebuild with `pip install -e .`", RuntimeWarning, stacklevel=3)
+        unbuilt = [name for name, how in states.items() if how == "python (no build)"]
+        if stale or (unbuilt and len(unbuilt) < len(states)):
+            why = f"{', '.join(stale)} changed since compiled" if stale else f"{', '.join(unbuilt)} not compiled"
+            warnings.warn(f"{why}: running every compiled module as Python (slower); rebuild with "
+                          f"`pip install -e .`", RuntimeWarning, stacklevel=3)
         return all(how == "compiled" for how in states.values())
 
 
