@@ -1,6 +1,11 @@
 import cython
 from staircase.driver cimport CallRecord
 
+cdef class _Wake:
+    cdef public list callbacks
+    cdef public bint _ok
+    cdef public object value
+
 cdef class Draws:
     cdef object _dist, _rng
     cdef long _block
