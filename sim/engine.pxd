@@ -26,7 +26,8 @@ cdef class SimEngine:
     cdef public set batch
     cdef public list heap
     cdef public long _tie
-    cdef double _base_s, _per_seq_s, _per_token_s
+    cdef double _base_s, _per_seq_s, _per_token_s, _overhead_s
+    cdef long _kv_tokens, _block, _max_batch
     cdef public double iters, context, last_t, factor, prefill_end, _decode_target
     cdef public object waiting
     cdef public object prefilling
@@ -41,7 +42,9 @@ cdef class SimEngine:
     cpdef void _close(self, SimCall call)
     cpdef void _leave(self, SimCall call)
     cpdef void _remember(self, object key, long tokens)
+    @cython.locals(budget=long)
     cpdef void _evict(self)
+    @cython.locals(hit=long, block=long)
     cpdef long _cached_tokens(self, SimCall call)
     cpdef void _reschedule(self)
     cpdef bint _mid_iteration(self)

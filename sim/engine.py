@@ -143,9 +143,11 @@ class SimEngine:
         self.env = env
         self.name = name
         self.model = model
-        # the decode iteration's terms, read on every timer (the model does not change in a run)
+        # what the hot path reads of the model, once (the model does not change in a run)
         self._base_s, self._per_seq_s = model.decode_base_s, model.decode_per_seq_s
         self._per_token_s = model.decode_per_context_token_s
+        self._overhead_s, self._kv_tokens = model.request_overhead_s, model.kv_cache_tokens
+        self._block, self._max_batch = model.block_size_tokens, model.max_batch_size
         nz = model.noise if noise else {}
         self._prefill_noise = Draws(nz.get("prefill"), rng)
         self._decode_noise = Draws(nz.get("decode"), rng)
@@ -180,7 +182,7 @@ class SimEngine:
         call.sent_s = self.env.now
         call.open = True
         self.in_flight += 1
-        delay = self.model.request_overhead_s * self._overhead_noise.draw()
+        delay = self._overhead_s * self._overhead_noise.draw()
         _Wake(self.env, delay, self._arrive_event, call)
 
     def cancel(self, call: SimCall) -> None:
@@ -251,7 +253,7 @@ class SimEngine:
         self._evict()
 
     def _evict(self) -> None:
-        budget = self.model.kv_cache_tokens - self.running_tokens
+        budget = self._kv_tokens - self.running_tokens
         while self.cache_tokens > budget and self.cache:
             _, t = self.cache.popitem(last=False)
             self.cache_tokens -= t
@@ -271,7 +273,7 @@ class SimEngine:
             self.shared_seen[call.shared_key] = None
             if len(self.shared_seen) > SHARED_KEYS:
                 self.shared_seen.popitem(last=False)
-        block = self.model.block_size_tokens
+        block = self._block
         hit = (hit // block) * block
         return max(0, min(hit, call.prompt_tokens - 1))
 
@@ -303,13 +305,13 @@ class SimEngine:
         group: list[SimCall] = []
         uncached, squares, cross = 0, 0.0, 0.0  # new tokens; their squares and products with cached ones, summed
         model = self.model
-        while self.waiting and len(self.batch) + len(group) < model.max_batch_size:
+        while self.waiting and len(self.batch) + len(group) < self._max_batch:
             call = self.waiting[0]
             if call.cancelled:
                 self.waiting.popleft()
                 continue
             need = call.prompt_tokens + call.ends[-1]
-            if group and self.running_tokens + need > model.kv_cache_tokens:
+            if group and self.running_tokens + need > self._kv_tokens:
                 break  # no room now; a first call is always admitted so nothing starves
             self.waiting.popleft()
             self.running_tokens += need

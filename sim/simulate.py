@@ -37,7 +37,7 @@ class _SimPort:
         self.env = env
         self.engines = engines
         self.slot_engine = slot_engine
-        self.lengths = lengths  # node -> natural answer length per request
+        self.lengths = {node: a.tolist() for node, a in lengths.items()}  # node -> natural answer length per request
         self.on_done = on_done
 
     # ------------------------------------------------------------------ the port
@@ -47,7 +47,7 @@ class _SimPort:
     def start_call(self, driver: RequestDriver, g: Generate, node: Node, sent_s: float,
                    tokens_before: int) -> SimCall:
         rid = driver.request_id
-        natural = int(self.lengths[g.node][rid]) - tokens_before
+        natural = self.lengths[g.node][rid] - tokens_before
         prompt = g.prompt
         if node.is_source:  # system + query: the same prompt for every source node of this request
             shared_tokens, shared_key = prompt.tokens, (rid, "source")

@@ -1,0 +1,8 @@
+# C types for the compiled build of simulate.py (setup.py); the .py runs unchanged without them.
+from sim.engine cimport SimCall
+from staircase.driver cimport RequestDriver
+
+cdef class _SimPort:
+    cdef public object faults, env, engines, slot_engine, lengths, on_done
+
+    cpdef SimCall start_call(self, RequestDriver driver, object g, object node, double sent_s, long tokens_before)
