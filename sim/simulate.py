@@ -6,6 +6,7 @@ its inputs and seed. ``simulate_policies`` runs several policies on the same req
 from __future__ import annotations
 
 import gc
+from array import array
 from contextlib import contextmanager
 from typing import Callable, Mapping, Sequence
 
@@ -37,7 +38,8 @@ class _SimPort:
         self.env = env
         self.engines = engines
         self.slot_engine = slot_engine
-        self.lengths = {node: a.tolist() for node, a in lengths.items()}  # node -> natural answer length per request
+        # node -> natural answer length per request (an array of C ints: Python ints out, 8 bytes each)
+        self.lengths = {node: array("q", a.tolist()) for node, a in lengths.items()}
         self.on_done = on_done
 
     # ------------------------------------------------------------------ the port
