@@ -18,10 +18,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP) $(BUILT)
 
-# rebuild the compiled modules after an edit (no dependency changes: --no-deps)
+# rebuild the compiled modules after an edit (no dependency changes: --no-deps). The full
+# install above builds them too and touches $(BUILT); make cannot see that side effect,
+# so the recipe checks again itself before building a second time.
 $(BUILT): $(STAMP) $(HOT)
-	$(BIN)/python -m pip install --quiet --no-deps -e .
-	touch $(BUILT)
+	if [ ! -e $(BUILT) ] || [ -n "$$(find $(HOT) -newer $(BUILT))" ]; then \
+		$(BIN)/python -m pip install --quiet --no-deps -e . && touch $(BUILT); fi
 
 run: $(BUILT)
 	$(BIN)/staircase sim

@@ -47,8 +47,8 @@ SHARED_KEYS = 4096  # shared-prefix keys an engine remembers (system prompts; on
 class _Wake:
     """An engine's timer on SimPy's queue: what SimPy's loop reads of an event
     (``callbacks``, ``_ok``) and nothing more, a C struct when compiled (setup.py).
-    About a million are made in a 20,000-request run; SimPy's own ``Timeout`` (a class
-    with an instance dict, made by interpreted code) cost a tenth of the run."""
+    About a million are made in a 20,000-request run; this instead of SimPy's own
+    ``Timeout`` (an instance dict, made by interpreted code) made the compiled run 8 % faster."""
 
     __slots__ = ("callbacks", "_ok", "value")
 

@@ -1,4 +1,5 @@
 # C types for the compiled build of scheduler.py (setup.py); the .py runs unchanged without them.
+# A cpdef method may hold no closure (generator expression, lambda): write a list comprehension.
 import cython
 
 cdef class _NodeState:
