@@ -295,7 +295,7 @@ class SimEngine:
         if not self.batch:
             self.iters = float(math.ceil(self.iters - 1e-6))
             return False
-        return abs(self.iters - round(self.iters)) > 1e-6
+        return abs(self.iters - math.floor(self.iters + 0.5)) > 1e-6
 
     def _start_prefill(self) -> bool:
         """Admit waiting calls together (up to the batch and KV limits) into one prefill

@@ -105,7 +105,7 @@ class Message:
 
     @property
     def tokens(self) -> int:
-        return HEADER_TOKENS + sum(p.tokens for p in self.pieces) + (END_TOKENS if self.closed else 0)
+        return HEADER_TOKENS + sum([p.tokens for p in self.pieces]) + (END_TOKENS if self.closed else 0)
 
     def text(self) -> str:
         return "".join(p.text or "" for p in self.pieces)

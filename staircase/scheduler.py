@@ -133,6 +133,7 @@ class NodeStatus(StrEnum):
 
 
 PENDING, RUNNING, IDLE, FINISHED, FAILED, CANCELLED = NodeStatus  # short names for the hot paths below
+_new_piece = tuple.__new__  # a named tuple's own __new__ is interpreted Python: one per chunk costs it
 _WAIT, _STEP, _FINAL, _FAIL = DecisionKind
 
 
@@ -268,7 +269,7 @@ class Scheduler:
             raise ProtocolError(f"{node_id}: chunk {index} arrived, expected chunk {st.chunks}")
         if tokens < 1 or st.tokens + tokens > st.max_tokens:
             raise ProtocolError(f"{node_id}: chunk of {tokens} tokens after {st.tokens} (max {st.max_tokens})")
-        piece = Piece(("out", node_id, index), tokens, text)
+        piece = _new_piece(Piece, (("out", node_id, index), tokens, text))  # Piece(key, tokens, text), minus a frame
         st.pieces.append(piece)
         st.chunks += 1
         st.chunk_end_s.append(now_s)
