@@ -104,7 +104,9 @@ def report() -> dict[str, str]:
         mod = sys.modules.get(name)
         if mod is not None:
             origin = Path(mod.__file__)
-            how = state(origin) if origin.suffix == ".py" else "compiled (build)"
-            out[name] = {"compiled": "python (another module's build is older than its source)",
-                         "compiled (build)": "compiled"}.get(how, how)
+            if origin.suffix != ".py":
+                out[name] = "compiled"
+            else:  # its own build may be current while another one's is missing or stale
+                how = state(origin)
+                out[name] = "python (another compiled module's build is missing or stale)" if how == "compiled" else how
     return out
