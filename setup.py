@@ -33,6 +33,7 @@ class BuildExt(build_ext):
     def run(self):
         self._built: set[str] = set()
         super().run()
+        compiled = _compiled()
         for ext in self.extensions:
             source = ROOT.joinpath(*ext.name.split(".")).with_suffix(".py")
             for base in (ROOT, Path(self.build_lib)):  # in place (editable) and the wheel's copy
@@ -40,7 +41,7 @@ class BuildExt(build_ext):
                 if ext.name not in self._built:
                     stamp.unlink(missing_ok=True)
                 elif stamp.with_suffix("").exists():
-                    stamp.write_text(_compiled().source_hash(source))
+                    stamp.write_text(compiled.source_hash(source))
 
     def build_extension(self, ext):
         super().build_extension(ext)  # an optional module's failure raises past this line

@@ -70,9 +70,6 @@ class Draws:
         self._block = block
         self._buf: list[float] = []
 
-    def __call__(self) -> float:
-        return self.draw()
-
     def draw(self) -> float:
         buf = self._buf
         if buf:

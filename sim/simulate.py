@@ -108,7 +108,7 @@ def _node_lengths(topology: Topology, profile: Profile, requests: Sequence[Reque
         if node.is_final:
             lengths[node.id] = np.maximum(1, np.rint(out_tokens)).astype(np.int64)
         else:
-            factor = np.array([draws() for _ in requests])
+            factor = np.array([draws.draw() for _ in requests])
             lengths[node.id] = np.maximum(1, np.rint(out_tokens * factor)).astype(np.int64)
     return lengths
 
