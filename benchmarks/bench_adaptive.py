@@ -26,8 +26,8 @@ from sim.capacity import at_load, capacity  # noqa: E402
 from sim.profile import load_profile  # noqa: E402
 from sim.simulate import simulate  # noqa: E402
 from sim.workload import Workload  # noqa: E402
-from staircase.adaptive import LoadAwareStaircasePolicy, SmoothStaircasePolicy, StragglerStaircasePolicy  # noqa: E402
-from staircase.policy import StaircasePolicy, WaitAllPolicy  # noqa: E402
+from staircase.policies import LoadAwareStaircasePolicy, SmoothStaircasePolicy, StragglerStaircasePolicy  # noqa: E402
+from staircase.policies import StaircasePolicy, WaitAllPolicy  # noqa: E402
 from staircase.progress import progress  # noqa: E402
 from staircase.topology import moa  # noqa: E402
 

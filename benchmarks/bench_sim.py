@@ -30,7 +30,7 @@ def one_run(policy_name: str, requests: int, rate: float, seed: int) -> dict:
     from sim.profile import load_profile
     from sim.simulate import simulate
     from sim.workload import Workload
-    from staircase.policy import make_policies
+    from staircase.policies import make_policies
     from staircase.topology import moa
 
     policy = next(p for p in make_policies(["wait-all", "staircase"]) if p.name == policy_name)
@@ -64,7 +64,7 @@ def capacity(policy_name: str, seed: int) -> float:
     from sim.profile import load_profile
     from sim.simulate import simulate
     from sim.workload import Workload
-    from staircase.policy import make_policies
+    from staircase.policies import make_policies
     from staircase.topology import moa
 
     policy = next(p for p in make_policies(["wait-all", "staircase"]) if p.name == policy_name)

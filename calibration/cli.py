@@ -87,23 +87,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _probe_live(args, folder: Path) -> dict:
     """Probe every engine of the config; returns the run's config record."""
-    from live.engines import announce_machine, engine_config, engines_from_config, quiet_vllm_logs, start_engines
+    from live.engines import EngineOptions, open_engines
     from staircase.topology import moa
 
-    quiet_vllm_logs()
-    raw = engine_config(args)
-    n_prop = len((raw.get("slots") or {}).get("proposers") or [1])
-    mapping, servers = engines_from_config(raw, moa(max(1, n_prop)), dtype=args.dtype)
+    raw = EngineOptions.from_mapping(vars(args)).to_config()
+    n_prop = len((raw.get("slots") or {}).get("proposers") or [1]) if isinstance(raw, dict) else 1
     probes = probe_set(args.probes)
     record = {"command": "calibrate", "engines": raw, "probes": args.probes, "seed": args.seed}
-    try:
-        engines = start_engines(mapping, servers)
-        distinct = list({id(e): e for e in engines.values()}.values())
-        record |= announce_machine(distinct)
+    with open_engines(raw, moa(max(1, n_prop)), dtype=args.dtype) as engines:
+        record |= engines.machine
 
         async def main():
             caps, models = {}, {}
-            for engine in distinct:
+            for engine in engines.used:
                 try:
                     await run_probes(engine, probes, folder, seed=args.seed, progress=args.progress)
                     caps[engine.name] = engine.capacity()
@@ -113,11 +109,8 @@ def _probe_live(args, folder: Path) -> dict:
             return caps, models
 
         caps, models = asyncio.run(main())
-    finally:
-        for server in servers:
-            server.stop()
     record |= {"engine_models": models, "capacity": caps,
-               "slot_engines": {slot: e.name for slot, e in engines.items()}}
+               "slot_engines": {slot: e.name for slot, e in engines.slots.items()}}
     (folder / "config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record
 

@@ -96,7 +96,7 @@ async def run_probes(engine, probes, folder: Path, *, seed: int = 0, progress: b
     from live.engines import Sampling
     from live.prompts import load_prompts
     from live.runner import LiveRunner
-    from staircase.policy import SinglePolicy
+    from staircase.policies import SinglePolicy
     from staircase.topology import moa
 
     runner = LiveRunner({"proposer-0": engine, "aggregator": engine}, moa(1), max_tokens=8,

@@ -15,7 +15,6 @@ two distributions (also relative to the live mean).
 
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 from dataclasses import dataclass
@@ -29,8 +28,8 @@ import scipy.stats
 from sim.profile import Profile
 from sim.simulate import simulate
 from sim.workload import Request
-from staircase.cli import topology_and_policies
-from staircase.policy import policy_from_dict
+from staircase.runconfig import topology_and_policies_from_values
+from staircase.policies import policy_from_dict
 from staircase.topology import topology_from_config
 from staircase.machine import differences as machine_differences
 from staircase.machine import label as machine_label
@@ -205,7 +204,7 @@ def run_topology_and_policies(cfg: dict):
         topology = topology_from_config(cfg["topology_config"])
         policies = [policy_from_dict(d) for d in cfg["policies"]]
     else:  # runs recorded before topology configs: rebuilt from their CLI arguments
-        topology, policies = topology_and_policies(argparse.Namespace(**cfg["cli_args"]))
+        topology, policies = topology_and_policies_from_values(cfg["cli_args"])
     for policy in policies:
         policy.validate_for(topology)
     return topology, policies

@@ -13,7 +13,7 @@ Engines come from ``--config`` (JSON) or flags. Config shape::
 ``proposer-i`` runs on ``proposers[i % n]``; slots naming the same engine share it.
 A ``replay`` engine streams fixed answers (``{"query": ..., "answer": ...}`` lines, looked
 up by the query) at ``tokens_per_s`` after ``first_token_s``: e.g. a stronger model's
-recorded answers as proposals for a real aggregator (``live/replay.py``).
+recorded answers as proposals for a real aggregator (``live/engines/replay.py``).
 ``"model": "smollm2"`` means the bundled model (converted once, cached). ``vllm`` and
 ``serve`` engines take ``"dtype"`` (default: ``--dtype``).
 
@@ -44,10 +44,7 @@ from staircase.cli import (add_output_arguments, add_topology_policy_arguments, 
 from staircase.errors import ConfigError
 from staircase.report import summary_frame
 
-from .engines import (add_engine_arguments, announce_machine, engine_config, engines_from_config, model_path,
-                      quiet_vllm_logs, start_engines)
-
-
+from .engines import EngineOptions, add_engine_arguments, model_path, open_engines
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("live", help="run policies on real engines (vLLM in-process, vllm serve, HTTP)",
@@ -138,39 +135,39 @@ def _keep_finished(runner, policies, traces: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    quiet_vllm_logs()
     from .engines import Sampling
     from .runner import LiveRunner
 
     topology, policies = topology_and_policies(args)
     queries, prompt_ids = _queries(args)
     stall = stall_limits(args)
-    raw = engine_config(args)
-    mapping, servers = engines_from_config(raw, topology, dtype=args.dtype)
+    raw = EngineOptions.from_mapping(vars(args)).to_config()
     traces: dict = {}
     started, runner, machine_record, interrupted = time.perf_counter(), None, {}, False
     try:
-        engines = start_engines(mapping, servers)
-        machine_record = announce_machine(engines.values())
-        runner = LiveRunner(engines, topology, max_tokens=args.max_tokens,
-                            sampling=Sampling(temperature=args.temperature, seed=args.seed),
-                            stall=stall, request_timeout_s=args.request_timeout_s or None)
-        _run_policies(args, runner, policies, queries, prompt_ids, traces)
+        with open_engines(raw, topology, dtype=args.dtype) as engines:
+            machine_record = engines.machine
+            runner = LiveRunner(engines.slots, topology, max_tokens=args.max_tokens,
+                                sampling=Sampling(temperature=args.temperature, seed=args.seed),
+                                stall=stall, request_timeout_s=args.request_timeout_s or None)
+            _run_policies(args, runner, policies, queries, prompt_ids, traces)
     except KeyboardInterrupt:
         _keep_finished(runner, policies, traces)
         interrupted = True
-    finally:
-        for server in servers:
-            server.stop()
-    # `raw` names API-key environment variables, never keys
-    config = {"command": "live", "topology": topology.describe(), "topology_config": topology.config(),
-              "cli_args": topology_policy_args(args),
-              "policies": [p.describe() for p in policies], "engines": raw, "prompts": args.prompts,
-              "skip": args.skip, "requests": len(queries), "concurrency": args.concurrency, "rate": args.rate,
-              "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
-              "wall_s": round(time.perf_counter() - started, 3),
-              "slot_engines": {slot: e.name for slot, e in runner.engines.items()} if runner else {},
-              "engine_models": runner.engine_models() if runner else {}, "stall": stall.describe(),
-              "request_timeout_s": args.request_timeout_s or None, **machine_record, "interrupted": interrupted}
+    config = _run_config(args, topology, policies, raw, runner, stall) | {
+        "requests": len(queries), "wall_s": round(time.perf_counter() - started, 3), **machine_record,
+        "interrupted": interrupted}
     code = finish_run(args, "live", traces, summary_frame(traces), config)
     return 130 if interrupted else code
+
+
+def _run_config(args: argparse.Namespace, topology, policies, raw: dict, runner, stall) -> dict:
+    """What config.json records of a live run (``raw`` names API-key environment variables, never keys)."""
+    return {"command": "live", "topology": topology.describe(), "topology_config": topology.config(),
+            "cli_args": topology_policy_args(args),
+            "policies": [p.describe() for p in policies], "engines": raw, "prompts": args.prompts,
+            "skip": args.skip, "concurrency": args.concurrency, "rate": args.rate,
+            "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
+            "slot_engines": {slot: e.name for slot, e in runner.engines.items()} if runner else {},
+            "engine_models": runner.engine_models() if runner else {}, "stall": stall.describe(),
+            "request_timeout_s": args.request_timeout_s or None}

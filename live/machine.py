@@ -20,6 +20,7 @@ and the README):
 from __future__ import annotations
 
 import os
+import sys
 from functools import lru_cache
 
 from staircase.errors import ConfigError
@@ -67,3 +68,23 @@ def engine_settings(dtype: str | None = None, machine: dict | None = None) -> di
     if chosen is not None:
         why = f"set by the user (the default here: {auto}, {why})"
     return {"dtype": chosen or auto, "dtype_reason": why, "cpu_threads_bind": bind}
+
+
+def engine_settings_of(engines) -> dict:
+    """engine name -> the settings it was built with (dtype and why, CPU threads), for
+    the engines that have them (vllm, serve)."""
+    return {e.name: e.settings for e in engines if getattr(e, "settings", None)}
+
+
+def announce_machine(engines) -> dict:
+    """Print the machine and each engine's settings on stderr; returns the record that
+    config.json keeps (``machine``, ``engine_settings``)."""
+    from staircase.machine import label
+
+    machine = describe()
+    settings = engine_settings_of({id(e): e for e in engines}.values())
+    print(f"machine: {label(machine)}", file=sys.stderr, flush=True)
+    for name, s in settings.items():
+        bind = f", CPU threads {s['cpu_threads_bind']}" if s.get("cpu_threads_bind") else ""
+        print(f"engine {name}: dtype {s['dtype']} ({s['dtype_reason']}){bind}", file=sys.stderr, flush=True)
+    return {"machine": machine, "engine_settings": settings}

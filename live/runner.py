@@ -24,7 +24,7 @@ from typing import Mapping, Sequence
 
 from staircase.driver import CallRecord, Recorder, RequestDriver
 from staircase.errors import ConfigError
-from staircase.policy import Policy
+from staircase.policies import Policy
 from staircase.progress import progress as progress_bar
 from staircase.scheduler import Generate, Query
 from staircase.topology import Node, Topology

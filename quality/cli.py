@@ -35,7 +35,7 @@ from pathlib import Path
 
 from staircase.cli import add_output_arguments, parse_int_list, results_folder
 from staircase.errors import ConfigError
-from staircase.policy import LAYOUTS, make_policies, policy_from_dict
+from staircase.policies import LAYOUTS, make_policies, policy_from_dict
 from staircase.topology import moa
 
 from .data import POSITIONS, SETS
@@ -126,38 +126,31 @@ def judge_engine(args: argparse.Namespace, engines: dict):
     if args.judge_local:
         return engines["aggregator"]
     if args.judge_url:
-        from live.engines import HTTPEngine
+        from live.engines import HTTPEngine, check_url
 
-        if not args.judge_url.startswith(("http://", "https://")):
-            raise ConfigError("judge-url", args.judge_url, "an http:// or https:// base URL")
+        check_url("judge-url", args.judge_url)
         return HTTPEngine(args.judge_url, args.judge_model, name="judge", api_key_env=args.judge_api_key_env)
     return None
 
 
 def run(args: argparse.Namespace) -> int:
-    from live.engines import announce_machine, engine_config, engines_from_config, quiet_vllm_logs, start_engines
+    from live.engines import EngineOptions, open_engines
 
     if args.rescore is not None:
         return rescore(args)
-    quiet_vllm_logs()
     spec = spec_from_args(args)
     policies = policies_from_args(args)
     topology = moa(spec.proposers)
-    raw = engine_config(args)
-    mapping, servers = engines_from_config(raw, topology, dtype=args.dtype)
+    raw = EngineOptions.from_mapping(vars(args)).to_config()
     folder = results_folder(args, "quality")
     config = {"command": "quality", "spec": spec.describe(), "policies": [p.describe() for p in policies],
               "engines": raw, "judge": args.judge_url or ("local" if args.judge_local else None)}
     started = time.perf_counter()
-    try:
-        engines = start_engines(mapping, servers)
-        judge = judge_engine(args, engines)
-        config.update(announce_machine(engines.values()))
+    with open_engines(raw, topology, dtype=args.dtype) as engines:
+        judge = judge_engine(args, engines.slots)
+        config.update(engines.machine)
         _write_config(folder, config)  # first, so an interrupted run can be rescored
-        collected = _collect(engines, spec, policies, judge, args, folder)
-    finally:
-        for server in servers:
-            server.stop()
+        collected = _collect(engines.slots, spec, policies, judge, args, folder)
     config.update(runs=collected.runs, collect_wall_s=round(time.perf_counter() - started, 1))
     return _score_and_write(args, folder, spec, policies, collected, config)
 

@@ -2,7 +2,7 @@
 
 For each policy (the reference, wait-all, first), the real sets (GSM8K, AlpacaEval)
 run on the real engines, and the late-key probe runs with replay proposers
-(``live.replay.ReplayEngine``: each proposer streams its fixed proposal) and the real
+(``live.engines.ReplayEngine``: each proposer streams its fixed proposal) and the real
 aggregator. The noise floor is the reference policy again under another sampling seed
 (``noise_seed``; by default for the aggregator alone, so the proposals are the same:
 what resampling the final answer changes; ``noise_scope="all"`` resamples every node).
@@ -24,10 +24,10 @@ from typing import Sequence
 import pandas as pd
 
 from live.engines import Engine, Sampling
-from live.replay import ReplayEngine
+from live.engines import ReplayEngine
 from live.runner import LiveRunner
 from staircase.errors import ConfigError
-from staircase.policy import (PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, LAYOUTS, Policy, StaircasePolicy,
+from staircase.policies import (PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, LAYOUTS, Policy, StaircasePolicy,
                               WaitAllPolicy)
 from staircase.topology import Topology, moa
 from staircase.trace import Trace

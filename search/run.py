@@ -24,7 +24,7 @@ from pathlib import Path
 
 from staircase.errors import ConfigError
 from staircase.metrics import summarize
-from staircase.policy import PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, PolicyConfig, policy_from_dict
+from staircase.policies import PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, PolicyConfig, config_from_dict, config_of, policy_from_dict
 from staircase.progress import progress as progress_bar
 from staircase.topology import Topology, topology_from_config
 
@@ -212,8 +212,8 @@ def baseline_configs(topology: Topology) -> list[PolicyConfig]:
     """The references every search reports against: wait-all and the paper's staircase
     (8,128,256 / 8,128,128, r = 2 or the most the fan-in allows, prefix-cache layout)."""
     r = max(0, min(2, topology.min_fan_in - 1))
-    return [PolicyConfig.of("wait-all"),
-            PolicyConfig.of("staircase", proposer_schedule=PAPER_PROPOSER_SCHEDULE,
+    return [config_of("wait-all"),
+            config_of("staircase", proposer_schedule=PAPER_PROPOSER_SCHEDULE,
                             aggregator_schedule=PAPER_AGGREGATOR_SCHEDULE, redundancy=r, scope="first",
                             layout="prefix-cache")]
 
@@ -318,7 +318,7 @@ def run_search(cfg: SearchConfig, folder: Path, progress: bool | None = None):
 
 def _candidate(space: SearchSpace, trial) -> PolicyConfig:
     given = trial.user_attrs.get("config")
-    config = PolicyConfig.from_dict(given) if given else space.suggest(trial)
+    config = config_from_dict(given) if given else space.suggest(trial)
     trial.set_user_attr("config", config.to_dict())
     trial.set_user_attr("key", config.key())
     return config

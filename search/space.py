@@ -13,7 +13,8 @@ import itertools
 from dataclasses import dataclass, field
 
 from staircase.errors import ConfigError
-from staircase.policy import POLICY_KINDS, ChunkSchedule, Knob, PolicyConfig
+from staircase.policies import POLICY_KINDS, ChunkSchedule, Knob, PolicyConfig
+from staircase.policies import config_of as policy_config
 from staircase.topology import Topology
 
 GROWTHS = (1, 2, 4, 8, 16)
@@ -139,7 +140,7 @@ class SearchSpace:
         """The candidate an optuna trial proposes (define-by-run: the kind first)."""
         kind = trial.suggest_categorical("kind", self.kinds) if len(self.kinds) > 1 else self.kinds[0]
         ks = self.spaces[kind]
-        return PolicyConfig.of(kind, **ks.params({d.name: d.suggest(trial) for d in ks.dims}))
+        return policy_config(kind, **ks.params({d.name: d.suggest(trial) for d in ks.dims}))
 
     def grid(self, points: int = 4) -> list[dict]:
         """Every combination of the dims' grid values, as optuna params (``kind`` included)."""
@@ -155,7 +156,7 @@ class SearchSpace:
 
     def config_of(self, params: dict) -> PolicyConfig:
         kind = params.get("kind", self.kinds[0])
-        return PolicyConfig.of(kind, **self.spaces[kind].params(params))
+        return policy_config(kind, **self.spaces[kind].params(params))
 
     def describe(self) -> dict:
         return {k: {"fixed": {n: list(v) if isinstance(v, tuple) else v for n, v in ks.fixed.items()},

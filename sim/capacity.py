@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from staircase.errors import ConfigError
-from staircase.policy import WaitAllPolicy
+from staircase.policies import WaitAllPolicy
 from staircase.topology import Topology
 
 from .profile import Profile

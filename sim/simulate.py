@@ -15,7 +15,7 @@ import simpy
 
 from staircase.driver import Recorder, RequestDriver
 from staircase.errors import ConfigError
-from staircase.policy import Policy
+from staircase.policies import Policy
 from staircase.progress import progress as progress_bar
 from staircase.prompts import TextPieces, Tokenizer
 from staircase.scheduler import Generate, Query

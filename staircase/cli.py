@@ -16,11 +16,12 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from .errors import ConfigError, StaircaseError
-from .policy import (PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, SCOPES, ChunkSchedule, Policy, make_policies,
-                     policy_from_dict)
+from .errors import StaircaseError
+from .policies import PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, SCOPES, Policy, policy_names_help
 from .report import format_table, summary_json, write_results
-from .topology import TOPOLOGY_KINDS, Topology, build
+from .runconfig import (TOPOLOGY_POLICY_KEYS, parse_int_list, topology_and_policies_from_values,  # noqa: F401
+                        topology_from_values)
+from .topology import TOPOLOGY_KINDS, Topology
 
 ENTRY_POINT_GROUP = "staircase.commands"
 
@@ -92,12 +93,7 @@ def add_topology_policy_arguments(parser: argparse.ArgumentParser, policies: str
     """The topology and policy options shared by `sim` and `live`."""
     add_topology_arguments(parser, proposers)
     g = parser.add_argument_group("policies")
-    g.add_argument("--policies", default=policies,
-                   help="comma list of: wait-all, single, staircase (both layouts), staircase-standard, "
-                        "staircase-prefix-cache, staircase-session (prefix-cache prompts as one engine session per aggregator: in-process vLLM), staircase-deadline (adaptive first step), staircase-smooth "
-                        "(proposer chunks sized from observed rates), staircase-straggler (waits for late inputs up "
-                        "to their spread), staircase-load (wait-all when the aggregator's engine is busy), "
-                        "staircase-ttft (the first step reads all it can within --ttft-target-s)")
+    g.add_argument("--policies", default=policies, help=policy_names_help())
     g.add_argument("--redundancy", default=redundancy,
                    help="redundancy r of staircase policies; a comma list gives one policy per value")
     g.add_argument("--scope", choices=SCOPES, default="first", help="apply r to the first step only, or every step")
@@ -126,11 +122,7 @@ def add_topology_arguments(parser: argparse.ArgumentParser, proposers: int = 3) 
 
 def build_topology(args: argparse.Namespace) -> Topology:
     """The topology `add_topology_arguments` parsed."""
-    return build(args.topology, proposers=args.proposers, layers=args.layers, agents=args.agents, rounds=args.rounds)
-
-
-TOPOLOGY_POLICY_KEYS = ("topology", "proposers", "layers", "agents", "rounds", "policies", "redundancy", "scope",
-                        "proposer_schedule", "aggregator_schedule", "max_wait_s", "ttft_target_s", "policy_config")
+    return topology_from_values(vars(args))
 
 
 def topology_policy_args(args: argparse.Namespace) -> dict:
@@ -141,37 +133,4 @@ def topology_policy_args(args: argparse.Namespace) -> dict:
 
 def topology_and_policies(args: argparse.Namespace) -> tuple[Topology, list[Policy]]:
     """Build and check what `add_topology_policy_arguments` parsed."""
-    topology = build_topology(args)
-    names = [n for n in args.policies.split(",") if n.strip()]
-    policies = make_policies(
-        names,
-        redundancies=parse_int_list(args.redundancy, "redundancy"),
-        proposer_schedule=ChunkSchedule.parse(args.proposer_schedule, "proposer_schedule"),
-        aggregator_schedule=ChunkSchedule.parse(args.aggregator_schedule, "aggregator_schedule"),
-        scope=args.scope, max_wait_s=args.max_wait_s, ttft_target_s=getattr(args, "ttft_target_s", 1.0)) if names else []
-    policies += [_policy_from_json(text) for text in getattr(args, "policy_config", None) or []]
-    if not policies:
-        raise ConfigError("policies", args.policies, "at least one policy (names, or --policy-config)")
-    if len({p.name for p in policies}) != len(policies):
-        raise ConfigError("policies", [p.name for p in policies], "each policy name once (give a config its own name)")
-    for policy in policies:
-        policy.validate_for(topology)
-    return topology, policies
-
-
-def _policy_from_json(text: str) -> Policy:
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError("policy-config", text, f"a JSON object ({err.msg})") from None
-    return policy_from_dict(raw)
-
-
-def parse_int_list(text: str, field: str, minimum: int = 0) -> list[int]:
-    try:
-        values = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise ConfigError(field, text, f"comma-separated integers >= {minimum}") from None
-    if not values or any(v < minimum for v in values):
-        raise ConfigError(field, text, f"comma-separated integers >= {minimum}")
-    return values
+    return topology_and_policies_from_values(vars(args))

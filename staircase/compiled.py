@@ -23,8 +23,9 @@ import sys
 import warnings
 from pathlib import Path
 
-COMPILED = ("sim.engine", "sim.simulate", "staircase.driver", "staircase.scheduler", "staircase.policy",
-            "staircase.adaptive", "staircase.prompts", "staircase.metrics", "staircase.topology")
+COMPILED = ("sim.engine", "sim.simulate", "staircase.driver", "staircase.scheduler", "staircase.policies.base",
+            "staircase.policies.fixed", "staircase.policies.adaptive", "staircase.policies.registry",
+            "staircase.prompts", "staircase.metrics", "staircase.topology")
 PURE_ENV = "STAIRCASE_PURE"
 
 
@@ -76,8 +77,8 @@ class _CurrentSourceFinder:
                 break
         else:
             return None
-        if self.compiled is None:
-            self.compiled = self._all_current(py.parents[1])
+        if self.compiled is None:  # the project's root: as many folders up as the name has dots
+            self.compiled = self._all_current(py.parents[fullname.count(".")])
         return None if self.compiled else importlib.util.spec_from_file_location(fullname, py)
 
     @staticmethod

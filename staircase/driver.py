@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from .metrics import request_metrics
-from .policy import Policy
+from .policies.base import Policy
 from .prompts import TextPieces, Tokenizer
 from .scheduler import (Cancel, Done, Emit, Failed, Finished, Generate, NextChunk, Query, Scheduler, SetTimer,
                         TimerFired)

@@ -22,7 +22,7 @@ from typing import Callable
 from enum import StrEnum
 
 from .errors import ConfigError, ProtocolError
-from .policy import ConsumerView, DecisionKind, Policy, StreamView
+from .policies.base import ConsumerView, DecisionKind, Policy, StreamView
 from .prompts import ConsumerPrompts, Piece, Prompt, TextPieces, Tokenizer, query_piece, source_prompt
 from .topology import Node, Topology
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import random
 import zlib
 
-from staircase.policy import Decision, DecisionKind, StaircasePolicy, StreamView
+from staircase.policies import Decision, DecisionKind, StaircasePolicy, StreamView
 
 
 class RandomChunksPolicy(StaircasePolicy):

@@ -1,4 +1,4 @@
-"""The adaptive staircase policies (``staircase.adaptive``) on the real simulator and
+"""The adaptive staircase policies (``staircase.policies.adaptive``) on the real simulator and
 the bare scheduler. Their invariants under random event orders are in
 ``test_scheduler_stateful.py``; here: what each promises, and what it adds."""
 
@@ -9,10 +9,10 @@ import pytest
 from sim.profile import load_profile
 from sim.simulate import simulate
 from sim.workload import Workload
-from staircase.adaptive import (ADAPTIVE_POLICIES, LoadAwareStaircasePolicy, SmoothStaircasePolicy,
+from staircase.policies import (ADAPTIVE_POLICIES, LoadAwareStaircasePolicy, SmoothStaircasePolicy,
                                 StragglerStaircasePolicy)
 from staircase.errors import ConfigError
-from staircase.policy import POLICY_KINDS, PolicyConfig, StaircasePolicy, WaitAllPolicy
+from staircase.policies import POLICY_KINDS, PolicyConfig, StaircasePolicy, config_from_dict, WaitAllPolicy
 from staircase.scheduler import Chunk, Generate, Query, Scheduler, SetTimer, TimerFired
 from staircase.topology import moa
 
@@ -30,7 +30,7 @@ def test_adaptive_policies_are_data_with_knobs(cls):
     assert POLICY_KINDS[cls.KIND] is cls
     policy = cls(redundancy=1)
     config = policy.config()
-    assert PolicyConfig.from_dict(config.to_dict()).build().config() == config
+    assert config_from_dict(config.to_dict()).build().config() == config
     own = set(cls.PARAMS) - set(StaircasePolicy.PARAMS)
     assert own and own <= {k.name for k in cls.KNOBS}  # the search sees every new parameter
 
@@ -103,7 +103,7 @@ def test_ttft_target_policy_reads_the_most_context_that_fits_its_target():
     """On the calibrated CPU profile at light load: every TTFT within the target, and
     more context at the first token than the paper's staircase; a target already missed
     goes with any input in hand (no later than the staircase)."""
-    from staircase.adaptive import TTFTTargetStaircasePolicy
+    from staircase.policies import TTFTTargetStaircasePolicy
 
     paper = run(StaircasePolicy(redundancy=1)).requests
     # first_token_s: the profile's aggregator call-to-first-token (overhead, queue, prefill) is up to ~0.65 s here

@@ -9,7 +9,7 @@ import pytest
 from sim.profile import load_profile
 from sim.simulate import simulate
 from sim.workload import Workload
-from staircase.policy import StaircasePolicy, WaitAllPolicy
+from staircase.policies import StaircasePolicy, WaitAllPolicy
 from staircase.topology import moa
 
 

@@ -29,7 +29,7 @@ from sim.simulate import simulate
 from sim.workload import Workload
 from staircase.cli import TOPOLOGY_POLICY_KEYS, topology_and_policies
 from staircase.errors import ConfigError
-from staircase.policy import SinglePolicy, make_policies
+from staircase.policies import SinglePolicy, make_policies
 from staircase.topology import moa
 
 REPO = Path(__file__).resolve().parents[1]

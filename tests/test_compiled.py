@@ -24,7 +24,7 @@ from sim.profile import load_profile
 from sim.simulate import simulate
 from sim.workload import Workload
 from staircase import compiled
-from staircase.policy import policy_from_dict
+from staircase.policies import policy_from_dict
 from staircase.topology import moa
 kinds = [{"kind": "staircase", "redundancy": 2}, {"kind": "staircase", "layout": "session"}, {"kind": "wait-all"},
          {"kind": "staircase-straggler"}, {"kind": "staircase-smooth"}, {"kind": "staircase-load"},

@@ -9,7 +9,7 @@ import pytest
 
 from staircase.errors import ConfigError, ProtocolError
 from staircase.metrics import itl_samples, request_metrics, weighted_percentile
-from staircase.policy import (ChunkSchedule, ConsumerView, DeadlineStaircasePolicy, SinglePolicy,
+from staircase.policies import (ChunkSchedule, ConsumerView, DeadlineStaircasePolicy, SinglePolicy,
                               StaircasePolicy, WaitAllPolicy, make_policies)
 from staircase.prompts import ApproxTokenizer, ConsumerPrompts, Piece, TextPieces, query_piece
 from staircase.scheduler import Chunk, Finished, Generate, Query, Scheduler, TimerFired

@@ -18,7 +18,7 @@ from live.watchdog import StallLimits
 from sim.profile import load_profile
 from sim.simulate import simulate
 from sim.workload import Request
-from staircase.policy import SinglePolicy, StaircasePolicy, WaitAllPolicy
+from staircase.policies import SinglePolicy, StaircasePolicy, WaitAllPolicy
 from staircase.topology import mad, moa
 
 LENGTH = 40  # every node's natural answer, in tokens

@@ -24,7 +24,7 @@ from live.prompts import load_prompts  # noqa: E402
 from live.runner import LiveRunner  # noqa: E402
 from live.watchdog import StallLimits  # noqa: E402
 from staircase.errors import ConfigError  # noqa: E402
-from staircase.policy import StaircasePolicy, WaitAllPolicy  # noqa: E402
+from staircase.policies import StaircasePolicy, WaitAllPolicy  # noqa: E402
 from staircase.topology import moa  # noqa: E402
 
 pytestmark = pytest.mark.live
@@ -111,7 +111,7 @@ def test_session_context_is_the_rendered_prompt_and_what_was_sampled(loop, engin
     session's tokens decode to the last prompt as rendered plus the answer since (whatever
     the model says), a later step keeps all but the last sampled token, and a prompt that
     does not extend the session is refused."""
-    from live.session import VLLMSession
+    from live.engines import VLLMSession
     from staircase.prompts import ConsumerPrompts, Piece, TextPieces, query_piece
 
     texts = TextPieces(engine)
@@ -161,7 +161,7 @@ def test_session_layout_on_the_real_engine(loop, engine):
 
 
 def test_session_layout_needs_engines_that_keep_sessions(loop):
-    from live.replay import ReplayEngine
+    from live.engines import ReplayEngine
 
     replay = ReplayEngine({})
     runner = LiveRunner(slots([replay] * 2, replay), moa(2))

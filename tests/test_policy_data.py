@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from staircase.errors import ConfigError
-from staircase.policy import (POLICY_KINDS, DeadlineStaircasePolicy, PolicyConfig, StaircasePolicy, make_policies,
+from staircase.policies import (POLICY_KINDS, DeadlineStaircasePolicy, PolicyConfig, StaircasePolicy, config_from_dict, config_of, make_policies,
                               policy_from_dict)
 from staircase.topology import mad, moa, topology_from_config
 
@@ -26,7 +26,7 @@ def test_every_policy_round_trips_through_its_config(policy):
     again = policy_from_dict(d)
     assert type(again) is type(policy) and again.describe() == policy.describe()
     assert again.config() == policy.config() and hash(again.config()) == hash(policy.config())
-    assert PolicyConfig.from_dict(policy.config().to_dict()).build().name == policy.name
+    assert config_from_dict(policy.config().to_dict()).build().name == policy.name
 
 
 def test_config_keys_are_stable_and_tell_candidates_apart():
@@ -34,7 +34,7 @@ def test_config_keys_are_stable_and_tell_candidates_apart():
     assert a.key() == StaircasePolicy(redundancy=1).config().key() and len(a.key()) == 16
     assert len({p.config().key() for p in ALL}) == len(ALL)
     assert len({p.config() for p in ALL}) == len(ALL)  # hashable, distinct
-    built = PolicyConfig.of("staircase", redundancy=2, proposer_schedule=[8, 64], layout="standard").build()
+    built = config_of("staircase", redundancy=2, proposer_schedule=[8, 64], layout="standard").build()
     assert built.redundancy == 2 and built.proposer_schedule.sizes == (8, 64) and built.name == "staircase-standard-r2"
 
 
@@ -49,7 +49,7 @@ def test_bad_policy_configs_name_the_field():
     with pytest.raises(ConfigError, match="policy.kind: got 'magic'; allowed: staircase, staircase-deadline"):
         policy_from_dict({"kind": "magic"})
     with pytest.raises(ConfigError, match="policy.colour: got 'red'; allowed: parameters of staircase"):
-        PolicyConfig.of("staircase", colour="red")
+        config_of("staircase", colour="red")
     with pytest.raises(ConfigError, match="redundancy: got -1"):
         policy_from_dict({"kind": "staircase", "redundancy": -1})
 

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from live.engines import EngineError, Sampling
-from live.replay import ReplayEngine
+from live.engines import ReplayEngine
 from quality.data import PROBE_KEY, alpaca_items, gsm8k_items, probe_items, with_key
 from quality.run import QualitySpec, first_chunk_policies, runs_of
 from quality.scores import exact_match, key_retained, last_number

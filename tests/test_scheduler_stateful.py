@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from adaptive import RandomChunksPolicy
-from staircase.adaptive import (LoadAwareStaircasePolicy, SmoothStaircasePolicy, StragglerStaircasePolicy,
+from staircase.policies import (LoadAwareStaircasePolicy, SmoothStaircasePolicy, StragglerStaircasePolicy,
                                 TTFTTargetStaircasePolicy)
-from staircase.policy import ChunkSchedule, SinglePolicy, StaircasePolicy, WaitAllPolicy
+from staircase.policies import ChunkSchedule, SinglePolicy, StaircasePolicy, WaitAllPolicy
 from staircase.prompts import _keyed
 from staircase.scheduler import (Cancel, Chunk, Done, Emit, Failed, Finished, Generate, NextChunk, Query,
                                  Scheduler, SetTimer, TimerFired)

@@ -24,7 +24,7 @@ from search.run import SearchConfig, make_scenarios, run_search
 from search.space import SearchSpace, schedule_sizes
 from sim.workload import Workload
 from staircase.errors import ConfigError
-from staircase.policy import POLICY_KINDS, Knob, StaircasePolicy
+from staircase.policies import POLICY_KINDS, Knob, StaircasePolicy
 from staircase.topology import moa
 
 STAIRCASE = [sys.executable, "-m", "staircase"]

@@ -61,3 +61,138 @@ def test_no_function_over_40_lines_outside_the_tests():
                 if lines > MAX_FUNCTION_LINES:
                     long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, "split by job: " + "; ".join(long)
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _project_modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in _sources(*PACKAGES)}
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """module -> the project modules it imports (anywhere in the file, functions included;
+    ``from pkg import name`` counts as pkg.name when that is a module, else as pkg)."""
+    modules = _project_modules()
+    graph = {}
+    for name, path in modules.items():
+        out = set()
+        for imported in _imports_of(path, name):
+            while imported and imported not in modules:
+                imported = imported.rpartition(".")[0]
+            if imported and imported != name:
+                out.add(imported)
+        graph[name] = out
+    return graph
+
+
+def _imports_of(path: Path, module: str) -> set[str]:
+    is_package = path.name == "__init__.py"
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = module.split(".")
+                anchor = anchor[:len(anchor) - node.level + (1 if is_package else 0)]
+                base = ".".join(anchor + ([base] if base else []))
+            out |= {f"{base}.{a.name}" for a in node.names}
+    return out
+
+
+def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle, as a path of module names, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_no_import_circles():
+    graph = _import_graph()
+    assert "staircase.policies.registry" in graph["staircase.policies"]  # the walk sees relative imports
+    circle = _cycle(graph)
+    assert circle is None, "import circle: " + " -> ".join(circle)
+
+
+def test_the_cycle_finder_finds_one():
+    assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert _cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_only_the_registry_imports_every_policy_kind():
+    graph = _import_graph()
+    kinds = {"staircase.policies.fixed", "staircase.policies.adaptive"}
+    importers = {m for m, deps in graph.items() if kinds <= deps}
+    assert importers == {"staircase.policies.registry"}
+
+
+def _is_cli_module(path: Path) -> bool:
+    return path.name == "cli.py"
+
+
+def test_no_namespace_outside_cli_modules():
+    """Library code takes typed configs or plain values; only a command's cli.py reads
+    argparse's Namespace."""
+    bad = []
+    for path in _sources(*PACKAGES):
+        if not _is_cli_module(path) and "Namespace" in path.read_text():
+            bad.append(str(path.relative_to(ROOT)))
+    assert not bad, f"argparse.Namespace outside CLI modules: {bad}"
+
+
+# Each module is imported in a child forked from an interpreter that has imported no project
+# module (third-party libraries are loaded once, before the forks, to keep this fast).
+_FRESH_IMPORTS = """
+import importlib, os, sys, traceback
+for lib in ("numpy", "pandas", "scipy.stats", "simpy", "matplotlib", "seaborn"):
+    try:
+        importlib.import_module(lib)
+    except ImportError:
+        pass
+assert not any(m.split(".")[0] in {packages} for m in sys.modules)
+failed = 0
+for module in sys.argv[1:]:
+    pid = os.fork()
+    if pid == 0:
+        try:
+            importlib.import_module(module)
+        except BaseException:
+            print(module, traceback.format_exc(limit=3), sep="\\n", flush=True)
+            os._exit(1)
+        os._exit(0)
+    failed += os.waitpid(pid, 0)[1] != 0
+sys.exit(1 if failed else 0)
+"""
+
+
+def test_every_module_imports_first_in_a_fresh_interpreter():
+    """A script whose first import is any module of the project can start (an import
+    circle shows here as an ImportError from a partially initialised module)."""
+    import subprocess
+    import sys
+
+    modules = sorted(m for m in _project_modules() if not m.endswith("__main__"))  # it runs the command
+    code = _FRESH_IMPORTS.replace("{packages}", repr(set(PACKAGES)))
+    done = subprocess.run([sys.executable, "-c", code, *modules], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]

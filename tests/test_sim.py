@@ -13,7 +13,7 @@ from sim.profile import load_profile, parse_profile
 from sim.simulate import simulate, simulate_policies
 from sim.workload import Request, Workload
 from sessions import later_session_steps
-from staircase.policy import (DeadlineStaircasePolicy, SinglePolicy, StaircasePolicy, WaitAllPolicy,
+from staircase.policies import (DeadlineStaircasePolicy, SinglePolicy, StaircasePolicy, WaitAllPolicy,
                               make_policies)
 from staircase.prompts import ConsumerPrompts, Piece, TextPieces, query_piece, source_prompt
 from staircase.scheduler import Scheduler

@@ -23,13 +23,13 @@ from typing import AsyncIterator
 
 from staircase.prompts import Prompt
 
-from .engines import Delta, EngineError, Sampling, VLLMEngine
+from .base import Delta, Engine, EngineError, Sampling
 
 
 class VLLMSession:
     """One consumer node's session on a ``VLLMEngine``; its steps run one at a time."""
 
-    def __init__(self, engine: VLLMEngine, request_id: str):
+    def __init__(self, engine: Engine, request_id: str):  # a VLLMEngine (live.engines.inprocess)
         self.engine = engine
         self.request_id = request_id
         self.inputs: asyncio.Queue = asyncio.Queue()  # StreamingInput, then None: no more input

@@ -30,7 +30,7 @@ from typing import AsyncIterator, Callable, Mapping
 from staircase.errors import ConfigError
 from staircase.prompts import Prompt
 
-from .engines import Delta, Engine, EngineError, Sampling
+from .base import Delta, Engine, EngineError, Sampling
 
 _APPROX_PIECES = re.compile(r"\s*\S{1,4}|\s+$")
 

@@ -1,6 +1,6 @@
 """Adaptive staircase policies: they watch the streams of the request (token rates,
 the spread of input arrivals) and the load on the engines, through the protocol of
-``staircase.policy`` (``new_state``, ``chunk_tokens`` with ``ADAPTIVE_CHUNKS``,
+``staircase.policies.base`` (``new_state``, ``chunk_tokens`` with ``ADAPTIVE_CHUNKS``,
 ``Decision.tokens``, ``view.load``), so the simulator and the live runner run them as
 they are.
 
@@ -21,10 +21,10 @@ they are.
 
 from __future__ import annotations
 
-from .errors import ConfigError
-from .policy import (FINAL, STEP, WAIT, ConsumerView, Decision, DecisionKind, Knob, StaircasePolicy, StreamView,
-                     UpstreamView)
-from .topology import Topology
+from ..errors import ConfigError
+from ..topology import Topology
+from .base import FINAL, STEP, WAIT, ConsumerView, Decision, DecisionKind, Knob, StreamView, UpstreamView
+from .fixed import StaircasePolicy
 
 
 def _number(field: str, value: object, low: float, high: float, integer: bool = False):

@@ -1,0 +1,44 @@
+"""One way to start and stop the engines of a run, for every command.
+
+``open_engines`` checks the config, builds its engines, starts the processes the
+engines own (``serve``) and announces the machine and each engine's settings; on the
+way out, however the block ends (an error, Ctrl-C), it stops those processes. Engines
+that live in this process (``vllm``, ``http``, ``replay``) start in the caller's event
+loop (``LiveRunner.start``) and are closed there.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
+from staircase.topology import Topology
+
+from ..machine import announce_machine
+from .config import EngineSet, engines_from_config
+from .serve import ServeEngine
+
+
+def quiet_vllm_logs() -> None:
+    """Keep stdout for the table or the JSON object: vLLM logs to stderr, warnings only."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+
+
+@contextmanager
+def open_engines(raw: dict, topology: Topology, dtype: str | None = None) -> Iterator[EngineSet]:
+    """The engines of ``raw`` with their processes running; ``.machine`` holds what
+    ``config.json`` records (``machine``, ``engine_settings``)."""
+    quiet_vllm_logs()
+    engines = engines_from_config(raw, topology, dtype)
+    owned = [e for e in engines.by_name.values() if isinstance(e, ServeEngine)]
+    try:
+        for engine in owned:
+            if engine in engines.used:
+                engine.launch()
+        engines.machine = announce_machine(engines.used)
+        yield engines
+    finally:
+        for engine in owned:
+            engine.terminate()

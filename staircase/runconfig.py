@@ -1,0 +1,65 @@
+"""A run's topology and policies from the shared options as plain values.
+
+``staircase sim`` and ``staircase live`` parse these options (``staircase.cli``
+adds them to a parser); runs recorded before topology and policy configs were written
+keep them as ``cli_args`` in ``config.json``, and ``staircase validate`` rebuilds
+those runs from that mapping with the same function.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Mapping
+
+from .errors import ConfigError
+from .policies import ChunkSchedule, Policy, make_policies, policy_from_dict
+from .topology import Topology, build
+
+TOPOLOGY_POLICY_KEYS = ("topology", "proposers", "layers", "agents", "rounds", "policies", "redundancy", "scope",
+                        "proposer_schedule", "aggregator_schedule", "max_wait_s", "ttft_target_s", "policy_config")
+
+
+def parse_int_list(text: str, field: str, minimum: int = 0) -> list[int]:
+    """``"0,1,2"`` -> [0, 1, 2]; a ConfigError naming ``field`` otherwise."""
+    try:
+        values = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise ConfigError(field, text, f"comma-separated integers >= {minimum}") from None
+    if not values or any(v < minimum for v in values):
+        raise ConfigError(field, text, f"comma-separated integers >= {minimum}")
+    return values
+
+
+def topology_from_values(values: Mapping) -> Topology:
+    """The topology of the options ``topology``, ``proposers``, ``layers``, ``agents``, ``rounds``."""
+    return build(values["topology"], proposers=values["proposers"], layers=values["layers"],
+                 agents=values["agents"], rounds=values["rounds"])
+
+
+def policy_from_json(text: str) -> Policy:
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError("policy-config", text, f"a JSON object ({err.msg})") from None
+    return policy_from_dict(raw)
+
+
+def topology_and_policies_from_values(values: Mapping) -> tuple[Topology, list[Policy]]:
+    """Build and check the topology and policies of ``TOPOLOGY_POLICY_KEYS``' values."""
+    topology = topology_from_values(values)
+    names = [n for n in values["policies"].split(",") if n.strip()]
+    policies = make_policies(
+        names,
+        redundancies=parse_int_list(values["redundancy"], "redundancy"),
+        proposer_schedule=ChunkSchedule.parse(values["proposer_schedule"], "proposer_schedule"),
+        aggregator_schedule=ChunkSchedule.parse(values["aggregator_schedule"], "aggregator_schedule"),
+        scope=values["scope"], max_wait_s=values["max_wait_s"],
+        ttft_target_s=values.get("ttft_target_s", 1.0)) if names else []
+    policies += [policy_from_json(text) for text in values.get("policy_config") or []]
+    if not policies:
+        raise ConfigError("policies", values["policies"], "at least one policy (names, or --policy-config)")
+    if len({p.name for p in policies}) != len(policies):
+        raise ConfigError("policies", [p.name for p in policies], "each policy name once (give a config its own name)")
+    for policy in policies:
+        policy.validate_for(topology)
+    return topology, policies
