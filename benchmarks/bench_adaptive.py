@@ -67,11 +67,9 @@ def markdown(frame: pd.DataFrame) -> str:
 
 
 def plot_sweep(sweep: pd.DataFrame, path: Path) -> None:
-    import matplotlib
+    from staircase.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import seaborn as sns
-    from matplotlib import pyplot as plt
+    plt, sns = pyplot()
 
     long = sweep.melt(id_vars=["load", "policy"], value_vars=["ttft_p50_s", "e2e_p50_s", "stall_p50_s"],
                       var_name="metric", value_name="seconds")

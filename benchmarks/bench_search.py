@@ -56,7 +56,7 @@ def on_ray(folder: Path, policies: int, requests: int) -> tuple[float, list]:
     ray = Path(sys.executable).parent / "ray"
     port = free_port()
     subprocess.run([str(ray), "start", "--head", "--num-cpus=2", f"--port={port}", "--include-dashboard=false",
-                    "--disable-usage-stats"], check=True, capture_output=True)
+                    "--disable-usage-stats", "--node-ip-address=127.0.0.1"], check=True, capture_output=True)
     try:
         return timed_search(folder, policies, requests, ray=f"127.0.0.1:{port}")
     finally:

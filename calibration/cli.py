@@ -225,13 +225,10 @@ def fit_table(fits) -> str:
 def plot_fit(fits, path: Path) -> Path:
     """Measured points and fitted curves: first-token wait vs uncached tokens, and
     time per decode iteration vs batch size (coloured by context)."""
-    import matplotlib
+    from staircase.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
+    plt, sns = pyplot()
 
-    sns.set_theme(style="whitegrid")
     fig, axes = plt.subplots(len(fits), 2, figsize=(11, 4 * len(fits)), squeeze=False)
     for i, (e, f) in enumerate(fits.items()):
         pp, dp = f.data["prefill_points"], f.data["decode_points"]

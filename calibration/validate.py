@@ -339,13 +339,10 @@ def target_checks(table: pd.DataFrame) -> pd.DataFrame:
 
 def plot_cdfs(live: dict[str, pd.DataFrame], sim: dict[str, pd.DataFrame], path: Path, title: str) -> Path:
     """Simulated vs live CDFs: one column per policy, one row per timing metric."""
-    import matplotlib
+    from staircase.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
+    plt, sns = pyplot()
 
-    sns.set_theme(style="whitegrid")
     names = list(sim)
     fig, axes = plt.subplots(len(TIMING_METRICS), len(names), figsize=(4.2 * len(names), 2.8 * len(TIMING_METRICS)),
                              squeeze=False)

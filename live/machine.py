@@ -7,11 +7,11 @@ one; runs record it in their ``config.json`` and profiles in their ``machine`` k
 and the README):
 
 - GPU: ``auto`` (the model's own dtype), no CPU thread binding.
-- CPU with AMX (``amx_bf16``): bfloat16, about 5x faster to prefill than float32 (MODELS.md).
+- CPU with AMX (``amx_bf16``): bfloat16, about 5x faster to prefill than float32 (docs/guides/machines.md).
 - CPU with AVX-512 BF16, no AMX (AMD Zen 4/5): bfloat16; measured on an AMD EPYC
   (family 26): prefill 1.6x, decode 1.3-1.4x faster than float32.
 - CPU without native bf16 (AVX2, or AVX-512 without BF16): float32; bf16 is emulated
-  there: prefill about 6x slower than float32 on an AVX2 AMD EPYC (MODELS.md), 3.3x
+  there: prefill about 6x slower than float32 on an AVX2 AMD EPYC (docs/guides/machines.md), 3.3x
   slower with torch capped at AVX2 on the EPYC above.
 
 ``--dtype`` (or ``STAIRCASE_DTYPE``) overrides the choice.

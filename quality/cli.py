@@ -38,7 +38,8 @@ from staircase.errors import ConfigError
 from staircase.policies import LAYOUTS, make_policies, policy_from_dict
 from staircase.topology import moa
 
-from .data import POSITIONS, SETS
+from .data import POSITIONS
+from .sets import SETS
 from .run import QualitySpec, first_chunk_policies
 
 

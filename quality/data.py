@@ -19,7 +19,6 @@ from live.prompts import DATA as LIVE_DATA
 from staircase.errors import ConfigError
 
 DATA = Path(__file__).parent / "data"
-SETS = ("gsm8k", "alpaca_eval", "probe")
 POSITIONS = ("early", "middle", "last", "absent")  # "absent": the control, no key anywhere
 GSM8K_INSTRUCTION = "\n\nSolve the problem step by step, then give the final answer as a number on the last line."
 PROBE_QUERY = "What is the secret code?"

@@ -9,18 +9,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from staircase.plotting import pyplot
+
 from .run import REFERENCE
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
-
-    sns.set_theme(style="whitegrid")
-    return plt, sns
 
 
 def _log_x(ax) -> None:
@@ -35,7 +28,7 @@ def _log_x(ax) -> None:
 
 def plot_quality(summary: pd.DataFrame, metrics: pd.DataFrame, path: Path) -> Path:
     """TTFT p50 (x, log) against each metric's mean (y) with its interval."""
-    plt, sns = _pyplot()
+    plt, sns = pyplot()
     names = list(dict.fromkeys(metrics["metric"])) or ["(no scores)"]
     cols = min(3, len(names))
     rows = -(-len(names) // cols)
@@ -72,7 +65,7 @@ def plot_quality(summary: pd.DataFrame, metrics: pd.DataFrame, path: Path) -> Pa
 def plot_retention(table: pd.DataFrame, path: Path) -> Path:
     """Key retention per position against the context tokens read before the first
     aggregator token (probe traces), one line per position; wait-all reads everything."""
-    plt, sns = _pyplot()
+    plt, sns = pyplot()
     t = table[table["metric"].str.startswith("retention") | (table["metric"] == "false_key")].copy()
     fig, ax = plt.subplots(figsize=(8.5, 4.5))
     if len(t):

@@ -32,11 +32,11 @@ from staircase.report import _clean, summary_frame
 
 from .data import Item
 from .run import REFERENCE, Collected, QualitySpec, noise_name
-from .scores import Embedder, exact_match, key_retained
+from .scores import Embedder
+from .sets import QUALITY_SETS, lower_is_better
 from .stats import mean_interval, paired_difference
 
 LATENCY = ("ttft_p50_s", "ttft_p90_s", "e2e_p50_s", "longest_stall_p50_s", "context_tokens_p50")
-HIGHER_IS_BETTER_EXCEPT = ("false_key",)
 
 
 def score_answers(answers: pd.DataFrame, items: Mapping[str, Item], embedder: Embedder | None) -> pd.DataFrame:
@@ -45,11 +45,8 @@ def score_answers(answers: pd.DataFrame, items: Mapping[str, Item], embedder: Em
     ok = answers.assign(answer_text=answers["answer_text"].where(answers["outcome"] == "ok", ""))
     for r in ok.itertuples():
         item = items[r.prompt_id]
-        if item.set == "gsm8k":
-            rows.append((r.policy, r.prompt_id, r.set, "exact_match", exact_match(r.answer_text, item.reference)))
-        elif item.set == "probe":
-            metric = "false_key" if item.position == "absent" else f"retention:{item.position}"
-            rows.append((r.policy, r.prompt_id, r.set, metric, key_retained(r.answer_text, item.key)))
+        for metric, value in QUALITY_SETS[item.set].scores(r.answer_text, item):
+            rows.append((r.policy, r.prompt_id, r.set, metric, value))
     scores = pd.DataFrame(rows, columns=["policy", "prompt_id", "set", "metric", "value"])
     if embedder is not None:
         scores = pd.concat([scores, _similarities(ok, items, embedder)], ignore_index=True)
@@ -58,10 +55,10 @@ def score_answers(answers: pd.DataFrame, items: Mapping[str, Item], embedder: Em
 
 def _similarities(ok: pd.DataFrame, items: Mapping[str, Item], embedder: Embedder) -> pd.DataFrame:
     """reference_similarity (AlpacaEval) and agreement with wait-all (real sets)."""
-    real = ok[ok["set"] != "probe"]
+    real = ok[~ok["set"].map(lambda s: QUALITY_SETS[s].REPLAYED).astype(bool)]
     ref = real[real["policy"] == REFERENCE].set_index("prompt_id")["answer_text"]
     frames = []
-    alpaca = real[real["set"] == "alpaca_eval"]
+    alpaca = real[real["set"].map(lambda s: QUALITY_SETS[s].REFERENCE_SIMILARITY).astype(bool)]
     if len(alpaca):
         sims = embedder.similarity(list(alpaca["answer_text"]), [items[p].reference for p in alpaca["prompt_id"]])
         frames.append(alpaca[["policy", "prompt_id", "set"]].assign(metric="reference_similarity", value=sims))
@@ -92,11 +89,12 @@ def metric_rows(scores: pd.DataFrame, policy: str, noise: str, resamples: int) -
         else:
             base = noise if metric == "agreement" else REFERENCE
             diff = paired_difference(*_paired(scores, metric, policy, base), resamples) if policy != base else None
+        sets = scores.loc[scores["metric"] == metric, "set"].unique()
         row = {"policy": policy, "metric": metric, "mean": own.mean, "low": own.low, "high": own.high, "n": own.n,
-               "baseline": base}
+               "baseline": base, "replayed": any(s in QUALITY_SETS and QUALITY_SETS[s].REPLAYED for s in sets)}
         if diff is not None:
             row.update(diff_mean=diff.mean, diff_low=diff.low, diff_high=diff.high)
-            row["drop"] = bool(metric not in HIGHER_IS_BETTER_EXCEPT and diff.n > 1 and diff.high < 0)
+            row["drop"] = bool(not lower_is_better(metric) and diff.n > 1 and diff.high < 0)
         out.append(row)
     return out
 
@@ -153,7 +151,7 @@ def quality_table(collected: Collected, metrics: pd.DataFrame, policies_by_name:
             ok = t.requests[t.requests["outcome"] == "ok"]
             context[(name, kind)] = float(ok["context_tokens"].median()) if len(ok) else math.nan
     out = metrics.copy()
-    kind = np.where(out["metric"].str.startswith(("retention", "false_key")), "probe", "real")
+    kind = np.where(out["replayed"].astype(bool), "probe", "real")
     out["context_tokens_p50"] = [context.get((p, k), math.nan) for p, k in zip(out["policy"], kind)]
     out["first_chunk"] = [_first_chunk(policies_by_name.get(p)) for p in out["policy"]]
     cols = ["policy", "first_chunk", "context_tokens_p50", "metric", "mean", "low", "high", "n", "baseline",

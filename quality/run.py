@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 from dataclasses import asdict, dataclass, field, replace
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import pandas as pd
 
@@ -33,7 +33,8 @@ from staircase.topology import Topology, moa
 from staircase.trace import Trace
 
 from .judge import judge_answers
-from .data import POSITIONS, SETS, Item, alpaca_items, check_positions, gsm8k_items, probe_items
+from .data import POSITIONS, Item, check_positions
+from .sets import QUALITY_SETS, SETS
 
 REFERENCE = "wait-all"
 NOISE_SCOPES = ("aggregator", "all")
@@ -82,14 +83,8 @@ class QualitySpec:
         return self
 
     def items(self) -> list[Item]:
-        out: list[Item] = []
-        if "gsm8k" in self.sets:
-            out += gsm8k_items(self.prompts, self.skip)
-        if "alpaca_eval" in self.sets:
-            out += alpaca_items(self.prompts, self.skip)
-        if "probe" in self.sets:
-            out += probe_items(self.probe_items, tuple(self.positions), self.proposers, self.seed)
-        return out
+        """The items of every set of the run, in the sets' order (``QUALITY_SETS``)."""
+        return [item for name, s in QUALITY_SETS.items() if name in self.sets for item in s.items(self)]
 
     def describe(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -157,8 +152,8 @@ async def collect(engines: dict[str, Engine], spec: QualitySpec, policies: Seque
     spec.check()
     topology = topology or moa(spec.proposers)
     items = spec.items()
-    real = [it for it in items if it.set != "probe"]
-    probe = [it for it in items if it.set == "probe"]
+    real = [it for it in items if not QUALITY_SETS[it.set].REPLAYED]
+    probe = [it for it in items if QUALITY_SETS[it.set].REPLAYED]
     if probe and (topology.kind != "moa" or topology.params.get("layers") != 1
                   or topology.params.get("proposers") != spec.proposers):
         raise ConfigError("topology", topology.describe(),
@@ -176,7 +171,7 @@ async def collect(engines: dict[str, Engine], spec: QualitySpec, policies: Seque
             if on_trace is not None:
                 on_trace("probe" if its is probe else "real", trace)
         out.runs.append((policy.name, seed))
-    out.answers = answers_frame(out)
+    out.answers = answers_frame(out, {it.prompt_id: it.set for it in items})
     if judge is not None and real:
         out.judged = await judge_answers(judge, out.answers, {it.prompt_id: it.query for it in real}, REFERENCE,
                                          spec.concurrency)
@@ -205,14 +200,14 @@ def _runners(engines, topology: Topology, spec: QualitySpec, sampling: Sampling,
     return runners
 
 
-def answers_frame(collected: Collected) -> pd.DataFrame:
+def answers_frame(collected: Collected, set_of: Mapping[str, str]) -> pd.DataFrame:
     """One row per answer (policy, prompt) from the request rows of the real sets' and
-    the probe's traces."""
+    the probe's traces; ``set_of``: prompt id -> the name of the set its item is from."""
     frames = []
     for t in [*collected.traces.values(), *collected.probe_traces.values()]:
         df = t.requests.copy()
         df["policy"] = t.policy
-        df["set"] = df["prompt_id"].astype(str).str.split("/").str[0]
+        df["set"] = df["prompt_id"].map(set_of)
         frames.append(df[list(ANSWER_COLUMNS)])
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(ANSWER_COLUMNS))
 
@@ -252,5 +247,5 @@ def load_collected(folder: Path, spec: QualitySpec, policies: Sequence[Policy]) 
             out.runs.append((policy.name, seed))
     if not out.runs:
         raise ConfigError("rescore", str(folder), "a traces folder with at least one finished run")
-    out.answers = answers_frame(out)
+    out.answers = answers_frame(out, {it.prompt_id: it.set for it in spec.items()})
     return out

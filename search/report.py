@@ -83,15 +83,12 @@ def commands(config: dict, cfg: SearchConfig, scenario) -> dict:
 
 def plot(df: pd.DataFrame, front: pd.DataFrame, objectives: list[str], path: Path) -> Path:
     """Per scenario: every candidate on the first two objectives, the front marked."""
-    import matplotlib
+    from staircase.plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
+    plt, sns = pyplot()
 
     x, y = objectives[0], objectives[1] if len(objectives) > 1 else "context_p50"
     scen = list(dict.fromkeys(df["scenario"]))
-    sns.set_theme(style="whitegrid")
     fig, axes = plt.subplots(1, len(scen), figsize=(5.5 * len(scen), 4.5), squeeze=False)
     for ax, name in zip(axes[0], scen):
         d = df[df["scenario"] == name]

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
@@ -229,6 +230,24 @@ def _sampler(cfg: SearchConfig):
     return optuna.samplers.RandomSampler(seed=cfg.seed)
 
 
+def _references(cfg: SearchConfig) -> list[PolicyConfig]:
+    """The reference candidates evaluated first (wait-all, the paper's staircase), of the kinds searched."""
+    return [c for c in baseline_configs(cfg.space.topology) if c.kind in cfg.space.kinds] if cfg.baselines else []
+
+
+def search_budget(cfg: SearchConfig) -> int:
+    """Candidates to evaluate: ``budget``, or for a grid no more than the grid (and the
+    references) holds; a grid smaller than the budget is said on stderr, not filled up
+    with random candidates."""
+    if cfg.method != "grid":
+        return cfg.budget
+    size = len(cfg.space.grid(cfg.grid_points)) + len(_references(cfg))
+    if size < cfg.budget:
+        print(f"search: the grid holds {size} candidates (references included), fewer than --budget "
+              f"{cfg.budget}: evaluating the grid alone", file=sys.stderr)
+    return min(size, cfg.budget)
+
+
 def open_study(cfg: SearchConfig, folder: Path):
     """Create or resume the study in ``folder``; a resumed search marks the trials an
     interruption left running as failed (their finished evaluations are in the store)."""
@@ -245,7 +264,7 @@ def open_study(cfg: SearchConfig, folder: Path):
         if t.state == optuna.trial.TrialState.RUNNING:
             study.tell(t.number, state=optuna.trial.TrialState.FAIL)
     if not trials:
-        first = [c for c in baseline_configs(cfg.space.topology) if c.kind in cfg.space.kinds] if cfg.baselines else []
+        first = _references(cfg)
         for c in first:
             study.enqueue_trial({}, user_attrs={"config": c.to_dict()})
         if cfg.method == "grid":
@@ -297,11 +316,12 @@ def run_search(cfg: SearchConfig, folder: Path, progress: bool | None = None):
     store = Store(folder)
     ex = executor(cfg.workers or os.cpu_count() or 1, cfg.ray)
     done = _finished(study)
-    bar = progress_bar(cfg.budget, "search", progress, unit="policy")
-    bar.update(min(done, cfg.budget))
+    budget = search_budget(cfg)
+    bar = progress_bar(budget, "search", progress, unit="policy")
+    bar.update(min(done, budget))
     try:
-        while done < cfg.budget:
-            n = min(cfg.batch, cfg.budget - done)
+        while done < budget:
+            n = min(cfg.batch, budget - done)
             trials = [study.ask() for _ in range(n)]
             configs = [_candidate(cfg.space, t) for t in trials]
             _evaluate_batch(ex, store, configs, cfg.scenarios, cfg.quality)

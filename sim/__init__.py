@@ -1,3 +1,3 @@
-"""The SimPy simulator (see DESIGN.md)."""
+"""The SimPy simulator (docs/design.md)."""
 
 import staircase  # noqa: F401  (first: its finder keeps a stale compiled module from loading)

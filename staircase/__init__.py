@@ -1,4 +1,4 @@
-"""The shared core (see DESIGN.md)."""
+"""The shared core (docs/design.md)."""
 
 from . import compiled
 

@@ -79,16 +79,13 @@ def summary_json(summary: pd.DataFrame, config: Mapping | None = None) -> dict:
 
 def plot_ttft(traces: Mapping[str, Trace], path: Path) -> Path:
     """ECDF of TTFT per policy (left) and TTFT distributions as boxes (right)."""
-    import matplotlib
+    from .plotting import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import seaborn as sns
+    plt, sns = pyplot()
 
     frames = [t.requests.loc[t.requests["outcome"] == "ok", ["ttft_s"]].assign(policy=name)
               for name, t in traces.items()]
     data = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["ttft_s", "policy"])
-    sns.set_theme(style="whitegrid")
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     if len(data):
         sns.ecdfplot(data=data, x="ttft_s", hue="policy", ax=axes[0])

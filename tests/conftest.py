@@ -1,5 +1,5 @@
 """Fixtures shared by the live test modules: one event loop, the bundled model and one
-in-process vLLM engine per test session (start-up dominates test time; MODELS.md)."""
+in-process vLLM engine per test session (start-up dominates test time; docs/guides/machines.md)."""
 
 from __future__ import annotations
 

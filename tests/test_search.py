@@ -140,7 +140,8 @@ def test_a_local_ray_cluster_gives_the_same_results(tmp_path):
     port = free_port()
     env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     started = subprocess.run([str(ray_bin), "start", "--head", "--num-cpus=2", f"--port={port}",
-                              "--include-dashboard=false", "--disable-usage-stats"],
+                              "--include-dashboard=false", "--disable-usage-stats",
+                              "--node-ip-address=127.0.0.1"],  # the cluster's traffic stays on loopback
                              capture_output=True, text=True, env=env, timeout=300)
     assert started.returncode == 0, started.stderr[-2000:]
     try:
@@ -153,7 +154,7 @@ def test_a_local_ray_cluster_gives_the_same_results(tmp_path):
     assert trial_values(on_ray) == trial_values(serial)
 
 
-def test_grid_budget_and_pareto(tmp_path):
+def test_grid_budget_and_pareto(tmp_path, capsys):
     topo = moa(3)
     scen = make_scenarios([None], topo, Workload("poisson", 30, 0.2, query_tokens=80, output_tokens=32), None,
                           max_tokens=32, seed=0)
@@ -165,10 +166,12 @@ def test_grid_budget_and_pareto(tmp_path):
         run_search(SearchConfig(space, scen, ["ttft_p50", "e2e_p50"], method="grid", budget=2, grid_points=2),
                    tmp_path / "g0")
     assert err.value.field == "budget"
-    cfg = SearchConfig(space, scen, ["ttft_p50", "e2e_p50"], method="grid", budget=len(grid) + 1, workers=1,
+    cfg = SearchConfig(space, scen, ["ttft_p50", "e2e_p50"], method="grid", budget=len(grid) + 5, workers=1,
                        grid_points=2)
     study = run_search(cfg, tmp_path / "g", progress=False)
-    assert len(study.trials) == len(grid) + 1  # the grid and the paper's staircase (wait-all is not searched)
+    # the grid and the paper's staircase (wait-all is not searched); a larger budget is not filled at random
+    assert len(study.trials) == len(grid) + 1
+    assert "evaluating the grid alone" in capsys.readouterr().err
     df = pd.DataFrame({"scenario": "s", "feasible": [True, True, True, False], "ttft_p50": [1, 2, 3, 0.1],
                        "e2e_p50": [3, 2, 4, 0.1]})
     front = pareto(df, ["ttft_p50", "e2e_p50"])

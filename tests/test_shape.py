@@ -1,4 +1,4 @@
-"""The house rules of DESIGN.md, checked on the source: import arrows one way, and no
+"""The house rules of docs/design.md, checked on the source: import arrows one way, and no
 function over 40 lines outside the tests."""
 
 from __future__ import annotations

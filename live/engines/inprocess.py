@@ -18,7 +18,7 @@ from .base import Delta, Engine, EngineError, Sampling
 
 
 def cpu_engine_env(threads: str | None) -> None:
-    """Settings that matter for vLLM's CPU build (see MODELS.md); set before import.
+    """Settings that matter for vLLM's CPU build (docs/guides/machines.md); set before import.
     ``threads``: the cores to bind (``live.machine.engine_settings``); None on a GPU."""
     if threads is not None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
