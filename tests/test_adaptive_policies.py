@@ -12,7 +12,7 @@ from sim.workload import Workload
 from staircase.policies import (ADAPTIVE_POLICIES, LoadAwareStaircasePolicy, SmoothStaircasePolicy,
                                 StragglerStaircasePolicy)
 from staircase.errors import ConfigError
-from staircase.policies import POLICY_KINDS, PolicyConfig, StaircasePolicy, config_from_dict, WaitAllPolicy
+from staircase.policies import POLICY_KINDS, StaircasePolicy, config_from_dict, WaitAllPolicy
 from staircase.scheduler import Chunk, Generate, Query, Scheduler, SetTimer, TimerFired
 from staircase.topology import moa
 

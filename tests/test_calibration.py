@@ -12,7 +12,6 @@ import argparse
 import json
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np

@@ -519,3 +519,28 @@ def test_calibrate_then_validate_on_held_out_runs_cli(tmp_path):
     assert len(data["targets"]) == 6 and (out / "validation.csv").is_file()  # TTFT p50, p90, E2E p50 per policy
     phases = {row["metric"] for row in data["rows"] if row["live_n"]}  # where the error comes from, measured live
     assert {"source_first_token_s", "final_wait_s", "final_first_token_s"} <= phases
+
+
+def test_a_serve_engine_owns_its_process_through_open_engines(loop, engine, model_dir):
+    """``live.engines.open_engines``: a ``serve`` engine's process starts on entry, answers
+    a real request (the engine recorded on every chunk), and is stopped on the way out,
+    also when the block raises."""
+    from live.engines import ServeEngine, open_engines
+
+    raw = {"engines": {"srv": {"kind": "serve", "model": str(model_dir), "threads": "1"}},
+           "slots": {"proposers": ["srv"], "aggregator": "srv"}}
+    with pytest.raises(RuntimeError, match="on purpose"):
+        with open_engines(raw, moa(2)) as engines:
+            (srv,) = engines.used
+            assert isinstance(srv, ServeEngine) and srv.running
+            assert set(engines.machine["engine_settings"]) == {"srv"}
+            runner = LiveRunner(slots([srv, srv], engine), moa(2), max_tokens=16)
+            loop.run_until_complete(runner.start())
+            trace = loop.run_until_complete(runner.run_policy(StaircasePolicy(redundancy=0),
+                                                              load_prompts("mt_bench", 1)))
+            loop.run_until_complete(HTTPEngine.close(srv))  # the client only: the process is the factory's
+            assert trace.requests.iloc[0]["outcome"] == "ok", trace.requests.iloc[0]["error"]
+            proposer_rows = trace.chunks[trace.chunks["role"] != "aggregator"]
+            assert len(proposer_rows) and set(proposer_rows["engine"]) == {"srv"}
+            raise RuntimeError("on purpose")
+    assert not srv.running and srv.server.proc.poll() is not None

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from staircase.errors import ConfigError
-from staircase.policies import (POLICY_KINDS, DeadlineStaircasePolicy, PolicyConfig, StaircasePolicy, config_from_dict, config_of, make_policies,
+from staircase.policies import (POLICY_KINDS, DeadlineStaircasePolicy, StaircasePolicy, config_from_dict, config_of, make_policies,
                               policy_from_dict)
 from staircase.topology import mad, moa, topology_from_config
 
