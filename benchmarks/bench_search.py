@@ -25,6 +25,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+# Ray on Linux maps 127.0.0.1 to the network address unless this is 0 (before Ray is imported):
+# the local cluster and this driver stay on loopback
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
 OUT = Path(__file__).parent / "results"
 
 
@@ -52,13 +56,12 @@ def timed_search(folder: Path, policies: int, requests: int, **kw) -> tuple[floa
 
 def on_ray(folder: Path, policies: int, requests: int) -> tuple[float, list]:
     from live.engines import free_port
-    from search.run import LOOPBACK_RAY_ENV
 
     ray = Path(sys.executable).parent / "ray"
     port = free_port()
     subprocess.run([str(ray), "start", "--head", "--num-cpus=2", f"--port={port}", "--include-dashboard=false",
                     "--disable-usage-stats", "--node-ip-address=127.0.0.1"], check=True, capture_output=True,
-                   env=dict(os.environ, **LOOPBACK_RAY_ENV))
+                   env=dict(os.environ))
     try:
         return timed_search(folder, policies, requests, ray=f"127.0.0.1:{port}")
     finally:

@@ -117,14 +117,8 @@ class _Processes:
         self.pool.shutdown(cancel_futures=True)
 
 
-LOOPBACK_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}  # Ray on Linux maps 127.0.0.1 to the network address
-
-
 class _Ray:
     def __init__(self, address: str):
-        if address.split(":")[0] in ("127.0.0.1", "localhost"):  # a local cluster: its traffic stays on loopback
-            for key, value in LOOPBACK_RAY_ENV.items():
-                os.environ.setdefault(key, value)
         import ray
 
         self.ray = ray

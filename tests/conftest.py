@@ -8,6 +8,11 @@ import os
 
 import pytest
 
+# Ray on Linux maps 127.0.0.1 to the machine's network address (ray start --node-ip-address and
+# ray.init alike) unless this is 0; set before anything (vLLM included) imports Ray, so the local
+# cluster of tests/test_search.py and its driver stay on loopback.
+os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+
 
 @pytest.fixture(scope="session")
 def loop():

@@ -19,7 +19,7 @@ import pytest
 from live.engines import free_port
 from search.objectives import Constraint
 from search.report import pareto
-from search.run import LOOPBACK_RAY_ENV, SearchConfig, make_scenarios, run_search
+from search.run import SearchConfig, make_scenarios, run_search
 from search.space import SearchSpace, schedule_sizes
 from sim.workload import Workload
 from staircase.errors import ConfigError
@@ -137,7 +137,7 @@ def test_a_local_ray_cluster_gives_the_same_results(tmp_path):
     if not ray_bin.exists():
         pytest.skip("ray is not installed (make test installs it)")
     port = free_port()
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", **LOOPBACK_RAY_ENV)
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")  # conftest keeps Ray on loopback
     started = subprocess.run([str(ray_bin), "start", "--head", "--num-cpus=2", f"--port={port}",
                               "--include-dashboard=false", "--disable-usage-stats",
                               "--node-ip-address=127.0.0.1"],  # the cluster's traffic stays on loopback
