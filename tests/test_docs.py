@@ -143,3 +143,12 @@ def test_example_runs(example: Example, tmp_path, monkeypatch, capsys):
         out = capsys.readouterr().out
     for text in example.expected:
         assert text in out, f"{example.id}: {text!r} not in its output:\n{out[-3000:]}"
+
+
+def test_every_json_block_parses():
+    import json
+
+    blocks = [(page, m.group(1)) for page in PAGES for m in re.finditer(r"```json\n(.*?)```", page.read_text(), re.S)]
+    assert blocks
+    for page, code in blocks:
+        json.loads(code)  # a config a reader copies must be valid JSON
