@@ -48,6 +48,14 @@ class Engine(ABC):
     name: str
     SESSIONS = False  # keeps a request open for more input (``open_session``; the ``session`` layout)
 
+    OWNS_PROCESS = False  # True: launch() starts a process of the engine's own, terminate() stops it
+
+    def launch(self) -> None:
+        """Start the engine's own process, if it has one (``open_engines`` calls it)."""
+
+    def terminate(self) -> None:
+        """Stop the engine's own process, if it has one (``open_engines`` calls it on the way out)."""
+
     async def start(self) -> None: ...
 
     @abstractmethod

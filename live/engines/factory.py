@@ -1,7 +1,7 @@
 """One way to start and stop the engines of a run, for every command.
 
 ``open_engines`` checks the config, builds its engines, starts the processes the
-engines own (``serve``) and announces the machine and each engine's settings; on the
+engines own (``Engine.OWNS_PROCESS``: ``serve``) and announces the machine and each engine's settings; on the
 way out, however the block ends (an error, Ctrl-C), it stops those processes. Engines
 that live in this process (``vllm``, ``http``, ``replay``) start in the caller's event
 loop (``LiveRunner.start``) and are closed there.
@@ -17,7 +17,6 @@ from staircase.topology import Topology
 
 from ..machine import announce_machine
 from .config import EngineSet, engines_from_config
-from .serve import ServeEngine
 
 
 def quiet_vllm_logs() -> None:
@@ -32,11 +31,10 @@ def open_engines(raw: dict, topology: Topology, dtype: str | None = None) -> Ite
     ``config.json`` records (``machine``, ``engine_settings``)."""
     quiet_vllm_logs()
     engines = engines_from_config(raw, topology, dtype)
-    owned = [e for e in engines.by_name.values() if isinstance(e, ServeEngine)]
+    owned = [e for e in engines.used if e.OWNS_PROCESS]
     try:
         for engine in owned:
-            if engine in engines.used:
-                engine.launch()
+            engine.launch()
         engines.machine = announce_machine(engines.used)
         yield engines
     finally:

@@ -120,6 +120,8 @@ class ServeEngine(HTTPEngine):
     ``close()`` and ``terminate()`` stop it. ``settings``: the dtype and CPU threads it
     runs with, known before it starts."""
 
+    OWNS_PROCESS = True
+
     def __init__(self, model: str | Path, name: str = "serve", threads: str | None = None,
                  dtype: str | None = None, **http_kwargs):
         self.server = VLLMServer(model, threads=threads, dtype=dtype)
