@@ -1,0 +1,265 @@
+"""Deployments as data: pools of engine replicas, the topology's slots mapped to pools,
+and a router per pool that picks the replica each call runs on.
+
+A deployment file (JSON, or YAML where PyYAML is installed)::
+
+    {"pools": {"small": {"model": "proposer-8b", "replicas": 4, "router": "least-loaded"},
+               "big":   {"model": "aggregator-70b", "replicas": 2, "router": "affinity"}},
+     "slots": {"proposers": ["small"], "aggregator": "big"}}
+
+``model`` names an engine model of the profile (the simulator) or an engine config
+(live). ``proposer-i`` runs on ``proposers[i % n]``, the final node on ``aggregator``
+(``staircase.topology.slot_target``). Today's two ``engine_sharing`` modes are
+``Deployment.per_slot`` and ``Deployment.one``.
+
+Routers are core objects, so the simulator and the live runner route alike. Each sees
+the pool's replicas through ``ReplicaView`` (calls in flight, KV tokens held) and picks
+one per call:
+
+- ``round-robin``: the next replica in turn;
+- ``least-loaded``: the fewest calls in flight (ties: the lowest index);
+- ``least-kv``: the fewest KV tokens held (ties: fewer calls, then the lowest index);
+- ``power-of-two``: two replicas drawn at random (seeded), the less loaded of them;
+- ``affinity``: every call of one node of one request on one replica (the aggregator's
+  steps hit its prefix cache, a session stays on its engine); a node's first call goes
+  to the least-loaded replica.
+
+Status: the data, the checks and the routers are built and tested here; the simulator
+and the live runner do not read deployments yet (``engine_sharing`` still decides).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Protocol, Sequence
+
+from .errors import ConfigError
+from .topology import slot_target
+
+SCHEMA_ID = "staircase-deployment/1"
+
+
+class ReplicaView(Protocol):
+    """What a router reads of a replica."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    @property
+    def kv_tokens(self) -> int: ...
+
+
+class Router(ABC):
+    """Picks the replica of a pool that serves a call. One router per pool and run."""
+
+    NAME = ""
+
+    @abstractmethod
+    def pick(self, replicas: Sequence[ReplicaView], request_id: int, node_id: str) -> int:
+        """The index of the replica for this call of ``node_id`` in ``request_id``."""
+
+    def release(self, request_id: int) -> None:
+        """A request ended: forget what the router kept of it (affinity)."""
+
+
+def _least(replicas: Sequence[ReplicaView], key) -> int:
+    return min(range(len(replicas)), key=lambda i: (key(replicas[i]), i))
+
+
+class RoundRobin(Router):
+    NAME = "round-robin"
+
+    def __init__(self, seed: int = 0):
+        self.next = 0
+
+    def pick(self, replicas, request_id, node_id):
+        i = self.next % len(replicas)
+        self.next = i + 1
+        return i
+
+
+class LeastLoaded(Router):
+    NAME = "least-loaded"
+
+    def __init__(self, seed: int = 0):
+        pass
+
+    def pick(self, replicas, request_id, node_id):
+        return _least(replicas, lambda r: r.in_flight)
+
+
+class LeastKV(Router):
+    NAME = "least-kv"
+
+    def __init__(self, seed: int = 0):
+        pass
+
+    def pick(self, replicas, request_id, node_id):
+        return _least(replicas, lambda r: (r.kv_tokens, r.in_flight))
+
+
+class PowerOfTwo(Router):
+    NAME = "power-of-two"
+
+    def __init__(self, seed: int = 0):
+        self.rng = random.Random(seed)
+
+    def pick(self, replicas, request_id, node_id):
+        if len(replicas) == 1:
+            return 0
+        a, b = self.rng.sample(range(len(replicas)), 2)
+        return min((a, b), key=lambda i: (replicas[i].in_flight, i))
+
+
+class Affinity(Router):
+    NAME = "affinity"
+
+    def __init__(self, seed: int = 0):
+        self.placed: dict[tuple[int, str], int] = {}
+
+    def pick(self, replicas, request_id, node_id):
+        key = (request_id, node_id)
+        if key not in self.placed:
+            self.placed[key] = _least(replicas, lambda r: r.in_flight)
+        return self.placed[key]
+
+    def release(self, request_id: int) -> None:
+        for key in [k for k in self.placed if k[0] == request_id]:
+            del self.placed[key]
+
+
+ROUTERS: dict[str, type[Router]] = {r.NAME: r for r in (RoundRobin, LeastLoaded, LeastKV, PowerOfTwo, Affinity)}
+
+
+@dataclass(frozen=True)
+class Pool:
+    """``replicas`` engines of one ``model`` behind one ``router``."""
+
+    name: str
+    model: str
+    replicas: int = 1
+    router: str = "least-loaded"
+
+    def make_router(self, seed: int = 0) -> Router:
+        return ROUTERS[self.router](seed)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    pools: Mapping[str, Pool]
+    proposers: tuple[str, ...]  # pool names, ``proposer-i`` -> ``proposers[i % n]``
+    aggregator: str
+    raw: dict = field(default_factory=dict, compare=False)
+
+    def pool_for_slot(self, slot: str) -> Pool:
+        return self.pools[slot_target(slot, self.proposers, self.aggregator)]
+
+    @property
+    def engines(self) -> int:
+        return sum(p.replicas for p in self.pools.values())
+
+    def to_dict(self) -> dict:
+        return {"schema": SCHEMA_ID,
+                "pools": {p.name: {"model": p.model, "replicas": p.replicas, "router": p.router}
+                          for p in self.pools.values()},
+                "slots": {"proposers": list(self.proposers), "aggregator": self.aggregator}}
+
+    @classmethod
+    def one(cls, model: str) -> "Deployment":
+        """Every slot on one engine (``engine_sharing: "one"``)."""
+        return deployment_from_dict({"pools": {"shared": {"model": model}},
+                                     "slots": {"proposers": ["shared"], "aggregator": "shared"}})
+
+    @classmethod
+    def per_slot(cls, proposer_models: Sequence[str], aggregator_model: str, proposers: int) -> "Deployment":
+        """An engine of its own per slot (``engine_sharing: "per-slot"``): ``proposer-i``
+        on ``proposer_models[i % n]``."""
+        pools = {f"proposer-{i}": {"model": proposer_models[i % len(proposer_models)]} for i in range(proposers)}
+        pools["aggregator"] = {"model": aggregator_model}
+        return deployment_from_dict({"pools": pools, "slots": {"proposers": [f"proposer-{i}" for i in range(proposers)],
+                                                              "aggregator": "aggregator"}})
+
+
+def _pool(name: str, raw: object, models: Sequence[str] | None) -> Pool:
+    where = f"deployment.pools.{name}"
+    if not isinstance(raw, dict):
+        raise ConfigError(where, raw, "an object with model, replicas and router")
+    unknown = sorted(set(raw) - {"model", "replicas", "router"})
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}", raw[unknown[0]], "model, replicas, router")
+    model = raw.get("model")
+    if not isinstance(model, str) or not model or (models is not None and model not in models):
+        raise ConfigError(f"{where}.model", model, f"one of {', '.join(models)}" if models else "a model name")
+    replicas = raw.get("replicas", 1)
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise ConfigError(f"{where}.replicas", replicas, "an integer >= 1")
+    router = raw.get("router", "least-loaded")
+    if router not in ROUTERS:
+        raise ConfigError(f"{where}.router", router, ", ".join(ROUTERS))
+    return Pool(name, model, replicas, router)
+
+
+def deployment_from_dict(raw: object, models: Sequence[str] | None = None) -> Deployment:
+    """Check a deployment object (every error names its field); ``models``: the model
+    names a pool may use (None: any)."""
+    if not isinstance(raw, dict) or not isinstance(raw.get("pools"), dict) or not raw["pools"]:
+        raise ConfigError("deployment.pools", raw.get("pools") if isinstance(raw, dict) else raw,
+                          "an object of named pools")
+    unknown = sorted(set(raw) - {"schema", "pools", "slots"})
+    if unknown:
+        raise ConfigError(f"deployment.{unknown[0]}", raw[unknown[0]], "schema, pools, slots")
+    if raw.get("schema", SCHEMA_ID) != SCHEMA_ID:
+        raise ConfigError("deployment.schema", raw["schema"], SCHEMA_ID)
+    pools = {name: _pool(name, spec, models) for name, spec in raw["pools"].items()}
+    slots = raw.get("slots")
+    if not isinstance(slots, dict):
+        raise ConfigError("deployment.slots", slots, "an object with proposers (a list of pools) and aggregator")
+    proposers = slots.get("proposers")
+    if not isinstance(proposers, list) or not proposers or any(p not in pools for p in proposers):
+        raise ConfigError("deployment.slots.proposers", proposers, f"a list of pool names from {', '.join(pools)}")
+    if slots.get("aggregator") not in pools:
+        raise ConfigError("deployment.slots.aggregator", slots.get("aggregator"), f"one of {', '.join(pools)}")
+    return Deployment(pools, tuple(proposers), slots["aggregator"], dict(raw))
+
+
+def load_deployment(path: str | Path, models: Sequence[str] | None = None) -> Deployment:
+    """A deployment file: JSON, or YAML (``.yaml``/``.yml``, with PyYAML installed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("deployment", str(path), "an existing JSON or YAML file")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError("deployment", str(path), "JSON (PyYAML is not installed for YAML)") from None
+        try:
+            raw = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError("deployment", str(path), f"valid YAML ({str(err).splitlines()[0]})") from None
+    else:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError("deployment", str(path), f"valid JSON ({err.msg}, line {err.lineno})") from None
+    return deployment_from_dict(raw, models)
+
+
+def json_schema() -> dict:
+    """The deployment file's JSON Schema (what ``deployment_from_dict`` checks)."""
+    pool = {"type": "object", "additionalProperties": False, "required": ["model"],
+            "properties": {"model": {"type": "string", "minLength": 1},
+                           "replicas": {"type": "integer", "minimum": 1, "default": 1},
+                           "router": {"enum": list(ROUTERS), "default": "least-loaded"}}}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID,
+            "title": "staircase deployment", "type": "object", "required": ["pools", "slots"],
+            "properties": {"schema": {"const": SCHEMA_ID},
+                           "pools": {"type": "object", "minProperties": 1, "additionalProperties": pool},
+                           "slots": {"type": "object", "required": ["proposers", "aggregator"],
+                                     "properties": {"proposers": {"type": "array", "minItems": 1,
+                                                                  "items": {"type": "string"}},
+                                                    "aggregator": {"type": "string"}}}}}

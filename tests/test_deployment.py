@@ -1,0 +1,124 @@
+"""Deployments as data and the routers (``staircase.deployment``): the checks name the
+field, the two engine-sharing modes are deployments, and each router keeps its promise
+under random pool states (hypothesis)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from staircase.deployment import (ROUTERS, Affinity, Deployment, LeastKV, LeastLoaded, PowerOfTwo, RoundRobin,
+                                  deployment_from_dict, json_schema, load_deployment)
+from staircase.errors import ConfigError
+
+GOOD = {"pools": {"small": {"model": "p", "replicas": 3, "router": "round-robin"},
+                  "big": {"model": "a", "replicas": 2, "router": "affinity"}},
+        "slots": {"proposers": ["small"], "aggregator": "big"}}
+
+
+@dataclass
+class Replica:
+    in_flight: int = 0
+    kv_tokens: int = 0
+
+
+def test_a_deployment_maps_slots_to_pools_and_round_trips(tmp_path):
+    d = deployment_from_dict(GOOD, models=["p", "a"])
+    assert d.pool_for_slot("proposer-2").name == "small" and d.pool_for_slot("aggregator").name == "big"
+    assert d.engines == 5
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(d.to_dict()))
+    assert load_deployment(path) == d
+
+
+def test_yaml_files_load_too(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    path = tmp_path / "d.yaml"
+    path.write_text(yaml.safe_dump(GOOD))
+    assert load_deployment(path).pools["small"].replicas == 3
+
+
+@pytest.mark.parametrize("change, field", [
+    (lambda r: r.pop("pools"), "deployment.pools"),
+    (lambda r: r["pools"]["small"].update(replicas=0), "deployment.pools.small.replicas"),
+    (lambda r: r["pools"]["small"].update(replicas=True), "deployment.pools.small.replicas"),
+    (lambda r: r["pools"]["small"].update(router="random"), "deployment.pools.small.router"),
+    (lambda r: r["pools"]["small"].update(model="x"), "deployment.pools.small.model"),
+    (lambda r: r["pools"]["small"].update(colour="red"), "deployment.pools.small.colour"),
+    (lambda r: r["slots"].update(proposers=["nope"]), "deployment.slots.proposers"),
+    (lambda r: r["slots"].update(aggregator="nope"), "deployment.slots.aggregator"),
+    (lambda r: r.update(schema="other/9"), "deployment.schema"),
+    (lambda r: r.update(extra=1), "deployment.extra"),
+])
+def test_bad_deployments_name_the_field(change, field):
+    raw = json.loads(json.dumps(GOOD))
+    change(raw)
+    with pytest.raises(ConfigError) as err:
+        deployment_from_dict(raw, models=["p", "a"])
+    assert err.value.field == field
+
+
+def test_bad_files_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="an existing JSON or YAML file"):
+        load_deployment(tmp_path / "none.json")
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ConfigError, match="valid JSON"):
+        load_deployment(tmp_path / "bad.json")
+
+
+def test_the_engine_sharing_modes_are_deployments():
+    one = Deployment.one("a")
+    assert one.engines == 1 and {one.pool_for_slot(s).name for s in ("proposer-0", "proposer-5", "aggregator")} == {"shared"}
+    per = Deployment.per_slot(["p1", "p2"], "a", proposers=3)
+    assert per.engines == 4
+    assert [per.pool_for_slot(f"proposer-{i}").model for i in range(3)] == ["p1", "p2", "p1"]
+    assert per.pool_for_slot("aggregator").model == "a"
+
+
+def test_the_schema_lists_every_router():
+    schema = json_schema()
+    pool = schema["properties"]["pools"]["additionalProperties"]
+    assert pool["properties"]["router"]["enum"] == list(ROUTERS) and pool["additionalProperties"] is False
+
+
+def test_round_robin_cycles_and_affinity_sticks_until_released():
+    rr, reps = RoundRobin(), [Replica(), Replica(), Replica()]
+    assert [rr.pick(reps, i, "n") for i in range(5)] == [0, 1, 2, 0, 1]
+    aff = Affinity()
+    reps[0].in_flight = 5
+    first = aff.pick(reps, 7, "aggregator")
+    reps[first].in_flight = 9  # busier now: the request's next step still goes there
+    assert first == 1 and aff.pick(reps, 7, "aggregator") == 1
+    assert aff.pick(reps, 7, "proposer-0") == 2  # another node of the request places on its own
+    aff.release(7)
+    assert aff.pick(reps, 7, "aggregator") == 2
+
+
+loads = st.lists(st.tuples(st.integers(0, 50), st.integers(0, 10_000)), min_size=1, max_size=8)
+
+
+@settings(max_examples=200, deadline=None)
+@given(loads, st.integers(0, 3), st.integers(0, 2**16))
+def test_every_router_picks_a_replica_and_keeps_its_promise(pool, request_id, seed):
+    reps = [Replica(a, b) for a, b in pool]
+    for name, cls in ROUTERS.items():
+        i = cls(seed).pick(reps, request_id, "aggregator")
+        assert 0 <= i < len(reps), name
+    least = min(r.in_flight for r in reps)
+    assert reps[LeastLoaded().pick(reps, 0, "n")].in_flight == least
+    assert reps[LeastKV().pick(reps, 0, "n")].kv_tokens == min(r.kv_tokens for r in reps)
+    p2c = PowerOfTwo(seed).pick(reps, 0, "n")
+    if len(reps) > 1:  # of two distinct draws the less loaded: never the single busiest replica
+        busiest = max(range(len(reps)), key=lambda j: (reps[j].in_flight, j))
+        assert p2c != busiest or sum(r.in_flight == reps[busiest].in_flight for r in reps) > 1
+
+
+def test_power_of_two_is_seeded():
+    reps = [Replica(i % 3) for i in range(6)]
+    assert [PowerOfTwo(5).pick(reps, 0, "n") for _ in range(3)] == [PowerOfTwo(5).pick(reps, 0, "n") for _ in range(3)]
+    a, b = PowerOfTwo(5), PowerOfTwo(5)
+    assert [a.pick(reps, k, "n") for k in range(20)] == [b.pick(reps, k, "n") for k in range(20)]
