@@ -24,19 +24,21 @@ from .workload import Workload, make_requests
 
 
 def capacity(topology: Topology, profile: Profile, workload: Workload, *, max_tokens: int, seed: int = 0,
-             requests: int = 2000) -> float:
+             requests: int = 2000, deployment=None) -> float:
     """Requests per simulated second that wait-all completes with a closed loop of
-    4 x the largest batch size users, on the workload's query and answer lengths."""
+    4 x the largest batch size users (times the most replicas of a pool, on a
+    deployment), on the workload's query and answer lengths."""
     from .simulate import simulate
 
-    users = 4 * max(m.max_batch_size for m in profile.engines.values())
+    replicas = max((p.replicas for p in deployment.pools.values()), default=1) if deployment else 1
+    users = 4 * replicas * max(m.max_batch_size for m in profile.engines.values())
     n = max(requests, 4 * users)
     # the workload's lengths (synthetic, or the trace's), sent by a closed loop of users
     source = replace(workload, requests=n) if workload.kind == "azure" else \
         replace(workload, kind="closed", requests=n, concurrency=users)
     reqs = [replace(r, arrival_s=float("nan")) for r in make_requests(source, seed)]
     trace = simulate(topology, WaitAllPolicy(), reqs, profile, seed=seed, max_tokens=max_tokens, keep_chunks=False,
-                     progress=False, concurrency=users)
+                     progress=False, concurrency=users, deployment=deployment)
     done = (trace.requests["arrival_s"] + trace.requests["e2e_s"]).sort_values().to_numpy()
     half = len(done) // 2  # the steady second half: past the start-up ramp
     return float((len(done) - half) / (done[-1] - done[half - 1]))

@@ -16,6 +16,7 @@ import time
 
 from staircase.machine import label
 from staircase.cli import add_output_arguments, add_topology_policy_arguments, finish_run, topology_and_policies
+from staircase.deployment import load_deployment
 from staircase.report import summary_frame
 
 from .capacity import at_load, capacity, overload
@@ -52,6 +53,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--profile", default=None,
                    help=f"engine profile: a JSON file or a bundled name (default, illustrative-gpu); "
                         f"default: {default_profile_path().name}")
+    g.add_argument("--deployment", default=None, metavar="FILE",
+                   help="pools of engine replicas behind routers (JSON or YAML; staircase/deployment.py), their "
+                        "models from the profile; default: the profile's engine sharing")
     g.add_argument("--seed", type=int, default=0, help="random seed; a run is a pure function of its inputs and seed")
     g.add_argument("--no-noise", action="store_true", help="turn the profile's noise off")
     g.add_argument("--summary-only", action="store_true", help="keep no per-chunk rows (large runs)")
@@ -66,20 +70,35 @@ def run(args: argparse.Namespace) -> int:
     workload = Workload(args.workload, args.requests, args.rate, args.cv, args.concurrency, args.query_tokens,
                         args.output_tokens, trace=args.trace, time_scale=args.time_scale)
     profile = load_profile(args.profile)
+    deployment = load_deployment(args.deployment, models=list(profile.engines)) if args.deployment else None
     load = None
     if args.load is not None:
-        cap = capacity(topology, profile, workload, max_tokens=args.max_tokens, seed=args.seed)
+        cap = capacity(topology, profile, workload, max_tokens=args.max_tokens, seed=args.seed, deployment=deployment)
         workload = at_load(workload, args.load, cap)
         load = {"load": args.load, "capacity_per_s": cap}
     started = time.perf_counter()
     traces = simulate_policies(topology, policies, workload, profile, seed=args.seed, max_tokens=args.max_tokens,
-                               noise=not args.no_noise, keep_chunks=not args.summary_only, progress=args.progress)
+                               noise=not args.no_noise, keep_chunks=not args.summary_only, progress=args.progress,
+                               deployment=deployment)
     wall_s = time.perf_counter() - started
     summary = summary_frame(traces)
     overloaded = {name: why for name, t in traces.items() if (why := overload(t.requests))}
     for name, why in overloaded.items():
         print(f"warning: {name}: {why}", file=sys.stderr)
-    config = {
+    config = _run_config(args, topology, policies, workload, profile) | {
+        "wall_s": round(wall_s, 3), "overloaded": overloaded} | ({"load": load} if load else {}) | (
+        {"deployment": deployment.to_dict()} if deployment else {})
+    if args.format == "table":
+        if profile.calibrated:
+            print(f"profile {profile.name}: calibrated on {label(profile.machine)}; it predicts that machine\n")
+        else:
+            print(f"note: profile '{profile.name}' is not calibrated; figures show shapes, not a deployment.\n")
+    return finish_run(args, "sim", traces, summary, config)
+
+
+def _run_config(args: argparse.Namespace, topology, policies, workload, profile) -> dict:
+    """What config.json records of a simulated run."""
+    return {
         "command": "sim",
         "topology": topology.describe(),
         "topology_config": topology.config(),
@@ -90,11 +109,5 @@ def run(args: argparse.Namespace) -> int:
         "profile": {"path": profile.source, "name": profile.name, "calibrated": profile.calibrated,
                     "note": profile.note, "machine": profile.machine},
         "seed": args.seed, "max_tokens": args.max_tokens, "noise": not args.no_noise,
-        "summary_only": args.summary_only, "wall_s": round(wall_s, 3), "overloaded": overloaded,
-    } | ({"load": load} if load else {})
-    if args.format == "table":
-        if profile.calibrated:
-            print(f"profile {profile.name}: calibrated on {label(profile.machine)}; it predicts that machine\n")
-        else:
-            print(f"note: profile '{profile.name}' is not calibrated; figures show shapes, not a deployment.\n")
-    return finish_run(args, "sim", traces, summary, config)
+        "summary_only": args.summary_only,
+    }

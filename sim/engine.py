@@ -174,6 +174,11 @@ class SimEngine:
         self.prefills = 0
 
     # --------------------------------------------------------------------- API
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens the running batch holds (its context): what a least-KV router reads."""
+        return int(self.context)
+
     def submit(self, call: SimCall) -> None:
         """Send a call; it reaches the engine after the per-request overhead."""
         call.sent_s = self.env.now

@@ -13,6 +13,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import simpy
 
+from staircase.deployment import Deployment
 from staircase.driver import Recorder, RequestDriver
 from staircase.errors import ConfigError
 from staircase.policies import Policy
@@ -33,11 +34,15 @@ class _SimPort:
     and reports straight to it."""
 
     def __init__(self, env: simpy.Environment, engines: dict[str, SimEngine], slot_engine: dict[str, str],
-                 lengths: dict[str, np.ndarray], on_done: Callable[[int], None], faults: Mapping[str, int]):
+                 lengths: dict[str, np.ndarray], on_done: Callable[[int], None], faults: Mapping[str, int],
+                 pools: Mapping[str, tuple] | None = None):
         self.faults = faults  # node -> tokens after which its answer breaks off (fault injection)
         self.env = env
         self.engines = engines
         self.slot_engine = slot_engine
+        # a deployment's slots: slot -> (its pool's engines, the pool's router); empty: one engine per slot
+        self.pools = {slot: ([engines[n] for n in names], router) for slot, (names, router) in (pools or {}).items()}
+        self.routers = list({id(r): r for _, r in self.pools.values()}.values())
         # node -> natural answer length per request (an array of C ints: Python ints out, 8 bytes each)
         self.lengths = {node: array("q", a.tolist()) for node, a in lengths.items()}
         self.on_done = on_done
@@ -60,9 +65,16 @@ class _SimPort:
                        shared_tokens, shared_key, max(1, natural), prompt.session)
         if self.faults and g.node in self.faults:
             call.fail_after(max(0, self.faults[g.node] - tokens_before))
-        call.engine = self.slot_engine[node.slot]
+        call.engine = self._place(rid, g.node, node.slot)
         self.engines[call.engine].submit(call)  # sets sent_s (the engine's clock: the same now)
         return call
+
+    def _place(self, request_id: int, node_id: str, slot: str) -> str:
+        """The engine a call runs on: its slot's, or the one its pool's router picks."""
+        if not self.pools:
+            return self.slot_engine[slot]
+        replicas, router = self.pools[slot]
+        return replicas[router.pick(replicas, request_id, node_id)].name
 
     def cancel_call(self, call: SimCall) -> None:
         self.engines[call.engine].cancel(call)
@@ -71,12 +83,16 @@ class _SimPort:
         call.extend(boundary)
 
     def in_flight(self, node: Node) -> int:
+        if self.pools:  # a pool: its least busy replica's count (what a least-loaded router sends to)
+            return min([e.in_flight for e in self.pools[node.slot][0]])
         return self.engines[self.slot_engine[node.slot]].in_flight
 
     def set_timer(self, delay_s: float, fire: Callable[[], None]) -> None:
         self.env.timeout(delay_s).callbacks.append(lambda _event: fire())
 
     def request_done(self, driver: RequestDriver) -> None:
+        for router in self.routers:
+            router.release(driver.request_id)
         self.on_done(driver.request_id)
 
 
@@ -117,17 +133,17 @@ def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[R
              seed: int = 0, max_tokens: int = 512, noise: bool = True, keep_chunks: bool = True,
              progress: bool | None = None, concurrency: int | None = None,
              node_lengths: Mapping[str, Sequence[int]] | None = None, tokenizer: Tokenizer | None = None,
-             faults: Mapping[str, int] | None = None) -> Trace:
+             faults: Mapping[str, int] | None = None, deployment: Deployment | None = None) -> Trace:
     """Run ``policy`` over the workload; returns the trace (requests, and chunks unless
-    ``keep_chunks=False``). With a request list, ``concurrency`` makes a closed loop of that
-    many users (else requests arrive at their ``arrival_s``); ``node_lengths``: every node's
-    answer length per request; ``tokenizer`` counts the fixed prompt texts; ``faults``: node
-    id -> tokens after which its answer breaks off (a failed call), in every request."""
+    ``keep_chunks=False``). A request list with ``concurrency`` is a closed loop of that many
+    users (else requests arrive at their ``arrival_s``); ``node_lengths``: every node's answer
+    length per request; ``tokenizer`` counts the fixed prompt texts; ``faults``: node id -> tokens
+    before its answer breaks off; ``deployment``: pools behind routers, not the profile's sharing."""
     requests, closed, wdesc = _requests(workload, seed, concurrency)
     policy.validate_for(topology)  # before any work
     faults = _check_faults(policy.plan(topology), faults)
     env = simpy.Environment()
-    engines, slot_engine = _engines(env, topology, profile, seed, noise)
+    engines, slot_engine, pools = _engines(env, topology, profile, seed, noise, deployment)
     lengths = _node_lengths(topology, profile, requests, seed, node_lengths)
     bar, pending = progress_bar(len(requests), f"sim {policy.name}", progress), iter(requests)
     recorder, texts = Recorder(keep_chunks), TextPieces(tokenizer)
@@ -142,7 +158,7 @@ def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[R
         if nxt is not None:
             begin(nxt)
 
-    port = _SimPort(env, engines, slot_engine, lengths, on_done, faults)
+    port = _SimPort(env, engines, slot_engine, lengths, on_done, faults, pools)
     _arrive(env, requests, closed, pending, begin)
     with _fewer_gc_passes():
         env.run()
@@ -200,15 +216,33 @@ def _requests(workload: Workload | Sequence[Request], seed: int, concurrency: in
     return requests, concurrency, {"kind": "explicit", "requests": len(requests), "concurrency": concurrency}
 
 
-def _engines(env: simpy.Environment, topology: Topology, profile: Profile, seed: int, noise: bool):
-    """(engine instance -> SimEngine, slot -> engine instance): each slot's engine placed once."""
-    placed = {n.slot: profile.engine_for_slot(n.slot) for n in topology.nodes}  # slot -> (instance, model)
-    models = dict(placed.values())  # instance -> model
+def _engines(env: simpy.Environment, topology: Topology, profile: Profile, seed: int, noise: bool,
+             deployment: Deployment | None = None):
+    """(engine instance -> SimEngine, slot -> engine instance, slot -> (pool's engine
+    names, router)): each slot's engine placed once, or a deployment's replicas
+    (``<pool>/<i>``) with a router per pool (the last mapping empty without one)."""
+    if deployment is None:
+        placed = {n.slot: profile.engine_for_slot(n.slot) for n in topology.nodes}  # slot -> (instance, model)
+        models = dict(placed.values())  # instance -> model
+        slot_engine, pools = {slot: instance for slot, (instance, _) in placed.items()}, {}
+    else:
+        used = {n.slot: deployment.pool_for_slot(n.slot) for n in topology.nodes}
+        routers = {p.name: p.make_router(seed) for p in used.values()}
+        models = {f"{p.name}/{i}": _model(profile, p.model) for p in used.values() for i in range(p.replicas)}
+        pools = {slot: (tuple(f"{p.name}/{i}" for i in range(p.replicas)), routers[p.name]) for slot, p in used.items()}
+        slot_engine = {slot: names[0] for slot, (names, _) in pools.items()}
     names = sorted(models)
     streams = np.random.SeedSequence([seed, 0xE9]).spawn(len(names))
     engines = {name: SimEngine(env, name, models[name], np.random.default_rng(ss), noise=noise)
                for name, ss in zip(names, streams)}
-    return engines, {slot: instance for slot, (instance, _) in placed.items()}
+    return engines, slot_engine, pools
+
+
+def _model(profile: Profile, name: str):
+    if name not in profile.engines:
+        raise ConfigError("deployment.model", name, f"an engine model of profile {profile.name}: "
+                                                    f"{', '.join(profile.engines)}")
+    return profile.engines[name]
 
 
 def _arrive(env: simpy.Environment, requests: Sequence[Request], closed: int | None, pending, begin) -> None:

@@ -24,8 +24,9 @@ one per call:
   steps hit its prefix cache, a session stays on its engine); a node's first call goes
   to the least-loaded replica.
 
-Status: the data, the checks and the routers are built and tested here; the simulator
-and the live runner do not read deployments yet (``engine_sharing`` still decides).
+Status: the simulator routes every call through its pool's router (``staircase sim
+--deployment FILE``, ``simulate(..., deployment=)``); the live runner does not read
+deployments yet.
 """
 
 from __future__ import annotations

@@ -122,3 +122,83 @@ def test_power_of_two_is_seeded():
     assert [PowerOfTwo(5).pick(reps, 0, "n") for _ in range(3)] == [PowerOfTwo(5).pick(reps, 0, "n") for _ in range(3)]
     a, b = PowerOfTwo(5), PowerOfTwo(5)
     assert [a.pick(reps, k, "n") for k in range(20)] == [b.pick(reps, k, "n") for k in range(20)]
+
+
+# ------------------------------------------------------------------ in the simulator
+
+def _sim(deployment=None, profile="illustrative-gpu", rate=0.4, policy=None, requests=60, proposers=3):
+    from sim.profile import load_profile
+    from sim.simulate import simulate
+    from sim.workload import Workload
+    from staircase.policies import StaircasePolicy
+    from staircase.topology import moa
+
+    return simulate(moa(proposers), policy or StaircasePolicy(redundancy=1), Workload("poisson", requests, rate,
+                    output_tokens=128), load_profile(profile), seed=3, max_tokens=128, deployment=deployment)
+
+
+TIMES = ["ttft_s", "e2e_s", "prompt_tokens", "cached_tokens"]
+
+
+def test_the_sharing_modes_as_deployments_simulate_as_today():
+    from sim.profile import load_profile
+
+    gpu = load_profile("illustrative-gpu")  # per-slot
+    per = Deployment.per_slot(gpu.proposer_engines, gpu.aggregator_engine, proposers=3)
+    assert _sim(per).requests[TIMES].equals(_sim().requests[TIMES])
+    cpu = load_profile("default")  # one engine for every slot
+    one = Deployment.one(cpu.aggregator_engine)
+    assert _sim(one, "default", rate=0.1).requests[TIMES].equals(_sim(None, "default", rate=0.1).requests[TIMES])
+
+
+def _pooled(router: str, replicas: int = 2) -> Deployment:
+    return deployment_from_dict({"pools": {"p": {"model": "small-8b", "replicas": replicas, "router": router},
+                                           "a": {"model": "large-70b-local", "replicas": replicas, "router": router}},
+                                 "slots": {"proposers": ["p"], "aggregator": "a"}})
+
+
+def test_every_call_goes_through_its_pools_router():
+    chunks = _sim(_pooled("round-robin")).chunks
+    calls = chunks.drop_duplicates(["request_id", "node", "call"])
+    assert set(calls["engine"]) == {"p/0", "p/1", "a/0", "a/1"}
+    proposer_calls = calls[calls["role"] == "proposer"]["engine"].value_counts()
+    assert abs(proposer_calls["p/0"] - proposer_calls["p/1"]) <= 1  # in turn
+    # affinity: every step of one node of a request on one replica (the prefix cache's), both replicas used
+    calls = _sim(_pooled("affinity")).chunks.drop_duplicates(["request_id", "node", "call"])
+    assert calls.groupby(["request_id", "node"])["engine"].nunique().max() == 1
+    assert calls.loc[calls["role"] == "aggregator", "engine"].nunique() == 2
+
+
+def test_more_replicas_serve_a_load_one_engine_cannot():
+    from staircase.policies import WaitAllPolicy
+
+    one = _sim(_pooled("least-loaded", 1), rate=8.0, policy=WaitAllPolicy(), requests=150).requests
+    four = _sim(_pooled("least-loaded", 4), rate=8.0, policy=WaitAllPolicy(), requests=150).requests
+    assert four["ttft_s"].median() < 0.5 * one["ttft_s"].median()
+
+
+def test_a_pool_of_a_model_the_profile_lacks_is_refused():
+    bad = deployment_from_dict({"pools": {"x": {"model": "gpt-9"}}, "slots": {"proposers": ["x"], "aggregator": "x"}})
+    with pytest.raises(ConfigError) as err:
+        _sim(bad)
+    assert err.value.field == "deployment.model"
+
+
+def test_staircase_sim_takes_a_deployment_file(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps(_pooled("power-of-two").to_dict()))
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "staircase", "sim", "--profile", "illustrative-gpu", "--deployment",
+                           str(path), "--requests", "30", "--format", "json", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["deployment"]["pools"]["p"]["router"] == "power-of-two"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"pools": {"p": {"model": "gpt-9"}}, "slots": {"proposers": ["p"], "aggregator": "p"}}))
+    done = subprocess.run([sys.executable, "-m", "staircase", "sim", "--profile", "illustrative-gpu", "--deployment",
+                           str(bad)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "deployment.pools.p.model" in done.stderr and "Traceback" not in done.stderr
