@@ -33,7 +33,7 @@ from staircase.report import _clean, summary_frame
 from .data import Item
 from .run import REFERENCE, Collected, QualitySpec, noise_name
 from .scores import Embedder
-from .sets import QUALITY_SETS, lower_is_better
+from .sets import QUALITY_SETS, lower_is_better, replayed
 from .stats import mean_interval, paired_difference
 
 LATENCY = ("ttft_p50_s", "ttft_p90_s", "e2e_p50_s", "longest_stall_p50_s", "context_tokens_p50")
@@ -55,7 +55,7 @@ def score_answers(answers: pd.DataFrame, items: Mapping[str, Item], embedder: Em
 
 def _similarities(ok: pd.DataFrame, items: Mapping[str, Item], embedder: Embedder) -> pd.DataFrame:
     """reference_similarity (AlpacaEval) and agreement with wait-all (real sets)."""
-    real = ok[~ok["set"].map(lambda s: QUALITY_SETS[s].REPLAYED).astype(bool)]
+    real = ok[~ok["set"].map(replayed).astype(bool)]
     ref = real[real["policy"] == REFERENCE].set_index("prompt_id")["answer_text"]
     frames = []
     alpaca = real[real["set"].map(lambda s: QUALITY_SETS[s].REFERENCE_SIMILARITY).astype(bool)]
@@ -91,7 +91,7 @@ def metric_rows(scores: pd.DataFrame, policy: str, noise: str, resamples: int) -
             diff = paired_difference(*_paired(scores, metric, policy, base), resamples) if policy != base else None
         sets = scores.loc[scores["metric"] == metric, "set"].unique()
         row = {"policy": policy, "metric": metric, "mean": own.mean, "low": own.low, "high": own.high, "n": own.n,
-               "baseline": base, "replayed": any(s in QUALITY_SETS and QUALITY_SETS[s].REPLAYED for s in sets)}
+               "baseline": base, "replayed": any(replayed(s) for s in sets)}
         if diff is not None:
             row.update(diff_mean=diff.mean, diff_low=diff.low, diff_high=diff.high)
             row["drop"] = bool(not lower_is_better(metric) and diff.n > 1 and diff.high < 0)

@@ -34,7 +34,7 @@ from staircase.trace import Trace
 
 from .judge import judge_answers
 from .data import POSITIONS, Item, check_positions
-from .sets import QUALITY_SETS, SETS
+from .sets import QUALITY_SETS, SETS, replayed
 
 REFERENCE = "wait-all"
 NOISE_SCOPES = ("aggregator", "all")
@@ -152,8 +152,8 @@ async def collect(engines: dict[str, Engine], spec: QualitySpec, policies: Seque
     spec.check()
     topology = topology or moa(spec.proposers)
     items = spec.items()
-    real = [it for it in items if not QUALITY_SETS[it.set].REPLAYED]
-    probe = [it for it in items if QUALITY_SETS[it.set].REPLAYED]
+    real = [it for it in items if not replayed(it.set)]
+    probe = [it for it in items if replayed(it.set)]
     if probe and (topology.kind != "moa" or topology.params.get("layers") != 1
                   or topology.params.get("proposers") != spec.proposers):
         raise ConfigError("topology", topology.describe(),

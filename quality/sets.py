@@ -83,5 +83,11 @@ QUALITY_SETS: dict[str, QualitySet] = {s.name: s for s in (GSM8K(), AlpacaEval()
 SETS = tuple(QUALITY_SETS)
 
 
+def replayed(set_name: str) -> bool:
+    """Whether a set's proposals are replayed (False for names that are not sets: ``judge``)."""
+    found = QUALITY_SETS.get(set_name)
+    return bool(found and found.REPLAYED)
+
+
 def lower_is_better(metric: str) -> bool:
     return any(metric in s.LOWER_IS_BETTER for s in QUALITY_SETS.values())

@@ -230,7 +230,7 @@ def _engines(env: simpy.Environment, topology: Topology, profile: Profile, seed:
         routers = {p.name: p.make_router(seed) for p in used.values()}
         models = {f"{p.name}/{i}": _model(profile, p.model) for p in used.values() for i in range(p.replicas)}
         pools = {slot: (tuple(f"{p.name}/{i}" for i in range(p.replicas)), routers[p.name]) for slot, p in used.items()}
-        slot_engine = {slot: names[0] for slot, (names, _) in pools.items()}
+        slot_engine = {}  # every call is placed by its pool's router
     names = sorted(models)
     streams = np.random.SeedSequence([seed, 0xE9]).spawn(len(names))
     engines = {name: SimEngine(env, name, models[name], np.random.default_rng(ss), noise=noise)

@@ -59,6 +59,9 @@ class Router(ABC):
 
     NAME = ""
 
+    def __init__(self, seed: int = 0):
+        """``seed``: for routers that draw (power of two); the others keep none."""
+
     @abstractmethod
     def pick(self, replicas: Sequence[ReplicaView], request_id: int, node_id: str) -> int:
         """The index of the replica for this call of ``node_id`` in ``request_id``."""
@@ -86,18 +89,12 @@ class RoundRobin(Router):
 class LeastLoaded(Router):
     NAME = "least-loaded"
 
-    def __init__(self, seed: int = 0):
-        pass
-
     def pick(self, replicas, request_id, node_id):
         return _least(replicas, lambda r: r.in_flight)
 
 
 class LeastKV(Router):
     NAME = "least-kv"
-
-    def __init__(self, seed: int = 0):
-        pass
 
     def pick(self, replicas, request_id, node_id):
         return _least(replicas, lambda r: (r.kv_tokens, r.in_flight))

@@ -18,9 +18,15 @@ def _sources(*folders: str):
         yield from sorted((ROOT / folder).rglob("*.py"))
 
 
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
 def _imports(path: Path) -> set[str]:
-    """Modules a file imports (absolute names; relative imports resolved in its package)."""
-    package = path.relative_to(ROOT).parts[0]
+    """What a file imports, anywhere in it (functions included), as absolute names: each
+    ``from X import y`` gives X and X.y; relative imports resolved from the file's module."""
+    module, is_package = _module_name(path), path.name == "__init__.py"
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
@@ -28,7 +34,9 @@ def _imports(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = f"{package}.{base}" if base else package
+                anchor = module.split(".")
+                anchor = anchor[:len(anchor) - node.level + (1 if is_package else 0)]
+                base = ".".join(anchor + ([base] if base else []))
             out |= {base} | {f"{base}.{a.name}" for a in node.names}
     return out
 
@@ -63,45 +71,24 @@ def test_no_function_over_40_lines_outside_the_tests():
     assert not long, "split by job: " + "; ".join(long)
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
 def _project_modules() -> dict[str, Path]:
     return {_module_name(p): p for p in _sources(*PACKAGES)}
 
 
 def _import_graph() -> dict[str, set[str]]:
     """module -> the project modules it imports (anywhere in the file, functions included;
-    ``from pkg import name`` counts as pkg.name when that is a module, else as pkg)."""
+    ``from pkg import name`` counts as pkg, and as pkg.name when that is a module)."""
     modules = _project_modules()
     graph = {}
     for name, path in modules.items():
         out = set()
-        for imported in _imports_of(path, name):
+        for imported in _imports(path):
             while imported and imported not in modules:
                 imported = imported.rpartition(".")[0]
             if imported and imported != name:
                 out.add(imported)
         graph[name] = out
     return graph
-
-
-def _imports_of(path: Path, module: str) -> set[str]:
-    is_package = path.name == "__init__.py"
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.Import):
-            out |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                anchor = module.split(".")
-                anchor = anchor[:len(anchor) - node.level + (1 if is_package else 0)]
-                base = ".".join(anchor + ([base] if base else []))
-            out |= {f"{base}.{a.name}" for a in node.names}
-    return out
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
