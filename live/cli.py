@@ -42,14 +42,16 @@ from pathlib import Path
 from staircase.cli import (add_output_arguments, add_topology_policy_arguments, finish_run, topology_and_policies,
                            topology_policy_args)
 from staircase.errors import ConfigError
-from staircase.report import summary_frame
+from staircase.deployment import load_deployment
+from staircase.report import pool_frame, summary_frame
 
-from .engines import EngineOptions, add_engine_arguments, model_path, open_engines
+from .engines import EngineOptions, add_deployment_argument, add_engine_arguments, model_path, open_engines
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("live", help="run policies on real engines (vLLM in-process, vllm serve, HTTP)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_arguments(p)
+    add_deployment_argument(p.add_argument_group("deployment"))
     add_topology_policy_arguments(p, "wait-all,staircase", "1", proposers=3)
     g = p.add_argument_group("workload and sampling")
     g.add_argument("--prompts", default="mt_bench", help="mt_bench, alpaca_eval (bundled) or a JSONL file")
@@ -142,22 +144,26 @@ def run(args: argparse.Namespace) -> int:
     queries, prompt_ids = _queries(args)
     stall = stall_limits(args)
     raw = EngineOptions.from_mapping(vars(args)).to_config()
+    deployment = load_deployment(args.deployment) if args.deployment else None
     traces: dict = {}
     started, runner, machine_record, interrupted = time.perf_counter(), None, {}, False
     try:
-        with open_engines(raw, topology, dtype=args.dtype) as engines:
+        with open_engines(raw, topology, dtype=args.dtype, deployment=deployment) as engines:
             machine_record = engines.machine
             runner = LiveRunner(engines.slots, topology, max_tokens=args.max_tokens,
                                 sampling=Sampling(temperature=args.temperature, seed=args.seed),
-                                stall=stall, request_timeout_s=args.request_timeout_s or None)
+                                stall=stall, request_timeout_s=args.request_timeout_s or None,
+                                deployment=engines.deployment, pools=engines.pools, seed=args.seed)
             _run_policies(args, runner, policies, queries, prompt_ids, traces)
     except KeyboardInterrupt:
         _keep_finished(runner, policies, traces)
         interrupted = True
     config = _run_config(args, topology, policies, raw, runner, stall) | {
         "requests": len(queries), "wall_s": round(time.perf_counter() - started, 3), **machine_record,
-        "interrupted": interrupted}
-    code = finish_run(args, "live", traces, summary_frame(traces), config)
+        "interrupted": interrupted} | ({"deployment": runner.placement.deployment.to_dict()} if deployment and runner
+                                       else {})
+    tables = {"pools": pool_frame(traces, runner.engine_pools())} if deployment and runner else {}
+    code = finish_run(args, "live", traces, summary_frame(traces), config, tables)
     return 130 if interrupted else code
 
 
@@ -169,5 +175,6 @@ def _run_config(args: argparse.Namespace, topology, policies, raw: dict, runner,
             "skip": args.skip, "concurrency": args.concurrency, "rate": args.rate,
             "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
             "slot_engines": {slot: e.name for slot, e in runner.engines.items()} if runner else {},
-            "engine_models": runner.engine_models() if runner else {}, "stall": stall.describe(),
+            "engine_models": runner.engine_models() if runner else {},
+            "engine_pools": runner.engine_pools() if runner else {}, "stall": stall.describe(),
             "request_timeout_s": args.request_timeout_s or None}

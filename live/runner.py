@@ -22,26 +22,58 @@ import zlib
 from dataclasses import replace
 from typing import Mapping, Sequence
 
+from staircase.deployment import Deployment, Placement
 from staircase.driver import CallRecord, Recorder, RequestDriver
 from staircase.errors import ConfigError
 from staircase.policies import Policy
 from staircase.progress import progress as progress_bar
 from staircase.scheduler import Generate, Query
-from staircase.topology import Node, Topology
+from staircase.topology import Node, Topology, proposer_slot_index
 from staircase.trace import RequestRow, Trace
 
 from .engines import Engine, EngineError, Sampling
 from .watchdog import CallWatch, EnginePace, StallLimits
 
 
+class Replica:
+    """The runner's view of one engine for routers and policies: calls in flight, and
+    the KV tokens they hold (prompt + tokens streamed so far, counted by the runner)."""
+
+    __slots__ = ("engine", "name", "in_flight", "kv_tokens")
+
+    def __init__(self, engine: Engine):
+        self.engine, self.name = engine, engine.name
+        self.in_flight = self.kv_tokens = 0
+
+
+def slot_pools(engines: Mapping[str, Engine]) -> tuple[Deployment, dict[str, list[Engine]]]:
+    """Slots mapped to engines as a deployment: a pool of one per engine, named after it
+    (``name#2``, ... where distinct engines share a name)."""
+    names: dict[int, str] = {}
+    for e in engines.values():
+        if id(e) not in names:
+            taken = set(names.values())
+            names[id(e)] = e.name if e.name not in taken else next(
+                f"{e.name}#{k}" for k in itertools.count(2) if f"{e.name}#{k}" not in taken)
+    width = 1 + max((proposer_slot_index(s) or 0 for s in engines), default=0)
+    aggregator = names[id(engines["aggregator"])]
+    proposers = [names[id(engines[f"proposer-{i}"])] if f"proposer-{i}" in engines else aggregator
+                 for i in range(width)]
+    by_id = {id(e): e for e in engines.values()}
+    return Deployment.of_slots(proposers, aggregator), {name: [by_id[i]] for i, name in names.items()}
+
+
 class LiveRunner:
     def __init__(self, engines: Mapping[str, Engine], topology: Topology, *, max_tokens: int = 256,
                  sampling: Sampling | None = None, stall: StallLimits | None = None,
-                 request_timeout_s: float | None = 600.0):
+                 request_timeout_s: float | None = 600.0, deployment: Deployment | None = None,
+                 pools: Mapping[str, Sequence[Engine]] | None = None, seed: int = 0):
         """``engines`` maps topology slots (``proposer-<i>``, ``aggregator``) to engines;
-        several slots may share one engine. ``stall``: when a silent call is lost
-        (default: limits that follow each engine's observed pace, ``live.watchdog``);
-        ``request_timeout_s``: a request's whole budget (None: none)."""
+        several slots may share one engine. ``deployment`` with ``pools`` (pool name ->
+        its replicas, ``live.engines.EngineSet``): every call goes to the replica its
+        slot pool's router picks (routers seeded with ``seed``). ``stall``: when a silent
+        call is lost (default: limits that follow each engine's observed pace,
+        ``live.watchdog``); ``request_timeout_s``: a request's whole budget (None: none)."""
         missing = sorted({n.slot for n in topology.nodes} - set(engines))
         if missing:
             raise ConfigError("engines", sorted(engines), f"an engine for every slot (missing {', '.join(missing)})")
@@ -51,8 +83,13 @@ class LiveRunner:
         self.sampling = sampling or Sampling()
         self.final_seed: int | None = None  # the final node's run seed instead of sampling.seed
         self.stall = stall or StallLimits()
-        self.paces = {id(e): EnginePace(self.stall) for e in self.engines.values()}
-        self.in_flight = {id(e): 0 for e in self.engines.values()}  # calls in flight per engine (policies' load)
+        if deployment is None or pools is None:
+            deployment, pools = slot_pools({n.slot: self.engines[n.slot] for n in topology.nodes})
+        self.replicas = {id(e): Replica(e) for group in pools.values() for e in group}
+        self.placement = Placement(deployment, {n.slot for n in topology.nodes},
+                                   {name: [self.replicas[id(e)] for e in group] for name, group in pools.items()}, seed)
+        self.all_engines = [r.engine for r in self.replicas.values()]
+        self.paces = {i: EnginePace(self.stall) for i in self.replicas}
         if request_timeout_s is not None and not request_timeout_s > 0:
             raise ConfigError("request_timeout_s", request_timeout_s, "a number of seconds > 0, or None for no limit")
         self.request_timeout_s = request_timeout_s
@@ -65,11 +102,11 @@ class LiveRunner:
         return time.perf_counter() - self._t0
 
     async def start(self) -> None:
-        for engine in {id(e): e for e in self.engines.values()}.values():
+        for engine in self.all_engines:
             await engine.start()
 
     async def close(self) -> None:
-        for engine in {id(e): e for e in self.engines.values()}.values():
+        for engine in self.all_engines:
             await engine.close()
 
     # ------------------------------------------------------------------ runs
@@ -89,7 +126,7 @@ class LiveRunner:
         self.check_sessions(policy)
         first_row = len(self.recorder.requests), len(self.recorder.chunks)
         if reset_cache:
-            for engine in {id(e): e for e in self.engines.values()}.values():
+            for engine in self.all_engines:
                 await engine.reset_cache()
         self._t0 = time.perf_counter()
         bar = progress_bar(len(queries), f"live {policy.name}", progress)
@@ -130,7 +167,13 @@ class LiveRunner:
 
     def engine_models(self) -> dict[str, str]:
         """engine name -> model id, for every engine of this runner."""
-        return {e.name: e.model_id for e in self.engines.values()}
+        return {e.name: e.model_id for e in self.all_engines}
+
+    def engine_pools(self) -> dict[str, str]:
+        """engine name -> the pool it serves in."""
+        return {r.name: pool for pool, (reps, _) in
+                ((self.placement.deployment.pool_for_slot(s).name, v) for s, v in self.placement.by_slot.items())
+                for r in reps}
 
     # --------------------------------------------------------------- one request
     async def run_request(self, policy: Policy, request_id: int, query: str, prompt_id: str | None = None,
@@ -160,14 +203,16 @@ class LiveRunner:
         seed = self.final_seed if self.final_seed is not None and node_id == self.topology.final.id else s.seed
         return replace(s, seed=(seed * 1_000_003 + zlib.crc32(f"{request_id}/{node_id}".encode())) % 2**31)
 
-    def call_ended(self, engine) -> None:
-        """A call's task on ``engine`` is done: one call less in flight there."""
-        self.in_flight[id(engine)] -= 1
+    @staticmethod
+    def call_ended(call: "_LiveCall") -> None:
+        """A call's task is done: one call less in flight on its replica, its KV released."""
+        call.replica.in_flight -= 1
+        call.replica.kv_tokens -= call.held
 
     async def _call(self, call: "_LiveCall", port: "_LivePort") -> None:
         """Stream one call, cut it into the scheduler's chunks, report to the driver."""
         g, driver = call.generate, call.driver
-        engine = self.engines[call.node.slot]
+        engine = call.replica.engine
         key = f"{port.tag}-{g.node}-{g.call}"
         sampling = self._sampling(driver.request_id, g.node)
         if call.session is not None:
@@ -175,6 +220,7 @@ class LiveRunner:
         else:
             stream = engine.stream(key, g.prompt, g.max_tokens, sampling)
         watch = CallWatch(self.paces[id(engine)], g.prompt.tokens, final=call.node.is_final, healthy=engine.healthy)
+        call.hold(g.prompt.tokens)
         chunker, finish = call.chunker, None
         try:
             while True:
@@ -183,6 +229,7 @@ class LiveRunner:
                 except StopAsyncIteration:
                     break
                 watch.on_delta(delta.tokens, delta.prompt_tokens)
+                call.hold(delta.tokens)
                 t = self.now()
                 if delta.prompt_tokens is not None:
                     port.report(driver.admitted, call, delta.prompt_tokens, delta.cached_tokens or 0)
@@ -241,12 +288,18 @@ class _LiveCall(CallRecord):
     """A live call's record: its chunker too (the port extends its boundaries), and the
     engine session it is a step of (``session`` layout; None: a call of its own)."""
 
-    __slots__ = ("chunker", "session")
+    __slots__ = ("chunker", "session", "replica", "held")
 
-    def __init__(self, driver: RequestDriver, generate: Generate, node: Node, sent_s: float, tokens_before: int):
+    def __init__(self, driver: RequestDriver, generate: Generate, node: Node, sent_s: float, tokens_before: int,
+                 replica: Replica):
         super().__init__(driver, generate, node, sent_s, tokens_before)
         self.chunker = _Chunker(generate.boundaries)
         self.session = None
+        self.replica, self.held = replica, 0  # where it runs; the KV tokens it holds there
+
+    def hold(self, tokens: int) -> None:
+        self.held += tokens
+        self.replica.kv_tokens += tokens
 
 
 class _LivePort:
@@ -259,7 +312,7 @@ class _LivePort:
         self.loop = asyncio.get_running_loop()
         self.finished: asyncio.Future = self.loop.create_future()
         self.tasks: list[asyncio.Task] = []
-        self.sessions: dict = {}  # node -> its engine session (``session`` layout)
+        self.sessions: dict = {}  # node -> (its engine session, its replica) (``session`` layout)
 
     def report(self, fn, *args) -> None:
         try:
@@ -273,21 +326,26 @@ class _LivePort:
 
     def start_call(self, driver: RequestDriver, generate: Generate, node: Node, sent_s: float,
                    tokens_before: int) -> CallRecord:
-        call = _LiveCall(driver, generate, node, sent_s, tokens_before)
-        engine = self.runner.engines[node.slot]
-        call.engine = engine.name
+        placement = self.runner.placement
+        if generate.prompt.session and node.id in self.sessions:  # a session's steps stay on its engine
+            session, replica = self.sessions[node.id]
+        else:
+            session, replica = None, placement.pick(node.slot, driver.request_id, generate.node)
+        call = _LiveCall(driver, generate, node, sent_s, tokens_before, replica)
+        call.engine = replica.name
         if generate.prompt.session:
-            if node.id not in self.sessions:
-                self.sessions[node.id] = engine.open_session(f"{self.tag}-{node.id}-session")
-            call.session = self.sessions[node.id]
+            if session is None:
+                session = replica.engine.open_session(f"{self.tag}-{node.id}-session")
+                self.sessions[node.id] = session, replica
+            call.session = session
         call.handle = asyncio.create_task(self.runner._call(call, self))
         self.tasks.append(call.handle)
-        self.runner.in_flight[id(engine)] += 1  # until the task is done, however it ends (even before it ran)
-        call.handle.add_done_callback(lambda _task: self.runner.call_ended(engine))
+        replica.in_flight += 1  # until the task is done, however it ends (even before it ran)
+        call.handle.add_done_callback(lambda _task: self.runner.call_ended(call))
         return call
 
     def in_flight(self, node: Node) -> int:
-        return self.runner.in_flight[id(self.runner.engines[node.slot])]
+        return self.runner.placement.least_in_flight(node.slot)
 
     def cancel_call(self, call: CallRecord) -> None:
         if call.handle is not None:
@@ -300,6 +358,7 @@ class _LivePort:
         self.loop.call_later(delay_s, self.report, fire)
 
     def request_done(self, driver: RequestDriver) -> None:
+        self.runner.placement.release(driver.request_id)
         if not self.finished.done():
             self.finished.set_result(driver.row)
 
@@ -307,5 +366,5 @@ class _LivePort:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-        for session in self.sessions.values():
+        for session, _ in self.sessions.values():
             await session.close()

@@ -17,7 +17,7 @@ import time
 from staircase.machine import label
 from staircase.cli import add_output_arguments, add_topology_policy_arguments, finish_run, topology_and_policies
 from staircase.deployment import load_deployment
-from staircase.report import summary_frame
+from staircase.report import pool_frame, summary_frame
 
 from .capacity import at_load, capacity, overload
 from .profile import default_profile_path, load_profile
@@ -93,7 +93,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"profile {profile.name}: calibrated on {label(profile.machine)}; it predicts that machine\n")
         else:
             print(f"note: profile '{profile.name}' is not calibrated; figures show shapes, not a deployment.\n")
-    return finish_run(args, "sim", traces, summary, config)
+    tables = {"pools": pool_frame(traces, deployment.engine_pools())} if deployment else {}
+    return finish_run(args, "sim", traces, summary, config, tables)
 
 
 def _run_config(args: argparse.Namespace, topology, policies, workload, profile) -> dict:

@@ -37,7 +37,11 @@ cdef class SimEngine:
     cdef public object _timer, _on_prefill_timer_cb, _on_decode_timer_cb
     cdef public object cache, shared_seen
     cdef public long cache_tokens, running_tokens, in_flight, iterations_scheduled, prefills
+    cdef public double _acct_t, busy_s, kv_token_s
+    cdef public long kv_peak
+    cdef public object queue_waits
 
+    cpdef void _account(self, double now)
     cpdef (double, double) _iteration_terms(self)
     cpdef void _advance(self, double now)
     cpdef double _generated(self, SimCall call)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import heapq
 import math
+from array import array
 from collections import OrderedDict, deque
 
 import numpy as np
@@ -172,6 +173,29 @@ class SimEngine:
         # counters for reports
         self.iterations_scheduled = 0
         self.prefills = 0
+        # time accounts (``_account``, at every event that can change the engine's state)
+        self._acct_t = 0.0
+        self.busy_s = 0.0  # time with a prefill or a decoding batch under way
+        self.kv_token_s = 0.0  # integral of the KV tokens admitted calls hold or will hold (``running_tokens``)
+        self.kv_peak = 0
+        self.queue_waits = array("d")  # per admitted call: sent -> admitted (overhead + queue), seconds
+
+    def _account(self, now: float) -> None:
+        """Add the time since the last event to the accounts (the state is constant in between)."""
+        dt = now - self._acct_t
+        if dt > 0:
+            if self.batch or self.prefilling is not None:
+                self.busy_s += dt
+            self.kv_token_s += self.running_tokens * dt
+            self._acct_t = now
+
+    def report(self) -> dict:
+        """What a run's meta records of this engine (``sim_end_s``: the run's end)."""
+        return {"model": self.model.name, "prefills": self.prefills, "decode_intervals": self.iterations_scheduled,
+                "busy_s": self.busy_s, "kv_token_s": self.kv_token_s, "kv_peak": self.kv_peak,
+                "admitted": len(self.queue_waits),
+                "queue_wait_mean_s": sum(self.queue_waits) / len(self.queue_waits) if self.queue_waits else 0.0,
+                "queue_wait_p90_s": float(np.percentile(self.queue_waits, 90)) if self.queue_waits else 0.0}
 
     # --------------------------------------------------------------------- API
     @property
@@ -190,6 +214,7 @@ class SimEngine:
     def cancel(self, call: SimCall) -> None:
         if call.cancelled:
             return
+        self._account(self.env.now)
         call.cancelled = True
         self._close(call)
         if call in self.batch:
@@ -202,6 +227,7 @@ class SimEngine:
         call = ev.value
         if call.cancelled:
             return
+        self._account(self.env.now)
         self.waiting.append(call)
         if self.prefilling is None:
             self._advance(self.env.now)
@@ -324,9 +350,12 @@ class SimEngine:
             squares += new * new
             cross += new * cached
             call.driver.admitted(call, call.prompt_tokens, cached)
+            self.queue_waits.append(self.env.now - call.sent_s)
             group.append(call)
         if not group:
             return False
+        if self.running_tokens > self.kv_peak:
+            self.kv_peak = self.running_tokens
         self.prefilling = group
         self.prefills += 1
         cost = model.prefill_s(uncached, squares, cross)
@@ -366,11 +395,13 @@ class SimEngine:
 
     def _on_prefill_timer(self, ev) -> None:
         if ev is self._timer:
+            self._account(self.env.now)
             self._timer = None
             self._prefill_done()
 
     def _on_decode_timer(self, ev) -> None:
         if ev is self._timer:
+            self._account(self.env.now)
             self._timer = None
             self._boundary(self._decode_target)
 

@@ -4,6 +4,6 @@ from sim.engine cimport SimCall
 from staircase.driver cimport RequestDriver
 
 cdef class _SimPort:
-    cdef public object faults, env, engines, slot_engine, lengths, on_done, pools, routers
+    cdef public object faults, env, engines, slot_engine, lengths, on_done, placement
 
     cpdef SimCall start_call(self, RequestDriver driver, object g, object node, double sent_s, long tokens_before)

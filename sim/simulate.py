@@ -13,7 +13,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 import simpy
 
-from staircase.deployment import Deployment
+from staircase.deployment import Deployment, Placement, replica_names
 from staircase.driver import Recorder, RequestDriver
 from staircase.errors import ConfigError
 from staircase.policies import Policy
@@ -35,14 +35,12 @@ class _SimPort:
 
     def __init__(self, env: simpy.Environment, engines: dict[str, SimEngine], slot_engine: dict[str, str],
                  lengths: dict[str, np.ndarray], on_done: Callable[[int], None], faults: Mapping[str, int],
-                 pools: Mapping[str, tuple] | None = None):
+                 placement: Placement | None = None):
         self.faults = faults  # node -> tokens after which its answer breaks off (fault injection)
         self.env = env
         self.engines = engines
         self.slot_engine = slot_engine
-        # a deployment's slots: slot -> (its pool's engines, the pool's router); empty: one engine per slot
-        self.pools = {slot: ([engines[n] for n in names], router) for slot, (names, router) in (pools or {}).items()}
-        self.routers = list({id(r): r for _, r in self.pools.values()}.values())
+        self.placement = placement  # a deployment's pools and routers; None: one engine per slot
         # node -> natural answer length per request (an array of C ints: Python ints out, 8 bytes each)
         self.lengths = {node: array("q", a.tolist()) for node, a in lengths.items()}
         self.on_done = on_done
@@ -71,10 +69,9 @@ class _SimPort:
 
     def _place(self, request_id: int, node_id: str, slot: str) -> str:
         """The engine a call runs on: its slot's, or the one its pool's router picks."""
-        if not self.pools:
+        if self.placement is None:
             return self.slot_engine[slot]
-        replicas, router = self.pools[slot]
-        return replicas[router.pick(replicas, request_id, node_id)].name
+        return self.placement.pick(slot, request_id, node_id).name
 
     def cancel_call(self, call: SimCall) -> None:
         self.engines[call.engine].cancel(call)
@@ -83,16 +80,16 @@ class _SimPort:
         call.extend(boundary)
 
     def in_flight(self, node: Node) -> int:
-        if self.pools:  # a pool: its least busy replica's count (what a least-loaded router sends to)
-            return min([e.in_flight for e in self.pools[node.slot][0]])
+        if self.placement is not None:  # a pool: its least busy replica's count (where least-loaded sends)
+            return self.placement.least_in_flight(node.slot)
         return self.engines[self.slot_engine[node.slot]].in_flight
 
     def set_timer(self, delay_s: float, fire: Callable[[], None]) -> None:
         self.env.timeout(delay_s).callbacks.append(lambda _event: fire())
 
     def request_done(self, driver: RequestDriver) -> None:
-        for router in self.routers:
-            router.release(driver.request_id)
+        if self.placement is not None:
+            self.placement.release(driver.request_id)
         self.on_done(driver.request_id)
 
 
@@ -143,7 +140,7 @@ def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[R
     policy.validate_for(topology)  # before any work
     faults = _check_faults(policy.plan(topology), faults)
     env = simpy.Environment()
-    engines, slot_engine, pools = _engines(env, topology, profile, seed, noise, deployment)
+    engines, slot_engine, placement = _engines(env, topology, profile, seed, noise, deployment)
     lengths = _node_lengths(topology, profile, requests, seed, node_lengths)
     bar, pending = progress_bar(len(requests), f"sim {policy.name}", progress), iter(requests)
     recorder, texts = Recorder(keep_chunks), TextPieces(tokenizer)
@@ -158,7 +155,7 @@ def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[R
         if nxt is not None:
             begin(nxt)
 
-    port = _SimPort(env, engines, slot_engine, lengths, on_done, faults, pools)
+    port = _SimPort(env, engines, slot_engine, lengths, on_done, faults, placement)
     _arrive(env, requests, closed, pending, begin)
     with _fewer_gc_passes():
         env.run()
@@ -202,8 +199,7 @@ def _run_report(profile: Profile, engines: dict[str, SimEngine], faults: dict[st
 
 
 def _engine_report(engines: dict[str, SimEngine]) -> dict:
-    return {n: {"model": e.model.name, "prefills": e.prefills, "decode_intervals": e.iterations_scheduled}
-            for n, e in engines.items()}
+    return {n: e.report() for n, e in engines.items()}
 
 
 def _requests(workload: Workload | Sequence[Request], seed: int, concurrency: int | None):
@@ -218,24 +214,25 @@ def _requests(workload: Workload | Sequence[Request], seed: int, concurrency: in
 
 def _engines(env: simpy.Environment, topology: Topology, profile: Profile, seed: int, noise: bool,
              deployment: Deployment | None = None):
-    """(engine instance -> SimEngine, slot -> engine instance, slot -> (pool's engine
-    names, router)): each slot's engine placed once, or a deployment's replicas
-    (``<pool>/<i>``) with a router per pool (the last mapping empty without one)."""
+    """(engine instance -> SimEngine, slot -> engine instance, placement): each slot's
+    engine placed once (placement None), or a deployment's replicas (``<pool>/<i>``)
+    behind a router per pool (slot -> engine empty: the placement places every call)."""
     if deployment is None:
         placed = {n.slot: profile.engine_for_slot(n.slot) for n in topology.nodes}  # slot -> (instance, model)
         models = dict(placed.values())  # instance -> model
-        slot_engine, pools = {slot: instance for slot, (instance, _) in placed.items()}, {}
+        slot_engine = {slot: instance for slot, (instance, _) in placed.items()}
     else:
-        used = {n.slot: deployment.pool_for_slot(n.slot) for n in topology.nodes}
-        routers = {p.name: p.make_router(seed) for p in used.values()}
-        models = {f"{p.name}/{i}": _model(profile, p.model) for p in used.values() for i in range(p.replicas)}
-        pools = {slot: (tuple(f"{p.name}/{i}" for i in range(p.replicas)), routers[p.name]) for slot, p in used.items()}
-        slot_engine = {}  # every call is placed by its pool's router
+        used = {p.name: p for p in (deployment.pool_for_slot(n.slot) for n in topology.nodes)}.values()
+        models = {name: _model(profile, p.model) for p in used for name in replica_names(p)}
+        slot_engine = {}
     names = sorted(models)
     streams = np.random.SeedSequence([seed, 0xE9]).spawn(len(names))
     engines = {name: SimEngine(env, name, models[name], np.random.default_rng(ss), noise=noise)
                for name, ss in zip(names, streams)}
-    return engines, slot_engine, pools
+    placement = None if deployment is None else Placement(
+        deployment, {n.slot for n in topology.nodes}, {p.name: [engines[n] for n in replica_names(p)] for p in used},
+        seed)
+    return engines, slot_engine, placement
 
 
 def _model(profile: Profile, name: str):

@@ -18,7 +18,7 @@ from typing import Mapping, Sequence
 
 from .errors import StaircaseError
 from .policies import PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, SCOPES, Policy, policy_names_help
-from .report import format_table, summary_json, write_results
+from .report import format_frame, format_table, summary_json, write_results
 from .runconfig import (TOPOLOGY_POLICY_KEYS, parse_int_list, topology_and_policies_from_values,  # noqa: F401
                         topology_from_values)
 from .topology import TOPOLOGY_KINDS, Topology
@@ -74,16 +74,22 @@ def results_folder(args: argparse.Namespace, command: str) -> Path:
     return Path("results") / f"{command}-{stamp}"
 
 
-def finish_run(args: argparse.Namespace, command: str, traces: Mapping, summary, config: Mapping) -> int:
-    """Write the results folder and print the table or the JSON object."""
+def finish_run(args: argparse.Namespace, command: str, traces: Mapping, summary, config: Mapping,
+               tables: Mapping | None = None) -> int:
+    """Write the results folder and print the table or the JSON object; ``tables``: more
+    frames by name (``<name>.csv``, printed after the summary, under the JSON key ``name``)."""
     folder = results_folder(args, command)
-    paths = write_results(folder, traces, summary, config, figure=not args.no_figure)
+    tables = dict(tables or {})
+    paths = write_results(folder, traces, summary, config, figure=not args.no_figure, tables=tables)
     if args.format == "json":
         out = summary_json(summary)
+        out |= {key: json.loads(df.to_json(orient="records")) for key, df in tables.items()}
         out["results"] = str(folder)
         print(json.dumps(out, indent=2))
     else:
         print(format_table(summary))
+        for key, df in tables.items():
+            print(f"\n{key}:\n{format_frame(df)}")
         print(f"\nresults: {folder}/ ({', '.join(p.name for p in paths.values())})")
     return 0
 

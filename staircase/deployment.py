@@ -24,9 +24,9 @@ one per call:
   steps hit its prefix cache, a session stays on its engine); a node's first call goes
   to the least-loaded replica.
 
-Status: the simulator routes every call through its pool's router (``staircase sim
---deployment FILE``, ``simulate(..., deployment=)``); the live runner does not read
-deployments yet.
+``Placement`` binds a deployment to a run's replicas (simulated engines, or the live
+runner's views of real ones): the simulator (``staircase sim --deployment FILE``) and
+the live runner (``staircase live --deployment FILE``) place every call through it.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Protocol, Sequence
+from typing import Generic, Iterable, Mapping, Protocol, Sequence, TypeVar
 
 from .errors import ConfigError
 from .topology import slot_target
@@ -160,11 +160,23 @@ class Deployment:
     def engines(self) -> int:
         return sum(p.replicas for p in self.pools.values())
 
+    def engine_pools(self) -> dict[str, str]:
+        """Replica name (``<pool>/<i>``) -> its pool, for every pool."""
+        return {name: p.name for p in self.pools.values() for name in replica_names(p)}
+
     def to_dict(self) -> dict:
         return {"schema": SCHEMA_ID,
                 "pools": {p.name: {"model": p.model, "replicas": p.replicas, "router": p.router}
                           for p in self.pools.values()},
                 "slots": {"proposers": list(self.proposers), "aggregator": self.aggregator}}
+
+    @classmethod
+    def of_slots(cls, proposers: Sequence[str], aggregator: str) -> "Deployment":
+        """One replica per named engine, slots as named (an engines config's ``slots``):
+        a pool per engine, each its own model."""
+        names = list(dict.fromkeys([*proposers, aggregator]))
+        return deployment_from_dict({"pools": {n: {"model": n} for n in names},
+                                     "slots": {"proposers": list(proposers), "aggregator": aggregator}})
 
     @classmethod
     def one(cls, model: str) -> "Deployment":
@@ -180,6 +192,46 @@ class Deployment:
         pools["aggregator"] = {"model": aggregator_model}
         return deployment_from_dict({"pools": pools, "slots": {"proposers": [f"proposer-{i}" for i in range(proposers)],
                                                               "aggregator": "aggregator"}})
+
+
+R = TypeVar("R", bound=ReplicaView)
+
+
+class Placement(Generic[R]):
+    """A deployment bound to one run's replicas: each slot's pool (its replicas, in
+    order) and the pool's router (one per pool, seeded). ``pick`` places a call."""
+
+    def __init__(self, deployment: Deployment, slots: Iterable[str], replicas: Mapping[str, Sequence[R]],
+                 seed: int = 0):
+        """``replicas``: pool name -> its ``replicas`` replicas (``<pool>/<i>`` in order)."""
+        used = {slot: deployment.pool_for_slot(slot) for slot in slots}
+        for pool in {p.name: p for p in used.values()}.values():
+            got = len(replicas.get(pool.name, ()))
+            if got != pool.replicas:
+                raise ConfigError(f"deployment.pools.{pool.name}.replicas", pool.replicas,
+                                  f"the number of replicas the run built ({got})")
+        routers = {name: deployment.pools[name].make_router(seed) for name in {p.name for p in used.values()}}
+        self.deployment = deployment
+        self.by_slot: dict[str, tuple[Sequence[R], Router]] = {
+            slot: (tuple(replicas[p.name]), routers[p.name]) for slot, p in used.items()}
+        self.routers = list(routers.values())
+
+    def pick(self, slot: str, request_id: int, node_id: str) -> R:
+        replicas, router = self.by_slot[slot]
+        return replicas[router.pick(replicas, request_id, node_id)]
+
+    def least_in_flight(self, slot: str) -> int:
+        """Calls in flight on the slot pool's least busy replica (a policy's load signal)."""
+        return min([r.in_flight for r in self.by_slot[slot][0]])
+
+    def release(self, request_id: int) -> None:
+        for router in self.routers:
+            router.release(request_id)
+
+
+def replica_names(pool: Pool) -> list[str]:
+    """``<pool>/<i>``: the engine names of a pool's replicas, in both runners."""
+    return [f"{pool.name}/{i}" for i in range(pool.replicas)]
 
 
 def _pool(name: str, raw: object, models: Sequence[str] | None) -> Pool:

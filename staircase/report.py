@@ -102,11 +102,57 @@ def plot_ttft(traces: Mapping[str, Trace], path: Path) -> Path:
     return path
 
 
+def pool_frame(traces: Mapping[str, Trace], engine_pool: Mapping[str, str]) -> pd.DataFrame:
+    """One row per policy and pool: replicas, calls, the final node's steps there and
+    the cached prompt tokens per step, and, where the run's meta reports its engines
+    (the simulator), utilisation (busy time / run time; mean and busiest replica), queue
+    wait (call sent -> admitted; mean and the worst replica's p90) and KV tokens held
+    (time-averaged per replica, and the peak). ``engine_pool``: engine name -> pool."""
+    rows = []
+    for name, t in traces.items():
+        reports, end = t.meta.get("engines") or {}, float(t.meta.get("sim_end_s") or math.nan)
+        c = t.chunks
+        first = c[~c.duplicated(["request_id", "node", "call"])] if len(c) else c  # a row per call
+        for pool in dict.fromkeys(engine_pool.values()):
+            engines = [e for e, p in engine_pool.items() if p == pool]
+            calls = first[first["engine"].isin(engines)] if len(first) else first
+            steps = calls[calls["user_visible"].astype(bool)] if len(calls) else calls
+            kept = len(c) > 0  # no chunk rows kept (summary only): no call counts
+            row = {"policy": name, "pool": pool, "replicas": len(engines), "calls": len(calls) if kept else math.nan,
+                   "final_steps": len(steps) if kept else math.nan,
+                   "cached_tokens_per_final_step": float(steps["cached_tokens"].mean()) if len(steps) else math.nan}
+            reps = [reports[e] for e in engines if "busy_s" in reports.get(e, {})]
+            if reps and end > 0:
+                busy = [r["busy_s"] / end for r in reps]
+                admitted = sum(r["admitted"] for r in reps)
+                row |= {"utilisation_mean": sum(busy) / len(busy), "utilisation_max": max(busy),
+                        "queue_wait_mean_s": sum(r["queue_wait_mean_s"] * r["admitted"] for r in reps) / admitted
+                        if admitted else 0.0,
+                        "queue_wait_p90_worst_s": max(r["queue_wait_p90_s"] for r in reps),
+                        "kv_tokens_mean": sum(r["kv_token_s"] for r in reps) / end / len(reps),
+                        "kv_tokens_peak": max(r["kv_peak"] for r in reps)}
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def format_frame(df: pd.DataFrame) -> str:
+    """A plain text table of any frame (3 significant digits)."""
+    cells = [[str(c) for c in df.columns]] + [
+        [f"{v:.3g}" if isinstance(v, float) else str(v) for v in row] for row in df.itertuples(index=False)]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(df.columns))]
+    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
+
+
 def write_results(folder: Path, traces: Mapping[str, Trace], summary: pd.DataFrame, config: Mapping,
-                  figure: bool = True) -> dict[str, Path]:
-    """A results folder: config.json, traces/*.parquet, summary.csv, summary.json, ttft.png."""
+                  figure: bool = True, tables: Mapping[str, pd.DataFrame] | None = None) -> dict[str, Path]:
+    """A results folder: config.json, traces/*.parquet, summary.csv, summary.json, ttft.png,
+    and ``<name>.csv`` per extra table."""
     folder.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
+    for key, df in (tables or {}).items():
+        paths[key] = folder / f"{key}.csv"
+        df.to_csv(paths[key], index=False)
     paths["config"] = folder / "config.json"
     paths["config"].write_text(json.dumps(config, indent=2, default=str) + "\n")
     for t in traces.values():

@@ -202,3 +202,109 @@ def test_staircase_sim_takes_a_deployment_file(tmp_path):
     done = subprocess.run([sys.executable, "-m", "staircase", "sim", "--profile", "illustrative-gpu", "--deployment",
                            str(bad)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "deployment.pools.p.model" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------- live: the same routers on real engine objects
+LIVE = {"pools": {"p": {"model": "prop", "replicas": 2, "router": "round-robin"},
+                  "a": {"model": "agg", "replicas": 2, "router": "affinity"}},
+        "slots": {"proposers": ["p"], "aggregator": "a"}}
+
+
+def _replay_pools(deployment: Deployment) -> dict:
+    from live.engines import ReplayEngine
+
+    answer = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen " * 3
+    return {p.name: [ReplayEngine(lambda _q: answer, name=f"{p.name}/{i}", tokens_per_s=400, first_token_s=0.01)
+                     for i in range(p.replicas)] for p in deployment.pools.values()}
+
+
+def test_the_live_runner_routes_every_call_through_its_pools_router(loop):
+    """Replay engines (fast, no model) behind the core routers: proposers in turn across two
+    replicas, every step of the aggregator's node of a request on one replica (affinity);
+    after the run no replica holds calls or KV tokens."""
+    from live.runner import LiveRunner
+    from staircase.policies import StaircasePolicy
+    from staircase.topology import moa
+
+    dep = deployment_from_dict(LIVE)
+    pools = _replay_pools(dep)
+    topo = moa(2)
+    slots = {n.slot: pools[dep.pool_for_slot(n.slot).name][0] for n in topo.nodes}
+    runner = LiveRunner(slots, topo, max_tokens=24, deployment=dep, pools=pools)
+    trace = loop.run_until_complete(runner.run_policy(StaircasePolicy(redundancy=0), [f"q{i}" for i in range(6)],
+                                                      concurrency=2))
+    assert (trace.requests["outcome"] == "ok").all()
+    calls = trace.chunks.drop_duplicates(["request_id", "node", "call"])
+    proposer = calls[calls["role"] == "proposer"]["engine"].value_counts()
+    assert set(proposer.index) == {"p/0", "p/1"} and proposer["p/0"] == proposer["p/1"]
+    final = calls[calls["role"] == "aggregator"]
+    assert final.groupby("request_id").size().min() >= 2  # several steps per request...
+    assert final.groupby("request_id")["engine"].nunique().max() == 1  # ...on one replica
+    assert set(final["engine"]) == {"a/0", "a/1"}
+    assert all(r.in_flight == 0 and r.kv_tokens == 0 for r in runner.replicas.values())
+    assert runner.engine_pools() == {"p/0": "p", "p/1": "p", "a/0": "a", "a/1": "a"}
+
+
+def test_live_engines_build_a_deployments_replicas_and_name_bad_fields(tmp_path):
+    from live.engines import ServeEngine, cores_for, engines_from_config
+    from staircase.topology import moa
+
+    raw = {"engines": {"prop": {"kind": "serve", "model": "smollm2"}, "agg": {"kind": "serve", "model": "smollm2",
+                                                                              "threads": ["0", "0"]}}}
+    dep = deployment_from_dict(LIVE)
+    engines = engines_from_config(raw, moa(3), deployment=dep)
+    assert [e.name for e in engines.pools["p"]] == ["p/0", "p/1"] and len(engines.used) == 4
+    assert all(isinstance(e, ServeEngine) for e in engines.used)
+    # proposer replicas split the cores (the aggregator's give their own), the aggregator's as listed
+    assert [e.server.threads for e in engines.pools["p"]] == cores_for(2)
+    assert [e.server.threads for e in engines.pools["a"]] == ["0", "0"]
+    assert engines.slots["proposer-2"] is engines.pools["p"][0]
+    with pytest.raises(ConfigError) as err:
+        engines_from_config(raw, moa(3), deployment=deployment_from_dict(
+            {"pools": {"x": {"model": "nope"}}, "slots": {"proposers": ["x"], "aggregator": "x"}}))
+    assert err.value.field == "deployment.pools.x.model"
+    raw["engines"]["agg"]["threads"] = ["0"]
+    with pytest.raises(ConfigError) as err:
+        engines_from_config(raw, moa(3), deployment=dep)
+    assert err.value.field == "config.engines.agg.threads"
+
+
+def test_cores_split_evenly_or_not_at_all():
+    import os
+
+    from live.engines import cores_for
+
+    n = len(os.sched_getaffinity(0))
+    assert cores_for(1) == [None] and cores_for(n + 1) == [None] * (n + 1)
+    if n >= 2:
+        parts = cores_for(2)
+        assert len(set(parts)) == 2 and all(p for p in parts)
+
+
+def test_staircase_live_takes_a_deployment_file(tmp_path):
+    """The CLI end to end on replay engines: the deployment recorded, a pools table written."""
+    import subprocess
+    import sys
+
+    answers = tmp_path / "answers.jsonl"
+    from live.prompts import load_prompts
+
+    answers.write_text("".join(json.dumps({"query": q, "answer": "alpha beta gamma delta " * 8}) + "\n"
+                               for q in load_prompts("mt_bench", 3)))
+    spec = {"kind": "replay", "answers": str(answers), "tokens_per_s": 300, "first_token_s": 0.01}
+    (tmp_path / "engines.json").write_text(json.dumps({"engines": {"prop": spec, "agg": spec},
+                                                       "slots": {"proposers": ["prop"], "aggregator": "agg"}}))
+    (tmp_path / "dep.json").write_text(json.dumps(LIVE))
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "staircase", "live", "--config", str(tmp_path / "engines.json"),
+                           "--deployment", str(tmp_path / "dep.json"), "--requests", "3", "--max-tokens", "16",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "pools:" in done.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["deployment"]["pools"]["a"]["router"] == "affinity"
+    assert config["engine_pools"]["p/1"] == "p"
+    import pandas as pd
+
+    pools = pd.read_csv(out / "pools.csv")
+    assert set(pools["pool"]) == {"p", "a"} and pools["calls"].sum() > 0

@@ -11,8 +11,8 @@
 """
 
 from .base import Delta, Engine, EngineError, Sampling, render_chat
-from .config import (ENGINE_KINDS, EngineOptions, EngineSet, add_engine_arguments, build_engine, engines_from_config,
-                     model_path)
+from .config import (ENGINE_KINDS, EngineOptions, EngineSet, add_deployment_argument, add_engine_arguments, build_engine,
+                     cores_for, engines_from_config, model_path)
 from .factory import open_engines, quiet_vllm_logs
 from .http_engine import HTTPEngine, check_url
 from .inprocess import VLLMEngine, cpu_engine_env, cpu_scheduler_args
@@ -21,7 +21,7 @@ from .serve import ServeEngine, VLLMServer, free_port
 from .session import VLLMSession
 
 __all__ = ["Delta", "Engine", "EngineError", "Sampling", "render_chat", "ENGINE_KINDS", "EngineOptions", "EngineSet",
-           "add_engine_arguments", "build_engine", "engines_from_config", "model_path", "open_engines",
+           "add_deployment_argument", "add_engine_arguments", "build_engine", "cores_for", "engines_from_config", "model_path", "open_engines",
            "quiet_vllm_logs", "HTTPEngine", "check_url", "VLLMEngine", "cpu_engine_env", "cpu_scheduler_args",
            "ReplayEngine", "load_answers", "replay_from_spec", "ServeEngine", "VLLMServer", "free_port",
            "VLLMSession"]

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
+from staircase.deployment import Deployment, deployment_from_dict, replica_names
 from staircase.errors import ConfigError
-from staircase.topology import Topology, slot_target
+from staircase.topology import Topology
 
 from ..machine import DTYPES
 from .base import Engine
@@ -87,6 +89,14 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                         "native bf16 and on GPUs via auto, float32 on CPUs without; printed at start)")
 
 
+def add_deployment_argument(p: argparse.ArgumentParser) -> None:
+    """``--deployment FILE`` (``staircase live``, ``calibrate``): pools of the config's engines."""
+    p.add_argument("--deployment", type=Path, default=None, metavar="FILE",
+                   help="pools of replicas of the config's engines behind routers (JSON or YAML, "
+                        "staircase/deployment.py; a pool's model names an engine of --config); its slots replace "
+                        "the config's; serve replicas without threads split the cores")
+
+
 def model_path(value: str, field: str = "model") -> Path:
     """``smollm2`` (the bundled model, converted once) or a model folder with a config.json."""
     if value == "smollm2":
@@ -121,33 +131,88 @@ def build_engine(name: str, spec: object, dtype: str | None = None) -> Engine:
 
 @dataclass
 class EngineSet:
-    """The engines of a config (``by_name``) and the topology's slots mapped to them
-    (``slots``; slots that share an engine share the object)."""
+    """The engines of a run: the deployment (pools of replicas, slots -> pools), each
+    pool's replicas (``pools``, ``<pool>/<i>`` in order), and each slot's first replica
+    (``slots``; what counts tokens and is checked for sessions). Without a deployment
+    file every config engine is a pool of one, named as in the config."""
 
     config: dict
-    by_name: dict[str, Engine]
+    deployment: Deployment
+    pools: dict[str, list[Engine]]
     slots: dict[str, Engine]
     machine: dict = field(default_factory=dict)  # the machine and engine settings, once announced
 
     @property
     def used(self) -> list[Engine]:
-        """The engines some slot runs on, each once."""
-        return list({id(e): e for e in self.slots.values()}.values())
+        """The engines some slot runs on, each once (every replica of every used pool)."""
+        used = {self.deployment.pool_for_slot(slot).name for slot in self.slots}
+        return list({id(e): e for name in used for e in self.pools[name]}.values())
 
 
-def engines_from_config(raw: object, topology: Topology, dtype: str | None = None) -> EngineSet:
+def engines_from_config(raw: object, topology: Topology, dtype: str | None = None,
+                        deployment: Deployment | None = None) -> EngineSet:
     """Check a config object and build its engines (none started). ``dtype``: for
-    vllm/serve engines whose spec names none (None: from the machine)."""
+    vllm/serve engines whose spec names none (None: from the machine). ``deployment``:
+    pools of replicas of the config's engines (a pool's ``model`` names an engine of
+    the config); its slots replace the config's."""
     if not isinstance(raw, dict) or not isinstance(raw.get("engines"), dict) or not raw["engines"]:
         raise ConfigError("config.engines", raw.get("engines") if isinstance(raw, dict) else raw,
                           "an object of named engines")
     specs = raw["engines"]
-    by_name = {name: build_engine(name, spec, dtype) for name, spec in specs.items()}
+    if deployment is None:
+        deployment = _config_slots(raw, specs)
+        pools = {name: [build_engine(name, specs[name], dtype)] for name in deployment.pools}
+    else:
+        deployment = deployment_from_dict(deployment.raw or deployment.to_dict(), models=list(specs))
+        pools = _replicas(deployment, specs, dtype)
+    slots = {n.slot: pools[deployment.pool_for_slot(n.slot).name][0] for n in topology.nodes}
+    return EngineSet(raw, deployment, pools, slots)
+
+
+def _config_slots(raw: dict, specs: dict) -> Deployment:
+    """The config's own slots as a deployment: a pool of one per engine."""
     slots = raw.get("slots") or {}
     proposers = slots.get("proposers")
     if not isinstance(proposers, list) or not proposers or any(p not in specs for p in proposers):
         raise ConfigError("config.slots.proposers", proposers, f"a list of engine names from {', '.join(specs)}")
     if slots.get("aggregator") not in specs:
         raise ConfigError("config.slots.aggregator", slots.get("aggregator"), f"one of {', '.join(specs)}")
-    mapping = {n.slot: by_name[slot_target(n.slot, proposers, slots["aggregator"])] for n in topology.nodes}
-    return EngineSet(raw, by_name, mapping)
+    return Deployment.of_slots(proposers, slots["aggregator"])
+
+
+def _replicas(deployment: Deployment, specs: dict, dtype: str | None) -> dict[str, list[Engine]]:
+    """Each pool's replicas, built from the config engine its ``model`` names. A ``serve``
+    spec's ``threads`` may be a list (one per replica); without any, the machine's cores
+    are split evenly among the deployment's ``serve`` replicas (one core each on 2 cores)."""
+    unbound = [name for p in deployment.pools.values() if specs[p.model].get("kind") == "serve"
+               and specs[p.model].get("threads") is None for name in replica_names(p)]
+    cores = cores_for(len(unbound))
+    pools = {}
+    for p in deployment.pools.values():
+        spec, built = specs[p.model], []
+        threads = spec.get("threads")
+        if isinstance(threads, list) and len(threads) != p.replicas:
+            raise ConfigError(f"config.engines.{p.model}.threads", threads,
+                              f"one CPU list per replica of pool {p.name} ({p.replicas}), or one for all")
+        for i, name in enumerate(replica_names(p)):
+            one = dict(spec)
+            if isinstance(threads, list):
+                one["threads"] = threads[i]
+            elif name in unbound:
+                one["threads"] = cores[unbound.index(name)]
+            built.append(build_engine(name, one, dtype))
+        pools[p.name] = built
+    return pools
+
+
+def cores_for(n: int) -> list[str | None]:
+    """``n`` CPU lists (``"0"``, ``"2-3"``) splitting this process's cores evenly; None
+    each when there is nothing to split (one engine, or more engines than cores share
+    them all)."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    if n <= 1 or n > len(cores):
+        return [None] * n
+    per = len(cores) // n
+    parts = [cores[i * per:(i + 1) * per] for i in range(n)]
+    return [str(c[0]) if len(c) == 1 else f"{c[0]}-{c[-1]}" if c == list(range(c[0], c[-1] + 1))
+            else ",".join(map(str, c)) for c in parts]

@@ -13,6 +13,7 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
+from staircase.deployment import Deployment
 from staircase.topology import Topology
 
 from ..machine import announce_machine
@@ -26,11 +27,13 @@ def quiet_vllm_logs() -> None:
 
 
 @contextmanager
-def open_engines(raw: dict, topology: Topology, dtype: str | None = None) -> Iterator[EngineSet]:
-    """The engines of ``raw`` with their processes running; ``.machine`` holds what
-    ``config.json`` records (``machine``, ``engine_settings``)."""
+def open_engines(raw: dict, topology: Topology, dtype: str | None = None,
+                 deployment: Deployment | None = None) -> Iterator[EngineSet]:
+    """The engines of ``raw`` (as pools of replicas, with ``deployment``) with their
+    processes running; ``.machine`` holds what ``config.json`` records (``machine``,
+    ``engine_settings``)."""
     quiet_vllm_logs()
-    engines = engines_from_config(raw, topology, dtype)
+    engines = engines_from_config(raw, topology, dtype, deployment)
     owned = [e for e in engines.used if e.OWNS_PROCESS]
     try:
         for engine in owned:
