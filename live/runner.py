@@ -233,6 +233,8 @@ class LiveRunner:
                 t = self.now()
                 if delta.prompt_tokens is not None:
                     port.report(driver.admitted, call, delta.prompt_tokens, delta.cached_tokens or 0)
+                elif delta.cached_tokens:  # known only at the call's end (an OpenAI server's last usage)
+                    port.report(driver.cached_later, call, delta.cached_tokens)
                 if chunker.add(delta.text, delta.tokens, t):
                     port.report(driver.chunk, call, *chunker.take(), t)
                 finish = delta.finish_reason or finish

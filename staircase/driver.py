@@ -121,6 +121,25 @@ class RequestDriver:
         self.prompt_tokens += prompt_tokens
         self.cached_tokens += cached_tokens
 
+    def cached_later(self, call: CallRecord, cached_tokens: int) -> None:
+        """Cached prompt tokens an engine reports only as the call ends (vLLM's OpenAI
+        server gives them in the stream's last usage): the call's first chunk row and the
+        request's count take them (live runs only; a backward scan of the rows)."""
+        extra = cached_tokens - call.cached_tokens
+        if not extra or self.done:
+            return
+        call.cached_tokens = cached_tokens
+        self.cached_tokens += extra
+        if not (call.chunks and self.recorder.keep_chunks):
+            return
+        rows, g, name = self.recorder.chunks, call.generate, self.policy.name
+        for i in range(len(rows) - 1, -1, -1):
+            r = rows[i]
+            if (r.request_id == self.request_id and r.node == call.node.id and r.call == g.call
+                    and r.chunk_index == g.first_chunk_index and r.policy == name):
+                rows[i] = r._replace(cached_tokens=cached_tokens)
+                return
+
     def chunk(self, call: CallRecord, tokens: int, text: str | None, first_s: float, end_s: float) -> None:
         """A chunk of ``call`` ended at ``end_s`` (now, on the runner's clock)."""
         if self.done:

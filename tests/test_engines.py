@@ -41,3 +41,16 @@ def test_completions_stream_counts_tokens_without_token_ids():
     # no usage at all: one token per non-empty text
     deltas, _ = read([{"choices": [{"text": "x"}]}, {"choices": [{"text": ""}]}, {"choices": [{"text": "y"}]}])
     assert [d.tokens for d in deltas] == [1, 1] and deltas[0].prompt_tokens is None
+
+
+def test_completions_stream_gives_cached_tokens_in_its_last_usage_only():
+    """vLLM's completions server streams usage without ``prompt_tokens_details`` and puts
+    the cached tokens in the final usage event alone: the reader keeps them for the
+    stream's last delta (``late_cached``), which the runner reports to the driver."""
+    events = [{"choices": [{"text": "a", "token_ids": [1]}], "usage": usage(200, 1)},
+              {"choices": [{"text": " b", "token_ids": [2], "finish_reason": "stop"}], "usage": usage(200, 2)},
+              {"choices": [], "usage": usage(200, 2, 160)}]
+    reader = _StreamReader()
+    deltas = [d for d in (reader.delta(e) for e in events) if d is not None]
+    assert deltas[0].prompt_tokens == 200 and deltas[0].cached_tokens == 0
+    assert reader.late_cached == 160 and reader.finish == "stop"

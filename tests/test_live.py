@@ -544,3 +544,36 @@ def test_a_serve_engine_owns_its_process_through_open_engines(loop, engine, mode
             assert len(proposer_rows) and set(proposer_rows["engine"]) == {"srv"}
             raise RuntimeError("on purpose")
     assert not srv.running and srv.server.proc.poll() is not None
+
+
+def test_a_pool_of_two_serve_replicas_behind_affinity(loop, model_dir):
+    """A deployment on real engines: two ``vllm serve`` replicas of the bundled model, one
+    core each, in one pool behind the affinity router. Each proposer's call and every
+    step of the aggregator's node stay on one replica, both replicas serve, and the
+    aggregator's later steps hit that replica's prefix cache (a router that spreads the
+    steps, as least-loaded does, loses those hits)."""
+    from live.engines import open_engines
+    from staircase.deployment import deployment_from_dict
+
+    raw = {"engines": {"cpu": {"kind": "serve", "model": str(model_dir)}},
+           "slots": {"proposers": ["cpu"], "aggregator": "cpu"}}
+    dep = deployment_from_dict({"pools": {"cpu": {"model": "cpu", "replicas": 2, "router": "affinity"}},
+                                "slots": {"proposers": ["cpu"], "aggregator": "cpu"}})
+    with open_engines(raw, moa(2), deployment=dep) as engines:
+        assert [e.name for e in engines.used] == ["cpu/0", "cpu/1"]
+        binds = [engines.machine["engine_settings"][e.name]["cpu_threads_bind"] for e in engines.used]
+        assert len(os.sched_getaffinity(0)) < 2 or binds[0] != binds[1]  # the cores split between them
+        runner = LiveRunner(engines.slots, moa(2), max_tokens=24, deployment=engines.deployment, pools=engines.pools)
+        loop.run_until_complete(runner.start())
+        try:
+            trace = loop.run_until_complete(runner.run_policy(
+                StaircasePolicy(redundancy=0, layout="prefix-cache"), load_prompts("mt_bench", 2)))
+        finally:
+            loop.run_until_complete(runner.close())
+    assert (trace.requests["outcome"] == "ok").all(), trace.requests["error"].tolist()
+    calls = trace.chunks.drop_duplicates(["request_id", "node", "call"])
+    assert calls.groupby(["request_id", "node"])["engine"].nunique().max() == 1
+    assert set(calls["engine"]) == {"cpu/0", "cpu/1"}
+    later = calls[(calls["role"] == "aggregator") & (calls["call"] > 0)]
+    assert len(later) and (later["cached_tokens"] > 0).all(), later[["prompt_tokens", "cached_tokens"]]
+    assert all(not e.running for e in engines.used)

@@ -10,6 +10,7 @@ loop (``LiveRunner.start``) and are closed there.
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -36,8 +37,10 @@ def open_engines(raw: dict, topology: Topology, dtype: str | None = None,
     engines = engines_from_config(raw, topology, dtype, deployment)
     owned = [e for e in engines.used if e.OWNS_PROCESS]
     try:
-        for engine in owned:
-            engine.launch()
+        if owned:  # together: a pool's replicas start in the time of one
+            with ThreadPoolExecutor(len(owned)) as pool:
+                for done in [pool.submit(engine.launch) for engine in owned]:
+                    done.result()
         engines.machine = announce_machine(engines.used)
         yield engines
     finally:

@@ -97,7 +97,7 @@ class HTTPEngine(Engine):
             raise EngineError(f"connection lost ({type(err).__name__})") from None
         if reader.finish not in ("stop", "length"):
             raise EngineError("truncated stream" if reader.finish is None else f"finished: {reader.finish}")
-        yield Delta("", 0, reader.finish)
+        yield Delta("", 0, reader.finish, cached_tokens=reader.late_cached)
 
     def _request(self, prompt: Prompt, max_tokens: int, sampling: Sampling) -> tuple[str, dict]:
         """(url, JSON body) of a streaming completion: the completions API with our own
@@ -180,17 +180,20 @@ class _StreamReader:
     usage seen up to the first delta with tokens (a chat stream's first event, the role,
     carries usage but no token), the finish reason from the last choice that has one."""
 
-    __slots__ = ("tokens_seen", "usage", "finish")
+    __slots__ = ("tokens_seen", "usage", "finish", "late_cached")
 
     def __init__(self):
         self.tokens_seen = 0
         self.usage: dict | None = {}  # None once the first delta carried it
         self.finish: str | None = None
+        self.late_cached: int | None = None  # cached tokens the stream's last usage gives (vLLM's server)
 
     def delta(self, event: dict) -> Delta | None:
         usage = event.get("usage") or {}
         if usage and self.usage is not None:
             self.usage = usage
+        elif usage.get("prompt_tokens_details"):  # vLLM's server reports cached tokens in the final usage alone
+            self.late_cached = usage["prompt_tokens_details"].get("cached_tokens")
         choices = event.get("choices") or []
         if not choices:
             return None

@@ -69,6 +69,7 @@ class VLLMServer:
                "--served-model-name", "model"]
         if self.settings["cpu_threads_bind"] is not None:
             self.threads = self.threads or self.settings["cpu_threads_bind"]
+            self.settings["cpu_threads_bind"] = self.threads
             env.update(VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
                        VLLM_CPU_OMP_THREADS_BIND=self.threads)
             cmd += ["--enforce-eager", "--block-size", "32", "--no-enable-chunked-prefill",
@@ -127,6 +128,8 @@ class ServeEngine(HTTPEngine):
         self.server = VLLMServer(model, threads=threads, dtype=dtype)
         super().__init__("http://127.0.0.1", "model", name=name, tokenizer_path=model, **http_kwargs)
         self.settings = engine_settings(dtype)
+        if threads is not None and self.settings["cpu_threads_bind"] is not None:
+            self.settings["cpu_threads_bind"] = threads  # the cores it will bind
 
     @property
     def running(self) -> bool:
