@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from staircase.cli import results_folder
+from staircase.deployment import load_deployment
 from staircase.errors import ConfigError
 from staircase.machine import label
 from staircase.topology import proposer_slot_index
@@ -42,11 +43,12 @@ HELP_VAL = "replay live runs in the simulator: live vs simulated percentiles, er
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from live.engines import add_engine_arguments
+    from live.engines import add_deployment_argument, add_engine_arguments
 
     p = subparsers.add_parser("calibrate", help=HELP_CAL, description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_arguments(p)
+    add_deployment_argument(p.add_argument_group("deployment (every replica probed, one fit per pool model)"))
     g = p.add_argument_group("calibration")
     g.add_argument("--probes", default="standard", choices=("standard", "small"),
                    help="designed probe set (standard: ~2 min on 2 CPU cores with SmolLM2-135M; small: tests)")
@@ -91,11 +93,18 @@ def _probe_live(args, folder: Path) -> dict:
     from staircase.topology import moa
 
     raw = EngineOptions.from_mapping(vars(args)).to_config()
+    deployment = load_deployment(args.deployment) if args.deployment else None
     n_prop = len((raw.get("slots") or {}).get("proposers") or [1]) if isinstance(raw, dict) else 1
+    if deployment is not None:
+        n_prop = len(deployment.proposers)
     probes = probe_set(args.probes)
     record = {"command": "calibrate", "engines": raw, "probes": args.probes, "seed": args.seed}
-    with open_engines(raw, moa(max(1, n_prop)), dtype=args.dtype) as engines:
+    with open_engines(raw, moa(max(1, n_prop)), dtype=args.dtype, deployment=deployment) as engines:
         record |= engines.machine
+        if deployment is not None:  # replica -> the model (config engine) its pool runs: one fit per model
+            record |= {"deployment": engines.deployment.to_dict(),
+                       "replica_models": {e.name: p.model for p in engines.deployment.pools.values()
+                                          for e in engines.pools[p.name]}}
 
         async def main():
             caps, models = {}, {}
@@ -136,9 +145,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
         record = _probe_live(args, folder)
         groups = load_runs([folder]) + groups
     groups = [g for g in groups if not g.policy.startswith("warmup")]
-    names = _engines_to_fit(groups, args.engine, probed=bool(record))
-    fits = _fit_all(groups, names, quadratic=not args.no_quadratic)
-    proposers, aggregator = _slots_from(groups, names)
+    units, proposers, aggregator = _fit_units(groups, args.engine, probed=bool(record))
+    names = list(units)
+    fits = _fit_all(groups, units, quadratic=not args.no_quadratic)
     sharing = "one" if len(set(proposers + [aggregator])) == 1 else "per-slot"
     model = next((f.model for f in fits.values() if f.model), "unknown-model")
     # the machine the probes ran on: this one when probing, else what the traces recorded
@@ -174,13 +183,32 @@ def _engines_to_fit(groups: list[RunGroup], engine: str | None, probed: bool) ->
     return names
 
 
-def _fit_all(groups: list[RunGroup], names: list[str], quadratic: bool) -> dict:
-    """engine -> its fit; the fits' warnings printed on stderr."""
+def _fit_units(groups: list[RunGroup], engine: str | None, probed: bool):
+    """(what to fit -> its engines (None: itself), profile proposers, profile aggregator):
+    a deployment's replicas as one fit per model, else engine by engine."""
+    replica_models = next((g.config["replica_models"] for g in groups if g.config.get("replica_models")), None)
+    if replica_models and not engine:
+        units = {m: [r for r, rm in replica_models.items() if rm == m] for m in dict.fromkeys(replica_models.values())}
+        return (units, *_deployment_slots(groups))
+    names = _engines_to_fit(groups, engine, probed=probed)
+    return ({n: None for n in names}, *_slots_from(groups, names))
+
+
+def _deployment_slots(groups: list[RunGroup]) -> tuple[list[str], str]:
+    """The profile's slots from the recorded deployment: each slot's pool's model."""
+    dep = next(g.config["deployment"] for g in groups if g.config.get("deployment"))
+    model = lambda pool: dep["pools"][pool]["model"]
+    return [model(p) for p in dep["slots"]["proposers"]], model(dep["slots"]["aggregator"])
+
+
+def _fit_all(groups: list[RunGroup], units: dict[str, list[str] | None], quadratic: bool) -> dict:
+    """engine (or model) -> its fit over its engine (or its replicas); the fits' warnings
+    printed on stderr."""
     fits = {}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for e in names:
-            fits[e] = fit_engine(observations(groups, e), quadratic=quadratic)
+        for e, replicas in units.items():
+            fits[e] = fit_engine(observations(groups, e, replicas), quadratic=quadratic)
     for w in caught:
         print(f"warning: {w.message}", file=sys.stderr)
     return fits
@@ -190,8 +218,11 @@ def _capacities(groups: list[RunGroup], names: list[str], args: argparse.Namespa
     """What each engine reported when probed (config.json of the probe folder, freshly
     written or recorded), else the command line's values."""
     caps = {}
+    models = next((g.config["replica_models"] for g in groups if g.config.get("replica_models")), {})
     for e in names:
-        found = next((g.config["capacity"][e] for g in groups if e in (g.config.get("capacity") or {})), {})
+        asked = [r for r, m in models.items() if m == e] or [e]  # a model: what its first replica reported
+        found = next((g.config["capacity"][a] for g in groups for a in asked if a in (g.config.get("capacity") or {})),
+                     {})
         caps[e] = {k: found.get(k, getattr(args, k)) for k in ("max_batch_size", "kv_cache_tokens", "block_size_tokens")}
     return caps
 
@@ -302,10 +333,10 @@ def _print_validation(table, checks) -> None:
     from .validate import METRICS, PERCENTILES
 
     show = table[table["metric"].isin(["ttft_s", "e2e_s", "tpot_s", "output_tokens_per_s"])]
-    lines = ["| run | policy | metric | live p50 | sim p50 | err p50 | live p90 | sim p90 | err p90 | "
-             "live p99 | sim p99 | err p99 | W1 (rel) |", "|" + "---|" * 13]
+    lines = ["| run | policy | timing | metric | live p50 | sim p50 | err p50 | live p90 | sim p90 | err p90 | "
+             "live p99 | sim p99 | err p99 | W1 (rel) |", "|" + "---|" * 14]
     for _, r in show.iterrows():
-        cells = [r["run"], r["policy"], METRICS[r["metric"]]]
+        cells = [r["run"], r["policy"], r.get("timing", "calibrated"), METRICS[r["metric"]]]
         for q in PERCENTILES:
             cells += [f"{r[f'live_p{q}']:.3g}", f"{r[f'sim_p{q}']:.3g}", f"{r[f'rel_err_p{q}']:+.1%}"]
         cells.append(f"{r['wasserstein']:.3g} ({r['wasserstein_rel']:.1%})")
@@ -320,7 +351,8 @@ def _print_validation(table, checks) -> None:
         if parts:
             print(f"engine speed: {run} {' and '.join(parts)} the profile's time")
     for _, c in checks.iterrows():
-        print(f"{'PASS' if c['pass'] else 'MISS'}  {c['run']}  {c['policy']}: {c['target']} ({c['rel_err']:+.1%})")
+        print(f"{'PASS' if c['pass'] else 'MISS'}  {c['run']}  {c['policy']} ({c['timing']}): {c['target']} "
+              f"({c['rel_err']:+.1%})")
 
 
 def _print_phases(table) -> None:

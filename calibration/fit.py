@@ -124,8 +124,11 @@ class Observations:
     models: list[str]
 
 
-def observations(groups: Sequence[RunGroup], engine: str | None = None) -> Observations:
-    """Prefill and decode observations of one engine from run groups."""
+def observations(groups: Sequence[RunGroup], engine: str | None = None,
+                 replicas: Sequence[str] | None = None) -> Observations:
+    """Prefill and decode observations of one engine from run groups; with ``replicas``,
+    of one model over those engines (a pool's replicas, each engine's batches its own),
+    named ``engine``."""
     names = sorted({str(e) for g in groups for e in g.chunks["engine"].unique()})
     if not names:
         raise ConfigError("traces", "no chunk rows", "traces with at least one call")
@@ -134,22 +137,26 @@ def observations(groups: Sequence[RunGroup], engine: str | None = None) -> Obser
             raise ConfigError("engine", f"traces name {len(names)} engines ({', '.join(names)})",
                               "one engine per fit: pass engine= (--engine) to pick one")
         engine = names[0]
-    elif engine not in names:
-        raise ConfigError("engine", engine, f"an engine named in the traces: {', '.join(names)}")
-    models = sorted({g.engine_models.get(engine) for g in groups if g.engine_models.get(engine)})
+    wanted = list(replicas) if replicas is not None else [engine]
+    for name in wanted:
+        if name not in names:
+            raise ConfigError("engine", name, f"an engine named in the traces: {', '.join(names)}")
+    models = sorted({g.engine_models.get(e) for g in groups for e in wanted if g.engine_models.get(e)})
     if len(models) > 1:
         raise ConfigError("traces", f"engine {engine} ran {len(models)} models ({', '.join(models)})",
                           "traces of one model per fit")
     pre_rows, dec_rows, sources = [], [], []
     for g in groups:
-        calls = calls_of(g.chunks)
-        calls = calls[calls["engine"] == engine]
-        if not len(calls):
-            continue
-        sources.append(g.source)
-        mine = g.chunks[g.chunks["engine"] == engine]
-        pre_rows.append(_prefill_points(calls).assign(source=g.source))
-        dec_rows.append(_decode_points(mine, calls).assign(source=g.source))
+        all_calls = calls_of(g.chunks)
+        for name in wanted:
+            calls = all_calls[all_calls["engine"] == name]
+            if not len(calls):
+                continue
+            sources.append(g.source)
+            mine = g.chunks[g.chunks["engine"] == name]
+            pre_rows.append(_prefill_points(calls).assign(source=g.source))
+            dec_rows.append(_decode_points(mine, calls).assign(source=g.source))
+    sources = list(dict.fromkeys(sources))
     prefill = pd.concat(pre_rows, ignore_index=True) if pre_rows else pd.DataFrame(
         columns=["prompt_tokens", "cached_tokens", "uncached", "wait_s", "source"])
     decode = pd.concat(dec_rows, ignore_index=True) if dec_rows else pd.DataFrame(

@@ -114,7 +114,8 @@ async def run_probes(engine, probes, folder: Path, *, seed: int = 0, progress: b
             qs = [f"{q}\n{more}" for q, more in zip(queries[probe.extends], qs)]
         queries[probe.name] = qs
         t0 = time.perf_counter()
-        policy = SinglePolicy([probe.chunk_tokens], name=f"probe-{engine.name}-{probe.name}")
+        # (a file name: a pool replica's engine name, ``pool/i``, holds a slash)
+        policy = SinglePolicy([probe.chunk_tokens], name=f"probe-{engine.name.replace('/', '-')}-{probe.name}")
         trace = await runner.run_policy(policy, qs, concurrency=probe.concurrency, seed=seed, progress=progress,
                                         reset_cache=probe.reset_cache, max_tokens=probe.max_tokens)
         print(f"probe {engine.name}/{probe.name}: {len(qs)} requests in {time.perf_counter() - t0:.1f} s",

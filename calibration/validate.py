@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from sim.profile import Profile
+from sim.profile import EngineModel, Profile
 from sim.simulate import simulate
 from sim.workload import Request
 from staircase.runconfig import topology_and_policies_from_values
@@ -33,6 +33,7 @@ from staircase.policies import policy_from_dict
 from staircase.topology import topology_from_config
 from staircase.machine import differences as machine_differences
 from staircase.machine import label as machine_label
+from staircase.deployment import Deployment, deployment_from_dict
 from staircase.errors import ConfigError
 from staircase.metrics import weighted_percentile
 from staircase.prompts import TokenizerCount
@@ -120,7 +121,7 @@ def check_profile_model(profile: Profile, run: LiveRun, allow_other_model: bool 
         notes.append(msg)
     slot_engines = run.config.get("slot_engines") or {}
     live_sharing = "one" if len(set(slot_engines.values())) == 1 else "per-slot"
-    if slot_engines and live_sharing != profile.engine_sharing:
+    if slot_engines and live_sharing != profile.engine_sharing and not run.config.get("deployment"):
         notes.append(f"live run used engine sharing {live_sharing!r}, profile says {profile.engine_sharing!r}")
     return notes + check_machine(profile, run)
 
@@ -142,42 +143,82 @@ def check_machine(profile: Profile, run: LiveRun) -> list[str]:
     return notes
 
 
-def decode_speed(run: LiveRun, profile: Profile) -> dict | None:
-    """How fast the run's engine worked compared with the profile, phase by phase: the
-    tokens-weighted median of measured / profile iteration time over the run's
-    prefill-free decode intervals, and the median of measured / profile first-token
-    wait over the calls that had the engine to themselves (the fit's own
-    observations; NaN where the run has none). Far from 1, the engine or the machine
-    ran at another speed than at calibration, and every error includes that drift.
-    None for runs on several engines or with neither kind of observation."""
-    from .fit import RunGroup, observations
+def run_deployment(run: LiveRun) -> Deployment | None:
+    """The deployment a run recorded (``staircase live --deployment``), else None."""
+    raw = run.config.get("deployment")
+    return deployment_from_dict(raw) if raw else None
 
+
+def _engine_models(run: LiveRun, profile: Profile) -> dict[str, EngineModel] | None:
+    """Each engine of the run -> the profile model that predicts it: a deployment's
+    replicas their pool's model; a run on one engine the aggregator's; None otherwise."""
+    dep = run_deployment(run)
+    if dep is not None:
+        pools = run.config.get("engine_pools") or {}
+        return {e: profile.engines[dep.pools[pool].model] for e, pool in pools.items()
+                if pool in dep.pools and dep.pools[pool].model in profile.engines}
     slot_engines = run.config.get("slot_engines") or {}
     if len(set(slot_engines.values())) > 1:
         return None
-    model = profile.engine_for_slot("aggregator")[1]
+    engines = {str(e) for c in run.chunks.values() for e in c["engine"].unique()}
+    return {e: profile.engine_for_slot("aggregator")[1] for e in engines}
+
+
+def decode_speed(run: LiveRun, profile: Profile) -> dict | None:
+    """How fast the run's engines worked compared with the profile, phase by phase: the
+    tokens-weighted median of measured / profile iteration time over the run's
+    prefill-free decode intervals, and the median of measured / profile first-token
+    wait over the calls that had an engine to themselves (the fit's own observations,
+    each engine with its own batches; NaN where the run has none). Far from 1, the
+    engines or the machine ran at another speed than at calibration, and every error
+    includes that drift. None for runs on several engines without a deployment, or
+    with neither kind of observation."""
+    from .fit import RunGroup, observations
+
+    models = _engine_models(run, profile)
+    if not models:
+        return None
     ratios, weights, pre_ratios = [], [], []
     for name, chunks in run.chunks.items():
-        try:
-            obs = observations([RunGroup(f"{run.folder.name}/{name}", name, chunks)])
-        except ConfigError:
-            continue
-        dec, pre = obs.decode, obs.prefill
-        if len(dec):
-            pred = (model.decode_base_s + model.decode_per_seq_s * dec["batch"].to_numpy(float)
-                    + model.decode_per_context_token_s * dec["context"].to_numpy(float))
-            ratios.extend(dec["per_token_s"].to_numpy(float) / pred)
-            weights.extend(dec["tokens"].to_numpy(float))
-        if len(pre):
-            p = pre["uncached"].to_numpy(float)
-            pred = model.request_overhead_s + model.prefill_s(p, p * p)
-            pre_ratios.extend(pre["wait_s"].to_numpy(float) / pred)
+        group = [RunGroup(f"{run.folder.name}/{name}", name, chunks)]
+        for engine, model in models.items():
+            try:
+                obs = observations(group, engine)
+            except ConfigError:
+                continue
+            dec, pre = obs.decode, obs.prefill
+            if len(dec):
+                pred = (model.decode_base_s + model.decode_per_seq_s * dec["batch"].to_numpy(float)
+                        + model.decode_per_context_token_s * dec["context"].to_numpy(float))
+                ratios.extend(dec["per_token_s"].to_numpy(float) / pred)
+                weights.extend(dec["tokens"].to_numpy(float))
+            if len(pre):
+                p = pre["uncached"].to_numpy(float)
+                pred = model.request_overhead_s + model.prefill_s(p, p * p)
+                pre_ratios.extend(pre["wait_s"].to_numpy(float) / pred)
     if not ratios and not pre_ratios:
         return None
     return {"decode_time_ratio": weighted_percentile(ratios, 50, weights) if ratios else float("nan"),
             "intervals": len(ratios),
             "prefill_time_ratio": float(np.median(pre_ratios)) if pre_ratios else float("nan"),
             "prefills": len(pre_ratios)}
+
+
+def at_speed(profile: Profile, speed: dict | None) -> Profile | None:
+    """The profile with every engine's decode and prefill times scaled by a run's measured
+    speed (``decode_speed``): what the simulator predicts had it known the engines'
+    speed in that run. None without a measured speed."""
+    if speed is None:
+        return None
+    dec, pre = speed["decode_time_ratio"], speed["prefill_time_ratio"]
+    dec, pre = (dec if dec == dec else 1.0), (pre if pre == pre else 1.0)
+    scaled = {n: replace(m, decode_base_s=m.decode_base_s * dec, decode_per_seq_s=m.decode_per_seq_s * dec,
+                         decode_per_context_token_s=m.decode_per_context_token_s * dec,
+                         prefill_base_s=m.prefill_base_s * pre, prefill_per_token_s=m.prefill_per_token_s * pre,
+                         prefill_per_token2_s=m.prefill_per_token2_s * pre,
+                         prefill_per_token_cached_s=m.prefill_per_token_cached_s * pre)
+              for n, m in profile.engines.items()}
+    return replace(profile, name=f"{profile.name} at the run's speed", engines=scaled)
 
 
 def speed_note(run: LiveRun, profile: Profile, speed: dict | None) -> str | None:
@@ -220,6 +261,7 @@ def replay(run: LiveRun, profile: Profile, *, replicates: int = 3, seed: int = 0
     topology, built = run_topology_and_policies(cfg)
     by_name = {p.name: p for p in built}
     concurrency = None if cfg.get("rate") else int(cfg.get("concurrency") or 1)
+    deployment = run_deployment(run)  # the run's pools and routers, simulated alike
     out = {}
     for name, req in run.requests.items():
         if policies is not None and name not in policies:
@@ -231,7 +273,7 @@ def replay(run: LiveRun, profile: Profile, *, replicates: int = 3, seed: int = 0
         for k in range(replicates):
             t = simulate(topology, by_name[name], requests, profile, seed=seed + k, max_tokens=int(cfg["max_tokens"]),
                          concurrency=concurrency, node_lengths=lengths, tokenizer=tokenizer, keep_chunks=with_chunks,
-                         progress=False)
+                         progress=False, deployment=deployment)
             frames.append((t.requests.assign(replicate=k), t.chunks.assign(replicate=k) if with_chunks else None))
         reqs = pd.concat([f[0] for f in frames], ignore_index=True)
         out[name] = (reqs, pd.concat([f[1] for f in frames], ignore_index=True)) if with_chunks else reqs
@@ -332,8 +374,9 @@ def target_checks(table: pd.DataFrame) -> pd.DataFrame:
         sel = table[table["metric"] == metric]
         for _, r in sel.iterrows():
             err = r[f"rel_err_p{q}"]
-            rows.append({"run": r["run"], "policy": r["policy"], "target": f"|{metric} p{q} error| <= {limit:.0%}",
-                         "rel_err": err, "pass": bool(abs(err) <= limit)})
+            rows.append({"run": r["run"], "policy": r["policy"], "timing": r.get("timing", "calibrated"),
+                         "target": f"|{metric} p{q} error| <= {limit:.0%}", "rel_err": err,
+                         "pass": bool(abs(err) <= limit)})
     return pd.DataFrame(rows)
 
 
@@ -389,7 +432,11 @@ def approx_or_model_tokenizer(run: LiveRun, choice: str = "auto"):
 
 def validate(runs: Sequence[LiveRun], profile: Profile, *, replicates: int = 3, seed: int = 0, tokenizer: str = "auto",
              allow_other_model: bool = False, figures_folder: Path | None = None):
-    """(comparison table, target checks, notes, figure paths) over live runs."""
+    """(comparison table, target checks, notes, figure paths) over live runs. Each run is
+    replayed with the profile as calibrated (``timing`` "calibrated") and, where the
+    run's engine speed was measured, again with the profile at that speed (``timing``
+    "at run speed"): the gap between the two is how much of the error the engines'
+    drift since calibration explains."""
     tables, notes, figures = [], [], []
     for i, run in enumerate(runs):
         run_notes = check_profile_model(profile, run, allow_other_model)
@@ -399,11 +446,16 @@ def validate(runs: Sequence[LiveRun], profile: Profile, *, replicates: int = 3, 
         for note in run_notes:
             warnings.warn(note, ValidationWarning, stacklevel=2)
             notes.append(note)
-        sim = replay(run, profile, replicates=replicates, seed=seed, tokenizer=approx_or_model_tokenizer(run, tokenizer),
-                     with_chunks=True)
+        tok = approx_or_model_tokenizer(run, tokenizer)
+        sim = replay(run, profile, replicates=replicates, seed=seed, tokenizer=tok, with_chunks=True)
         sim_requests = {name: reqs for name, (reqs, _) in sim.items()}
         table = pd.concat([compare(run.requests, sim_requests, run.label),
                            compare_phases(run.chunks, run.requests, sim, run.label)], ignore_index=True)
+        table["timing"] = "calibrated"
+        if (fast := at_speed(profile, speed)) is not None:
+            again = replay(run, fast, replicates=replicates, seed=seed, tokenizer=tok)
+            table = pd.concat([table, compare(run.requests, again, run.label).assign(timing="at run speed")],
+                              ignore_index=True)
         table["decode_time_ratio"] = speed["decode_time_ratio"] if speed else float("nan")
         table["prefill_time_ratio"] = speed["prefill_time_ratio"] if speed else float("nan")
         tables.append(table)

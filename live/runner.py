@@ -205,7 +205,11 @@ class LiveRunner:
 
     @staticmethod
     def call_ended(call: "_LiveCall") -> None:
-        """A call's task is done: one call less in flight on its replica, its KV released."""
+        """A call is over (its coroutine ended, or its task was cancelled before it ran):
+        one call less in flight on its replica, its KV released; once per call."""
+        if call.released:
+            return
+        call.released = True
         call.replica.in_flight -= 1
         call.replica.kv_tokens -= call.held
 
@@ -220,7 +224,6 @@ class LiveRunner:
         else:
             stream = engine.stream(key, g.prompt, g.max_tokens, sampling)
         watch = CallWatch(self.paces[id(engine)], g.prompt.tokens, final=call.node.is_final, healthy=engine.healthy)
-        call.hold(g.prompt.tokens)
         chunker, finish = call.chunker, None
         try:
             while True:
@@ -247,6 +250,7 @@ class LiveRunner:
             await (call.session.close() if call.session is not None else engine.abort(key))
             raise
         finally:
+            self.call_ended(call)  # now, not at the task's done-callback: the next placement sees it
             watch.close()
             await stream.aclose()
 
@@ -290,7 +294,7 @@ class _LiveCall(CallRecord):
     """A live call's record: its chunker too (the port extends its boundaries), and the
     engine session it is a step of (``session`` layout; None: a call of its own)."""
 
-    __slots__ = ("chunker", "session", "replica", "held")
+    __slots__ = ("chunker", "session", "replica", "held", "released")
 
     def __init__(self, driver: RequestDriver, generate: Generate, node: Node, sent_s: float, tokens_before: int,
                  replica: Replica):
@@ -298,6 +302,7 @@ class _LiveCall(CallRecord):
         self.chunker = _Chunker(generate.boundaries)
         self.session = None
         self.replica, self.held = replica, 0  # where it runs; the KV tokens it holds there
+        self.released = False  # counted out of its replica (``LiveRunner.call_ended``)
 
     def hold(self, tokens: int) -> None:
         self.held += tokens
@@ -343,6 +348,7 @@ class _LivePort:
         call.handle = asyncio.create_task(self.runner._call(call, self))
         self.tasks.append(call.handle)
         replica.in_flight += 1  # until the task is done, however it ends (even before it ran)
+        call.hold(generate.prompt.tokens)
         call.handle.add_done_callback(lambda _task: self.runner.call_ended(call))
         return call
 

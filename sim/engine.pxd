@@ -41,6 +41,7 @@ cdef class SimEngine:
     cdef public long kv_peak
     cdef public object queue_waits
 
+    cpdef void _open_accounts(self)
     cpdef void _account(self, double now)
     cpdef (double, double) _iteration_terms(self)
     cpdef void _advance(self, double now)

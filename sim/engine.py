@@ -173,7 +173,10 @@ class SimEngine:
         # counters for reports
         self.iterations_scheduled = 0
         self.prefills = 0
-        # time accounts (``_account``, at every event that can change the engine's state)
+        self._open_accounts()
+
+    def _open_accounts(self) -> None:
+        """Time accounts (``_account``, at every event that can change the engine's state)."""
         self._acct_t = 0.0
         self.busy_s = 0.0  # time with a prefill or a decoding batch under way
         self.kv_token_s = 0.0  # integral of the KV tokens admitted calls hold or will hold (``running_tokens``)
@@ -182,6 +185,8 @@ class SimEngine:
 
     def _account(self, now: float) -> None:
         """Add the time since the last event to the accounts (the state is constant in between)."""
+        if self.running_tokens > self.kv_peak:  # what the engine held since the last event
+            self.kv_peak = self.running_tokens
         dt = now - self._acct_t
         if dt > 0:
             if self.batch or self.prefilling is not None:
@@ -346,16 +351,12 @@ class SimEngine:
             self._evict()
             cached = self._cached_tokens(call)
             new = call.prompt_tokens - cached
-            uncached += new
-            squares += new * new
-            cross += new * cached
+            uncached, squares, cross = uncached + new, squares + new * new, cross + new * cached
             call.driver.admitted(call, call.prompt_tokens, cached)
             self.queue_waits.append(self.env.now - call.sent_s)
             group.append(call)
         if not group:
             return False
-        if self.running_tokens > self.kv_peak:
-            self.kv_peak = self.running_tokens
         self.prefilling = group
         self.prefills += 1
         cost = model.prefill_s(uncached, squares, cross)

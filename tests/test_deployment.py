@@ -169,6 +169,26 @@ def test_every_call_goes_through_its_pools_router():
     assert calls.loc[calls["role"] == "aggregator", "engine"].nunique() == 2
 
 
+def test_pool_figures_and_affinity_keeps_the_aggregators_prefix_cache():
+    """Per-pool figures from the simulated engines' accounts: utilisation within (0, 1],
+    queue waits >= 0, KV held; and the figure routers are compared by: behind affinity
+    the aggregator's later steps find their earlier steps' prompt cached, behind
+    round-robin they land on the other replica half the time."""
+    from staircase.report import pool_frame
+
+    frames = {}
+    for router in ("round-robin", "affinity"):
+        dep = _pooled(router)
+        frames[router] = pool_frame({router: _sim(dep, rate=1.0)}, dep.engine_pools()).set_index("pool")
+    for f in frames.values():
+        assert ((f["utilisation_mean"] > 0) & (f["utilisation_max"] <= 1 + 1e-9)).all()
+        assert (f["queue_wait_mean_s"] >= 0).all() and (f["kv_tokens_peak"] > 0).all()
+        assert (f["kv_tokens_mean"] <= f["kv_tokens_peak"]).all()
+        assert f.loc["a", "final_steps"] > f.loc["a", "calls"] * 0.99 and f.loc["p", "final_steps"] == 0
+    cached = {r: f.loc["a", "cached_tokens_per_final_step"] for r, f in frames.items()}
+    assert cached["affinity"] > 1.3 * cached["round-robin"], cached
+
+
 def test_more_replicas_serve_a_load_one_engine_cannot():
     from staircase.policies import WaitAllPolicy
 
@@ -308,3 +328,20 @@ def test_staircase_live_takes_a_deployment_file(tmp_path):
 
     pools = pd.read_csv(out / "pools.csv")
     assert set(pools["pool"]) == {"p", "a"} and pools["calls"].sum() > 0
+    # validate replays the run on the same deployment: the simulated calls on the same replicas
+    from calibration.validate import at_speed, decode_speed, load_live_run, replay
+    from sim.profile import load_profile, parse_profile
+
+    base = load_profile("default").raw
+    engine = next(iter(base["engines"].values()))
+    profile = parse_profile(base | {"engines": {"prop": engine, "agg": engine},
+                                    "slots": {"proposers": ["prop"], "aggregator": "agg"}})
+    run = load_live_run(out)
+    sim = replay(run, profile, replicates=1, with_chunks=True)
+    for name, (_, chunks) in sim.items():
+        assert set(chunks["engine"]) == set(run.chunks[name]["engine"]) >= {"p/0", "p/1", "a/0"}, name
+    speed = decode_speed(run, profile)  # every replica observed against its pool's model
+    assert speed is not None and speed["intervals"] > 0
+    slower = at_speed(profile, {"decode_time_ratio": 2.0, "prefill_time_ratio": float("nan")})
+    assert slower.engines["agg"].decode_base_s == 2 * profile.engines["agg"].decode_base_s
+    assert slower.engines["agg"].prefill_per_token_s == profile.engines["agg"].prefill_per_token_s
