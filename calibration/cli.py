@@ -56,6 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fit from these results folders instead of probing (or in addition, with --probe-too)")
     g.add_argument("--probe-too", action="store_true", help="with --traces: also run the probes and fit on both")
     g.add_argument("--engine", help="fit only this engine (traces naming several engines need it)")
+    g.add_argument("--probe-replicas", choices=("together", "apart"), default=None,
+                   help="probe the engines all at once (the default with --deployment: replicas sharing a machine's "
+                        "memory slow each other, as they will in the runs) or one after another (the default "
+                        "otherwise)")
     g.add_argument("--name", help="profile name (default: calibrated-<model>)")
     g.add_argument("--profile-out", type=Path, help="also write the profile here (e.g. calibration/profiles/default.json)")
     g.add_argument("--no-quadratic", action="store_true", help="fit prefill as a + bP (no P^2 term)")
@@ -98,7 +102,9 @@ def _probe_live(args, folder: Path) -> dict:
     if deployment is not None:
         n_prop = len(deployment.proposers)
     probes = probe_set(args.probes)
-    record = {"command": "calibrate", "engines": raw, "probes": args.probes, "seed": args.seed}
+    together = (args.probe_replicas or ("together" if deployment else "apart")) == "together"
+    record = {"command": "calibrate", "engines": raw, "probes": args.probes, "seed": args.seed,
+              "probed_together": together}
     with open_engines(raw, moa(max(1, n_prop)), dtype=args.dtype, deployment=deployment) as engines:
         record |= engines.machine
         if deployment is not None:  # replica -> the model (config engine) its pool runs: one fit per model
@@ -106,22 +112,31 @@ def _probe_live(args, folder: Path) -> dict:
                        "replica_models": {e.name: p.model for p in engines.deployment.pools.values()
                                           for e in engines.pools[p.name]}}
 
-        async def main():
-            caps, models = {}, {}
-            for engine in engines.used:
-                try:
-                    await run_probes(engine, probes, folder, seed=args.seed, progress=args.progress)
-                    caps[engine.name] = engine.capacity()
-                    models[engine.name] = engine.model_id
-                finally:
-                    await engine.close()
-            return caps, models
-
-        caps, models = asyncio.run(main())
+        caps, models = asyncio.run(_probe_each(engines.used, probes, folder, args, together))
     record |= {"engine_models": models, "capacity": caps,
                "slot_engines": {slot: e.name for slot, e in engines.slots.items()}}
     (folder / "config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     return record
+
+
+async def _probe_each(engines: list, probes, folder: Path, args: argparse.Namespace, together: bool):
+    """Probe every engine, one after another or all at once; (capacities, models) by name."""
+    caps, models = {}, {}
+
+    async def one(engine):
+        try:
+            await run_probes(engine, probes, folder, seed=args.seed, progress=args.progress)
+            caps[engine.name] = engine.capacity()
+            models[engine.name] = engine.model_id
+        finally:
+            await engine.close()
+
+    if together:
+        await asyncio.gather(*(one(e) for e in engines))
+    else:
+        for engine in engines:
+            await one(engine)
+    return caps, models
 
 
 def _slots_from(groups: list[RunGroup], engines: list[str]) -> tuple[list[str], str]:

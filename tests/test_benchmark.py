@@ -29,3 +29,29 @@ def test_simulated_requests_per_wall_second(policy):
     # a behaviour change shows up as a different event count; the same seed gives the same count
     assert events[0] == events[1]
     assert (runs[0][1].requests["outcome"] == "ok").all()
+
+
+@pytest.mark.benchmark
+def test_the_azure_hour_on_49_engines():
+    """Deployment scale: the bundled Azure conversation hour (19,366 requests at 5.5/s) at
+    its own rate on 49 illustrative GPU engines (7 copies of the 6-proposer MoA's
+    engines, in pools) simulates without overload; prints the wall time per policy."""
+    from sim.capacity import overload
+    from staircase.deployment import deployment_from_dict
+    from staircase.policies import make_policies
+
+    pools = {"small": ("small-8b", 14), "medium": ("medium-32b", 14), "large": ("large-70b", 14),
+             "aggregator": ("large-70b-local", 7)}
+    dep = deployment_from_dict({"pools": {n: {"model": m, "replicas": k, "router": "affinity" if n == "aggregator"
+                                              else "least-loaded"} for n, (m, k) in pools.items()},
+                                "slots": {"proposers": ["small", "medium", "large"], "aggregator": "aggregator"}})
+    assert dep.engines == 49
+    for policy in make_policies(["wait-all", "staircase-prefix-cache"]):
+        started = time.perf_counter()
+        trace = simulate(moa(6), policy, Workload("azure", requests=19366), load_profile("illustrative-gpu"), seed=0,
+                         max_tokens=512, keep_chunks=False, progress=False, deployment=dep)
+        wall = time.perf_counter() - started
+        print(f"\n{policy.name}: the Azure hour on 49 engines in {wall:.2f} s "
+              f"({len(trace.requests) / wall:.0f} simulated requests per wall-second)")
+        assert len(trace.requests) == 19366 and (trace.requests["outcome"] == "ok").all()
+        assert overload(trace.requests) is None

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -345,3 +346,22 @@ def test_staircase_live_takes_a_deployment_file(tmp_path):
     slower = at_speed(profile, {"decode_time_ratio": 2.0, "prefill_time_ratio": float("nan")})
     assert slower.engines["agg"].decode_base_s == 2 * profile.engines["agg"].decode_base_s
     assert slower.engines["agg"].prefill_per_token_s == profile.engines["agg"].prefill_per_token_s
+
+
+def test_the_router_comparison_script_writes_its_table_and_figure(tmp_path):
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    script = str(Path(__file__).resolve().parents[1] / "benchmarks" / "bench_routers.py")
+    done = subprocess.run([sys.executable, script, "--requests", "40", "--loads", "0.5",
+                           "--routers", "round-robin,affinity", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    df = pd.read_csv(tmp_path / "routers.csv")
+    assert len(df) == 4 and set(df["router"]) == {"round-robin", "affinity"}
+    assert (df["ttft_p90_s"] > 0).all() and (tmp_path / "routers.png").stat().st_size > 10_000
+    bad = subprocess.run([sys.executable, script, "--routers", "random"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--routers: got 'random'" in bad.stderr
