@@ -1,5 +1,5 @@
 """Routers compared: TTFT p90 and cached prompt tokens per aggregator step against load,
-per router, for wait-all and the staircase (prefix-cache layout, r = 1), simulated on
+per router, for wait-all and the staircase (prefix-cache layout, r = 2 as the name gives), simulated on
 the illustrative GPU engines.
 
 The deployment: MoA with 6 proposers over three proposer pools (8B, 32B, 70B; two

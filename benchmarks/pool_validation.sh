@@ -5,7 +5,7 @@
 # prompts (#8-15, which calibration never saw) at concurrency 1 and 4; the replicas
 # calibrated in the same sitting (`staircase calibrate --deployment`), then every run
 # replayed on its deployment (`staircase validate`). About 30 min on 2 cores.
-# PROBE=apart probes the replicas one after another instead of together (the default).
+# PROBE=together probes the replicas at once (needs a core to spare for this process: not on 2 cores).
 #
 #   bash benchmarks/pool_validation.sh                 # writes results/pool-validation/
 #   OUT=/tmp/pv REQUESTS=4 bash benchmarks/pool_validation.sh
@@ -26,7 +26,7 @@ JSON
 done
 S=.venv/bin/staircase
 $S calibrate --config "$OUT/engines.json" --deployment "$OUT/two-least-loaded.json" --probes standard \
-  --out "$OUT/calibrate" --profile-out "$OUT/profile.json" --no-progress --probe-replicas "${PROBE:-together}"
+  --out "$OUT/calibrate" --profile-out "$OUT/profile.json" --no-progress --probe-replicas "${PROBE:-apart}"
 for router in least-loaded round-robin; do
   for c in 1 4; do
     $S live --config "$OUT/engines.json" --deployment "$OUT/two-$router.json" --prompts alpaca_eval --skip 8 \

@@ -56,10 +56,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fit from these results folders instead of probing (or in addition, with --probe-too)")
     g.add_argument("--probe-too", action="store_true", help="with --traces: also run the probes and fit on both")
     g.add_argument("--engine", help="fit only this engine (traces naming several engines need it)")
-    g.add_argument("--probe-replicas", choices=("together", "apart"), default=None,
-                   help="probe the engines all at once (the default with --deployment: replicas sharing a machine's "
-                        "memory slow each other, as they will in the runs) or one after another (the default "
-                        "otherwise)")
+    g.add_argument("--probe-replicas", choices=("apart", "together"), default="apart",
+                   help="probe the engines one after another, or all at once (replicas that share a machine's memory "
+                        "slow each other; but where they take every core, this process has none left to time their "
+                        "tokens and the decode fit fails: together only with cores to spare)")
     g.add_argument("--name", help="profile name (default: calibrated-<model>)")
     g.add_argument("--profile-out", type=Path, help="also write the profile here (e.g. calibration/profiles/default.json)")
     g.add_argument("--no-quadratic", action="store_true", help="fit prefill as a + bP (no P^2 term)")
@@ -102,7 +102,7 @@ def _probe_live(args, folder: Path) -> dict:
     if deployment is not None:
         n_prop = len(deployment.proposers)
     probes = probe_set(args.probes)
-    together = (args.probe_replicas or ("together" if deployment else "apart")) == "together"
+    together = args.probe_replicas == "together"
     record = {"command": "calibrate", "engines": raw, "probes": args.probes, "seed": args.seed,
               "probed_together": together}
     with open_engines(raw, moa(max(1, n_prop)), dtype=args.dtype, deployment=deployment) as engines:
