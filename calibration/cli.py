@@ -48,7 +48,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("calibrate", help=HELP_CAL, description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_arguments(p)
-    add_deployment_argument(p.add_argument_group("deployment (every replica probed, one fit per pool model)"))
+    g = p.add_argument_group("deployment (every replica probed, one fit per pool model)")
+    add_deployment_argument(g)
+    g.add_argument("--probe-replicas", choices=("apart", "together"), default="apart",
+                   help="probe the engines one after another, or all at once (replicas that share a machine's memory "
+                        "slow each other; but where they take every core, this process has none left to time their "
+                        "tokens and the decode fit fails: together only with cores to spare)")
     g = p.add_argument_group("calibration")
     g.add_argument("--probes", default="standard", choices=("standard", "small"),
                    help="designed probe set (standard: ~2 min on 2 CPU cores with SmolLM2-135M; small: tests)")
@@ -56,10 +61,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fit from these results folders instead of probing (or in addition, with --probe-too)")
     g.add_argument("--probe-too", action="store_true", help="with --traces: also run the probes and fit on both")
     g.add_argument("--engine", help="fit only this engine (traces naming several engines need it)")
-    g.add_argument("--probe-replicas", choices=("apart", "together"), default="apart",
-                   help="probe the engines one after another, or all at once (replicas that share a machine's memory "
-                        "slow each other; but where they take every core, this process has none left to time their "
-                        "tokens and the decode fit fails: together only with cores to spare)")
     g.add_argument("--name", help="profile name (default: calibrated-<model>)")
     g.add_argument("--profile-out", type=Path, help="also write the profile here (e.g. calibration/profiles/default.json)")
     g.add_argument("--no-quadratic", action="store_true", help="fit prefill as a + bP (no P^2 term)")
@@ -71,7 +72,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--out", type=Path, help="results folder (default: results/calibrate-<UTC timestamp>)")
     g.add_argument("--no-figure", action="store_true", help="skip the fit figure")
     p.set_defaults(func=run_calibrate)
+    _register_validate(subparsers)
 
+
+def _register_validate(subparsers: argparse._SubParsersAction) -> None:
     v = subparsers.add_parser("validate", help=HELP_VAL, description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("runs", type=Path, nargs="+", help="`staircase live` results folders (held out from calibration)")

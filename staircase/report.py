@@ -111,7 +111,7 @@ def pool_frame(traces: Mapping[str, Trace], engine_pool: Mapping[str, str]) -> p
     rows = []
     for name, t in traces.items():
         reports, end = t.meta.get("engines") or {}, float(t.meta.get("sim_end_s") or math.nan)
-        c = t.chunks
+        c = t.chunks if t.chunks is not None else pd.DataFrame(columns=["request_id", "node", "call", "engine"])
         first = c[~c.duplicated(["request_id", "node", "call"])] if len(c) else c  # a row per call
         for pool in dict.fromkeys(engine_pool.values()):
             engines = [e for e, p in engine_pool.items() if p == pool]
