@@ -205,12 +205,17 @@ def _engines_to_fit(groups: list[RunGroup], engine: str | None, probed: bool) ->
 def _fit_units(groups: list[RunGroup], engine: str | None, probed: bool):
     """(what to fit -> its engines (None: itself), profile proposers, profile aggregator):
     a deployment's replicas as one fit per model, else engine by engine."""
-    replica_models = next((g.config["replica_models"] for g in groups if g.config.get("replica_models")), None)
+    replica_models = _replica_models(groups)
     if replica_models and not engine:
         units = {m: [r for r, rm in replica_models.items() if rm == m] for m in dict.fromkeys(replica_models.values())}
         return (units, *_deployment_slots(groups))
     names = _engines_to_fit(groups, engine, probed=probed)
     return ({n: None for n in names}, *_slots_from(groups, names))
+
+
+def _replica_models(groups: list[RunGroup]) -> dict[str, str]:
+    """Replica -> its pool's model, as a deployment's probe run recorded it ({}: none did)."""
+    return next((g.config["replica_models"] for g in groups if g.config.get("replica_models")), {})
 
 
 def _deployment_slots(groups: list[RunGroup]) -> tuple[list[str], str]:
@@ -237,7 +242,7 @@ def _capacities(groups: list[RunGroup], names: list[str], args: argparse.Namespa
     """What each engine reported when probed (config.json of the probe folder, freshly
     written or recorded), else the command line's values."""
     caps = {}
-    models = next((g.config["replica_models"] for g in groups if g.config.get("replica_models")), {})
+    models = _replica_models(groups)
     for e in names:
         asked = [r for r, m in models.items() if m == e] or [e]  # a model: what its first replica reported
         found = next((g.config["capacity"][a] for g in groups for a in asked if a in (g.config.get("capacity") or {})),

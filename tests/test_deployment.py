@@ -365,3 +365,28 @@ def test_the_router_comparison_script_writes_its_table_and_figure(tmp_path):
     bad = subprocess.run([sys.executable, script, "--routers", "random"],
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--routers: got 'random'" in bad.stderr
+
+
+def test_calibrate_fits_one_model_over_a_pools_replicas(tmp_path):
+    """The committed probe run of a two-replica pool (calibration/data/cpu-avx2-pool-apart/calibrate, both
+    replicas probed): one profile model over both replicas' observations, slots from the deployment, and the
+    same deployment file simulates with it."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1] / "calibration" / "data" / "cpu-avx2-pool-apart"
+    done = subprocess.run([sys.executable, "-m", "staircase", "calibrate", "--traces", str(root / "calibrate"),
+                           "--out", str(tmp_path / "cal"), "--no-figure"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    profile = json.loads((tmp_path / "cal" / "profile.json").read_text())
+    assert list(profile["engines"]) == ["cpu"] and profile["slots"] == {"proposers": ["cpu"], "aggregator": "cpu"}
+    sources = profile["calibration"]["cpu"]["data"]["sources"]
+    assert any("cpu-0" in s for s in sources) and any("cpu-1" in s for s in sources)  # both replicas' probes
+    run = subprocess.run([sys.executable, "-m", "staircase", "sim", "--profile", str(tmp_path / "cal" / "profile.json"),
+                          "--deployment", str(root / "two-least-loaded.json"), "--requests", "10", "--no-figure",
+                          "--out", str(tmp_path / "sim")], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    from staircase.trace import read_chunks
+
+    engines = set().union(*(set(read_chunks(f)["engine"]) for f in (tmp_path / "sim" / "traces").glob("*.chunks.parquet")))
+    assert engines == {"cpu/0", "cpu/1"}  # the fitted model on both replicas of the pool
