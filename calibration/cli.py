@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from staircase.cli import results_folder
-from staircase.deployment import load_deployment
+from staircase.deployment import Deployment, deployment_from_dict, load_deployment
 from staircase.errors import ConfigError
 from staircase.machine import label
 from staircase.topology import proposer_slot_index
@@ -111,10 +111,8 @@ def _probe_live(args, folder: Path) -> dict:
               "probed_together": together}
     with open_engines(raw, moa(max(1, n_prop)), dtype=args.dtype, deployment=deployment) as engines:
         record |= engines.machine
-        if deployment is not None:  # replica -> the model (config engine) its pool runs: one fit per model
-            record |= {"deployment": engines.deployment.to_dict(),
-                       "replica_models": {e.name: p.model for p in engines.deployment.pools.values()
-                                          for e in engines.pools[p.name]}}
+        if deployment is not None:  # replicas <pool>/<i> and their pools' models: one fit per model
+            record["deployment"] = engines.deployment.to_dict()
 
         caps, models = asyncio.run(_probe_each(engines.used, probes, folder, args, together))
     record |= {"engine_models": models, "capacity": caps,
@@ -213,16 +211,22 @@ def _fit_units(groups: list[RunGroup], engine: str | None, probed: bool):
     return ({n: None for n in names}, *_slots_from(groups, names))
 
 
+def _recorded_deployment(groups: list[RunGroup]) -> Deployment | None:
+    """The deployment a probe run recorded (``calibrate --deployment``), else None."""
+    raw = next((g.config["deployment"] for g in groups if g.config.get("deployment")), None)
+    return deployment_from_dict(raw) if raw else None
+
+
 def _replica_models(groups: list[RunGroup]) -> dict[str, str]:
-    """Replica -> its pool's model, as a deployment's probe run recorded it ({}: none did)."""
-    return next((g.config["replica_models"] for g in groups if g.config.get("replica_models")), {})
+    """Replica (``<pool>/<i>``) -> its pool's model, from the recorded deployment ({}: none)."""
+    dep = _recorded_deployment(groups)
+    return {name: dep.pools[pool].model for name, pool in dep.engine_pools().items()} if dep else {}
 
 
 def _deployment_slots(groups: list[RunGroup]) -> tuple[list[str], str]:
     """The profile's slots from the recorded deployment: each slot's pool's model."""
-    dep = next(g.config["deployment"] for g in groups if g.config.get("deployment"))
-    model = lambda pool: dep["pools"][pool]["model"]
-    return [model(p) for p in dep["slots"]["proposers"]], model(dep["slots"]["aggregator"])
+    dep = _recorded_deployment(groups)
+    return [dep.pools[p].model for p in dep.proposers], dep.pools[dep.aggregator].model
 
 
 def _fit_all(groups: list[RunGroup], units: dict[str, list[str] | None], quadratic: bool) -> dict:

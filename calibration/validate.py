@@ -153,10 +153,9 @@ def _engine_models(run: LiveRun, profile: Profile) -> dict[str, EngineModel] | N
     """Each engine of the run -> the profile model that predicts it: a deployment's
     replicas their pool's model; a run on one engine the aggregator's; None otherwise."""
     dep = run_deployment(run)
-    if dep is not None:
-        pools = run.config.get("engine_pools") or {}
-        return {e: profile.engines[dep.pools[pool].model] for e, pool in pools.items()
-                if pool in dep.pools and dep.pools[pool].model in profile.engines}
+    if dep is not None:  # a deployment's replicas are named ``<pool>/<i>`` (``Deployment.engine_pools``)
+        return {e: profile.engines[dep.pools[pool].model] for e, pool in dep.engine_pools().items()
+                if dep.pools[pool].model in profile.engines}
     slot_engines = run.config.get("slot_engines") or {}
     if len(set(slot_engines.values())) > 1:
         return None

@@ -171,9 +171,7 @@ class LiveRunner:
 
     def engine_pools(self) -> dict[str, str]:
         """engine name -> the pool it serves in."""
-        return {r.name: pool for pool, (reps, _) in
-                ((self.placement.deployment.pool_for_slot(s).name, v) for s, v in self.placement.by_slot.items())
-                for r in reps}
+        return self.placement.engine_pools()
 
     # --------------------------------------------------------------- one request
     async def run_request(self, policy: Policy, request_id: int, query: str, prompt_id: str | None = None,

@@ -212,9 +212,14 @@ class Placement(Generic[R]):
                                   f"the number of replicas the run built ({got})")
         routers = {name: deployment.pools[name].make_router(seed) for name in {p.name for p in used.values()}}
         self.deployment = deployment
+        self.pools: dict[str, tuple[R, ...]] = {name: tuple(replicas[name]) for name in routers}  # the used pools
         self.by_slot: dict[str, tuple[Sequence[R], Router]] = {
-            slot: (tuple(replicas[p.name]), routers[p.name]) for slot, p in used.items()}
+            slot: (self.pools[p.name], routers[p.name]) for slot, p in used.items()}
         self.routers = list(routers.values())
+
+    def engine_pools(self) -> dict[str, str]:
+        """Replica name -> its pool, for the pools some slot uses."""
+        return {r.name: pool for pool, reps in self.pools.items() for r in reps}
 
     def pick(self, slot: str, request_id: int, node_id: str) -> R:
         replicas, router = self.by_slot[slot]
