@@ -125,3 +125,97 @@ class QualityCurve:
 
     def __str__(self) -> str:
         return f"{self.source} ({self.metric}: " + ", ".join(f"{c:g}->{m:.2f}" for c, m in zip(self.contexts, self.means)) + ")"
+
+
+# family -> (request column, what it is); an SLO on a family holds for a share of requests
+SLO_FAMILIES = {"ttft": ("ttft_s", "time to first token (s)"), "e2e": ("e2e_s", "end-to-end latency (s)"),
+                "stall": ("longest_stall_s", "longest gap after the first token (s)"),
+                "tpot": ("tpot_s", "time per output token after the first (s)")}
+_SLO_PCT = re.compile(r"^\s*([a-z0-9]+)_p(\d{1,2}(?:\.\d+)?)\s*<=\s*([-+0-9.eE]+)\s*$")
+_SLO_AT = re.compile(r"^\s*([a-z0-9]+)\s*<=\s*([-+0-9.eE]+)\s*@\s*([0-9.]+)\s*(%?)\s*$")
+SLO_HELP = ("FAMILY_pQ<=SECONDS (e.g. ttft_p90<=2: 90 %% of requests with TTFT <= 2 s) or FAMILY<=SECONDS@SHARE "
+            "(ttft<=2@90%%); families: " + ", ".join(SLO_FAMILIES))
+
+
+@dataclass(frozen=True)
+class SLO:
+    """A latency target with an attainment: at least ``share`` of all requests (failed
+    ones count as misses) with ``family`` <= ``bound`` seconds. ``ttft_p90<=2`` and
+    ``ttft<=2@90%`` are the same SLO. A search takes it as a constraint (met when the
+    evaluation's ``attainment:<slo>`` reaches the share)."""
+
+    family: str
+    bound: float
+    share: float
+
+    @classmethod
+    def parse(cls, text: str) -> "SLO":
+        """From ``ttft_p90<=2`` or ``ttft<=2@90%`` (``@0.9``); an SLO no run can meet is an error."""
+        m, at = _SLO_PCT.match(text), _SLO_AT.match(text)
+        if not (m or at):
+            raise ConfigError("slo", text, SLO_HELP.replace("%%", "%"))
+        if m:
+            family, bound, share = m.group(1), float(m.group(3)), float(m.group(2)) / 100
+        else:
+            family, bound = at.group(1), float(at.group(2))
+            share = float(at.group(3)) / (100 if at.group(4) or float(at.group(3)) > 1 else 1)
+        if family not in SLO_FAMILIES:
+            raise ConfigError("slo", family, ", ".join(SLO_FAMILIES))
+        if not (math.isfinite(bound) and bound > 0):
+            raise ConfigError("slo", text, "a bound in seconds > 0")
+        if not 0 < share <= 1:
+            raise ConfigError("slo", text, "a share of requests in (0, 100 %]")
+        return cls(family, bound, share)
+
+    @property
+    def metric(self) -> str:
+        return f"attainment:{self}"
+
+    def attainment(self, requests, total: int | None = None) -> float:
+        """The share of ``total`` requests (default: the rows of ``requests``, a trace's
+        request frame; requests without a row count as misses) that meet the bound."""
+        total = len(requests) if total is None else total
+        if not total:
+            return 0.0
+        vals = requests[SLO_FAMILIES[self.family][0]].where(requests["outcome"] == "ok")
+        return float((vals <= self.bound).sum() / total)
+
+    def missed_in_flight(self, now: float, driver) -> bool:
+        """A request still running has missed this SLO already (its first token, or its
+        end, is later than the bound whatever happens next); stalls can not be told yet."""
+        if self.family == "ttft":
+            return not driver.user and now - driver.arrival_s > self.bound
+        return self.family == "e2e" and now - driver.arrival_s > self.bound
+
+    def violation(self, metrics: dict) -> float:
+        """<= 0 when met (a search constraint), else the share of requests missing."""
+        got = metrics.get(self.metric)
+        return math.inf if got is None or math.isnan(got) else self.share - got
+
+    def __str__(self) -> str:
+        pct = f"{self.share * 100:g}"
+        return f"{self.family}_p{pct}<={self.bound:g}" if "." not in pct else f"{self.family}<={self.bound:g}@{pct}%"
+
+
+def slo_watch(slos, total: int):
+    """A simulation watch (``sim.simulate.simulate(watch=...)``) that stops a run once some
+    SLO has more misses (finished requests over the bound or failed, and running ones
+    already past it) than its share allows of ``total`` requests: its attainment can no
+    longer reach the share, and the rest of the run (a growing queue, the slowest part to
+    simulate) would not change the verdict."""
+    allowed = [math.floor((1 - s.share) * total + 1e-9) for s in slos]
+    columns = [SLO_FAMILIES[s.family][0] for s in slos]
+    missed, seen = [0] * len(slos), [0]
+
+    def watch(now: float, in_flight, finished) -> bool:
+        for row in finished[seen[0]:]:
+            for i, (s, col) in enumerate(zip(slos, columns)):
+                if row.outcome != "ok" or not getattr(row, col) <= s.bound:
+                    missed[i] += 1
+        seen[0] = len(finished)
+        for i, s in enumerate(slos):
+            if missed[i] > allowed[i] or \
+                    missed[i] + sum(1 for d in in_flight.values() if s.missed_in_flight(now, d)) > allowed[i]:
+                return True
+        return False
+    return watch

@@ -23,10 +23,12 @@ from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+from staircase.deployment import deployment_from_dict
 from staircase.errors import ConfigError
 from staircase.metrics import summarize
 from staircase.policies import PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, PolicyConfig, config_from_dict, config_of, policy_from_dict
 from staircase.progress import progress as progress_bar
+from staircase.report import pool_frame
 from staircase.topology import Topology, topology_from_config
 
 from sim.capacity import at_load, capacity, overload
@@ -34,7 +36,7 @@ from sim.profile import load_profile
 from sim.simulate import simulate
 from sim.workload import Workload
 
-from .objectives import Constraint, QualityCurve, check_objectives, directions, value
+from .objectives import SLO, Constraint, QualityCurve, slo_watch, check_objectives, directions, value
 from .space import SearchSpace
 
 METHODS = ("nsga", "tpe", "random", "grid")
@@ -52,9 +54,12 @@ class Scenario:
     seed: int
     load: float | None = None
     capacity_per_s: float | None = None
+    deployment: dict | None = None  # Deployment.to_dict() (None: the profile's engine sharing)
+    slos: tuple[str, ...] = ()  # SLO texts whose attainment the evaluation reports (``staircase plan``)
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        fields = {k: v for k, v in asdict(self).items() if k not in ("deployment", "slos") or v}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def make_scenarios(profiles, topology: Topology, workload: Workload | list[Workload], loads, *, max_tokens: int,
@@ -83,13 +88,26 @@ def evaluate(config: dict, scenario: dict) -> dict:
     started = time.perf_counter()
     policy = policy_from_dict(config)
     topology = topology_from_config(scenario["topology"])
+    profile = _profile(scenario["profile"])
     try:
-        trace = simulate(topology, policy, Workload(**scenario["workload"]), _profile(scenario["profile"]),
-                         seed=scenario["seed"], max_tokens=scenario["max_tokens"], keep_chunks=False, progress=False)
+        deployment = deployment_from_dict(scenario["deployment"], list(profile.engines)) \
+            if scenario.get("deployment") else None
+        workload = Workload(**scenario["workload"])
+        slos = [SLO.parse(text) for text in scenario.get("slos") or ()]
+        trace = simulate(topology, policy, workload, profile, seed=scenario["seed"], max_tokens=scenario["max_tokens"],
+                         keep_chunks=False, progress=False, deployment=deployment,
+                         watch=slo_watch(slos, workload.requests) if slos else None)
     except ConfigError as err:
         return {"error": str(err)}
     out = summarize(trace.requests)
     out["overloaded"] = overload(trace.requests) is not None
+    for slo in slos:  # requests a run stopped early never finished count as misses
+        out[slo.metric] = slo.attainment(trace.requests, workload.requests)
+    if "stopped_s" in trace.meta:
+        out |= {"stopped_s": trace.meta["stopped_s"], "unfinished": trace.meta["unfinished"]}
+    if deployment is not None:
+        out["pools"] = json.loads(pool_frame({"run": trace}, deployment.engine_pools()).drop(
+            columns=["policy", "calls", "final_steps", "cached_tokens_per_final_step"]).to_json(orient="records"))
     out["wall_s"] = time.perf_counter() - started
     return out
 

@@ -6,10 +6,13 @@ with enough users to keep every engine's batch full. ``at_load`` sets an open-lo
 workload's arrival rate (Poisson, gamma) or the Azure trace's time scale so that
 requests arrive at ``load`` x that capacity; every policy then sees the same arrivals.
 ``overload`` tells from a finished trace whether requests queued without bound.
+``busiest`` finds the busiest window of a workload's arrivals: a trace can be at half
+of capacity on average and far above it for minutes, and queues build in those minutes.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -77,3 +80,42 @@ def overload(requests: pd.DataFrame) -> str | None:
                 f"TTFT p50 grew from {first:.3g} s (first quarter) to {last:.3g} s (last quarter): "
                 "the figures describe a growing queue (lower the rate, or use --load)")
     return None
+
+
+def busiest(arrivals, window_s: float | None = None) -> dict:
+    """The busiest window of ``arrivals`` (seconds): its start, length and arrival rate,
+    beside the average rate. ``window_s`` None: a minute, or long enough to hold about
+    100 arrivals at the average rate when that is longer (a shorter window of a sparse
+    workload measures Poisson noise, not bursts)."""
+    a = np.sort(np.asarray([x for x in arrivals if x == x], dtype=float))
+    span = float(a[-1] - a[0]) if len(a) > 1 else 0.0
+    average = (len(a) - 1) / span if span > 0 else math.nan
+    if window_s is None:
+        window_s = max(60.0, 100.0 / average) if average > 0 else 60.0
+    if not span > window_s:  # the whole run fits in one window: the average is the busiest
+        return {"window_s": window_s, "start_s": float(a[0]) if len(a) else math.nan,
+                "average_per_s": average, "busiest_per_s": average}
+    counts = np.searchsorted(a, a + window_s, side="left") - np.arange(len(a))
+    counts = counts[a + window_s <= a[-1]]  # whole windows only
+    i = int(np.argmax(counts))
+    return {"window_s": window_s, "start_s": float(a[i]), "average_per_s": average,
+            "busiest_per_s": float(counts[i] / window_s)}
+
+
+def load_report(workload: Workload, load: float, capacity_per_s: float, seed: int = 0) -> dict:
+    """What ``--load`` states of a workload set to ``load`` x capacity: the average and the
+    busiest window's load (arrival rate / capacity)."""
+    peak = busiest([r.arrival_s for r in make_requests(workload, seed)])
+    return {"load": load, "capacity_per_s": capacity_per_s, "offered_per_s": peak["average_per_s"],
+            "busiest_window_s": peak["window_s"], "busiest_start_s": peak["start_s"],
+            "busiest_per_s": peak["busiest_per_s"], "busiest_load": peak["busiest_per_s"] / capacity_per_s}
+
+
+def burst_warning(report: dict) -> str | None:
+    """A sentence when the busiest window arrives faster than the deployment serves."""
+    if not report["busiest_load"] > 1:
+        return None
+    return (f"bursts: load {report['load']:g} on average, but in the busiest {report['busiest_window_s']:.0f} s "
+            f"(from t = {report['busiest_start_s']:.0f} s) requests arrive at {report['busiest_per_s']:.3g}/s, "
+            f"{report['busiest_load']:.2f} x the measured capacity ({report['capacity_per_s']:.3g}/s): queues build "
+            "there; judge the run by its SLO attainment over the whole trace, not by its average load")

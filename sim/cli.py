@@ -19,7 +19,7 @@ from staircase.cli import add_output_arguments, add_topology_policy_arguments, f
 from staircase.deployment import load_deployment
 from staircase.report import pool_frame, summary_frame
 
-from .capacity import at_load, capacity, overload
+from .capacity import at_load, burst_warning, capacity, load_report, overload
 from .profile import default_profile_path, load_profile
 from .simulate import simulate_policies
 from .workload import WORKLOAD_KINDS, Workload
@@ -48,7 +48,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--time-scale", type=float, default=1.0, help="azure: divide arrival times by this")
     g.add_argument("--load", type=float, default=None,
                    help="arrivals at this fraction of the deployment's capacity (requests/s wait-all completes in "
-                        "a closed loop on these engines, measured first); sets --rate, or the azure time scale")
+                        "a closed loop on these engines, measured first); sets --rate, or the azure time scale; "
+                        "the busiest window's load is reported beside it (a warning when it passes 1)")
     g = p.add_argument_group("simulation")
     g.add_argument("--profile", default=None,
                    help=f"engine profile: a JSON file or a bundled name (default, illustrative-gpu); "
@@ -75,7 +76,11 @@ def run(args: argparse.Namespace) -> int:
     if args.load is not None:
         cap = capacity(topology, profile, workload, max_tokens=args.max_tokens, seed=args.seed, deployment=deployment)
         workload = at_load(workload, args.load, cap)
-        load = {"load": args.load, "capacity_per_s": cap}
+        load = load_report(workload, args.load, cap, args.seed)
+        print(f"load {args.load:g} of capacity {cap:.3g}/s on average; busiest {load['busiest_window_s']:.0f} s: "
+              f"{load['busiest_load']:.2f}", file=sys.stderr)
+        if why := burst_warning(load):
+            print(f"warning: {why}", file=sys.stderr)
     started = time.perf_counter()
     traces = simulate_policies(topology, policies, workload, profile, seed=args.seed, max_tokens=args.max_tokens,
                                noise=not args.no_noise, keep_chunks=not args.summary_only, progress=args.progress,

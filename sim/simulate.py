@@ -128,29 +128,31 @@ def _node_lengths(topology: Topology, profile: Profile, requests: Sequence[Reque
 
 def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[Request], profile: Profile, *,
              seed: int = 0, max_tokens: int = 512, noise: bool = True, keep_chunks: bool = True,
-             progress: bool | None = None, concurrency: int | None = None,
-             node_lengths: Mapping[str, Sequence[int]] | None = None, tokenizer: Tokenizer | None = None,
-             faults: Mapping[str, int] | None = None, deployment: Deployment | None = None) -> Trace:
-    """Run ``policy`` over the workload; returns the trace (requests, and chunks unless
-    ``keep_chunks=False``). A request list with ``concurrency`` is a closed loop of that many
-    users (else requests arrive at their ``arrival_s``); ``node_lengths``: every node's answer
-    length per request; ``tokenizer`` counts the fixed prompt texts; ``faults``: node id -> tokens
-    before its answer breaks off; ``deployment``: pools behind routers, not the profile's sharing."""
+             progress: bool | None = None, concurrency: int | None = None, node_lengths: Mapping | None = None,
+             tokenizer: Tokenizer | None = None, faults: Mapping[str, int] | None = None,
+             deployment: Deployment | None = None, watch: Callable | None = None, watch_every_s: float = 10.0) -> Trace:
+    """Run ``policy`` over the workload; returns the trace (requests, and chunks unless ``keep_chunks=False``).
+    A request list with ``concurrency`` is a closed loop of that many users (else requests arrive at their
+    ``arrival_s``); ``node_lengths``: every node's answer length per request; ``tokenizer`` counts the fixed
+    prompt texts; ``faults``: node id -> tokens before its answer breaks off; ``deployment``: pools behind
+    routers, not the profile's sharing; ``watch``: may stop the run early (``_Watch``)."""
     requests, closed, wdesc = _requests(workload, seed, concurrency)
     policy.validate_for(topology)  # before any work
     faults = _check_faults(policy.plan(topology), faults)
-    env = simpy.Environment()
-    engines, slot_engine, placement = _engines(env, topology, profile, seed, noise, deployment)
+    engines, slot_engine, placement = _engines(env := simpy.Environment(), topology, profile, seed, noise, deployment)
     lengths = _node_lengths(topology, profile, requests, seed, node_lengths)
     bar, pending = progress_bar(len(requests), f"sim {policy.name}", progress), iter(requests)
-    recorder, texts = Recorder(keep_chunks), TextPieces(tokenizer)
+    texts, watching = TextPieces(tokenizer), _Watch(env, watch, watch_every_s, len(requests), recorder := Recorder(keep_chunks))
 
     def begin(req: Request) -> None:
-        RequestDriver(port, recorder, topology, policy, Query(req.text, req.query_tokens), request_id=req.request_id,
-                      max_tokens=max_tokens, texts=texts).start()
+        driver = RequestDriver(port, recorder, topology, policy, Query(req.text, req.query_tokens),
+                               request_id=req.request_id, max_tokens=max_tokens, texts=texts)
+        watching.started(req.request_id, driver)
+        driver.start()
 
-    def on_done(_rid: int) -> None:
+    def on_done(rid: int) -> None:
         bar.update(1)
+        watching.ended(rid)
         nxt = next(pending, None) if closed is not None else None  # closed loop: the next user's request
         if nxt is not None:
             begin(nxt)
@@ -158,14 +160,65 @@ def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[R
     port = _SimPort(env, engines, slot_engine, lengths, on_done, faults, placement)
     _arrive(env, requests, closed, pending, begin)
     with _fewer_gc_passes():
-        env.run()
+        watching.run()
     bar.close()
     meta = {"policy": policy.describe(), "topology": topology.describe(), "workload": wdesc, "seed": seed,
-            "max_tokens": max_tokens, "noise": noise, "sim_end_s": env.now, **_run_report(profile, engines, faults)}
-    trace = recorder.trace(policy.name, meta)
-    if len(trace.requests) != len(requests):  # a deadlock
-        raise RuntimeError(f"simulation ended with {len(requests) - len(trace.requests)} requests unfinished")
-    return trace
+            "max_tokens": max_tokens, "noise": noise, "sim_end_s": env.now, **_run_report(profile, engines, faults),
+            **watching.report()}
+    return watching.trace(recorder, policy.name, meta)
+
+
+class _Watch:
+    """A run, with a ``watch`` or none: the drivers of the requests in flight (request id ->
+    ``RequestDriver``), the finished request rows, and an event that ends the run when
+    the last request ends, or earlier when ``watch(now, in_flight, finished)`` answers
+    True (a run that can no longer meet a target need not be simulated to its end)."""
+
+    def __init__(self, env: simpy.Environment, watch, every_s: float, total: int, recorder: Recorder):
+        self.env, self.watch, self.every_s, self.total = env, watch, every_s, total
+        self.finished = recorder.requests
+        self.in_flight: dict[int, RequestDriver] = {}
+        self.stop = env.event()
+
+    def started(self, request_id: int, driver: RequestDriver) -> None:
+        if self.watch is not None:
+            self.in_flight[request_id] = driver
+
+    def ended(self, request_id: int) -> None:
+        if self.watch is None:
+            return
+        self.in_flight.pop(request_id, None)
+        if len(self.finished) == self.total and not self.stop.triggered:
+            self.stop.succeed()
+
+    def run(self) -> None:
+        if self.watch is None:
+            self.env.run()
+            return
+        self.env.process(self._ticks())
+        self.env.run(until=self.stop)
+
+    def _ticks(self):
+        while not self.stop.triggered:
+            yield self.env.timeout(self.every_s)
+            if self.stop.triggered:
+                return
+            if self.env.peek() == float("inf"):  # nothing else will happen: a deadlock, reported as one
+                self.stop.succeed("deadlock")
+            elif self.watch(self.env.now, self.in_flight, self.finished):
+                self.stop.succeed("watch")
+
+    def report(self) -> dict:
+        """What the run's meta says of an early stop."""
+        if not self.stop.triggered or self.stop.value != "watch":
+            return {}
+        return {"stopped_s": self.env.now, "unfinished": self.total - len(self.finished)}
+
+    def trace(self, recorder: Recorder, policy: str, meta: dict) -> Trace:
+        trace = recorder.trace(policy, meta)
+        if len(trace.requests) != self.total and "stopped_s" not in meta:  # a deadlock
+            raise RuntimeError(f"simulation ended with {self.total - len(trace.requests)} requests unfinished")
+        return trace
 
 
 @contextmanager

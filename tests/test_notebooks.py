@@ -16,6 +16,7 @@ EXPECTED = {
     "redundancy_vs_spread.ipynb": ["ttft_vs_redundancy_spread.png"],
     "sim_vs_live.ipynb": ["sim_vs_live_ttft_s.png", "sim_vs_live_e2e_s.png"],
     "search_explore.ipynb": ["search_pareto.png", "search_knobs.png"],
+    "plan_explore.ipynb": ["plan_frontier.png", "plan_pools.png"],
 }
 
 
