@@ -40,16 +40,19 @@ def _json(v):
 
 
 def plot(rows: pd.DataFrame, cfg: PlanConfig, result: dict, path: Path) -> Path:
-    """Cost per hour against each SLO's attainment, every simulated deployment, a line
-    per policy through its cheapest point at each cost; the SLO's share dashed."""
+    """Cost per hour against each SLO's attainment: every simulated deployment (runs
+    stopped early show the attainment they had reached, a lower bound), a step per policy
+    through the best reached at or below each cost; the SLO's share dashed."""
     from staircase.plotting import pyplot
 
     plt, sns = pyplot()
     fig, axes = plt.subplots(1, len(cfg.slos), figsize=(5.5 * len(cfg.slos), 4.2), squeeze=False)
     for ax, slo in zip(axes[0], cfg.slos):
         col = f"attainment {slo}"
-        best = rows.groupby(["policy", "cost_per_hour"], as_index=False)[col].max()
-        sns.lineplot(data=best, x="cost_per_hour", y=col, hue="policy", marker="o", ax=ax)
+        sns.scatterplot(data=rows, x="cost_per_hour", y=col, hue="policy", style="met", ax=ax, alpha=0.7)
+        for i, (name, g) in enumerate(rows.groupby("policy", sort=False)):  # the best reached at or below each cost
+            g = g.sort_values("cost_per_hour")
+            ax.step(g["cost_per_hour"], g[col].cummax(), where="post", color=sns.color_palette()[i], lw=1)
         ax.axhline(slo.share, ls="--", color="grey", lw=1)
         for name, w in result["policies"].items():
             if w["met"]:

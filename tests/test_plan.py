@@ -185,3 +185,27 @@ def test_bad_plan_options_are_one_line_errors(tmp_path, args, field):
                          timeout=120)
     assert out.returncode == 2 and field in out.stderr and "Traceback" not in out.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_a_plan_on_a_local_ray_cluster_gives_the_same_answer(tmp_path):
+    import os
+
+    from live.engines import free_port
+
+    ray_bin = Path(sys.executable).parent / "ray"
+    if not ray_bin.exists():
+        pytest.skip("ray is not installed (make test installs it)")
+    port = free_port()
+    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+    started = subprocess.run([str(ray_bin), "start", "--head", "--num-cpus=2", f"--port={port}",
+                              "--include-dashboard=false", "--disable-usage-stats", "--node-ip-address=127.0.0.1"],
+                             capture_output=True, text=True, env=env, timeout=300)
+    assert started.returncode == 0, started.stderr[-2000:]
+    try:
+        on_ray = plan(tmp_path, "--ray", f"127.0.0.1:{port}", name="ray")
+    finally:
+        subprocess.run([str(ray_bin), "stop", "--force"], capture_output=True, env=env, timeout=120)
+    serial = plan(tmp_path, "--workers", "1", name="serial")
+    pick = lambda r: {n: (w.get("deployment"), w.get("config"), w.get("goodput_per_s"))  # noqa: E731
+                      for n, w in r["policies"].items()}
+    assert pick(on_ray) == pick(serial)
