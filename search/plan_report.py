@@ -86,7 +86,8 @@ def table(cfg: PlanConfig, result: dict) -> str:
         lines.append(format_frame(pd.DataFrame(rows)))
     lines += notes
     if result.get("cheapest"):
-        lines.append(f"\ncheapest: {result['cheapest']}; goodput measured on its deployment")
+        lines.append(f"\ncheapest: {result['cheapest']}" + ("; goodput measured on its deployment"
+                                                             if cfg.goodput else ""))
     for name, cmd in result.get("commands", {}).items():
         lines.append(f"\n{name}:\n  {cmd['sim']}")
     return "\n".join(lines)

@@ -107,6 +107,7 @@ def load_report(workload: Workload, load: float, capacity_per_s: float, seed: in
     busiest window's load (arrival rate / capacity)."""
     peak = busiest([r.arrival_s for r in make_requests(workload, seed)])
     return {"load": load, "capacity_per_s": capacity_per_s, "offered_per_s": peak["average_per_s"],
+            "average_load": peak["average_per_s"] / capacity_per_s,
             "busiest_window_s": peak["window_s"], "busiest_start_s": peak["start_s"],
             "busiest_per_s": peak["busiest_per_s"], "busiest_load": peak["busiest_per_s"] / capacity_per_s}
 
@@ -115,7 +116,7 @@ def burst_warning(report: dict) -> str | None:
     """A sentence when the busiest window arrives faster than the deployment serves."""
     if not report["busiest_load"] > 1:
         return None
-    return (f"bursts: load {report['load']:g} on average, but in the busiest {report['busiest_window_s']:.0f} s "
+    return (f"bursts: load {report['average_load']:.2f} on average, but in the busiest {report['busiest_window_s']:.0f} s "
             f"(from t = {report['busiest_start_s']:.0f} s) requests arrive at {report['busiest_per_s']:.3g}/s, "
             f"{report['busiest_load']:.2f} x the measured capacity ({report['capacity_per_s']:.3g}/s): queues build "
             "there; judge the run by its SLO attainment over the whole trace, not by its average load")

@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
         cap = capacity(topology, profile, workload, max_tokens=args.max_tokens, seed=args.seed, deployment=deployment)
         workload = at_load(workload, args.load, cap)
         load = load_report(workload, args.load, cap, args.seed)
-        print(f"load {args.load:g} of capacity {cap:.3g}/s on average; busiest {load['busiest_window_s']:.0f} s: "
-              f"{load['busiest_load']:.2f}", file=sys.stderr)
+        print(f"load {args.load:g} of capacity {cap:.3g}/s; the arrivals drawn average {load['average_load']:.2f}, "
+              f"the busiest {load['busiest_window_s']:.0f} s {load['busiest_load']:.2f}", file=sys.stderr)
         if why := burst_warning(load):
             print(f"warning: {why}", file=sys.stderr)
     started = time.perf_counter()
