@@ -35,7 +35,7 @@ from typing import Callable, Generator, Mapping
 
 from staircase.deployment import ROUTERS, Deployment, deployment_from_dict
 from staircase.errors import ConfigError
-from staircase.policies import PolicyConfig
+from staircase.policies import Policy, PolicyConfig
 from staircase.progress import progress as progress_bar
 from staircase.topology import Topology
 
@@ -58,7 +58,7 @@ class PlanConfig:
     workload: Workload
     max_tokens: int
     slos: list[SLO]
-    policies: list[PolicyConfig]  # named policies (``PolicyConfig.to_dict()["name"]``)
+    policies: list[Policy]  # the policies compared, by name (each a job of its own)
     unit: Deployment  # one copy of the deployment; replicas scale in whole copies, then per pool
     costs: Mapping[str, float]  # engine model -> cost per engine-hour
     routers: list[str] = field(default_factory=lambda: ["affinity"])
@@ -111,8 +111,8 @@ def unit_deployment(profile: Profile, topology: Topology, router: str = "affinit
     used = [profile.proposer_engines[int(s[9:]) % len(profile.proposer_engines)] for s in slots]
     pools = {m: {"model": m, "replicas": used.count(m), "router": router} for m in models if used.count(m)}
     pools["aggregator"] = {"model": profile.aggregator_engine, "replicas": 1, "router": router}
-    return deployment_from_dict({"pools": pools, "slots": {"proposers": [m for m in models if m in pools],
-                                                          "aggregator": "aggregator"}}, list(profile.engines))
+    return deployment_from_dict({"pools": pools, "slots": {"proposers": used, "aggregator": "aggregator"}},
+                                list(profile.engines))  # proposer-i on used[i]: the profile's own mapping
 
 
 def sized(unit: Deployment, counts: Counts, router: str) -> Deployment:

@@ -221,3 +221,16 @@ def test_tuning_searches_each_policy_kinds_knobs_first_and_sizes_with_the_best(t
     untuned = plan(tmp_path, "--workers", "1", "--no-goodput", name="untuned")
     for name, w in result["policies"].items():  # more candidates per size: never a dearer pick
         assert w["cost_per_hour"] <= untuned["policies"][name]["cost_per_hour"]
+
+
+@pytest.mark.parametrize("proposers", [1, 2, 3, 5, 6])
+def test_the_default_unit_runs_every_slot_on_the_profiles_model_for_it(proposers):
+    from search.plan import unit_deployment
+    from sim.profile import load_profile
+    from staircase.topology import moa
+
+    profile, topo = load_profile("illustrative-gpu"), moa(proposers)
+    unit = unit_deployment(profile, topo)
+    for node in topo.nodes:
+        assert unit.pool_for_slot(node.slot).model == profile.engine_for_slot(node.slot)[1].name
+    assert unit.engines == proposers + 1  # one engine per slot, as the profile's per-slot sharing
