@@ -27,6 +27,7 @@ from staircase.deployment import ROUTERS, load_deployment
 from staircase.errors import ConfigError
 from staircase.policies import POLICY_KINDS
 
+from sim.faults import parse_fault_rates
 from sim.profile import load_profile
 from sim.workload import WORKLOAD_KINDS, Workload, read_azure
 
@@ -54,6 +55,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--output-tokens", type=int, default=128)
     g.add_argument("--cv", type=float, default=2.0, help="gamma: coefficient of variation")
     g.add_argument("--trace", default=None, help="azure: trace CSV (default: the bundled copy)")
+    g.add_argument("--faults", default=None, metavar="KEY=RATE,...",
+                   help="calls that fail at random in every scenario, e.g. 'proposers=0.05' (`staircase sim --help`), "
+                        "so the search weighs redundancy against failure rates")
     _space_arguments(p)
     p.set_defaults(func=run)
 
@@ -110,7 +114,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[SearchConfig, str]:
     workload = [Workload(k, args.requests, 1.0, args.cv, 8, args.query_tokens, args.output_tokens, trace=args.trace)
                 for k in kinds]
     profiles = [None if p == "default" else p for p in args.profile.split(",")]
-    scenarios = make_scenarios(profiles, topology, workload, loads, max_tokens=args.max_tokens, seed=args.seed)
+    scenarios = make_scenarios(profiles, topology, workload, loads, max_tokens=args.max_tokens, seed=args.seed,
+                               faults=parse_fault_rates(args.faults))
     cfg = SearchConfig(space, scenarios, objectives, constraints, args.method, args.budget, args.batch, args.seed,
                        args.workers, args.ray, args.grid_points,
                        quality=QualityCurve.from_table(args.quality_table) if args.quality_table else None)

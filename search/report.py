@@ -75,7 +75,8 @@ def commands(config: dict, cfg: SearchConfig, scenario) -> dict:
     sim = (["staircase", "sim"] + ([f"--profile={scenario.profile}"] if scenario.profile else []) + topo_args
            + [f"--max-tokens={scenario.max_tokens}", f"--workload={w['kind']}", f"--requests={w['requests']}",
               f"--query-tokens={w['query_tokens']}", f"--output-tokens={w['output_tokens']}"] + load
-           + [f"--seed={scenario.seed}", "--policies=wait-all", f"--policy-config={policy}"])
+           + [f"--seed={scenario.seed}", "--policies=wait-all", f"--policy-config={policy}"]
+           + ([f"--faults={','.join(f'{k}={v:g}' for k, v in scenario.faults.items())}"] if scenario.faults else []))
     live = (["staircase", "live"] + topo_args + [f"--max-tokens={scenario.max_tokens}", "--policies=wait-all",
                                                  f"--policy-config={policy}"])
     return {"sim": shlex.join(sim), "live": shlex.join(live) + "  # plus your engines: --model/--url/--config"}

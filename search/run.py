@@ -56,15 +56,17 @@ class Scenario:
     capacity_per_s: float | None = None
     deployment: dict | None = None  # Deployment.to_dict() (None: the profile's engine sharing)
     slos: tuple[str, ...] = ()  # SLO texts whose attainment the evaluation reports (``staircase plan``)
+    faults: dict | None = None  # failure rates per call (``sim.faults``: proposers, aggregator, a slot or a pool)
 
     def key(self) -> str:
-        fields = {k: v for k, v in asdict(self).items() if k not in ("deployment", "slos") or v}
+        fields = {k: v for k, v in asdict(self).items() if k not in ("deployment", "slos", "faults") or v}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def make_scenarios(profiles, topology: Topology, workload: Workload | list[Workload], loads, *, max_tokens: int,
-                   seed: int) -> list[Scenario]:
-    """One scenario per (profile, workload, load); ``loads`` None: each workload's own rate."""
+                   seed: int, faults: dict | None = None) -> list[Scenario]:
+    """One scenario per (profile, workload, load); ``loads`` None: each workload's own rate;
+    ``faults``: failure rates per call in every scenario (``sim.faults``)."""
     workloads = workload if isinstance(workload, list) else [workload]
     out = []
     for prof in profiles:
@@ -74,7 +76,8 @@ def make_scenarios(profiles, topology: Topology, workload: Workload | list[Workl
             for load in loads or [None]:
                 w = at_load(wl, load, cap) if load is not None else wl
                 name = p.name + (f"/{wl.kind}" if len(workloads) > 1 else "") + (f"@{load:g}" if load is not None else "")
-                out.append(Scenario(name, prof, topology.config(), asdict(w), max_tokens, seed, load, cap))
+                out.append(Scenario(name, prof, topology.config(), asdict(w), max_tokens, seed, load, cap,
+                                    faults=dict(faults) if faults else None))
     return out
 
 
@@ -95,7 +98,7 @@ def evaluate(config: dict, scenario: dict) -> dict:
         workload = Workload(**scenario["workload"])
         slos = [SLO.parse(text) for text in scenario.get("slos") or ()]
         trace = simulate(topology, policy, workload, profile, seed=scenario["seed"], max_tokens=scenario["max_tokens"],
-                         keep_chunks=False, progress=False, deployment=deployment,
+                         keep_chunks=False, progress=False, deployment=deployment, fault_rates=scenario.get("faults"),
                          watch=slo_watch(slos, workload.requests) if slos else None)
     except ConfigError as err:
         return {"error": str(err)}

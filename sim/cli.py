@@ -57,6 +57,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--deployment", default=None, metavar="FILE",
                    help="pools of engine replicas behind routers (JSON or YAML; staircase/deployment.py), their "
                         "models from the profile; default: the profile's engine sharing")
+    g.add_argument("--faults", default=None, metavar="KEY=RATE,...",
+                   help="calls that fail at random: a failure rate per call for proposers, aggregator, a slot "
+                        "(proposer-2) or a deployment's pool, e.g. 'proposers=0.05'; each failing call breaks off at "
+                        "a token drawn uniformly from its answer (the same calls in every policy)")
     g.add_argument("--seed", type=int, default=0, help="random seed; a run is a pure function of its inputs and seed")
     g.add_argument("--no-noise", action="store_true", help="turn the profile's noise off")
     g.add_argument("--summary-only", action="store_true", help="keep no per-chunk rows (large runs)")
@@ -84,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     traces = simulate_policies(topology, policies, workload, profile, seed=args.seed, max_tokens=args.max_tokens,
                                noise=not args.no_noise, keep_chunks=not args.summary_only, progress=args.progress,
-                               deployment=deployment)
+                               deployment=deployment, fault_rates=args.faults)
     wall_s = time.perf_counter() - started
     summary = summary_frame(traces)
     overloaded = {name: why for name, t in traces.items() if (why := overload(t.requests))}
@@ -115,5 +119,5 @@ def _run_config(args: argparse.Namespace, topology, policies, workload, profile)
         "profile": {"path": profile.source, "name": profile.name, "calibrated": profile.calibrated,
                     "note": profile.note, "machine": profile.machine},
         "seed": args.seed, "max_tokens": args.max_tokens, "noise": not args.no_noise,
-        "summary_only": args.summary_only,
+        "summary_only": args.summary_only, "fault_rates": args.faults,
     }

@@ -4,6 +4,7 @@ from sim.engine cimport SimCall
 from staircase.driver cimport RequestDriver
 
 cdef class _SimPort:
-    cdef public object faults, env, engines, slot_engine, lengths, on_done, placement
+    cdef public object faults, env, engines, slot_engine, lengths, on_done, placement, random_faults
+    cdef public long faults_injected
 
     cpdef SimCall start_call(self, RequestDriver driver, object g, object node, double sent_s, long tokens_before)

@@ -24,6 +24,7 @@ from staircase.topology import Node, Topology
 from staircase.trace import Trace
 
 from .engine import Draws, SimCall, SimEngine
+from .faults import RandomFaults, parse_fault_rates
 from .profile import Profile
 from .workload import Request, Workload, make_requests
 
@@ -35,8 +36,10 @@ class _SimPort:
 
     def __init__(self, env: simpy.Environment, engines: dict[str, SimEngine], slot_engine: dict[str, str],
                  lengths: dict[str, np.ndarray], on_done: Callable[[int], None], faults: Mapping[str, int],
-                 placement: Placement | None = None):
+                 placement: Placement | None = None, random_faults: RandomFaults | None = None):
         self.faults = faults  # node -> tokens after which its answer breaks off (fault injection)
+        self.random_faults = random_faults  # a failure rate per call (by group, slot or pool), drawn per call
+        self.faults_injected = 0
         self.env = env
         self.engines = engines
         self.slot_engine = slot_engine
@@ -64,8 +67,18 @@ class _SimPort:
         if self.faults and g.node in self.faults:
             call.fail_after(max(0, self.faults[g.node] - tokens_before))
         call.engine = self._place(rid, g.node, node.slot)
+        if self.random_faults is not None:
+            self._draw_fault(call, rid, g, node.slot)
         self.engines[call.engine].submit(call)  # sets sent_s (the engine's clock: the same now)
         return call
+
+    def _draw_fault(self, call: SimCall, rid: int, g: Generate, slot: str) -> None:
+        """A random fault on this call, at a token of the answer it will give (``ends[-1]``)."""
+        rf = self.random_faults
+        at = rf.fail_token(rid, g.node, g.call, rf.rate(slot, call.engine), call.ends[-1])
+        if at is not None:
+            call.fail_after(at)
+            self.faults_injected += 1
 
     def _place(self, request_id: int, node_id: str, slot: str) -> str:
         """The engine a call runs on: its slot's, or the one its pool's router picks."""
@@ -129,16 +142,16 @@ def _node_lengths(topology: Topology, profile: Profile, requests: Sequence[Reque
 def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[Request], profile: Profile, *,
              seed: int = 0, max_tokens: int = 512, noise: bool = True, keep_chunks: bool = True,
              progress: bool | None = None, concurrency: int | None = None, node_lengths: Mapping | None = None,
-             tokenizer: Tokenizer | None = None, faults: Mapping[str, int] | None = None,
+             tokenizer: Tokenizer | None = None, faults: Mapping[str, int] | None = None, fault_rates=None,
              deployment: Deployment | None = None, watch: Callable | None = None, watch_every_s: float = 10.0) -> Trace:
     """Run ``policy`` over the workload; returns the trace (requests, and chunks unless ``keep_chunks=False``).
     A request list with ``concurrency`` is a closed loop of that many users (else requests arrive at their
     ``arrival_s``); ``node_lengths``: every node's answer length per request; ``tokenizer`` counts the fixed
-    prompt texts; ``faults``: node id -> tokens before its answer breaks off; ``deployment``: pools behind
-    routers, not the profile's sharing; ``watch``: may stop the run early (``_Watch``)."""
+    prompt texts; ``faults``: node id -> tokens before its answer breaks off (``fault_rates``: at random, sim/faults.py);
+    ``deployment``: pools behind routers, not the profile's sharing; ``watch``: may stop the run early (``_Watch``)."""
     requests, closed, wdesc = _requests(workload, seed, concurrency)
     policy.validate_for(topology)  # before any work
-    faults = _check_faults(policy.plan(topology), faults)
+    faults, random_faults = _check_faults(policy.plan(topology), faults, fault_rates, seed, deployment)
     engines, slot_engine, placement = _engines(env := simpy.Environment(), topology, profile, seed, noise, deployment)
     lengths = _node_lengths(topology, profile, requests, seed, node_lengths)
     bar, pending = progress_bar(len(requests), f"sim {policy.name}", progress), iter(requests)
@@ -157,13 +170,13 @@ def simulate(topology: Topology, policy: Policy, workload: Workload | Sequence[R
         if nxt is not None:
             begin(nxt)
 
-    port = _SimPort(env, engines, slot_engine, lengths, on_done, faults, placement)
+    port = _SimPort(env, engines, slot_engine, lengths, on_done, faults, placement, random_faults)
     _arrive(env, requests, closed, pending, begin)
     with _fewer_gc_passes():
         watching.run()
     bar.close()
     meta = {"policy": policy.describe(), "topology": topology.describe(), "workload": wdesc, "seed": seed,
-            "max_tokens": max_tokens, "noise": noise, "sim_end_s": env.now, **_run_report(profile, engines, faults),
+            "max_tokens": max_tokens, "noise": noise, "sim_end_s": env.now, **_run_report(profile, engines, faults, port),
             **watching.report()}
     return watching.trace(recorder, policy.name, meta)
 
@@ -233,7 +246,16 @@ def _fewer_gc_passes(gen0: int = 20_000):
         gc.set_threshold(*old)
 
 
-def _check_faults(plan: Topology, faults: Mapping[str, int] | None) -> dict[str, int]:
+def _check_faults(plan: Topology, faults: Mapping[str, int] | None, rates, seed: int,
+                  deployment: Deployment | None) -> tuple[dict[str, int], RandomFaults | None]:
+    """The fixed faults (node id -> tokens) and the random ones (rates by group, slot or pool), checked."""
+    rates = parse_fault_rates(rates)
+    pools = list(deployment.pools) if deployment is not None else []
+    random_faults = RandomFaults(rates, seed).check([n.slot for n in plan.nodes], pools) if rates else None
+    return _fixed_faults(plan, faults), random_faults
+
+
+def _fixed_faults(plan: Topology, faults: Mapping[str, int] | None) -> dict[str, int]:
     if faults is None:
         return {}
     if not isinstance(faults, Mapping):
@@ -246,9 +268,11 @@ def _check_faults(plan: Topology, faults: Mapping[str, int] | None) -> dict[str,
     return dict(faults)
 
 
-def _run_report(profile: Profile, engines: dict[str, SimEngine], faults: dict[str, int]) -> dict:
+def _run_report(profile: Profile, engines: dict[str, SimEngine], faults: dict[str, int], port: _SimPort) -> dict:
+    rf = port.random_faults
     return {"profile": profile.name, "profile_calibrated": profile.calibrated, "engines": _engine_report(engines)} \
-        | ({"faults": faults} if faults else {})
+        | ({"faults": faults} if faults else {}) \
+        | ({"fault_rates": dict(rf.rates), "faults_injected": port.faults_injected} if rf is not None else {})
 
 
 def _engine_report(engines: dict[str, SimEngine]) -> dict:
