@@ -92,39 +92,51 @@ def main() -> int:
     p.add_argument("--plan-only", action="store_true", help="the plan alone (no engines)")
     p.add_argument("--out", type=Path, default=ROOT / "results" / "plan-live")
     args = p.parse_args()
-    slos = args.slo or ["ttft_p90<=3", "e2e_p50<=20"]
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    args.slo = args.slo or ["ttft_p90<=3", "e2e_p50<=20"]
+    args.out.mkdir(parents=True, exist_ok=True)
     for n in (1, 2):
-        (out / f"deployment-{n}.json").write_text(json.dumps(deployment(n, args.router), indent=1))
-        (out / f"engines-{n}.json").write_text(json.dumps(engines(n), indent=1))
+        (args.out / f"deployment-{n}.json").write_text(json.dumps(deployment(n, args.router), indent=1))
+        (args.out / f"engines-{n}.json").write_text(json.dumps(engines(n), indent=1))
+    predicted = plan_step(args)
+    if not args.plan_only:
+        live_step(args, predicted)
+    return 0
+
+
+def _common(args) -> list[str]:
+    return ["--max-tokens", str(args.max_tokens), "--policies", args.policy, "--redundancy", "1"]
+
+
+def plan_step(args) -> dict[int, dict[str, float]]:
+    """The plan on the live run's workload; returns each simulated size's SLO attainment."""
+    out, slos = args.out, args.slo
     trace = trace_file(out / "workload.csv", args)
-    common = ["--max-tokens", str(args.max_tokens), "--policies", args.policy, "--redundancy", "1"]
     plan = run(STAIRCASE + ["plan", "--profile", str(PROFILE), "--deployment", str(out / "deployment-1.json"),
                             "--workload", "azure", "--trace", str(trace), "--routers", args.router,
                             "--max-engines", "2", "--no-goodput", "--workers", "1", "--format", "json",
-                            "--out", str(out / "plan"), *sum([["--slo", s] for s in slos], []), *common],
+                            "--out", str(out / "plan"), *sum([["--slo", s] for s in slos], []), *_common(args)],
                out / "plan.log")
-    result = json.loads(plan.stdout)
     frontier = pd.read_csv(out / "plan" / "frontier.csv")
     predicted = {int(r.engines): {s: r[f"attainment {s}"] for s in slos} for _, r in frontier.iterrows()}
-    print(json.dumps({"plan": result["policies"], "predicted": predicted}, indent=1, default=str))
-    if args.plan_only:
-        return 0
-    rows = []
+    print(json.dumps({"plan": json.loads(plan.stdout)["policies"], "predicted": predicted}, indent=1, default=str))
+    return predicted
+
+
+def live_step(args, predicted: dict) -> None:
+    """Both deployments live; each run's SLO attainment beside the plan's (check.csv)."""
+    out, slos, rows = args.out, args.slo, []
     for n in (1, 2):
         folder = out / f"live-{n}"
-        run(STAIRCASE + ["live", "--config", str(out / f"engines-{n}.json"), "--deployment", str(out / f"deployment-{n}.json"),
-                         "--prompts", "alpaca_eval", "--skip", str(args.skip), "--requests", str(args.requests),
-                         "--rate", str(args.rate), "--seed", str(args.seed), "--no-progress", "--no-figure",
-                         "--out", str(folder), *common], out / f"live-{n}.log")
+        run(STAIRCASE + ["live", "--config", str(out / f"engines-{n}.json"), "--deployment",
+                         str(out / f"deployment-{n}.json"), "--prompts", "alpaca_eval", "--skip", str(args.skip),
+                         "--requests", str(args.requests), "--rate", str(args.rate), "--seed", str(args.seed),
+                         "--no-progress", "--no-figure", "--out", str(folder), *_common(args)], out / f"live-{n}.log")
         for policy, att in live_attainment(folder, slos).items():
             rows.append({"replicas": n, "policy": policy, **{f"live {s}": v for s, v in att.items()},
                          **{f"sim {s}": predicted.get(n, {}).get(s) for s in slos}})
     table = pd.DataFrame(rows)
     table.to_csv(out / "check.csv", index=False)
     print(table.to_string(index=False))
-    return 0
 
 
 if __name__ == "__main__":

@@ -230,6 +230,9 @@ def _target_arguments(p: argparse.ArgumentParser) -> None:
                         "file's own)")
     g.add_argument("--max-tokens", type=int, default=128, help="max tokens of every node's answer")
     g.add_argument("--max-engines", type=int, default=512, help="largest deployment tried")
+    g.add_argument("--faults", default=None, metavar="KEY=RATE,...",
+                   help="calls that fail at random in every simulation, e.g. 'proposers=0.05' (`staircase sim "
+                        "--help`): failed requests count as SLO misses")
 
 
 def _search_arguments(p: argparse.ArgumentParser) -> None:
@@ -277,7 +280,7 @@ def plan_config_from_args(args: argparse.Namespace) -> PlanConfig:
         unit = unit_deployment(profile, topology, routers[0] if routers and routers[0] in ROUTERS else "affinity")
     cfg = PlanConfig(topology, args.profile, workload, args.max_tokens, slos, policies, unit, parse_costs(args.cost),
                      routers or ["<none>"], args.seed, args.tune, args.max_engines, not args.no_goodput,
-                     args.workers, args.ray)
+                     args.workers, args.ray, parse_fault_rates(args.faults) or None)
     cfg.check()
     return cfg
 
@@ -313,6 +316,7 @@ def plan_commands(cfg: PlanConfig, winner: dict, name: str, folder: Path) -> dic
     policy = ["--policies=", f"--policy-config={json.dumps(winner['config'], sort_keys=True)}"]
     dep = f"--deployment={folder / f'deployment-{name}.json'}"
     sim = ["staircase", "sim"] + ([f"--profile={cfg.profile}"] if cfg.profile else []) + topo_args + [
-        f"--max-tokens={cfg.max_tokens}"] + traffic + [dep, f"--seed={cfg.seed}", "--summary-only"] + policy
+        f"--max-tokens={cfg.max_tokens}"] + traffic + [dep, f"--seed={cfg.seed}", "--summary-only"] + policy + (
+        [f"--faults={','.join(f'{k}={v:g}' for k, v in cfg.faults.items())}"] if cfg.faults else [])
     live = ["staircase", "live", "--config=ENGINES.json", dep] + topo_args + [f"--max-tokens={cfg.max_tokens}"] + policy
     return {"sim": shlex.join(sim), "live": shlex.join(live) + "  # ENGINES.json: an engine spec per pool model"}

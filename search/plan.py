@@ -68,6 +68,7 @@ class PlanConfig:
     goodput: bool = True
     workers: int = 0
     ray: str | None = None
+    faults: dict | None = None  # failure rates per call (``sim.faults``), in every simulation of the plan
 
     def check(self) -> None:
         if not self.slos:
@@ -229,7 +230,7 @@ def idle_check(c: PlanConfig, requests: int = 40) -> dict[str, str]:
     hopeless, fastest = {}, {}
     for p in c.policies:
         t = simulate(c.topology, p, reqs, profile, seed=c.seed, max_tokens=c.max_tokens, keep_chunks=False,
-                     progress=False, concurrency=1, deployment=c.unit)
+                     progress=False, concurrency=1, deployment=c.unit, fault_rates=c.faults)
         missed = [s for s in c.slos if s.attainment(t.requests) < s.share]
         for s in c.slos:
             fastest[str(s)] = max(fastest.get(str(s), 0.0), s.attainment(t.requests))
@@ -265,7 +266,8 @@ class Planner:
         c = self.cfg
         w = scaled_workload(c.workload, factor)
         return Scenario(f"{deployment.engines}-engines@{factor:.4g}x", c.profile, c.topology.config(), asdict(w),
-                        c.max_tokens, c.seed, deployment=deployment.to_dict(), slos=tuple(str(s) for s in c.slos))
+                        c.max_tokens, c.seed, deployment=deployment.to_dict(), slos=tuple(str(s) for s in c.slos),
+                        faults=dict(c.faults) if c.faults else None)
 
     def evaluate(self, pairs: list[tuple[PolicyConfig, Scenario]]) -> list[dict]:
         """Metrics of each (candidate, scenario): read back from the store, or simulated

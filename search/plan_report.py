@@ -22,7 +22,7 @@ def write_plan(folder: Path, cfg: PlanConfig, result: dict, figure: bool = True)
     inputs = {"topology": cfg.topology.config(), "profile": cfg.profile, "workload": cfg.workload.describe(),
               "max_tokens": cfg.max_tokens, "slos": [str(s) for s in cfg.slos], "costs": dict(cfg.costs),
               "unit": cfg.unit.to_dict(), "routers": cfg.routers, "seed": cfg.seed, "tune": cfg.tune,
-              "max_engines": cfg.max_engines, "policies": [p.describe() for p in cfg.policies]}
+              "max_engines": cfg.max_engines, "policies": [p.describe() for p in cfg.policies], "faults": cfg.faults}
     out = {k: v for k, v in result.items() if k != "rows"} | {"inputs": inputs}
     paths[0].write_text(json.dumps(out, indent=1, default=_json) + "\n")
     for name, w in result["policies"].items():

@@ -58,9 +58,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="pools of engine replicas behind routers (JSON or YAML; staircase/deployment.py), their "
                         "models from the profile; default: the profile's engine sharing")
     g.add_argument("--faults", default=None, metavar="KEY=RATE,...",
-                   help="calls that fail at random: a failure rate per call for proposers, aggregator, a slot "
-                        "(proposer-2) or a deployment's pool, e.g. 'proposers=0.05'; each failing call breaks off at "
-                        "a token drawn uniformly from its answer (the same calls in every policy)")
+                   help="calls that fail at random, e.g. 'proposers=0.05': a rate per call for proposers, aggregator, "
+                        "a slot or a pool; a failing call breaks at a uniform token (the same calls in every policy)")
     g.add_argument("--seed", type=int, default=0, help="random seed; a run is a pure function of its inputs and seed")
     g.add_argument("--no-noise", action="store_true", help="turn the profile's noise off")
     g.add_argument("--summary-only", action="store_true", help="keep no per-chunk rows (large runs)")
