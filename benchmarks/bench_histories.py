@@ -51,8 +51,10 @@ def _run(n: int, steps: int) -> dict:
             max_examples=n, stateful_step_count=steps, deadline=None, database=None,
             suppress_health_check=list(HealthCheck)))
         violation = None
-    except Exception:  # a violated invariant or a crash: hypothesis has shrunk it
-        violation = traceback.format_exc(limit=4)[-3000:]
+    except Exception as err:  # a violated invariant or a crash: hypothesis has shrunk it (or tried to)
+        text = traceback.format_exc(limit=4)
+        # the steps that led there (hypothesis's notes) and the assertion itself, which ends the first line block
+        violation = f"{type(err).__name__}: {str(err)[:2000]}\n...\n{text[-4000:]}"
     return count | {"violation": violation, "seconds": time.perf_counter() - started}
 
 
