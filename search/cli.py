@@ -35,7 +35,7 @@ OPEN_LOOP = [k for k in WORKLOAD_KINDS if k != "closed"]
 
 from .objectives import DEFAULT_OBJECTIVES, METRICS, SLO, SLO_HELP, Constraint, QualityCurve, check_objectives
 from .plan import PlanConfig, run_plan, unit_deployment
-from .report import write_report
+from .report import faults_args, topology_args, write_report
 from .run import METHODS, SearchConfig, make_scenarios, run_search
 from .space import SearchSpace, parse_fix, parse_range
 
@@ -305,8 +305,7 @@ def run_plan_command(args: argparse.Namespace) -> int:
 def plan_commands(cfg: PlanConfig, winner: dict, name: str, folder: Path) -> dict:
     """The `staircase sim` and `staircase live` command lines that run the policy on its
     deployment (the file the plan writes)."""
-    topo = cfg.topology.config()
-    topo_args = [f"--topology={topo['kind']}"] + [f"--{k}={v}" for k, v in topo.items() if k != "kind"]
+    topo_args = topology_args(cfg.topology.config())
     w = cfg.workload
     traffic = [f"--workload={w.kind}", f"--requests={w.requests}"] + (
         [f"--trace={w.trace}"] if w.trace else []) + (
@@ -316,7 +315,7 @@ def plan_commands(cfg: PlanConfig, winner: dict, name: str, folder: Path) -> dic
     policy = ["--policies=", f"--policy-config={json.dumps(winner['config'], sort_keys=True)}"]
     dep = f"--deployment={folder / f'deployment-{name}.json'}"
     sim = ["staircase", "sim"] + ([f"--profile={cfg.profile}"] if cfg.profile else []) + topo_args + [
-        f"--max-tokens={cfg.max_tokens}"] + traffic + [dep, f"--seed={cfg.seed}", "--summary-only"] + policy + (
-        [f"--faults={','.join(f'{k}={v:g}' for k, v in cfg.faults.items())}"] if cfg.faults else [])
+        f"--max-tokens={cfg.max_tokens}"] + traffic + [dep, f"--seed={cfg.seed}", "--summary-only"] + policy + \
+        faults_args(cfg.faults)
     live = ["staircase", "live", "--config=ENGINES.json", dep] + topo_args + [f"--max-tokens={cfg.max_tokens}"] + policy
     return {"sim": shlex.join(sim), "live": shlex.join(live) + "  # ENGINES.json: an engine spec per pool model"}

@@ -39,7 +39,7 @@ from staircase.policies import Policy, PolicyConfig
 from staircase.progress import progress as progress_bar
 from staircase.topology import Topology
 
-from sim.capacity import capacity
+from sim.capacity import busiest, capacity
 from sim.profile import Profile, load_profile
 from sim.workload import Workload, make_requests
 
@@ -134,8 +134,8 @@ def scaled_workload(w: Workload, factor: float) -> Workload:
 
 
 def offered_rate(w: Workload, seed: int) -> float:
-    a = sorted(r.arrival_s for r in make_requests(w, seed))
-    return (len(a) - 1) / (a[-1] - a[0]) if len(a) > 1 and a[-1] > a[0] else math.nan
+    """The workload's average arrival rate (``sim.capacity.busiest``'s average)."""
+    return busiest([r.arrival_s for r in make_requests(w, seed)])["average_per_s"]
 
 
 # ----------------------------------------------------------------------- searches as generators

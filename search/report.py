@@ -63,12 +63,21 @@ def best(df: pd.DataFrame, metric: str) -> pd.Series | None:
     return df[df["key"] == key].iloc[0]
 
 
+def topology_args(topo: dict) -> list[str]:
+    """The command-line options that rebuild a topology (``Topology.config()``)."""
+    return [f"--topology={topo['kind']}"] + [f"--{k}={v}" for k, v in topo.items() if k != "kind"]
+
+
+def faults_args(faults: dict | None) -> list[str]:
+    """``--faults`` for these failure rates (none: no option)."""
+    return [f"--faults={','.join(f'{k}={v:g}' for k, v in faults.items())}"] if faults else []
+
+
 def commands(config: dict, cfg: SearchConfig, scenario) -> dict:
     """The ``staircase sim`` and ``staircase live`` command lines that run this policy
     (beside wait-all) on the scenario's deployment and traffic."""
     policy = json.dumps(config | {"name": "search-best"}, sort_keys=True)
-    topo = scenario.topology
-    topo_args = [f"--topology={topo['kind']}"] + [f"--{k}={v}" for k, v in topo.items() if k != "kind"]
+    topo_args = topology_args(scenario.topology)
     w = scenario.workload
     load = [f"--load={scenario.load:g}"] if scenario.load is not None else (
         [f"--rate={w['rate_per_s']:g}"] if w["kind"] in ("poisson", "gamma") else [])
@@ -76,7 +85,7 @@ def commands(config: dict, cfg: SearchConfig, scenario) -> dict:
            + [f"--max-tokens={scenario.max_tokens}", f"--workload={w['kind']}", f"--requests={w['requests']}",
               f"--query-tokens={w['query_tokens']}", f"--output-tokens={w['output_tokens']}"] + load
            + [f"--seed={scenario.seed}", "--policies=wait-all", f"--policy-config={policy}"]
-           + ([f"--faults={','.join(f'{k}={v:g}' for k, v in scenario.faults.items())}"] if scenario.faults else []))
+           + faults_args(scenario.faults))
     live = (["staircase", "live"] + topo_args + [f"--max-tokens={scenario.max_tokens}", "--policies=wait-all",
                                                  f"--policy-config={policy}"])
     return {"sim": shlex.join(sim), "live": shlex.join(live) + "  # plus your engines: --model/--url/--config"}
