@@ -82,12 +82,13 @@ def load_live_run(folder: Path | str) -> LiveRun:
     if not cfg_path.is_file():
         raise ConfigError("live run", str(folder), "a `staircase live` results folder with config.json and traces/")
     config = json.loads(cfg_path.read_text())
-    if config.get("command") != "live":
-        raise ConfigError(f"{cfg_path}.command", config.get("command"), "live (a `staircase live` results folder)")
+    if config.get("command") not in ("live", "serve"):
+        raise ConfigError(f"{cfg_path}.command", config.get("command"),
+                          "live or serve (a `staircase live` or `staircase serve` results folder)")
     if "topology_config" not in config and "cli_args" not in config:
         raise ConfigError(f"{cfg_path}.topology_config", None, "the recorded topology and policies (runs of this version)")
     requests, chunks = {}, {}
-    for f in sorted((folder / "traces").glob("*.requests.parquet")):
+    for f in sorted((folder / "traces").glob("*.requests.parquet")):  # a server's parts join per policy
         req = read_requests(f)
         ch_path = f.with_name(f.name.replace(".requests.", ".chunks."))
         if not ch_path.is_file():
@@ -95,10 +96,27 @@ def load_live_run(folder: Path | str) -> LiveRun:
         if not len(req):
             continue
         name = str(req["policy"].iloc[0])
-        requests[name], chunks[name] = req, read_chunks(ch_path)
+        requests.setdefault(name, []).append(req)
+        chunks.setdefault(name, []).append(read_chunks(ch_path))
     if not requests:
         raise ConfigError("live run", str(folder), "a results folder with traces/*.requests.parquet")
+    for name in list(requests):
+        requests[name], chunks[name] = _numbered(pd.concat(requests[name], ignore_index=True),
+                                                 pd.concat(chunks[name], ignore_index=True))
     return LiveRun(folder, config, requests, chunks)
+
+
+def _numbered(req: pd.DataFrame, chunks: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """One policy's rows with its requests numbered 0, 1, ... in the order of their ids (a
+    server numbers requests across its policies); rows already so numbered are kept."""
+    req = req.sort_values("request_id", kind="stable").reset_index(drop=True)
+    ids = req["request_id"].to_numpy()
+    if req["request_id"].duplicated().any() or (ids == np.arange(len(ids))).all():
+        return req, chunks  # (duplicates: the replay's own check names them)
+    new = pd.Series(np.arange(len(ids)), index=ids)
+    chunks = chunks[chunks["request_id"].isin(new.index)]
+    return (req.assign(request_id=np.arange(len(ids))),
+            chunks.assign(request_id=new.loc[chunks["request_id"].to_numpy()].to_numpy()))
 
 
 def check_profile_model(profile: Profile, run: LiveRun, allow_other_model: bool = False) -> list[str]:

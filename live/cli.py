@@ -178,3 +178,108 @@ def _run_config(args: argparse.Namespace, topology, policies, raw: dict, runner,
             "engine_models": runner.engine_models() if runner else {},
             "engine_pools": runner.engine_pools() if runner else {}, "stall": stall.describe(),
             "request_timeout_s": args.request_timeout_s or None}
+
+
+# ----------------------------------------------------------------------- serve
+SERVE_HELP = "serve a policy as an OpenAI-compatible endpoint (chat completions, streamed; /metrics)"
+
+
+def register_serve(subparsers: argparse._SubParsersAction) -> None:
+    from .serving import SERVE_DOC
+
+    p = subparsers.add_parser("serve", help=SERVE_HELP, description=SERVE_DOC,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_engine_arguments(p)
+    add_deployment_argument(p.add_argument_group("deployment"))
+    add_topology_policy_arguments(p, "staircase-prefix-cache", "1", proposers=3)
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    g.add_argument("--port", type=int, default=8000)
+    g.add_argument("--served-model-name", default="staircase",
+                   help="the name clients give as model (each policy's name selects that policy too)")
+    g.add_argument("--max-in-flight", type=int, default=32,
+                   help="requests run at once; past it a request gets 429 with Retry-After")
+    g.add_argument("--server-key-env", default="STAIRCASE_API_KEY", metavar="NAME",
+                   help="environment variable holding the API key clients must send (unset: no key needed)")
+    g.add_argument("--grace-s", type=float, default=30.0,
+                   help="on SIGTERM or Ctrl-C: how long requests in flight may finish before they are cancelled")
+    g.add_argument("--flush-s", type=float, default=5.0, help="how often finished requests' rows are written")
+    g = p.add_argument_group("answers and sampling")
+    g.add_argument("--max-tokens", type=int, default=128, help="max tokens of each proposer's answer")
+    g.add_argument("--answer-tokens", type=int, default=None,
+                   help="the answer's budget when a request names no max_tokens (default: --max-tokens)")
+    g.add_argument("--max-answer-tokens", type=int, default=2048, help="the most a request may ask for")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature when a request names none")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("timeouts (slow is not dead; see `staircase live --help`)")
+    g.add_argument("--first-token-timeout-s", type=float, default=None)
+    g.add_argument("--stall-timeout-s", type=float, default=None)
+    g.add_argument("--request-timeout-s", type=float, default=600.0, help="a request's whole budget (0: none)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results folder for the rolling traces (default: results/serve-<UTC timestamp>)")
+    p.set_defaults(func=serve)
+
+
+def serve(args: argparse.Namespace) -> int:
+    from staircase.cli import results_folder
+
+    from .engines import Sampling
+    from .runner import LiveRunner
+    from .server import ServeSettings
+
+    topology, policies = topology_and_policies(args)
+    stall = stall_limits(args)
+    settings = _serve_settings(args, ServeSettings)
+    raw = EngineOptions.from_mapping(vars(args)).to_config()
+    deployment = load_deployment(args.deployment) if args.deployment else None
+    folder = results_folder(args, "serve")
+    try:
+        with open_engines(raw, topology, dtype=args.dtype, deployment=deployment) as engines:
+            runner = LiveRunner(engines.slots, topology, max_tokens=args.max_tokens,
+                                sampling=Sampling(temperature=args.temperature, seed=args.seed),
+                                stall=stall, request_timeout_s=args.request_timeout_s or None,
+                                deployment=engines.deployment, pools=engines.pools, seed=args.seed)
+            config = _serve_config(args, topology, policies, raw, runner, stall) | engines.machine
+            _serve_forever(args, runner, policies, settings, folder, config)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def _serve_settings(args: argparse.Namespace, settings_type):
+    import os
+
+    if not 0 < args.port < 65536:
+        raise ConfigError("port", args.port, "a port number in 1..65535")
+    return settings_type(model_name=args.served_model_name, max_in_flight=args.max_in_flight,
+                         answer_tokens=args.answer_tokens, max_answer_tokens=args.max_answer_tokens,
+                         grace_s=args.grace_s, flush_s=args.flush_s,
+                         api_key=os.environ.get(args.server_key_env) or None)
+
+
+def _serve_config(args: argparse.Namespace, topology, policies, raw: dict, runner, stall) -> dict:
+    """What config.json records of a server (as a live run's, so `staircase validate` reads it)."""
+    return {"command": "serve", "topology": topology.describe(), "topology_config": topology.config(),
+            "cli_args": topology_policy_args(args), "policies": [p.describe() for p in policies], "engines": raw,
+            "rate": "open", "max_tokens": max(args.max_tokens, args.max_answer_tokens),
+            "temperature": args.temperature, "seed": args.seed,
+            "slot_engines": {slot: e.name for slot, e in runner.engines.items()},
+            "engine_models": runner.engine_models(), "engine_pools": runner.engine_pools(),
+            "stall": stall.describe(), "request_timeout_s": args.request_timeout_s or None,
+            "server": {"host": args.host, "port": args.port, "served_model_name": args.served_model_name,
+                       "max_in_flight": args.max_in_flight, "api_key_env": args.server_key_env},
+            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | (
+                {"deployment": runner.placement.deployment.to_dict()} if args.deployment else {})
+
+
+def _serve_forever(args: argparse.Namespace, runner, policies, settings, folder: Path, config: dict) -> None:
+    """Run the HTTP server until SIGTERM or Ctrl-C; the rows are written as it goes and at the end."""
+    from .rowlog import RowLog
+    from .server import StaircaseServer
+    from .server_app import create_app
+    from .serving import ready_message, run_uvicorn, write_summary
+
+    server = StaircaseServer(runner, policies, settings, RowLog(folder, runner.recorder, config))
+    app = create_app(server, on_ready=lambda: print(ready_message(args.host, args.port, server, folder), flush=True),
+                     on_stop=lambda summary: write_summary(folder, summary))
+    run_uvicorn(app, server, args.host, args.port)

@@ -175,10 +175,16 @@ class LiveRunner:
 
     # --------------------------------------------------------------- one request
     async def run_request(self, policy: Policy, request_id: int, query: str, prompt_id: str | None = None,
-                          max_tokens: int | None = None, final_max_tokens: int | None = None) -> RequestRow:
+                          max_tokens: int | None = None, final_max_tokens: int | None = None, *,
+                          sampling: Sampling | None = None, listener=None) -> RequestRow:
         """One request through the shared request driver; returns its row (the answer
-        text included)."""
-        port = _LivePort(self, f"{policy.name}-{request_id}-{next(self._ids)}")
+        text included). ``sampling``: this request's own (default: the runner's).
+        ``listener`` (``staircase serve``'s): ``listener.text(text, tokens, t)`` gets each
+        delta of the final node as it arrives, ``listener.ended(row)`` the request's row
+        however it ended. Cancelling the task that awaits this cancels every call of the
+        request on its engine and records the request as an error, ``cancelled: <the
+        cancel message>``."""
+        port = _LivePort(self, f"{policy.name}-{request_id}-{next(self._ids)}", sampling or self.sampling, listener)
         driver = RequestDriver(port, self.recorder, self.topology, policy, Query(query, self.tokens.count(query)),
                                request_id=request_id, max_tokens=max_tokens or self.max_tokens, prompt_id=prompt_id,
                                keep_text=True, tokenizer=self.tokens, final_max_tokens=final_max_tokens)
@@ -187,15 +193,20 @@ class LiveRunner:
             await asyncio.wait_for(asyncio.shield(port.finished), self.request_timeout_s)
         except asyncio.TimeoutError:
             driver.expire(f"request timed out after {self.request_timeout_s:g}s")
+        except asyncio.CancelledError as err:
+            driver.expire(f"cancelled: {err.args[0]}" if err.args and err.args[0] else "cancelled")
+            raise
         finally:
+            if listener is not None and port.finished.done() and not port.finished.exception():
+                listener.ended(port.finished.result())
             await port.close()
         return port.finished.result()
 
-    def _sampling(self, request_id: int, node_id: str) -> Sampling:
-        """Distinct but reproducible streams per request and node; the final node's from
-        ``final_seed`` when set (the quality harness's noise floor resamples the
-        aggregator alone)."""
-        s = self.sampling
+    def _sampling(self, request_id: int, node_id: str, s: Sampling | None = None) -> Sampling:
+        """Distinct but reproducible streams per request and node from the request's
+        sampling ``s`` (default: the runner's); the final node's from ``final_seed`` when
+        set (the quality harness's noise floor resamples the aggregator alone)."""
+        s = s or self.sampling
         if s.seed is None:
             return s
         seed = self.final_seed if self.final_seed is not None and node_id == self.topology.final.id else s.seed
@@ -216,13 +227,13 @@ class LiveRunner:
         g, driver = call.generate, call.driver
         engine = call.replica.engine
         key = f"{port.tag}-{g.node}-{g.call}"
-        sampling = self._sampling(driver.request_id, g.node)
+        sampling = self._sampling(driver.request_id, g.node, port.sampling)
         if call.session is not None:
             stream = call.session.stream(g.prompt, g.max_tokens, sampling, last=g.final_call)
         else:
             stream = engine.stream(key, g.prompt, g.max_tokens, sampling)
         watch = CallWatch(self.paces[id(engine)], g.prompt.tokens, final=call.node.is_final, healthy=engine.healthy)
-        chunker, finish = call.chunker, None
+        finish = None
         try:
             while True:
                 try:
@@ -230,17 +241,10 @@ class LiveRunner:
                 except StopAsyncIteration:
                     break
                 watch.on_delta(delta.tokens, delta.prompt_tokens)
-                call.hold(delta.tokens)
-                t = self.now()
-                if delta.prompt_tokens is not None:
-                    port.report(driver.admitted, call, delta.prompt_tokens, delta.cached_tokens or 0)
-                elif delta.cached_tokens:  # known only at the call's end (an OpenAI server's last usage)
-                    port.report(driver.cached_later, call, delta.cached_tokens)
-                if chunker.add(delta.text, delta.tokens, t):
-                    port.report(driver.chunk, call, *chunker.take(), t)
+                self._delta(call, port, delta)
                 finish = delta.finish_reason or finish
-            if chunker.tokens:
-                port.report(driver.chunk, call, *chunker.take(), self.now())
+            if call.chunker.tokens:
+                port.report(driver.chunk, call, *call.chunker.take(), self.now())
             port.report(driver.finished, call, finish or "stop", self.now())
         except EngineError as err:
             port.report(driver.failed, call, err.reason, self.now())
@@ -251,6 +255,21 @@ class LiveRunner:
             self.call_ended(call)  # now, not at the task's done-callback: the next placement sees it
             watch.close()
             await stream.aclose()
+
+    def _delta(self, call: "_LiveCall", port: "_LivePort", delta) -> None:
+        """One delta of a call: its tokens held, its prompt counts and chunk reported; the
+        final node's text handed to the request's listener as it arrives."""
+        driver = call.driver
+        call.hold(delta.tokens)
+        t = self.now()
+        if delta.prompt_tokens is not None:
+            port.report(driver.admitted, call, delta.prompt_tokens, delta.cached_tokens or 0)
+        elif delta.cached_tokens:  # known only at the call's end (an OpenAI server's last usage)
+            port.report(driver.cached_later, call, delta.cached_tokens)
+        if port.listener is not None and call.node.is_final and delta.tokens and not driver.done:
+            port.report(port.listener.text, delta.text, delta.tokens, t)
+        if call.chunker.add(delta.text, delta.tokens, t):
+            port.report(driver.chunk, call, *call.chunker.take(), t)
 
 
 class _Chunker:
@@ -311,9 +330,10 @@ class _LivePort:
     """The live runner's side of one request's driver: wall clock, real engines, one
     asyncio task per call. Errors inside the driver end the request (``finished``)."""
 
-    def __init__(self, runner: LiveRunner, tag: str):
+    def __init__(self, runner: LiveRunner, tag: str, sampling: Sampling, listener=None):
         self.runner = runner
         self.tag = tag  # engine request ids start with it
+        self.sampling, self.listener = sampling, listener  # (``LiveRunner.run_request``)
         self.loop = asyncio.get_running_loop()
         self.finished: asyncio.Future = self.loop.create_future()
         self.tasks: list[asyncio.Task] = []

@@ -36,7 +36,7 @@ from pathlib import Path
 from staircase.cli import add_output_arguments, parse_int_list, results_folder
 from staircase.errors import ConfigError
 from staircase.policies import LAYOUTS, make_policies, policy_from_dict
-from staircase.runconfig import policy_from_json
+from staircase.runconfig import policies_from_option
 from staircase.topology import moa
 
 from .data import POSITIONS
@@ -111,7 +111,7 @@ def policies_from_args(args: argparse.Namespace) -> list:
     policies = first_chunk_policies(firsts, args.redundancy, args.layout)
     names = [n for n in args.policies.split(",") if n.strip()]
     policies += make_policies(names, redundancies=[args.redundancy]) if names else []
-    policies += [policy_from_json(text) for text in args.policy_config]
+    policies += [p for text in args.policy_config for p in policies_from_option(text)]
     topology = moa(args.proposers)
     for policy in policies:
         policy.validate_for(topology)

@@ -110,9 +110,11 @@ def add_topology_policy_arguments(parser: argparse.ArgumentParser, policies: str
     g.add_argument("--max-wait-s", type=float, default=0.5, help="staircase-deadline: longest wait for the first step")
     g.add_argument("--ttft-target-s", type=float, default=1.0,
                    help="staircase-ttft: each request's TTFT target (the first step reads all it can within it)")
-    g.add_argument("--policy-config", action="append", default=[], metavar="JSON",
+    g.add_argument("--policy-config", action="append", default=[], metavar="JSON|FILE",
                    help="one more policy as data, e.g. '{\"kind\": \"staircase\", \"redundancy\": 1}' (any kind and "
-                        "parameter; `staircase search` prints these); repeatable; --policies '' for these alone")
+                        "parameter; `staircase search` prints these), or a best.json of `staircase search` or a "
+                        "plan.json of `staircase plan` (its policies that met the SLOs); repeatable; --policies '' "
+                        "for these alone")
 
 
 def add_topology_arguments(parser: argparse.ArgumentParser, proposers: int = 3) -> None:

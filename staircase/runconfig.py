@@ -9,6 +9,7 @@ those runs from that mapping with the same function.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Mapping
 
 from .errors import ConfigError
@@ -44,6 +45,32 @@ def policy_from_json(text: str) -> Policy:
     return policy_from_dict(raw)
 
 
+def policies_from_option(text: str) -> list[Policy]:
+    """One ``--policy-config`` value: a policy as a JSON object, or the path of a
+    ``best.json`` (``staircase search``: its best policy) or a ``plan.json``
+    (``staircase plan``: every policy that met the SLOs, cheapest first)."""
+    if text.lstrip().startswith("{"):
+        return [policy_from_json(text)]
+    path = Path(text)
+    if not path.is_file():
+        raise ConfigError("policy-config", text, "a JSON object, or the path of a best.json or plan.json")
+    try:
+        raw = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError("policy-config", text, f"a JSON file ({type(err).__name__})") from None
+    if isinstance(raw, dict) and isinstance(raw.get("best"), dict):
+        return [policy_from_dict(raw["best"])]
+    if isinstance(raw, dict) and isinstance(raw.get("policies"), dict):
+        met = sorted((p for p in raw["policies"].values() if isinstance(p, dict) and p.get("met")),
+                     key=lambda p: p.get("cost_per_hour", 0))
+        if not met:
+            raise ConfigError("policy-config", text, "a plan.json in which some policy met the SLOs")
+        return [policy_from_dict(p["config"]) for p in met]
+    if isinstance(raw, dict) and "kind" in raw:
+        return [policy_from_dict(raw)]
+    raise ConfigError("policy-config", text, "a best.json (key best), a plan.json (key policies) or a policy config")
+
+
 def topology_and_policies_from_values(values: Mapping) -> tuple[Topology, list[Policy]]:
     """Build and check the topology and policies of ``TOPOLOGY_POLICY_KEYS``' values."""
     topology = topology_from_values(values)
@@ -55,7 +82,7 @@ def topology_and_policies_from_values(values: Mapping) -> tuple[Topology, list[P
         aggregator_schedule=ChunkSchedule.parse(values["aggregator_schedule"], "aggregator_schedule"),
         scope=values["scope"], max_wait_s=values["max_wait_s"],
         ttft_target_s=values.get("ttft_target_s", 1.0)) if names else []
-    policies += [policy_from_json(text) for text in values.get("policy_config") or []]
+    policies += [p for text in values.get("policy_config") or [] for p in policies_from_option(text)]
     if not policies:
         raise ConfigError("policies", values["policies"], "at least one policy (names, or --policy-config)")
     if len({p.name for p in policies}) != len(policies):

@@ -82,6 +82,11 @@ class Engine(ABC):
         traces record it so a profile is not used for another model unnoticed."""
         return Path(str(getattr(self, "model", "unknown"))).name
 
+    def running_requests(self) -> int | None:
+        """Requests the engine itself says it is running (unfinished), where it can say
+        without a round trip (in-process vLLM); None otherwise."""
+        return None
+
     def capacity(self) -> dict:
         """Engine limits a simulator profile needs (max_batch_size, kv_cache_tokens,
         block_size_tokens), where the engine can say; {} otherwise."""

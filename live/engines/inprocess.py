@@ -130,6 +130,9 @@ class VLLMEngine(Engine):
     async def healthy(self) -> bool:
         return self.llm is not None and not self.llm.errored
 
+    def running_requests(self) -> int | None:
+        return self.llm.get_num_unfinished_requests() if self.llm is not None else None
+
     def capacity(self) -> dict:
         if self.llm is None:
             return {}

@@ -5,7 +5,7 @@ Uses: quality experiments with fixed proposals (the late-key probe of ``staircas
 quality``), and feeding a real aggregator realistic proposals recorded from a stronger
 model without running it. The answer to a call is looked up by the prompt's first user
 message (the query, as a proposer sees it); a prompt that continues an open assistant
-turn gets the rest of the answer after what that turn already holds.
+turn gets the rest of the answer after what the prompt's assistant turns already hold.
 
 Timing: the first token ``first_token_s`` after the call, then one token every
 ``1 / tokens_per_s`` seconds, on an absolute schedule (no drift). Tokens are the
@@ -16,7 +16,10 @@ In a ``staircase live`` config::
 
     {"kind": "replay", "answers": "answers.jsonl", "tokens_per_s": 30, "first_token_s": 0.05}
 
-``answers.jsonl``: one ``{"query": ..., "answer": ...}`` object per line.
+``answers.jsonl``: one ``{"query": ..., "answer": ...}`` object per line. With
+``"default_answer": "..."`` every query the file lacks gets that text (the file may
+then be left out): a stand-in engine that answers anything, for fast checks of what
+sits around the engines (``staircase serve``'s schema tests).
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ class ReplayEngine(Engine):
         text = self.answers(query) if callable(self.answers) else self.answers.get(query)
         if text is None:
             raise EngineError(f"replay: no answer for query {query[:40]!r}")
-        if prompt.continue_final:
-            partial = prompt.messages[-1].text()
+        if prompt.continue_final:  # the answer so far: every assistant turn (the prefix-cache layout splits it)
+            partial = "".join(m.text() for m in prompt.messages if m.role == "assistant")
             text = text[len(partial):] if text.startswith(partial) else text
         return text
 
@@ -114,7 +117,13 @@ def load_answers(path: str | Path, field: str = "answers") -> dict[str, str]:
 
 def replay_from_spec(name: str, spec: dict) -> ReplayEngine:
     """A replay engine from a ``staircase live`` config entry (fields checked)."""
-    answers = load_answers(spec.get("answers", ""), f"config.engines.{name}.answers")
+    default = spec.get("default_answer")
+    if default is not None and (not isinstance(default, str) or not default.strip()):
+        raise ConfigError(f"config.engines.{name}.default_answer", default, "a non-empty string")
+    answers = load_answers(spec["answers"], f"config.engines.{name}.answers") if "answers" in spec or default is None \
+        else {}
+    if default is not None:
+        answers = (lambda table: lambda query: table.get(query, default))(answers)
     try:
         return ReplayEngine(answers, name=name, tokens_per_s=spec.get("tokens_per_s", 30.0),
                             first_token_s=spec.get("first_token_s", 0.05), tokenizer=spec.get("tokenizer"))

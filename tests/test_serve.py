@@ -1,0 +1,217 @@
+"""`staircase serve` on replay engines (live/engines/replay.py: given answers streamed at
+a set pace, no model): the OpenAI client streamed and not, policies by name, errors in
+OpenAI's shape, 429 past the bound, API keys, a client that disconnects, SIGTERM with
+requests in flight, and schemathesis against the server's own OpenAPI schema. The same
+server on real vLLM engines: tests/test_serve_live.py. Only 127.0.0.1, servers the
+tests start themselves."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import httpx
+import pytest
+
+pytest.importorskip("fastapi", reason="staircase serve needs the live extra (make test installs it)")
+
+from serving import ServeProcess, wait_for  # noqa: E402
+
+ANSWER = ("The sky looks blue because the air scatters the short blue wavelengths of sunlight far more than the "
+          "long red ones, so blue light reaches the eye from every part of the sky.")
+
+
+def replay_config(tmp_path, tokens_per_s: float = 400.0) -> str:
+    path = tmp_path / "engines.json"
+    path.write_text(json.dumps({"engines": {"r": {"kind": "replay", "default_answer": ANSWER,
+                                                  "tokens_per_s": tokens_per_s, "first_token_s": 0.02}},
+                                "slots": {"proposers": ["r"], "aggregator": "r"}}))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def fast(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve-fast")
+    srv = ServeProcess(["--config", replay_config(tmp), "--policies", "wait-all,staircase-prefix-cache",
+                        "--redundancy", "1", "--max-in-flight", "8"], tmp / "out")
+    yield srv
+    srv.stop()
+
+
+def client(srv: ServeProcess, **kw):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{srv.url}/v1", api_key=kw.pop("api_key", "none"), max_retries=0, **kw)
+
+
+def ask(content: str = "Why is the sky blue?") -> list[dict]:
+    return [{"role": "user", "content": content}]
+
+
+def test_the_official_client_streamed_and_not(fast):
+    c = client(fast)
+    whole = c.chat.completions.create(model="staircase", messages=ask())
+    assert whole.choices[0].message.content.startswith("The sky looks blue")
+    assert whole.usage.completion_tokens > 10 and whole.usage.prompt_tokens > 0
+    assert whole.usage.model_extra["staircase"]["policy"] == "wait-all"  # the first policy is the default
+    pieces, usage = [], None
+    for chunk in c.chat.completions.create(model="staircase", messages=ask(), stream=True,
+                                           stream_options={"include_usage": True},
+                                           extra_body={"policy": "staircase-prefix-cache-r1"}):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert len(pieces) > 10 and "".join(pieces) == whole.choices[0].message.content == ANSWER
+    assert usage.model_extra["staircase"]["policy"] == "staircase-prefix-cache-r1"
+    assert usage.completion_tokens == whole.usage.completion_tokens
+    assert usage.model_extra["staircase"]["calls"] > whole.usage.model_extra["staircase"]["calls"]  # its steps
+    # a policy's name as model picks it too; /v1/models lists the served name and every policy
+    assert client(fast).models.list().data[0].id == "staircase"
+    named = c.chat.completions.create(model="staircase-prefix-cache-r1", messages=ask())
+    assert named.usage.model_extra["staircase"]["policy"] == "staircase-prefix-cache-r1"
+
+
+@pytest.mark.parametrize("body, status, param, needle", [
+    ({"model": "gpt-x", "messages": ask()}, 404, "model", "allowed: staircase, wait-all"),
+    ({"model": "staircase", "messages": ask(), "policy": "nope"}, 400, "policy", "allowed: wait-all"),
+    ({"model": "staircase", "messages": []}, 400, "messages", "at least 1"),
+    ({"model": "staircase", "messages": ask(), "max_tokens": 0}, 400, "max_tokens", "greater than or equal to 1"),
+    ({"model": "staircase", "messages": ask(), "max_tokens": 99999}, 400, "max_tokens", "allowed: 1..2048"),
+    ({"model": "staircase", "messages": ask(), "n": 2}, 400, "n", "less than or equal to 1"),
+    ({"model": "staircase", "messages": [{"role": "user", "content": "  "}]}, 400, "messages", "no text"),
+    ({"model": "staircase", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role", "'user'"),
+])
+def test_bad_requests_get_openai_errors_naming_the_parameter(fast, body, status, param, needle):
+    r = httpx.post(f"{fast.url}/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and needle in err["message"] and err["type"]
+    assert "Traceback" not in r.text
+
+
+def test_a_body_that_is_not_json_is_a_400(fast):
+    r = httpx.post(f"{fast.url}/v1/chat/completions", content=b"{not json", timeout=30,
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_the_metrics_count_what_was_served(fast):
+    client(fast).chat.completions.create(model="staircase", messages=ask())
+    m = fast.metrics()
+    assert m['staircase_requests_total{outcome="ok",policy="wait-all"}'] >= 1
+    assert m['staircase_ttft_seconds_count{policy="wait-all"}'] >= 1
+    assert m['staircase_itl_seconds_count{policy="wait-all"}'] > 10
+    assert m["staircase_requests_in_flight"] == 0 and m['staircase_engine_calls_in_flight{engine="r"}'] == 0
+
+
+@pytest.fixture()
+def slow(tmp_path):
+    srv = ServeProcess(["--config", replay_config(tmp_path, tokens_per_s=15.0), "--max-in-flight", "2",
+                        "--grace-s", "60", "--flush-s", "1"], tmp_path / "out", env={"STAIRCASE_API_KEY": "sekrit-42"})
+    yield srv
+    srv.stop()
+
+
+def stream_in_thread(srv: ServeProcess, results: list, key: str = "sekrit-42") -> threading.Thread:
+    def go():
+        try:
+            got = list(client(srv, api_key=key).chat.completions.create(model="staircase", messages=ask(),
+                                                                       stream=True))
+            results.append("".join(c.choices[0].delta.content or "" for c in got if c.choices))
+        except Exception as err:  # noqa: BLE001 - the test asserts on it
+            results.append(err)
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t
+
+
+def test_keys_overload_disconnects_and_sigterm(slow, tmp_path):
+    """One slow server: the API key, 429 past --max-in-flight, a client that goes away
+    mid-stream (its calls cancelled on the engine), then SIGTERM with requests in flight
+    (they finish within the grace; every row is on disk)."""
+    from openai import APIConnectionError, AuthenticationError, RateLimitError
+
+    with pytest.raises(AuthenticationError):
+        client(slow, api_key="wrong").chat.completions.create(model="staircase", messages=ask())
+    # a client that disconnects after the first piece: the request ends, its calls are cancelled
+    with httpx.stream("POST", f"{slow.url}/v1/chat/completions", timeout=60,
+                      headers={"Authorization": "Bearer sekrit-42"},
+                      json={"model": "staircase", "messages": ask(), "stream": True}) as r:
+        next(r.iter_lines())
+    gone = wait_for(lambda: slow.metrics().get('staircase_requests_total{outcome="error",policy='
+                                               '"staircase-prefix-cache-r1"}'), 30)
+    assert gone == 1
+    m = slow.metrics()
+    assert m['staircase_engine_calls_in_flight{engine="r"}'] == 0 and m["staircase_requests_in_flight"] == 0
+    # two in flight fill the bound: the third gets 429 with Retry-After
+    results: list = []
+    threads = [stream_in_thread(slow, results) for _ in range(2)]
+    assert wait_for(lambda: slow.metrics()["staircase_requests_in_flight"] == 2, 30)
+    with pytest.raises(RateLimitError) as over:
+        client(slow, api_key="sekrit-42").chat.completions.create(model="staircase", messages=ask())
+    assert over.value.response.headers["retry-after"] == "1" and "--max-in-flight 2" in over.value.message
+    # SIGTERM now: both streams still finish (grace 60 s), then the rows are written
+    assert slow.stop() is not None
+    for t in threads:
+        t.join(60)
+    assert results == [ANSWER, ANSWER] or all(isinstance(r, str) and r.startswith("The sky") for r in results), results
+    _rows_after_stop(slow)
+    assert "sekrit-42" not in slow.text()
+    with pytest.raises(APIConnectionError):  # nothing listens any more
+        client(slow, api_key="sekrit-42", timeout=5).chat.completions.create(model="staircase", messages=ask())
+
+
+def _rows_after_stop(srv: ServeProcess) -> None:
+    from calibration.validate import load_live_run
+
+    config = json.loads((srv.out / "config.json").read_text())
+    assert config["command"] == "serve" and config["stopped"] == {"in_flight_at_stop": 2, "ok": 2, "error": 0,
+                                                                "cancelled": 0}
+    run = load_live_run(srv.out)  # what `staircase validate` reads
+    req = run.requests["staircase-prefix-cache-r1"]
+    assert len(req) == 3 and list(req["request_id"]) == [0, 1, 2]
+    assert sorted(req["outcome"]) == ["error", "ok", "ok"]
+    assert (req.loc[req["outcome"] == "error", "error"] == "cancelled: client disconnected").all()
+    assert (srv.out / "summary.csv").is_file() and "stopped" in srv.text()
+
+
+def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(fast):
+    """Property-based requests from the server's own OpenAPI schema (valid and not):
+    no 5xx, every response matches the schema, status codes are documented."""
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.checks import (content_type_conformance, not_a_server_error, response_schema_conformance,
+                                     status_code_conformance)
+
+    schema = schemathesis.openapi.from_url(f"{fast.url}/openapi.json")
+    checks = [not_a_server_error, response_schema_conformance, status_code_conformance, content_type_conformance]
+    tried: dict = {}
+    statuses: dict = {}
+
+    def fuzz(strategy, key: str) -> None:
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+        @given(case=strategy)
+        def run(case):
+            response = case.call_and_validate(checks=checks, timeout=60)
+            tried[key] = tried.get(key, 0) + 1
+            statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        run()
+
+    def served(case):  # a valid request for the served model, to reach the engines (random names get 404)
+        if isinstance(case.body, dict):
+            case.body = {**case.body, "model": "staircase"}
+        return case
+
+    for operation in schema.get_all_operations():
+        op = operation.ok()
+        post = op.method.upper() == "POST"
+        # valid requests, and (where there is a body to break) requests that break the schema
+        for mode in schemathesis.GenerationMode if post else [schemathesis.GenerationMode.POSITIVE]:
+            fuzz(op.as_strategy(generation_mode=mode), f"{op.label} {mode.value}")
+        if post:
+            fuzz(op.as_strategy().map(served), f"{op.label} served model")
+    assert tried.get("POST /v1/chat/completions positive", 0) >= 20, tried
+    assert tried.get("POST /v1/chat/completions negative", 0) >= 10, tried
+    assert statuses.get(200, 0) >= 10 and statuses.get(400, 0) >= 10 and statuses.get(404, 0) >= 1, statuses
+    print(f"schemathesis examples per operation: {tried}; statuses: {statuses}")
