@@ -27,7 +27,10 @@ from .server_api import (ApiError, ChatCompletion, ChatCompletionRequest, ErrorR
                          completion_id)
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}
-SSE = {200: {"content": {"text/event-stream": {"schema": {"type": "string"}}},
+# each server-sent event: data is a chat.completion.chunk object as JSON, or an error object, or [DONE]
+SSE_EVENT = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string"}, "event": {"type": "string"}, "id": {"type": "string"}}}
+SSE = {200: {"content": {"text/event-stream": {"schema": SSE_EVENT}},
              "description": "the completion (JSON), or its chunks as server-sent events when stream is true"}}
 
 
