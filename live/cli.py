@@ -261,7 +261,7 @@ def _serve_config(args: argparse.Namespace, topology, policies, raw: dict, runne
     """What config.json records of a server (as a live run's, so `staircase validate` reads it)."""
     return {"command": "serve", "topology": topology.describe(), "topology_config": topology.config(),
             "cli_args": topology_policy_args(args), "policies": [p.describe() for p in policies], "engines": raw,
-            "rate": "open", "max_tokens": max(args.max_tokens, args.max_answer_tokens),
+            "rate": None, "max_tokens": max(args.max_tokens, args.max_answer_tokens),
             "temperature": args.temperature, "seed": args.seed,
             "slot_engines": {slot: e.name for slot, e in runner.engines.items()},
             "engine_models": runner.engine_models(), "engine_pools": runner.engine_pools(),

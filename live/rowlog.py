@@ -38,6 +38,7 @@ class RowLog:
         self.config = dict(config)
         self.parts = 0
         self.written = {"requests": 0, "chunks": 0}
+        self.arrivals: list[float] = []  # first and last arrival seen (the observed rate)
         self.write_config()
 
     def write_config(self, **more) -> None:
@@ -67,7 +68,11 @@ class RowLog:
                 f"{stem}.chunks.parquet", index=False)
         self.written["requests"] += len(done)
         self.written["chunks"] += len(chunks)
-        self.write_config(**more)
+        times = [r.arrival_s for r in done] + self.arrivals
+        self.arrivals = [min(times), max(times)]
+        span, n = self.arrivals[1] - self.arrivals[0], self.written["requests"]
+        # an open loop at the observed rate (how `staircase validate` replays the arrivals)
+        self.write_config(rate=round((n - 1) / span, 6) if n > 1 and span > 0 else 1.0, **more)
         return len(done)
 
 

@@ -111,6 +111,7 @@ class StaircaseServer:
         self.in_flight = 0
         self.accepting = False
         self.in_flight_at_stop: int | None = None
+        self.failed: Exception | None = None  # why the engines did not start
         self.after_stop = {"ok": 0, "error": 0, "cancelled": 0}
         self.tasks: set[asyncio.Task] = set()
         self.ids = itertools.count()

@@ -20,8 +20,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from staircase.errors import ConfigError
 from staircase.trace import RequestRow
 
+from .engines import EngineError
 from .server import Job, StaircaseServer, Stream
 from .server_api import (ApiError, ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelList,
                          completion_id)
@@ -40,7 +42,13 @@ def create_app(server: StaircaseServer, on_ready=None, on_stop=None) -> FastAPI:
 
     @asynccontextmanager
     async def life(app: FastAPI):
-        await server.startup()
+        try:
+            await server.startup()
+        except (ConfigError, EngineError) as err:  # an engine that cannot start: one line, not a traceback
+            server.failed = err  # (the uvicorn loop sees it and stops; ``live.serving``)
+            yield
+            await server.runner.close()
+            return
         if on_ready is not None:
             on_ready()
         flusher = asyncio.create_task(server.flush_every())

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import uvicorn
 
+from staircase.errors import ConfigError
 from staircase.report import plot_ttft, summary_frame, summary_json
 from staircase.trace import Trace
 
@@ -69,16 +70,24 @@ class _Uvicorn(uvicorn.Server):
         super().__init__(config)
         self.staircase = server
 
+    async def on_tick(self, counter: int) -> bool:
+        return bool(self.staircase.failed) or await super().on_tick(counter)
+
     def handle_exit(self, sig, frame) -> None:
         self.staircase.stop_admitting()
         super().handle_exit(sig, frame)
 
 
 def run_uvicorn(app, server, host: str, port: int) -> None:
-    """Serve ``app`` until SIGTERM or Ctrl-C (uvicorn re-raises the signal after the stop)."""
+    """Serve ``app`` until SIGTERM or Ctrl-C (uvicorn re-raises the signal after the stop);
+    an engine that did not start is raised here (a one-line error)."""
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=server.settings.grace_s)
     _Uvicorn(config, server).run()
+    if isinstance(server.failed, ConfigError):
+        raise server.failed
+    if server.failed is not None:
+        raise ConfigError("engines", str(server.failed), "engines that start (see the engine's log)")
 
 
 def write_summary(folder: Path, stopped: dict) -> None:

@@ -8,6 +8,8 @@ tests start themselves."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 
 import httpx
@@ -174,6 +176,11 @@ def _rows_after_stop(srv: ServeProcess) -> None:
     assert sorted(req["outcome"]) == ["error", "ok", "ok"]
     assert (req.loc[req["outcome"] == "error", "error"] == "cancelled: client disconnected").all()
     assert (srv.out / "summary.csv").is_file() and "stopped" in srv.text()
+    assert config["rate"] > 0  # the observed arrival rate: validate replays an open loop at the arrivals
+    done = subprocess.run([sys.executable, "-m", "staircase", "validate", str(srv.out), "--allow-other-model",
+                           "--replicates", "1", "--out", str(srv.out.parent / "validate")],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0 and "staircase-prefix-cache-r1" in done.stdout, done.stderr[-2000:]
 
 
 def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(fast):
