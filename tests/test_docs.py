@@ -93,7 +93,7 @@ def test_the_reference_lists_every_command_and_policy_name():
     from staircase.policies import POLICY_KINDS, POLICY_NAMES
 
     page = (ROOT / "docs" / "reference" / "cli.md").read_text()
-    for command in ("sim", "live", "search", "calibrate", "validate", "quality", "model"):
+    for command in ("sim", "live", "serve", "search", "plan", "calibrate", "validate", "quality", "model"):
         assert f"## staircase {command}\n" in page
     for name in [*POLICY_NAMES, *POLICY_KINDS]:
         assert f"| `{name}` |" in page
