@@ -80,12 +80,18 @@ class Stream:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.last_s: float | None = None
         self.row: RequestRow | None = None
+        self.error: str | None = None
 
     def text(self, text: str, tokens: int, t: float) -> None:
         if self.last_s is not None:
             self.server.metrics.delta(self.job.policy.name, t - self.last_s, tokens)
         self.last_s = t
         self.queue.put_nowait((text, tokens))
+
+    def broke(self, err: Exception) -> None:
+        """The run itself raised (a bug, never an engine's failure): the stream ends with it."""
+        self.error = f"internal error ({type(err).__name__})"
+        self.queue.put_nowait(None)
 
     def ended(self, row: RequestRow) -> None:
         self.row = row
@@ -180,6 +186,9 @@ class StaircaseServer:
         try:
             return await self.runner.run_request(job.policy, job.id, job.query, final_max_tokens=job.answer_tokens,
                                                  sampling=job.sampling, listener=stream)
+        except Exception as err:
+            stream.broke(err)
+            raise
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.set(self.in_flight)

@@ -164,7 +164,9 @@ async def _events(server: StaircaseServer, job: Job, task: asyncio.Task, stream:
             first = False
             yield _sse(head | {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
         row = stream.row
-        if row.outcome != "ok":
+        if row is None:  # the run raised (``Stream.broke``)
+            yield _sse({"error": {"message": stream.error, "type": "server_error", "param": None, "code": 500}})
+        elif row.outcome != "ok":
             yield _sse({"error": ApiError(503, f"the request failed: {row.error}").body()["error"]})
         else:
             yield _sse(head | {"choices": [{"index": 0, "delta": {} if not first else {"role": "assistant",

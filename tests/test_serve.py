@@ -222,3 +222,37 @@ def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(fast):
     assert tried.get("POST /v1/chat/completions negative", 0) >= 10, tried
     assert statuses.get(200, 0) >= 10 and statuses.get(400, 0) >= 10 and statuses.get(404, 0) >= 1, statuses
     print(f"schemathesis examples per operation: {tried}; statuses: {statuses}")
+
+
+def test_a_bug_in_a_run_ends_its_stream_with_an_error_not_a_hang(tmp_path):
+    """In process (FastAPI's test client): a run that raises ends the event stream with
+    an error event and [DONE], and a plain request with a 500 in OpenAI's shape; no
+    traceback reaches the client."""
+    from fastapi.testclient import TestClient
+
+    from live.engines import engines_from_config
+    from live.rowlog import RowLog
+    from live.runner import LiveRunner
+    from live.server import StaircaseServer
+    from live.server_app import create_app
+    from staircase.policies import StaircasePolicy
+    from staircase.topology import moa
+
+    topology = moa(3)
+    engines = engines_from_config(json.loads(open(replay_config(tmp_path)).read()), topology)
+    runner = LiveRunner(engines.slots, topology, deployment=engines.deployment, pools=engines.pools)
+    server = StaircaseServer(runner, [StaircasePolicy(redundancy=1)], rowlog=RowLog(tmp_path / "out", runner.recorder,
+                                                                                      {"command": "serve"}))
+
+    async def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+    runner.run_request = broken
+    with TestClient(create_app(server), raise_server_exceptions=False) as c:
+        body = {"model": "staircase", "messages": ask()}
+        streamed = c.post("/v1/chat/completions", json=body | {"stream": True})
+        assert streamed.status_code == 200 and "internal error (RuntimeError)" in streamed.text
+        assert streamed.text.endswith("data: [DONE]\n\n")
+        plain = c.post("/v1/chat/completions", json=body)
+        assert plain.status_code == 500 and plain.json()["error"]["message"] == "internal error (RuntimeError)"
+        assert "Traceback" not in plain.text + streamed.text and "a bug" not in plain.text
+        assert c.get("/health").json()["requests_in_flight"] == 0
