@@ -24,12 +24,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parents[1]
 STAIRCASE = [sys.executable, "-m", "staircase"]
 POLICY = ["--policies", "staircase-prefix-cache", "--redundancy", "1"]
+NAME = "staircase-prefix-cache-r1"
 
 
 def prompts_file(path: Path, args) -> Path:
@@ -83,33 +83,28 @@ def vllm_bench(port: int, rate: float, data: Path, out: Path, args) -> dict:
     return json.loads((out / "bench.json").read_text())
 
 
-def served(port: int, rate: float, data: Path, args) -> dict:
-    """One server at one rate: vLLM's client figures, then SIGTERM and the server's rows."""
-    from live.rowlog import read_parts
-
+def served(port: int, rate: float, data: Path, args) -> Path:
+    """One server at one rate: vLLM's client figures, then SIGTERM (the server writes its rows)."""
     folder = args.out / f"serve-{rate:g}"
     proc = start_server(folder, port, args)
     try:
-        bench = vllm_bench(port, rate, data, args.out / f"bench-{rate:g}", args)
+        vllm_bench(port, rate, data, args.out / f"bench-{rate:g}", args)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(300)
-    req, chunks = next(iter(read_parts(folder / "traces").values()))
-    return {"bench": bench, "rows": rows_figures(req, chunks), "folder": folder}
+    return folder
 
 
 def rows_figures(req: pd.DataFrame, chunks: pd.DataFrame) -> dict:
-    """TTFT and ITL percentiles from a runner's own rows (seconds)."""
+    """TTFT and ITL percentiles (ms) from a runner's own rows."""
     from staircase.metrics import summarize
 
     s = summarize(req, chunks)
-    return {k: s[k] for k in ("ok", "errors", "ttft_p50_s", "ttft_p99_s", "itl_p50_s", "itl_p99_s", "e2e_p50_s",
-                              "output_tokens_mean")}
+    return {"completed": s["ok"], **{f"{m}_p{q}_ms": round(1000 * s[f"{m}_p{q}_s"], 1)
+                                     for m in ("ttft", "itl") for q in (50, 99)}}
 
 
-def live(rate: float, args) -> dict:
-    from staircase.trace import read_chunks, read_requests
-
+def live(rate: float, args) -> None:
     folder = args.out / f"live-{rate:g}"
     cmd = [*STAIRCASE, "live", *POLICY, "--prompts", args.prompts, "--requests", str(args.requests), "--rate",
            str(rate), "--max-tokens", str(args.max_tokens), "--seed", str(args.seed), "--no-figure",
@@ -117,43 +112,48 @@ def live(rate: float, args) -> dict:
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         raise SystemExit(f"staircase live failed:\n{done.stderr[-2000:]}")
-    traces = folder / "traces"
-    return rows_figures(read_requests(traces / "staircase-prefix-cache-r1.requests.parquet"),
-                        read_chunks(traces / "staircase-prefix-cache-r1.chunks.parquet"))
 
 
-def validate(folder: Path, rate: float, args) -> dict:
-    """The simulator's TTFT and ITL for the server's requests (`staircase validate`)."""
-    out = args.out / f"validate-{rate:g}"
-    cmd = [*STAIRCASE, "validate", str(folder), "--profile", args.profile, "--format", "json", "--out", str(out)]
+def validate(folder: Path, rate: float, args) -> None:
+    """The simulator on the server's requests (`staircase validate`, the bundled profile)."""
+    cmd = [*STAIRCASE, "validate", str(folder), "--profile", args.profile, "--format", "json",
+           "--out", str(args.out / f"validate-{rate:g}")]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         raise SystemExit(f"staircase validate failed:\n{done.stderr[-2000:]}")
-    table = pd.read_csv(out / "validation.csv") if (out / "validation.csv").is_file() else None
-    if table is None:
-        raise SystemExit(f"no validation.csv in {out}: {sorted(p.name for p in out.iterdir())}")
-    pick = lambda metric, q: float(table.loc[table["metric"] == metric, f"sim_p{q}"].iloc[0])  # noqa: E731
-    return {"ttft_p50_s": pick("ttft_s", 50), "ttft_p99_s": pick("ttft_s", 99) if "sim_p99" in table else np.nan}
+
+
+def table(rate: float, args) -> list[dict]:
+    """The rows of one rate, from the runs' folders: vLLM's client, the server's rows,
+    live, and the simulator (the profile as is, and at the run's measured engine speed)."""
+    from live.rowlog import read_parts
+    from staircase.trace import read_chunks, read_requests
+
+    b = json.loads((args.out / f"bench-{rate:g}" / "bench.json").read_text())
+    out = [{"source": "vllm bench serve (client)", "completed": b["completed"], "ttft_p50_ms": b["median_ttft_ms"],
+            "ttft_p99_ms": b["p99_ttft_ms"], "itl_p50_ms": b["median_itl_ms"], "itl_p99_ms": b["p99_itl_ms"]}]
+    out.append({"source": "staircase serve (its rows)",
+                **rows_figures(*next(iter(read_parts(args.out / f"serve-{rate:g}" / "traces").values())))})
+    traces = args.out / f"live-{rate:g}" / "traces"
+    out.append({"source": "staircase live", **rows_figures(read_requests(traces / f"{NAME}.requests.parquet"),
+                                                          read_chunks(traces / f"{NAME}.chunks.parquet"))})
+    val = pd.read_csv(args.out / f"validate-{rate:g}" / "validation.csv")
+    ttft = val[val["metric"] == "ttft_s"]  # first the profile as is, then at the run's speed
+    for (_, r), what in zip(ttft.iterrows(), ("the profile as is", "at the run's engine speed")):
+        out.append({"source": f"simulator, {what}", "ttft_p50_ms": round(1000 * r["sim_p50"], 1),
+                    "ttft_p99_ms": round(1000 * r["sim_p99"], 1)})
+    server_ms = out[1]["ttft_p50_ms"]
+    for row in out:
+        row["rate"] = rate
+        row["ttft_p50_vs_server_rows"] = round(row["ttft_p50_ms"] / server_ms - 1, 4)
+    return out
 
 
 def one_rate(rate: float, port: int, data: Path, args) -> list[dict]:
-    s = served(port, rate, data, args)
-    b, rows = s["bench"], s["rows"]
-    sim = validate(s["folder"], rate, args)
-    lv = live(rate, args)
-    ms = lambda v: round(1000 * v, 1)  # noqa: E731
-    out = [{"rate": rate, "source": "vllm bench serve (client)", "completed": b["completed"],
-            "ttft_p50_ms": b["median_ttft_ms"], "ttft_p99_ms": b["p99_ttft_ms"], "itl_p50_ms": b["median_itl_ms"],
-            "itl_p99_ms": b["p99_itl_ms"]},
-           {"rate": rate, "source": "staircase serve (its rows)", "completed": rows["ok"],
-            "ttft_p50_ms": ms(rows["ttft_p50_s"]), "ttft_p99_ms": ms(rows["ttft_p99_s"]),
-            "itl_p50_ms": ms(rows["itl_p50_s"]), "itl_p99_ms": ms(rows["itl_p99_s"])},
-           {"rate": rate, "source": "staircase live", "completed": lv["ok"], "ttft_p50_ms": ms(lv["ttft_p50_s"]),
-            "ttft_p99_ms": ms(lv["ttft_p99_s"]), "itl_p50_ms": ms(lv["itl_p50_s"]), "itl_p99_ms": ms(lv["itl_p99_s"])},
-           {"rate": rate, "source": "simulator (validate on the server's log)", "completed": None,
-            "ttft_p50_ms": ms(sim["ttft_p50_s"]), "ttft_p99_ms": ms(sim["ttft_p99_s"])}]
-    out[0]["server_layer_ttft_p50_ms"] = round(b["median_ttft_ms"] - 1000 * rows["ttft_p50_s"], 1)
-    return out
+    if not args.report_only:
+        validate(served(port, rate, data, args), rate, args)
+        live(rate, args)
+    return table(rate, args)
 
 
 def main() -> int:
@@ -167,6 +167,7 @@ def main() -> int:
     p.add_argument("--profile", default="default", help="the simulator's profile for validate")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ROOT / "results" / "serve-bench")
+    p.add_argument("--report-only", action="store_true", help="rebuild the table from the runs in --out")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     data = prompts_file(args.out / "prompts.jsonl", args)
@@ -174,9 +175,9 @@ def main() -> int:
     for rate in (float(r) for r in args.rates.split(",")):
         rows += one_rate(rate, free_port(), data, args)
         pd.DataFrame(rows).to_csv(args.out / "serve-bench.csv", index=False)
-    table = pd.DataFrame(rows)
+    frame = pd.DataFrame(rows)
     (args.out / "serve-bench.json").write_text(json.dumps(rows, indent=1, default=float) + "\n")
-    print(table.to_string(index=False))
+    print(frame.to_string(index=False))
     return 0
 
 
