@@ -1,18 +1,20 @@
 """Rolling trace files for a long-running server (``staircase serve``).
 
 A server's rows cannot wait for the end of a run: ``RowLog.flush`` moves the rows of
-finished requests off the runner's ``Recorder`` into new parquet parts,
+finished requests off the runner's ``Recorder`` into parquet parts,
 ``traces/<policy>.part-<n>.requests.parquet`` and ``.chunks.parquet`` (the chunk
-rows of requests still running stay until they end), and rewrites ``config.json``
-with the counts so far. Memory stays bounded however long the server runs, a crash
-loses at most one flush interval, and ``staircase validate`` reads the parts of a
-policy as one trace (``calibration.validate.load_live_run``).
+rows of requests still running stay until they end), a part rolling over to the next
+at 1,000 requests or 10 minutes, and rewrites ``config.json`` with the counts so far.
+Memory stays bounded however long the server runs, a crash loses at most one flush
+interval, and ``staircase validate`` reads the parts of a policy as one trace
+(``calibration.validate.load_live_run``).
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -29,14 +31,21 @@ def safe_name(policy: str) -> str:
 
 
 class RowLog:
-    """The results folder of a server: config.json and the rolling trace parts."""
+    """The results folder of a server: config.json and the rolling trace parts. A part
+    grows (rewritten whole, atomically, at each flush) until it holds ``part_requests``
+    requests or is ``part_s`` seconds old; the next flush starts a new one. Memory holds
+    the open part's rows only."""
 
-    def __init__(self, folder: Path, recorder: Recorder, config: dict):
+    def __init__(self, folder: Path, recorder: Recorder, config: dict, part_requests: int = 1000,
+                 part_s: float = 600.0):
         self.folder, self.recorder = Path(folder), recorder
         self.traces = self.folder / "traces"
         self.traces.mkdir(parents=True, exist_ok=True)
         self.config = dict(config)
+        self.part_requests, self.part_s = part_requests, part_s
         self.parts = 0
+        self.open: tuple[list, list] | None = None  # the open part's (request rows, chunk rows)
+        self.opened = 0.0
         self.written = {"requests": 0, "chunks": 0}
         self.arrivals: list[float] = []  # first and last arrival seen (the observed rate)
         self.write_config()
@@ -48,32 +57,44 @@ class RowLog:
         tmp.replace(self.folder / "config.json")  # a reader never sees half a file
 
     def flush(self, **more) -> int:
-        """Write the finished requests' rows as new parts; returns how many requests."""
+        """Move the finished requests' rows into the open part and write it; returns how
+        many requests moved."""
         rec = self.recorder
         done = rec.requests[:]
-        if not done:
-            if more:
-                self.write_config(**more)
-            return 0
-        keys = {(r.policy, r.request_id) for r in done}
-        chunks = [c for c in rec.chunks if (c.policy, c.request_id) in keys]
-        del rec.requests[:len(done)]  # rows appended meanwhile stay (nothing awaits in between: one thread)
-        rec.chunks[:] = [c for c in rec.chunks if (c.policy, c.request_id) not in keys]
-        self.parts += 1
-        for policy in sorted({r.policy for r in done}):
+        if done:
+            keys = {(r.policy, r.request_id) for r in done}
+            chunks = [c for c in rec.chunks if (c.policy, c.request_id) in keys]
+            rec.requests.clear()  # (no await in between: nothing was appended meanwhile)
+            rec.chunks[:] = [c for c in rec.chunks if (c.policy, c.request_id) not in keys]
+            self._write_part(done, chunks)
+            self._count(done, chunks)
+        if done or more:
+            span, n = (self.arrivals[1] - self.arrivals[0], self.written["requests"]) if self.arrivals else (0, 0)
+            # an open loop at the observed rate (how `staircase validate` replays the arrivals)
+            self.write_config(rate=round((n - 1) / span, 6) if n > 1 and span > 0 else 1.0, **more)
+        return len(done)
+
+    def _write_part(self, done: list, chunks: list) -> None:
+        full = self.open is not None and (len(self.open[0]) >= self.part_requests
+                                          or time.monotonic() - self.opened >= self.part_s)
+        if self.open is None or full:
+            self.parts += 1
+            self.open, self.opened = ([], []), time.monotonic()
+        self.open[0].extend(done)
+        self.open[1].extend(chunks)
+        requests, all_chunks = self.open
+        for policy in sorted({r.policy for r in requests}):
             stem = self.traces / f"{safe_name(policy)}.part-{self.parts:05d}"
-            frame([r for r in done if r.policy == policy], REQUEST_COLUMNS).to_parquet(
-                f"{stem}.requests.parquet", index=False)
-            frame([c for c in chunks if c.policy == policy], CHUNK_COLUMNS).to_parquet(
-                f"{stem}.chunks.parquet", index=False)
+            for rows, columns, kind in ((requests, REQUEST_COLUMNS, "requests"), (all_chunks, CHUNK_COLUMNS, "chunks")):
+                tmp = Path(f"{stem}.{kind}.parquet.tmp")
+                frame([r for r in rows if r.policy == policy], columns).to_parquet(tmp, index=False)
+                tmp.replace(f"{stem}.{kind}.parquet")
+
+    def _count(self, done: list, chunks: list) -> None:
         self.written["requests"] += len(done)
         self.written["chunks"] += len(chunks)
         times = [r.arrival_s for r in done] + self.arrivals
         self.arrivals = [min(times), max(times)]
-        span, n = self.arrivals[1] - self.arrivals[0], self.written["requests"]
-        # an open loop at the observed rate (how `staircase validate` replays the arrivals)
-        self.write_config(rate=round((n - 1) / span, 6) if n > 1 and span > 0 else 1.0, **more)
-        return len(done)
 
 
 def read_parts(traces: Path) -> dict[str, tuple[pd.DataFrame, pd.DataFrame]]:

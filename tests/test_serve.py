@@ -275,3 +275,31 @@ def test_overload_at_twice_capacity_is_refused_and_every_accepted_request_ends(t
     assert got["not_ended"] == 0 and got["health_failures"] == 0
     assert got["health_max_s"] < 5  # (the figure, 1 s, is the benchmark's to report; no timing margins here)
     assert got["rss_peak_mb"] >= got["rss_before_mb"] > 0
+
+
+def test_row_parts_roll_over_and_running_requests_keep_their_chunks(tmp_path):
+    from live.rowlog import RowLog, read_parts
+    from staircase.driver import Recorder
+    from staircase.trace import ChunkRow, RequestRow, read_requests
+
+    def request(i):
+        return RequestRow(i, "p", 2.0 * i, 5, "ok", "", "", 0.1, 1.0, 0.01, 10, 10.0, 0.1, 0, 4, 100, 0, 8.0, None, "a")
+
+    def chunk(i):
+        return ChunkRow(i, "p", "agg", "aggregator", 1, "e", 0, 0, 10, 100, 0, 0.0, 0.1, 1.0, True, "a")
+    rec = Recorder()
+    log = RowLog(tmp_path, rec, {"command": "serve"}, part_requests=2)
+    rec.chunks += [chunk(0), chunk(1)]
+    rec.requests.append(request(0))  # request 1 still runs
+    assert log.flush() == 1 and rec.chunks == [chunk(1)] and rec.requests == []
+    rec.requests.append(request(1))
+    assert log.flush() == 1 and rec.chunks == []  # the open part grows to its 2 requests
+    rec.requests.append(request(2))
+    rec.chunks.append(chunk(2))
+    assert log.flush() == 1  # a new part
+    first = read_requests(tmp_path / "traces" / "p.part-00001.requests.parquet")
+    assert list(first["request_id"]) == [0, 1]
+    req, chunks = read_parts(tmp_path / "traces")["p"]
+    assert sorted(req["request_id"]) == [0, 1, 2] and sorted(chunks["request_id"]) == [0, 1, 2]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["parts"] == 2 and config["rows_written"] == {"requests": 3, "chunks": 3} and config["rate"] == 0.5
