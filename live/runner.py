@@ -182,8 +182,9 @@ class LiveRunner:
         ``listener`` (``staircase serve``'s): ``listener.text(text, tokens, t)`` gets each
         delta of the final node as it arrives, ``listener.ended(row)`` the request's row
         however it ended. Cancelling the task that awaits this cancels every call of the
-        request on its engine and records the request as an error, ``cancelled: <the
-        cancel message>``."""
+        request on its engine; a cancel with a message (``task.cancel("client
+        disconnected")``) also records the request as an error, ``cancelled: <message>``
+        (one without, as Ctrl-C's, leaves no row: a run keeps its finished requests)."""
         port = _LivePort(self, f"{policy.name}-{request_id}-{next(self._ids)}", sampling or self.sampling, listener)
         driver = RequestDriver(port, self.recorder, self.topology, policy, Query(query, self.tokens.count(query)),
                                request_id=request_id, max_tokens=max_tokens or self.max_tokens, prompt_id=prompt_id,
@@ -194,7 +195,8 @@ class LiveRunner:
         except asyncio.TimeoutError:
             driver.expire(f"request timed out after {self.request_timeout_s:g}s")
         except asyncio.CancelledError as err:
-            driver.expire(f"cancelled: {err.args[0]}" if err.args and err.args[0] else "cancelled")
+            if err.args and err.args[0]:  # a cancel that says why (a server's): the request's row says it too
+                driver.expire(f"cancelled: {err.args[0]}")
             raise
         finally:
             if listener is not None and port.finished.done() and not port.finished.exception():
