@@ -1,7 +1,8 @@
 """`staircase serve` measured by a client no one here wrote: vLLM's own `vllm bench
 serve`, against the server on the bundled model (one in-process vLLM CPU engine shared
 by MoA 3 + aggregator, the paper's staircase r = 1), at each request rate; beside
-`staircase live` with the same policy, prompts and rate (its own Poisson draw), and
+`staircase live` with the same policy, prompts and arrival times (the server run's,
+`--arrivals`: a paired comparison), and
 beside the simulator's prediction (`staircase validate` on the server's log, the
 bundled profile). Also the server layer's own cost: vLLM's client-side TTFT p50 minus
 the TTFT the server's runner recorded for the same requests.
@@ -106,9 +107,10 @@ def rows_figures(req: pd.DataFrame, chunks: pd.DataFrame) -> dict:
 
 def live(rate: float, args) -> None:
     folder = args.out / f"live-{rate:g}"
-    cmd = [*STAIRCASE, "live", *POLICY, "--prompts", args.prompts, "--requests", str(args.requests), "--rate",
-           str(rate), "--max-tokens", str(args.max_tokens), "--seed", str(args.seed), "--no-figure",
-           "--format", "json", "--out", str(folder)]
+    # the server run's own arrivals (vLLM's Poisson draw at this rate): the two runs see the same traffic
+    cmd = [*STAIRCASE, "live", *POLICY, "--prompts", args.prompts, "--requests", str(args.requests), "--arrivals",
+           str(args.out / f"serve-{rate:g}"), "--max-tokens", str(args.max_tokens), "--seed", str(args.seed),
+           "--no-figure", "--format", "json", "--out", str(folder)]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if done.returncode:
         raise SystemExit(f"staircase live failed:\n{done.stderr[-2000:]}")

@@ -59,6 +59,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--skip", type=int, default=0, help="start after this many prompts of the set (held-out slices)")
     g.add_argument("--concurrency", type=int, default=1, help="closed loop: requests in flight")
     g.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second instead")
+    g.add_argument("--arrivals", type=Path, default=None, metavar="PATH",
+                   help="open loop at given arrival times instead: a file of seconds (one per line), or a results "
+                        "folder of `staircase serve` or `live` (its requests' arrivals: a paired rerun)")
     g.add_argument("--max-tokens", type=int, default=128, help="max tokens of every node's answer")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (MoA uses 0.7)")
     g.add_argument("--seed", type=int, default=0)
@@ -91,12 +94,46 @@ def stall_limits(args: argparse.Namespace):
     return StallLimits(first_token_s=args.first_token_timeout_s, gap_s=args.stall_timeout_s)
 
 
+def load_arrivals(path: Path) -> list[float]:
+    """Arrival times in seconds from the first: a file of numbers (one per line), or a
+    results folder's request rows (``traces/*.requests.parquet``, its first policy)."""
+    from staircase.trace import read_requests
+
+    if path.is_dir():
+        files = sorted((path / "traces").glob("*.requests.parquet"))
+        if not files:
+            raise ConfigError("arrivals", str(path), "a file of seconds, or a results folder with traces/")
+        rows = [read_requests(f) for f in files]
+        first = str(rows[0]["policy"].iloc[0]) if len(rows[0]) else None
+        times = sorted(t for r in rows if len(r) for t in r.loc[r["policy"] == first, "arrival_s"])
+    elif path.is_file():
+        try:
+            times = [float(line) for line in path.read_text().split()]
+        except ValueError:
+            raise ConfigError("arrivals", str(path), "a file of numbers of seconds, one per line") from None
+    else:
+        raise ConfigError("arrivals", str(path), "an existing file of seconds or a results folder")
+    if not times:
+        raise ConfigError("arrivals", str(path), "at least one arrival")
+    return [t - times[0] for t in times]
+
+
+def _arrival_rate(args: argparse.Namespace) -> float | None:
+    """The mean rate of --arrivals over the run's requests (validate replays an open loop)."""
+    if args.arrivals is None:
+        return None
+    times = load_arrivals(args.arrivals)[:args.requests]
+    return (len(times) - 1) / times[-1] if len(times) > 1 and times[-1] > 0 else 1.0
+
+
 def _queries(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """The prompts of the run and their ids (``<set>/<index>``)."""
     from .prompts import load_prompts
 
     if args.requests < 1:
         raise ConfigError("requests", args.requests, "an integer >= 1")
+    if args.arrivals is not None and args.rate:
+        raise ConfigError("arrivals", str(args.arrivals), "either --arrivals or --rate, not both")
     if args.skip < 0:
         raise ConfigError("skip", args.skip, "an integer >= 0")
     queries = load_prompts(args.prompts, args.requests + args.skip)[args.skip:]
@@ -107,6 +144,8 @@ def _queries(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 def _run_policies(args, runner, policies, queries, prompt_ids, traces: dict) -> None:
     """Every policy in turn on the started engines; traces fill in as policies end."""
+    arrivals = load_arrivals(args.arrivals) if args.arrivals is not None else None
+
     async def main():
         try:
             await runner.start()
@@ -114,7 +153,8 @@ def _run_policies(args, runner, policies, queries, prompt_ids, traces: dict) -> 
                 t0 = time.perf_counter()
                 traces[policy.name] = await runner.run_policy(policy, queries, concurrency=args.concurrency,
                                                               rate_per_s=args.rate, seed=args.seed,
-                                                              progress=args.progress, prompt_ids=prompt_ids)
+                                                              progress=args.progress, prompt_ids=prompt_ids,
+                                                              arrivals=arrivals)
                 print(f"{policy.name}: {len(queries)} requests in {time.perf_counter() - t0:.1f} s",
                       file=sys.stderr, flush=True)
         finally:
@@ -172,7 +212,8 @@ def _run_config(args: argparse.Namespace, topology, policies, raw: dict, runner,
     return {"command": "live", "topology": topology.describe(), "topology_config": topology.config(),
             "cli_args": topology_policy_args(args),
             "policies": [p.describe() for p in policies], "engines": raw, "prompts": args.prompts,
-            "skip": args.skip, "concurrency": args.concurrency, "rate": args.rate,
+            "skip": args.skip, "concurrency": args.concurrency, "rate": args.rate or _arrival_rate(args),
+            "arrivals": str(args.arrivals) if args.arrivals else None,
             "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
             "slot_engines": {slot: e.name for slot, e in runner.engines.items()} if runner else {},
             "engine_models": runner.engine_models() if runner else {},

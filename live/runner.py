@@ -113,15 +113,18 @@ class LiveRunner:
     async def run_policy(self, policy: Policy, queries: Sequence[str], *, concurrency: int = 1,
                          rate_per_s: float | None = None, seed: int = 0, progress: bool | None = None,
                          reset_cache: bool = True, prompt_ids: Sequence[str] | None = None,
-                         max_tokens: int | None = None, final_max_tokens: int | None = None) -> Trace:
+                         max_tokens: int | None = None, final_max_tokens: int | None = None,
+                         arrivals: Sequence[float] | None = None) -> Trace:
         """All queries under one policy: closed loop with ``concurrency`` users, or open
-        loop with Poisson arrivals at ``rate_per_s``. The prefix cache is emptied first
-        unless ``reset_cache=False`` (calibration probes of cache hits). ``prompt_ids``
-        (one per query) go into the request rows; ``max_tokens`` overrides the runner's
-        for this run, ``final_max_tokens`` caps the final node's answer alone."""
+        loop with Poisson arrivals at ``rate_per_s``, or at the given ``arrivals`` (seconds
+        from the start, one per query: another run's, e.g. a server's). The prefix cache
+        is emptied first unless ``reset_cache=False`` (calibration probes of cache hits).
+        ``prompt_ids`` (one per query) go into the request rows; ``max_tokens`` overrides
+        the runner's for this run, ``final_max_tokens`` caps the final node's answer alone."""
         if prompt_ids is not None and len(prompt_ids) != len(queries):
             raise ConfigError("prompt_ids", f"{len(prompt_ids)} ids", f"one per query ({len(queries)})")
         ids = list(prompt_ids) if prompt_ids is not None else [None] * len(queries)
+        times = self._arrivals(len(queries), rate_per_s, seed, arrivals)
         policy.validate_for(self.topology)
         self.check_sessions(policy)
         first_row = len(self.recorder.requests), len(self.recorder.chunks)
@@ -130,25 +133,31 @@ class LiveRunner:
                 await engine.reset_cache()
         self._t0 = time.perf_counter()
         bar = progress_bar(len(queries), f"live {policy.name}", progress)
-        if rate_per_s:
-            rng = random.Random(seed)
-            arrivals = list(itertools.accumulate([0.0] + [rng.expovariate(rate_per_s) for _ in queries[1:]]))
+        sem = asyncio.Semaphore(concurrency if times is None else len(queries) or 1)
 
-            async def open_loop(i: int, q: str):
-                await asyncio.sleep(max(0.0, arrivals[i] - self.now()))
+        async def one(i: int, q: str):
+            if times is not None:
+                await asyncio.sleep(max(0.0, times[i] - self.now()))
+            async with sem:
                 await self.run_request(policy, i, q, ids[i], max_tokens, final_max_tokens)
                 bar.update(1)
-            await asyncio.gather(*(open_loop(i, q) for i, q in enumerate(queries)))
-        else:
-            sem = asyncio.Semaphore(concurrency)
-
-            async def closed_loop(i: int, q: str):
-                async with sem:
-                    await self.run_request(policy, i, q, ids[i], max_tokens, final_max_tokens)
-                    bar.update(1)
-            await asyncio.gather(*(closed_loop(i, q) for i, q in enumerate(queries)))
+        await asyncio.gather(*(one(i, q) for i, q in enumerate(queries)))
         bar.close()
         return self.trace(policy.name, *first_row)
+
+    @staticmethod
+    def _arrivals(n: int, rate_per_s: float | None, seed: int, given: Sequence[float] | None) -> list[float] | None:
+        """Each request's arrival (seconds from the start) in an open loop; None: closed loop."""
+        if given is not None:
+            times = [float(t) for t in given]
+            if len(times) < n or any(not (t >= 0) for t in times) or times != sorted(times):
+                raise ConfigError("arrivals", f"{len(times)} times", f"at least one per request ({n}), >= 0, "
+                                                                     "in order")
+            return times[:n]
+        if rate_per_s:
+            rng = random.Random(seed)
+            return list(itertools.accumulate([0.0] + [rng.expovariate(rate_per_s) for _ in range(n - 1)]))
+        return None
 
     def check_sessions(self, policy: Policy) -> None:
         """The ``session`` layout needs engines that keep sessions for every consumer slot."""

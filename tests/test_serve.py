@@ -303,3 +303,39 @@ def test_row_parts_roll_over_and_running_requests_keep_their_chunks(tmp_path):
     assert sorted(req["request_id"]) == [0, 1, 2] and sorted(chunks["request_id"]) == [0, 1, 2]
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["parts"] == 2 and config["rows_written"] == {"requests": 3, "chunks": 3} and config["rate"] == 0.5
+
+
+def test_a_live_run_replays_given_arrivals_for_a_paired_comparison(tmp_path, monkeypatch):
+    """`staircase live --arrivals`: the arrivals of a file or of another run's rows (a
+    server's), so a live run and a served run see the same traffic."""
+    import asyncio
+
+    from live.cli import load_arrivals
+    from live.engines import engines_from_config
+    from live.rowlog import RowLog
+    from live.runner import LiveRunner
+    from staircase.driver import Recorder
+    from staircase.errors import ConfigError
+    from staircase.policies import StaircasePolicy
+    from staircase.topology import moa
+    from staircase.trace import RequestRow
+
+    rec = Recorder()
+    log = RowLog(tmp_path / "served", rec, {"command": "serve"})
+    for i, t in enumerate([10.0, 10.5, 11.75]):
+        rec.requests.append(RequestRow(i, "p", t, 5, "ok", "", "", 0.1, 1.0, 0.01, 10, 10.0, 0.1, 0, 4, 100, 0, 8.0,
+                                       None, "a"))
+    log.flush()
+    assert load_arrivals(tmp_path / "served") == [0.0, 0.5, 1.75]
+    (tmp_path / "times.txt").write_text("0\n0.25\n0.5\n")
+    given = load_arrivals(tmp_path / "times.txt")
+    topology = moa(3)
+    engines = engines_from_config(json.loads(open(replay_config(tmp_path)).read()), topology)
+    runner = LiveRunner(engines.slots, topology, deployment=engines.deployment, pools=engines.pools)
+    trace = asyncio.run(runner.run_policy(StaircasePolicy(redundancy=1), ["a", "b", "c"], arrivals=given))
+    got = trace.requests.sort_values("request_id")["arrival_s"].to_numpy()
+    assert (got >= given).all() and (got - given < 0.2).all() and (trace.requests["outcome"] == "ok").all()
+    with pytest.raises(ConfigError, match="at least one per request"):
+        asyncio.run(runner.run_policy(StaircasePolicy(redundancy=1), ["a", "b", "c", "d"], arrivals=given))
+    with pytest.raises(ConfigError, match="arrivals"):
+        load_arrivals(tmp_path / "nowhere")
