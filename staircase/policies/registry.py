@@ -46,7 +46,8 @@ def config_from_dict(raw: dict) -> PolicyConfig:
     class-name kinds older runs recorded); keys that are not parameters are ignored."""
     if not isinstance(raw, dict):
         raise ConfigError("policy", raw, "an object with a kind and its parameters")
-    kind = _LEGACY_KINDS.get(raw.get("kind"), raw.get("kind"))
+    kind = raw.get("kind")
+    kind = _LEGACY_KINDS.get(kind, kind) if isinstance(kind, str) else None
     if kind not in POLICY_KINDS:
         raise ConfigError("policy.kind", raw.get("kind"), ", ".join(POLICY_KINDS))
     return config_of(kind, **{k: raw[k] for k in POLICY_KINDS[kind].PARAMS if k in raw})

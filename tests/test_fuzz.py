@@ -1,0 +1,109 @@
+"""Inputs nobody wrote by hand: hypothesis generates arbitrary JSON (and text) for every
+config a user gives — policy configs, deployment files, engine configs, profiles (and
+mutations of a real one), prompt files, arrival files, Azure-format traces, the
+search/plan/best files `--policy-config` reads — and the only exception that may come
+out is the project's own one-line error (``StaircaseError``: it names the field, the
+value and what is allowed; the CLI prints it and exits 2). A TypeError, KeyError or
+AttributeError here is a traceback a user would see."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from staircase.errors import StaircaseError
+
+KEYS = ["kind", "redundancy", "layout", "name", "proposer_schedule", "aggregator_schedule", "scope", "pools", "slots",
+        "model", "replicas", "router", "engines", "proposers", "aggregator", "url", "threads", "answers",
+        "default_answer", "tokens_per_s", "first_token_s", "dtype", "best", "policies", "met", "config",
+        "cost_per_hour", "schema", "max_batch_size", "kv_cache_tokens", "decode_base_s", "noise"]
+SCALARS = (st.none() | st.booleans() | st.integers(-10, 10**7) | st.floats(allow_nan=True, allow_infinity=True)
+           | st.text(max_size=8) | st.sampled_from(["staircase", "wait-all", "affinity", "vllm", "replay", "first"]))
+JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4)
+                    | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=5), inner, max_size=6), max_leaves=30)
+FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+
+
+def only_our_errors(fn, raw) -> None:
+    try:
+        fn(raw)
+    except StaircaseError as err:
+        assert str(err) and "\n" not in str(err)  # one line
+
+
+def _engines(raw):
+    from live.engines import engines_from_config
+    from staircase.topology import moa
+
+    engines_from_config(raw, moa(3))
+
+
+def _profile_mutated(raw):
+    from sim.profile import load_profile, parse_profile
+
+    base = json.loads(json.dumps(load_profile().raw))
+    if isinstance(raw, dict):
+        base.update(raw)
+        for name in list(base.get("engines") or {})[:1]:
+            if isinstance(base["engines"], dict) and isinstance(base["engines"][name], dict):
+                base["engines"][name].update({k: v for k, v in raw.items() if k not in base})
+    parse_profile(base)
+
+
+def _parsers():
+    from sim.profile import parse_profile
+    from staircase.deployment import deployment_from_dict
+    from staircase.policies import policy_from_dict
+
+    return {"policy config": policy_from_dict, "deployment": deployment_from_dict, "engines config": _engines,
+            "profile": parse_profile, "profile (a real one, mutated)": _profile_mutated}
+
+
+@pytest.mark.parametrize("kind", list(_parsers()))
+def test_config_objects_fail_only_with_a_named_error(kind):
+    fn = _parsers()[kind]
+
+    @FUZZ
+    @given(raw=JSON)
+    def run(raw):
+        only_our_errors(fn, raw)
+    run()
+
+
+@pytest.mark.parametrize("kind", ["policy-config file", "prompts", "arrivals", "deployment file"])
+def test_files_fail_only_with_a_named_error(kind, tmp_path):
+    from live.cli import load_arrivals
+    from live.prompts import load_prompts
+    from staircase.deployment import load_deployment
+    from staircase.runconfig import policies_from_option
+
+    path = tmp_path / "input.json"
+    read = {"policy-config file": lambda: policies_from_option(str(path)),
+            "prompts": lambda: load_prompts(str(path)), "arrivals": lambda: load_arrivals(path),
+            "deployment file": lambda: load_deployment(path)}[kind]
+
+    @FUZZ
+    @given(content=JSON.map(json.dumps) | st.lists(JSON.map(json.dumps), max_size=4).map("\n".join) | st.text())
+    def run(content):
+        path.write_text(content)
+        only_our_errors(lambda _: read(), None)
+    run()
+
+
+def test_azure_format_traces_fail_only_with_a_named_error(tmp_path):
+    from sim.workload import read_azure
+
+    path = tmp_path / "trace.csv"
+    cell = st.integers(-5, 10**6).map(str) | st.text(max_size=6) | st.just("2023-11-16 18:15:46.6805900")
+    rows = st.lists(st.lists(cell, min_size=3, max_size=3).map(",".join), max_size=5)
+    header = st.sampled_from(["TIMESTAMP,ContextTokens,GeneratedTokens", "TIMESTAMP,ContextTokens", "a,b,c", ""])
+
+    @FUZZ
+    @given(head=header, body=rows)
+    def run(head, body):
+        path.write_text("\n".join([head, *body]) + "\n")
+        only_our_errors(lambda _: read_azure(path), None)
+    run()
