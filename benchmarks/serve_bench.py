@@ -7,7 +7,7 @@ beside the simulator's prediction (`staircase validate` on the server's log, the
 bundled profile). Also the server layer's own cost: vLLM's client-side TTFT p50 minus
 the TTFT the server's runner recorded for the same requests.
 
-    .venv/bin/python benchmarks/serve_bench.py                    # 2 rates x 20 requests, ~14 min on 2 cores
+    .venv/bin/python benchmarks/serve_bench.py                    # 2 rates x 20 requests, ~15 min on 2 cores
     .venv/bin/python benchmarks/serve_bench.py --rates 0.2 --requests 8 --out /tmp/sb
 
 Writes <out>/serve-bench.json and .csv (one row per rate and source), and keeps every
