@@ -61,11 +61,11 @@ def policies_from_option(text: str) -> list[Policy]:
     if isinstance(raw, dict) and isinstance(raw.get("best"), dict):
         return [policy_from_dict(raw["best"])]
     if isinstance(raw, dict) and isinstance(raw.get("policies"), dict):
-        met = sorted((p for p in raw["policies"].values() if isinstance(p, dict) and p.get("met")),
-                     key=lambda p: p.get("cost_per_hour", 0))
+        cost = lambda p: p["cost_per_hour"] if isinstance(p.get("cost_per_hour"), (int, float)) else float("inf")  # noqa: E731
+        met = sorted((p for p in raw["policies"].values() if isinstance(p, dict) and p.get("met") is True), key=cost)
         if not met:
             raise ConfigError("policy-config", text, "a plan.json in which some policy met the SLOs")
-        return [policy_from_dict(p["config"]) for p in met]
+        return [policy_from_dict(p.get("config")) for p in met]
     if isinstance(raw, dict) and "kind" in raw:
         return [policy_from_dict(raw)]
     raise ConfigError("policy-config", text, "a best.json (key best), a plan.json (key policies) or a policy config")

@@ -107,3 +107,17 @@ def test_azure_format_traces_fail_only_with_a_named_error(tmp_path):
         path.write_text("\n".join([head, *body]) + "\n")
         only_our_errors(lambda _: read_azure(path), None)
     run()
+
+
+def test_a_plan_file_with_odd_entries_fails_with_a_named_error(tmp_path):
+    from staircase.runconfig import policies_from_option
+
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps({"policies": {"a": {"met": True, "cost_per_hour": "x", "config": {"kind": "wait-all"}},
+                                             "b": {"met": True, "cost_per_hour": 3}}}))
+    with pytest.raises(StaircaseError, match="policy"):
+        policies_from_option(str(path))
+    path.write_text(json.dumps({"policies": {"a": {"met": True, "cost_per_hour": "x", "config": {"kind": "wait-all"}},
+                                             "b": {"met": True, "cost_per_hour": 3,
+                                                   "config": {"kind": "staircase", "redundancy": 1}}}}))
+    assert [p.name for p in policies_from_option(str(path))][0].startswith("staircase")  # the priced one first
