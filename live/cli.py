@@ -45,6 +45,7 @@ from staircase.errors import ConfigError
 from staircase.deployment import load_deployment
 from staircase.report import pool_frame, summary_frame
 
+from .rowlog import mean_rate
 from .engines import EngineOptions, add_deployment_argument, add_engine_arguments, model_path, open_engines
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -118,14 +119,6 @@ def load_arrivals(path: Path) -> list[float]:
     return [t - times[0] for t in times]
 
 
-def _arrival_rate(args: argparse.Namespace) -> float | None:
-    """The mean rate of --arrivals over the run's requests (validate replays an open loop)."""
-    if args.arrivals is None:
-        return None
-    times = load_arrivals(args.arrivals)[:args.requests]
-    return (len(times) - 1) / times[-1] if len(times) > 1 and times[-1] > 0 else 1.0
-
-
 def _queries(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """The prompts of the run and their ids (``<set>/<index>``)."""
     from .prompts import load_prompts
@@ -142,10 +135,8 @@ def _queries(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     return queries, [f"{Path(args.prompts).name}/{args.skip + i}" for i in range(len(queries))]
 
 
-def _run_policies(args, runner, policies, queries, prompt_ids, traces: dict) -> None:
+def _run_policies(args, runner, policies, queries, prompt_ids, traces: dict, arrivals) -> None:
     """Every policy in turn on the started engines; traces fill in as policies end."""
-    arrivals = load_arrivals(args.arrivals) if args.arrivals is not None else None
-
     async def main():
         try:
             await runner.start()
@@ -185,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     stall = stall_limits(args)
     raw = EngineOptions.from_mapping(vars(args)).to_config()
     deployment = load_deployment(args.deployment) if args.deployment else None
+    arrivals = load_arrivals(args.arrivals) if args.arrivals is not None else None  # (checked before engines start)
     traces: dict = {}
     started, runner, machine_record, interrupted = time.perf_counter(), None, {}, False
     try:
@@ -194,13 +186,13 @@ def run(args: argparse.Namespace) -> int:
                                 sampling=Sampling(temperature=args.temperature, seed=args.seed),
                                 stall=stall, request_timeout_s=args.request_timeout_s or None,
                                 deployment=engines.deployment, pools=engines.pools, seed=args.seed)
-            _run_policies(args, runner, policies, queries, prompt_ids, traces)
+            _run_policies(args, runner, policies, queries, prompt_ids, traces, arrivals)
     except KeyboardInterrupt:
         _keep_finished(runner, policies, traces)
         interrupted = True
     config = _run_config(args, topology, policies, raw, runner, stall) | {
         "requests": len(queries), "wall_s": round(time.perf_counter() - started, 3), **machine_record,
-        "interrupted": interrupted} | ({"deployment": runner.placement.deployment.to_dict()} if deployment and runner
+        "interrupted": interrupted} | ({"rate": mean_rate(arrivals[:len(queries)])} if arrivals else {}) | ({"deployment": runner.placement.deployment.to_dict()} if deployment and runner
                                        else {})
     tables = {"pools": pool_frame(traces, runner.engine_pools())} if deployment and runner else {}
     code = finish_run(args, "live", traces, summary_frame(traces), config, tables)
@@ -212,7 +204,7 @@ def _run_config(args: argparse.Namespace, topology, policies, raw: dict, runner,
     return {"command": "live", "topology": topology.describe(), "topology_config": topology.config(),
             "cli_args": topology_policy_args(args),
             "policies": [p.describe() for p in policies], "engines": raw, "prompts": args.prompts,
-            "skip": args.skip, "concurrency": args.concurrency, "rate": args.rate or _arrival_rate(args),
+            "skip": args.skip, "concurrency": args.concurrency, "rate": args.rate,
             "arrivals": str(args.arrivals) if args.arrivals else None,
             "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
             "slot_engines": {slot: e.name for slot, e in runner.engines.items()} if runner else {},

@@ -25,6 +25,15 @@ from staircase.trace import CHUNK_COLUMNS, REQUEST_COLUMNS, frame, read_chunks, 
 PART = re.compile(r"^(?P<policy>.+)\.part-(?P<n>\d+)\.requests\.parquet$")
 
 
+def mean_rate(times: list[float], count: int | None = None) -> float:
+    """Arrivals per second over ``times`` (sorted; ``count`` arrivals between the first and
+    the last, default ``len(times)``); 1.0 when that says nothing (one arrival, no span).
+    A run recorded at given arrivals is replayed by `staircase validate` as an open loop."""
+    n = len(times) if count is None else count
+    span = times[-1] - times[0] if times else 0.0
+    return round((n - 1) / span, 6) if n > 1 and span > 0 else 1.0
+
+
 def safe_name(policy: str) -> str:
     """A policy name as a file name (as ``staircase.trace.Trace.write`` spells it)."""
     return policy.replace("/", "_")
@@ -68,10 +77,9 @@ class RowLog:
             rec.chunks[:] = [c for c in rec.chunks if (c.policy, c.request_id) not in keys]
             self._write_part(done, chunks)
             self._count(done, chunks)
-        if done or more:
-            span, n = (self.arrivals[1] - self.arrivals[0], self.written["requests"]) if self.arrivals else (0, 0)
-            # an open loop at the observed rate (how `staircase validate` replays the arrivals)
-            self.write_config(rate=round((n - 1) / span, 6) if n > 1 and span > 0 else 1.0, **more)
+        if done or more:  # an open loop at the observed rate (how `staircase validate` replays the arrivals)
+            first, last = self.arrivals or (0.0, 0.0)
+            self.write_config(rate=mean_rate([first, last], self.written["requests"]), **more)
         return len(done)
 
     def _write_part(self, done: list, chunks: list) -> None:

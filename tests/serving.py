@@ -43,7 +43,7 @@ class ServeProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"staircase serve exited ({self.proc.returncode}):\n{self.text()[-3000:]}")
             try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/health", timeout=30).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
