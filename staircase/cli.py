@@ -110,6 +110,9 @@ def add_topology_policy_arguments(parser: argparse.ArgumentParser, policies: str
     g.add_argument("--max-wait-s", type=float, default=0.5, help="staircase-deadline: longest wait for the first step")
     g.add_argument("--ttft-target-s", type=float, default=1.0,
                    help="staircase-ttft: each request's TTFT target (the first step reads all it can within it)")
+    g.add_argument("--lead-in-s", type=float, default=0.0,
+                   help="staircase-lead-in: when the final node's lead-in step starts at the latest, seconds after "
+                        "the request (0: at once, from the query alone; earlier when N - r first chunks are in)")
     g.add_argument("--policy-config", action="append", default=[], metavar="JSON|FILE",
                    help="one more policy as data, e.g. '{\"kind\": \"staircase\", \"redundancy\": 1}' (any kind and "
                         "parameter; `staircase search` prints these), or a best.json of `staircase search` or a "

@@ -51,6 +51,10 @@ MAD_STREAM_SYSTEM = MAD_SYSTEM + (
     " Their answers arrive in parts, round by round; after each round continue your answer "
     "exactly where you left off."
 )
+LEAD_IN_ROUND = (
+    " No responses have arrived yet. Begin with one short sentence that restates the question; "
+    "do not answer it yet: the answer comes once the responses arrive."
+)  # a consumer's step written before any input text (the lead-in policy's first step)
 JUDGE_SYSTEM = (
     "You are the judge of a debate between agents. Read their final answers and give the "
     "single best answer to the user's question."
@@ -266,12 +270,14 @@ class ConsumerPrompts:
         t = self.texts
         if self.role == "proposer" or self.role == "aggregator":
             system = [t(self._system()), t("\nResponses from models:")]
+            if not any(inputs):
+                system.append(t(LEAD_IN_ROUND))
             for i, pieces in enumerate(inputs):
                 system.append(t(self._label(i)))
                 system.extend(pieces)
             return [Message("system", system), Message("user", [self.query]),
                     Message("assistant", list(self.own), closed=False)]
-        user = [self.query, t("\n\nLatest answers:")]
+        user = [self.query, t("\n\nLatest answers:")] + ([] if any(inputs) else [t(LEAD_IN_ROUND)])
         for i, pieces in enumerate(inputs):
             user.append(t(self._label(i)))
             user.extend(pieces)
@@ -297,7 +303,8 @@ class ConsumerPrompts:
                 self._messages[-1].closed = True
                 added += END_TOKENS
             round_no = sum(1 for m in self._messages if m.role == "assistant") + 1
-            user = Message("user", [t(f"Round {round_no}:")] + new)
+            lead_in = [] if new or any(self._shown) else [t(LEAD_IN_ROUND)]
+            user = Message("user", [t(f"Round {round_no}:")] + new + lead_in)
             self._messages += [user, Message("assistant", closed=False)]
             added += user.tokens + HEADER_TOKENS
         return self._messages, added

@@ -17,7 +17,8 @@ from .policies import ChunkSchedule, Policy, make_policies, policy_from_dict
 from .topology import Topology, build
 
 TOPOLOGY_POLICY_KEYS = ("topology", "proposers", "layers", "agents", "rounds", "policies", "redundancy", "scope",
-                        "proposer_schedule", "aggregator_schedule", "max_wait_s", "ttft_target_s", "policy_config")
+                        "proposer_schedule", "aggregator_schedule", "max_wait_s", "ttft_target_s", "lead_in_s",
+                        "policy_config")
 
 
 def parse_int_list(text: str, field: str, minimum: int = 0) -> list[int]:
@@ -81,7 +82,7 @@ def topology_and_policies_from_values(values: Mapping) -> tuple[Topology, list[P
         proposer_schedule=ChunkSchedule.parse(values["proposer_schedule"], "proposer_schedule"),
         aggregator_schedule=ChunkSchedule.parse(values["aggregator_schedule"], "aggregator_schedule"),
         scope=values["scope"], max_wait_s=values["max_wait_s"],
-        ttft_target_s=values.get("ttft_target_s", 1.0)) if names else []
+        ttft_target_s=values.get("ttft_target_s", 1.0), lead_in_s=values.get("lead_in_s", 0.0)) if names else []
     policies += [p for text in values.get("policy_config") or [] for p in policies_from_option(text)]
     if not policies:
         raise ConfigError("policies", values["policies"], "at least one policy (names, or --policy-config)")

@@ -225,7 +225,8 @@ class Scheduler:
                     self._source_prompt = source_prompt(self.query, self.texts)
                 boundaries = self._call_boundaries(st, st.max_tokens, now_s, True)
                 actions.append(Generate(n.id, st.call, self._source_prompt, st.max_tokens, boundaries, 0, 0, True))
-        return actions
+        # a consumer may start before any input (a lead-in step from the query alone) or ask for a timer
+        return self._evaluate([n.id for n in self.topology.nodes if not n.is_source], now_s, actions)
 
     def on(self, event: Event, now_s: float) -> list[Action]:
         if self.done is not None:

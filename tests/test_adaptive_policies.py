@@ -120,3 +120,46 @@ def test_ttft_target_policy_reads_the_most_context_that_fits_its_target():
     with pytest.raises(ConfigError) as err:
         TTFTTargetStaircasePolicy(ttft_target_s=0)
     assert err.value.field == "ttft_target_s"
+
+
+def test_lead_in_policy_answers_at_single_model_first_token_time():
+    """The paper-shaped scenario (illustrative GPU profile, 6 proposers, r = 2, 512-token
+    answers): the lead-in's TTFT p50 within 2x of `single` (the staircase's is over 4x),
+    every request ok, and the answer still reads the proposals (context after the lead-in)."""
+    from staircase.policies import LeadInStaircasePolicy, SinglePolicy
+
+    def paper(policy):
+        return simulate(moa(6), policy, Workload("poisson", requests=60, rate_per_s=0.4, output_tokens=300),
+                        load_profile("illustrative-gpu"), seed=3, max_tokens=512, progress=False).requests
+
+    single = paper(SinglePolicy())["ttft_s"].median()
+    lead_in = paper(LeadInStaircasePolicy(redundancy=2))
+    staircase = paper(StaircasePolicy(redundancy=2))["ttft_s"].median()
+    assert (lead_in["outcome"] == "ok").all()
+    assert lead_in["ttft_s"].median() <= 2 * single < staircase / 2
+    assert lead_in["context_tokens"].median() == 0  # the first token is written from the query alone
+    assert lead_in["prompt_tokens"].median() > 2 * paper(SinglePolicy())["prompt_tokens"].median()  # proposals read
+
+
+def test_lead_in_policy_waits_for_its_budget_and_then_goes_with_what_arrived():
+    """lead_in_s = 0.5: no step before 0.5 s unless N - r first chunks are in; at the
+    timer, a lead-in of lead_in_tokens reading the one chunk that arrived (no lead-in
+    instruction then); with none, the prompt carries the lead-in round."""
+    from staircase.policies import LeadInStaircasePolicy
+    from staircase.prompts import LEAD_IN_ROUND
+
+    policy = LeadInStaircasePolicy(lead_in_s=0.5, lead_in_tokens=6, redundancy=1)
+    sched = Scheduler(moa(3), policy, Query("What is 2 + 2?"), 40)
+    timers = [a for a in sched.start(0.0) if isinstance(a, SetTimer)]
+    assert [t.delay_s for t in timers] == [pytest.approx(0.5)]
+    assert not [a for a in sched.on(Chunk("L0.p0", 0, 0, 8, "Four."), 0.2) if isinstance(a, Generate)]
+    step = [a for a in sched.on(TimerFired(timers[0].key), 0.5) if isinstance(a, Generate)]
+    assert len(step) == 1 and step[0].max_tokens == 6 and step[0].step == 0
+    assert "Four." in step[0].prompt.render() and LEAD_IN_ROUND not in step[0].prompt.render()
+
+    at_once = Scheduler(moa(3), LeadInStaircasePolicy(redundancy=1), Query("What is 2 + 2?"), 40)
+    lead = [a for a in at_once.start(0.0) if isinstance(a, Generate) and a.node == "agg"]
+    assert len(lead) == 1 and LEAD_IN_ROUND in lead[0].prompt.render() and lead[0].max_tokens == 16
+    with pytest.raises(ConfigError) as err:
+        LeadInStaircasePolicy(lead_in_s=-1)
+    assert err.value.field == "lead_in_s"

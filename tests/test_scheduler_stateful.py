@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 from adaptive import RandomChunksPolicy
-from staircase.policies import (LoadAwareStaircasePolicy, SmoothStaircasePolicy, StragglerStaircasePolicy,
-                                TTFTTargetStaircasePolicy)
+from staircase.policies import (LeadInStaircasePolicy, LoadAwareStaircasePolicy, SmoothStaircasePolicy,
+                                StragglerStaircasePolicy, TTFTTargetStaircasePolicy)
 from staircase.policies import ChunkSchedule, SinglePolicy, StaircasePolicy, WaitAllPolicy
 from staircase.prompts import _keyed
 from staircase.scheduler import (Cancel, Chunk, Done, Emit, Failed, Finished, Generate, NextChunk, Query,
@@ -28,7 +28,7 @@ topologies = st.one_of(
 def policies(draw, fan_in: int):
     kind = draw(st.sampled_from(["staircase", "staircase", "staircase", "adaptive", "adaptive", "wait-all",
                                  "single", "smooth", "smooth", "straggler", "straggler", "load", "load", "ttft",
-                                 "ttft"]))
+                                 "ttft", "lead-in", "lead-in"]))
     common = {"redundancy": draw(st.integers(0, max(0, fan_in - 1))), "scope": draw(st.sampled_from(["first", "every"])),
               "layout": draw(st.sampled_from(["standard", "prefix-cache"])),
               "proposer_schedule": draw(schedules), "aggregator_schedule": draw(schedules)}
@@ -44,6 +44,9 @@ def policies(draw, fan_in: int):
     if kind == "ttft":
         return TTFTTargetStaircasePolicy(ttft_target_s=draw(st.floats(0.01, 3.0)),
                                          first_token_s=draw(st.floats(0.0, 1.0)), **common)
+    if kind == "lead-in":  # zero-input first steps: at once (0 s) or at a time budget
+        return LeadInStaircasePolicy(lead_in_s=draw(st.sampled_from([0.0, 0.0, 0.02, 1.0])),
+                                     lead_in_tokens=draw(st.integers(1, 12)), **common)
     if kind == "adaptive":
         low = draw(st.integers(1, 8))
         return RandomChunksPolicy(low, draw(st.integers(low, 16)), draw(st.integers(0, 2**16)), redundancy=draw(st.integers(0, max(0, fan_in - 1))),
@@ -95,6 +98,10 @@ class SchedulerMachine(RuleBasedStateMachine):
         missing = sum(u in self.failed and len(self.delivered[u]) <= step for u in node.upstream)
         return min(n - self.policy.redundancy_at(step), n - missing)
 
+    def input_chunk(self, node, step: int) -> int | None:
+        """The input chunk a consumer's step reads (None: the lead-in, from no input)."""
+        return self.policy.input_chunk(node, step) if isinstance(self.policy, LeadInStaircasePolicy) else step
+
     def ready_count(self, node, step: int) -> int:
         return sum(1 for u in node.upstream if u in self.finished or len(self.delivered[u]) > step)
 
@@ -118,8 +125,9 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert a.node == self.topo.final.id
                 self.emitted.append(a.text)
             elif isinstance(a, SetTimer):
-                assert isinstance(self.policy, (StragglerStaircasePolicy, TTFTTargetStaircasePolicy)), \
-                    "only the straggler and TTFT-target policies set timers"
+                assert isinstance(self.policy, (StragglerStaircasePolicy, TTFTTargetStaircasePolicy,
+                                                LeadInStaircasePolicy)), \
+                    "only the straggler, TTFT-target and lead-in policies set timers"
                 assert a.delay_s >= 0 and a.key not in self.timers
                 self.timers[a.key] = self.now + a.delay_s
             elif isinstance(a, Done):
@@ -156,11 +164,16 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert sum(u in self.finished for u in node.upstream) >= self.needed(node, g.step)
             early = isinstance(self.policy, TTFTTargetStaircasePolicy) and node.is_final and g.step == 0 \
                 and self.ready_count(node, 0) < self.needed(node, 0)
+            chunk = self.input_chunk(node, g.step)
             if early:  # past its TTFT deadline the first step goes with any input in hand, never before it
                 assert self.now >= self.sched.policy_state[node.id] - 1e-9 and self.ready_count(node, 0) >= 1
+            elif chunk is None:  # the lead-in: at its deadline, or once the staircase would start, never before
+                assert self.now >= self.sched.policy_state[node.id] - 1e-9 \
+                    or self.ready_count(node, 0) >= self.needed(node, 0), (g.node, self.now)
+                assert self.lost(node) <= self.policy.tolerance
             elif isinstance(self.policy, StaircasePolicy):
                 # never starts step k before N - r_k inputs delivered chunk k (or finished) ...
-                assert self.ready_count(node, g.step) >= self.needed(node, g.step), (g.node, g.step)
+                assert self.ready_count(node, chunk) >= self.needed(node, chunk), (g.node, g.step)
                 assert self.lost(node) <= self.policy.tolerance
             else:
                 # ... and wait-all never starts before every input finished
@@ -297,7 +310,12 @@ class SchedulerMachine(RuleBasedStateMachine):
             if not node.upstream or node.id in self.calls or node.id in self.finished | self.failed | self.cancelled:
                 continue
             step = self.sched.states[node.id].step
-            if self.lost(node) > self.policy.tolerance or self.ready_count(node, step) < self.needed(node, step):
+            chunk = self.input_chunk(node, step)
+            if chunk is None:  # the lead-in waits only for its deadline, with a timer
+                assert self.lost(node) > self.policy.tolerance or (node.id, 0) in self.timers, \
+                    f"{node.id} waits for its lead-in with no timer"
+                continue
+            if self.lost(node) > self.policy.tolerance or self.ready_count(node, chunk) < self.needed(node, chunk):
                 continue
             if isinstance(self.policy, StragglerStaircasePolicy):  # waits for stragglers until its deadline
                 assert (node.id, step) in self.timers, \

@@ -17,13 +17,16 @@ they are.
 - ``TTFTTargetStaircasePolicy`` (``staircase-ttft``): a TTFT target per request; the
   final node's first step starts as late as the target allows, with all the context
   delivered by then (the first chunk commits the answer: ``staircase quality``'s probe).
+- ``LeadInStaircasePolicy`` (``staircase-lead-in``): the final node's first step, a
+  short lead-in, from the query alone (or at a time budget with what has arrived); the
+  proposals are read in its later steps, as they stream.
 """
 
 from __future__ import annotations
 
 from ..errors import ConfigError
-from ..topology import Topology
-from .base import FINAL, STEP, WAIT, ConsumerView, Decision, DecisionKind, Knob, StreamView, UpstreamView
+from ..topology import Node, Topology
+from .base import FINAL, STEP, WAIT, ChunkSchedule, ConsumerView, Decision, DecisionKind, Knob, StreamView, UpstreamView
 from .fixed import StaircasePolicy
 
 
@@ -250,5 +253,60 @@ class TTFTTargetStaircasePolicy(StaircasePolicy):
         return view.state[view.node.id]
 
 
+class LeadInStaircasePolicy(StaircasePolicy):
+    """The final node starts its answer before the staircase would: its first step, a
+    lead-in of ``lead_in_tokens``, starts ``lead_in_s`` after the request's source calls
+    were sent (0: at once, from the query alone; redundancy up to the fan-in for that
+    step), or as soon as N - r inputs delivered their first chunk, whichever comes first,
+    and reads whatever has arrived by then. Its later steps are the staircase's, one
+    chunk behind: step k + 1 reads chunk k of N - r inputs (``redundancy`` is what the
+    request tolerates losing, and what those steps leave behind). A lead-in written from
+    no input gets the prompt's lead-in round (``staircase.prompts.LEAD_IN_ROUND``): restate
+    the question, keep the answer for when the responses arrive, so the first tokens do
+    not commit it. Other consumers are the staircase's."""
+
+    KIND = "staircase-lead-in"
+    PARAMS = StaircasePolicy.PARAMS + ("lead_in_s", "lead_in_tokens")
+    KNOBS = StaircasePolicy.KNOBS + (Knob("lead_in_s", "float", 0.0, 30.0), Knob("lead_in_tokens", "int", 1, 256))
+
+    def __init__(self, lead_in_s: float = 0.0, lead_in_tokens: int = 16, **kwargs):
+        self.lead_in_s = _number("lead_in_s", lead_in_s, 0.0, 1e6)
+        self.lead_in_tokens = _number("lead_in_tokens", lead_in_tokens, 1, 1 << 20, integer=True)
+        kwargs.setdefault("name", f"staircase-lead-in-{lead_in_s:g}s-r{kwargs.get('redundancy', 2)}")
+        super().__init__(**kwargs)
+        self._final_schedule = ChunkSchedule((self.lead_in_tokens, *self.aggregator_schedule.sizes))
+
+    def output_schedule(self, node: Node) -> ChunkSchedule:
+        return self._final_schedule if node.is_final else self.proposer_schedule
+
+    def input_chunk(self, node: Node, step: int) -> int | None:
+        """The input chunk ``node``'s step reads (None: the lead-in, which needs none)."""
+        if not node.is_final:
+            return step
+        return None if step == 0 else step - 1
+
+    def new_state(self, topology: Topology) -> dict:
+        return {}  # final node id -> its lead-in's deadline
+
+    def decide(self, view: ConsumerView) -> Decision:
+        chunk = self.input_chunk(view.node, view.step)
+        if chunk is not None:
+            return self.decide_at(view, chunk)
+        decision = self.decide_at(view, 0)  # FAIL, FINAL (every input finished) or STEP: as the staircase
+        if decision.kind is not DecisionKind.WAIT:
+            return decision
+        deadline = self.deadline(view)
+        if view.now_s >= deadline - 1e-12:
+            return STEP
+        return Decision(DecisionKind.WAIT, wake_after_s=deadline - view.now_s)
+
+    def deadline(self, view: ConsumerView) -> float:
+        """When the lead-in starts at the latest: ``lead_in_s`` after the first source call was sent."""
+        if view.node.id not in view.state:
+            sent = [u.sent_s for u in (view.nodes or {}).values() if u.node.is_source and u.sent_s >= 0]
+            view.state[view.node.id] = (min(sent) if sent else view.now_s) + self.lead_in_s
+        return view.state[view.node.id]
+
+
 ADAPTIVE_POLICIES = (SmoothStaircasePolicy, StragglerStaircasePolicy, LoadAwareStaircasePolicy,
-                     TTFTTargetStaircasePolicy)
+                     TTFTTargetStaircasePolicy, LeadInStaircasePolicy)

@@ -75,7 +75,11 @@ class StaircasePolicy(Policy):
         return None
 
     def decide(self, view: ConsumerView) -> Decision:
-        step = view.step
+        return self.decide_at(view, view.step)
+
+    def decide_at(self, view: ConsumerView, step: int) -> Decision:
+        """The staircase's decision for a consumer whose next step reads chunk ``step``
+        of its inputs (the lead-in policy's steps read one chunk behind)."""
         lost, missing, finished, ready = self.input_counts(view.upstream, step)
         n = len(view.upstream)
         if (fail := self.lost_too_many(lost, n)) is not None:

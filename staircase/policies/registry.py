@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..errors import ConfigError
-from .adaptive import (ADAPTIVE_POLICIES, LoadAwareStaircasePolicy, SmoothStaircasePolicy, StragglerStaircasePolicy,
-                       TTFTTargetStaircasePolicy)
+from .adaptive import (ADAPTIVE_POLICIES, LeadInStaircasePolicy, LoadAwareStaircasePolicy, SmoothStaircasePolicy,
+                       StragglerStaircasePolicy, TTFTTargetStaircasePolicy)
 from .base import (CALL_LAYOUTS, LAYOUTS, PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, SCOPES, ChunkSchedule,
                    ConsumerView, Decision, DecisionKind, Knob, Policy, PolicyConfig, StreamView, UpstreamView,
                    as_schedule)
@@ -28,7 +28,8 @@ _LEGACY_KINDS = {c.__name__: c.KIND for c in POLICY_KINDS.values()}  # what runs
 
 __all__ = ["ADAPTIVE_POLICIES", "CALL_LAYOUTS", "LAYOUTS", "PAPER_AGGREGATOR_SCHEDULE", "PAPER_PROPOSER_SCHEDULE",
            "POLICY_KINDS", "POLICY_NAMES", "SCOPES", "ChunkSchedule", "ConsumerView", "Decision", "DecisionKind",
-           "DeadlineStaircasePolicy", "Knob", "LoadAwareStaircasePolicy", "Policy", "PolicyConfig", "PolicyName",
+           "DeadlineStaircasePolicy", "Knob", "LeadInStaircasePolicy", "LoadAwareStaircasePolicy", "Policy",
+           "PolicyConfig", "PolicyName",
            "SinglePolicy", "SmoothStaircasePolicy", "StaircasePolicy", "StragglerStaircasePolicy", "StreamView",
            "TTFTTargetStaircasePolicy", "UpstreamView", "WaitAllPolicy", "config_from_dict", "config_of",
            "make_policies", "policy_from_dict", "policy_names_help"]
@@ -68,6 +69,7 @@ class NameOptions:
     scope: str
     max_wait_s: float
     ttft_target_s: float
+    lead_in_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -95,7 +97,7 @@ def _adaptive(cls: type[StaircasePolicy]) -> Callable[[NameOptions], list[Policy
     default (smooth: doubling aggregator steps; ttft: doubling proposer chunks)."""
 
     def make(o: NameOptions) -> list[Policy]:
-        given: dict = {"ttft_target_s": o.ttft_target_s} if "ttft_target_s" in cls.PARAMS else {}
+        given: dict = {k: getattr(o, k) for k in ("ttft_target_s", "lead_in_s") if k in cls.PARAMS}
         if o.aggregator_schedule != ChunkSchedule(PAPER_AGGREGATOR_SCHEDULE):
             given["aggregator_schedule"] = o.aggregator_schedule
         if o.proposer_schedule != ChunkSchedule(PAPER_PROPOSER_SCHEDULE):
@@ -123,6 +125,8 @@ POLICY_NAMES: dict[str, PolicyName] = {n.name: n for n in (
     PolicyName("staircase-load", "wait-all when the aggregator's engine is busy", _adaptive(LoadAwareStaircasePolicy)),
     PolicyName("staircase-ttft", "the first step reads all it can within --ttft-target-s",
                _adaptive(TTFTTargetStaircasePolicy)),
+    PolicyName("staircase-lead-in", "the answer starts from the query alone (or at --lead-in-s) and reads the "
+               "proposals as they stream", _adaptive(LeadInStaircasePolicy)),
 )}
 
 
@@ -140,12 +144,14 @@ def make_policies(
     scope: str = "first",
     max_wait_s: float = 0.5,
     ttft_target_s: float = 1.0,
+    lead_in_s: float = 0.0,
 ) -> list[Policy]:
     """Policies from names (``POLICY_NAMES``). ``staircase`` means both per-call layouts
     (``staircase-session`` is named on its own: it needs engines that keep a session
     open); each staircase name expands over ``redundancies`` (names end in ``-r<r>``)."""
     options = NameOptions(redundancies, as_schedule(proposer_schedule, "proposer_schedule"),
-                          as_schedule(aggregator_schedule, "aggregator_schedule"), scope, max_wait_s, ttft_target_s)
+                          as_schedule(aggregator_schedule, "aggregator_schedule"), scope, max_wait_s, ttft_target_s,
+                          lead_in_s)
     out: list[Policy] = []
     for raw in names:
         entry = POLICY_NAMES.get(raw.strip())
