@@ -71,6 +71,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--concurrency", type=int, default=4,
                    help="requests in flight (closed loop; latency figures are at this load)")
     g.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples")
+    g.add_argument("--effect", type=float, default=0.1,
+                   help="the score drop that matters: a metric 'holds' when its paired interval rules out a drop "
+                        "this large, and has signal when wait-all scores at least this far from its worst")
     g = p.add_argument_group("optional LLM judge (off by default)")
     g.add_argument("--judge-url", help="OpenAI-compatible endpoint of the judge model")
     g.add_argument("--judge-model", default="model", help="--judge-url: the served model name")
@@ -103,7 +106,7 @@ def spec_from_args(args: argparse.Namespace) -> QualitySpec:
                        probe_max_tokens=args.probe_max_tokens, temperature=0.0 if args.greedy else args.temperature,
                        seed=args.seed, noise_seed=args.noise_seed, noise_scope=args.noise_scope,
                        replay_tokens_per_s=args.replay_tokens_per_s, concurrency=args.concurrency,
-                       resamples=args.resamples).check()
+                       resamples=args.resamples, effect=args.effect).check()
 
 
 def policies_from_args(args: argparse.Namespace) -> list:
@@ -167,7 +170,7 @@ def rescore(args: argparse.Namespace) -> int:
         raise ConfigError("rescore", str(args.rescore), "a results folder of `staircase quality` (with config.json)")
     config = json.loads(path.read_text())
     spec = QualitySpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["spec"].items()})
-    spec.resamples = args.resamples
+    spec.resamples, spec.effect = args.resamples, args.effect
     policies = [policy_from_dict(p) for p in config["policies"]]
     collected = load_collected(args.rescore / "traces", spec, policies)
     if (args.rescore / "judge.csv").is_file():
@@ -207,7 +210,7 @@ def _score_and_write(args, folder: Path, spec: QualitySpec, policies, collected,
     embedder = Embedder() if any(s != "probe" for s in spec.sets) else None
     scores = report.score_answers(collected.answers, items, embedder)
     summary, metrics = report.summarize(collected, scores, spec)
-    lines = report.verdict(summary, spec)
+    lines = report.verdict(summary, spec, metrics)
     table = report.quality_table(collected, metrics, {p.name: p for p in policies})
     paths = report.write(folder, collected, scores, summary, metrics, table, lines, config, figure=not args.no_figure)
     with open(folder / "items.jsonl", "w") as fh:
@@ -232,5 +235,6 @@ def format_summary(summary) -> str:
     for col in df.columns:
         if f"{col}_ci" in df.columns:
             out[col] = [f"{v:.2f} {ci}" if v == v else "-" for v, ci in zip(df[col], df[f"{col}_ci"])]
-    out["drops"] = df["drops"].replace("", "-")
+    for col in ("drops", "inconclusive"):
+        out[col] = df[col].replace("", "-")
     return out.to_string()

@@ -1,6 +1,8 @@
 """The items the quality harness scores: GSM8K problems (exact match), AlpacaEval
-instructions (similarity to the reference output), and the late-key probe (fixed
-proposals with a key fact at a chosen position; the real aggregator answers).
+instructions (similarity to the reference output), the late-key probe (fixed
+proposals with a key fact at a chosen position; the real aggregator answers), and the
+GSM8K replay set (the bundled worked solutions as proposals, reasoning first and the
+number last, a minority of them with a wrong number; the real aggregator answers).
 
 Every item has a ``prompt_id`` (``<set>/<index>``, the probe's ``probe/<position>/<i>``)
 that pairs the answers of different policies for the bootstrap.
@@ -34,17 +36,72 @@ class Item:
     reference: str | None = None  # GSM8K: the number after ####; AlpacaEval: the reference output
     key: str | None = None  # probe: the code the answer should carry (None for the control)
     position: str | None = None  # probe: early, middle, last, absent
-    proposals: tuple[str, ...] = field(default=())  # probe: one text per proposer
+    proposals: tuple[str, ...] = field(default=())  # replayed sets: one text per proposer
 
 
 def gsm8k_items(n: int, skip: int = 0) -> list[Item]:
-    with gzip.open(DATA / "gsm8k_test.jsonl.gz", "rt") as fh:
-        rows = [json.loads(line) for line in fh if line.strip()]
+    rows = _gsm8k_rows()
     _check_slice("gsm8k", n, skip, len(rows))
     out = []
     for i in range(skip, skip + n):
         reference = rows[i]["answer"].rsplit("####", 1)[1].strip()
         out.append(Item("gsm8k", f"gsm8k/{i}", rows[i]["question"] + GSM8K_INSTRUCTION, reference))
+    return out
+
+
+REPLAY_INSTRUCTION = ("\n\nReply with one line, \"The answer is N.\", where N is the final number that most of "
+                      "the responses give.")
+REPLAY_ANSWER = "The answer is {number}."
+_CALCULATOR = re.compile(r"<<[^>]*>>")  # GSM8K's calculator annotations: 2/2=<<2/2=1>>1
+
+
+def _gsm8k_rows() -> list[dict]:
+    with gzip.open(DATA / "gsm8k_test.jsonl.gz", "rt") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def worked_solution(answer: str) -> tuple[str, str]:
+    """(the worked solution as a proposal: the reasoning, then "The answer is N.", and N)
+    from a GSM8K answer field (annotations dropped)."""
+    body, number = answer.rsplit("####", 1)
+    number = number.strip().replace(",", "")
+    return f"{_CALCULATOR.sub('', body).strip()}\n{REPLAY_ANSWER.format(number=number)}", number
+
+
+def wrong_number(number: str, rng: random.Random) -> str:
+    """Another number near ``number`` (an integer stays an integer, never negative)."""
+    value = float(number)
+    candidates = [value + d for d in (-3, -2, -1, 1, 2, 3, 10) if value + d >= 0]
+    wrong = rng.choice(candidates)
+    return str(int(wrong)) if wrong == int(wrong) else f"{wrong:g}"
+
+
+def with_number(solution: str, number: str, wrong: str) -> str:
+    """The solution with every standalone ``number`` replaced by ``wrong`` (its last
+    computation and its answer line: a consistent wrong solution)."""
+    forms = [(number, wrong)]
+    if number.isdigit() and wrong.isdigit() and int(number) >= 1000:  # 70,000 in the reasoning, 70000 after ####
+        forms.append((f"{int(number):,}", f"{int(wrong):,}"))
+    for old, new in forms:
+        solution = re.sub(rf"(?<![\d.,]){re.escape(old)}(?![\d]|,\d)", new, solution)
+    return solution
+
+
+def gsm8k_replay_items(n: int, skip: int = 0, proposers: int = 3, seed: int = 0) -> list[Item]:
+    """GSM8K problems whose proposals are the bundled worked solution: ``(proposers - 1) // 2``
+    of them (a minority, which proposers rotates from item to item) with the final number
+    changed throughout; the reference is the right number (the majority's)."""
+    rows = _gsm8k_rows()
+    _check_slice("gsm8k_replay", n, skip, len(rows))
+    rng = random.Random(seed)
+    out = []
+    for i in range(skip, skip + n):
+        solution, number = worked_solution(rows[i]["answer"])
+        wrong = {(i + k) % proposers for k in range((proposers - 1) // 2)}
+        texts = tuple(with_number(solution, number, wrong_number(number, rng)) if p in wrong else solution
+                      for p in range(proposers))
+        out.append(Item("gsm8k_replay", f"gsm8k_replay/{i}", rows[i]["question"] + REPLAY_INSTRUCTION, number,
+                        proposals=texts))
     return out
 
 

@@ -12,10 +12,22 @@ Metrics (one value per answer, then a mean with a 95 % interval over prompts):
   same on the control items without a key (should be 0).
 - ``judge`` (optional): pairwise win rate against wait-all, 0.5 = as good.
 
-A policy **drops** on a metric when its paired difference from wait-all (prompt by
-prompt) has an interval wholly below 0 (``judge``: wholly below 0.5); on ``agreement``
-the comparison is with the noise floor instead. A policy that drops nowhere *keeps
-quality*; the verdict names the one that keeps it at the lowest TTFT p50.
+Each (policy, metric) gets one of three findings, against the baseline (wait-all; the
+noise floor for ``agreement``; 0.5 for ``judge``), with ``effect`` the drop that matters
+(``--effect``, 0.1 by default):
+
+- **drops**: the paired difference's 95 % interval (prompt by prompt) lies wholly on
+  the worse side of 0;
+- **holds**: the metric has *signal* (the baseline's mean is at least ``effect`` from the
+  metric's worst value, so a drop of ``effect`` could show) and *power* (the interval's
+  worse end is within ``effect`` of 0: a drop of ``effect`` would have been seen);
+- **inconclusive**: neither: no signal (the baseline at its floor, e.g. wait-all 0.00 on
+  GSM8K with a 135M model) or an interval too wide (too few items; the line says about
+  how many would do).
+
+A policy *keeps quality* when it drops nowhere and holds on at least one metric; the
+verdict names the one that keeps it at the lowest TTFT p50, and the metrics it could
+not tell.
 """
 
 from __future__ import annotations
@@ -77,26 +89,52 @@ def _paired(scores: pd.DataFrame, metric: str, a: str, b: str) -> tuple[np.ndarr
     return wide[a].to_numpy(), wide[b].to_numpy()
 
 
-def metric_rows(scores: pd.DataFrame, policy: str, noise: str, resamples: int) -> list[dict]:
-    """Per metric: the policy's mean and interval, and its paired difference from the
-    baseline (wait-all; the noise floor for agreement; 0.5 for the judge)."""
+EFFECT = 0.1  # the drop that matters, in the metric's units (scores are in [0, 1])
+
+
+def metric_rows(scores: pd.DataFrame, policy: str, noise: str, resamples: int, effect: float = EFFECT) -> list[dict]:
+    """Per metric: the policy's mean and interval, its paired difference from the
+    baseline (wait-all; the noise floor for agreement; 0.5 for the judge), and the
+    finding (``finding``: drops, holds or inconclusive; ``why``)."""
     out = []
     for metric in sorted(scores.loc[scores["policy"] == policy, "metric"].unique()):
         values = scores.loc[(scores["policy"] == policy) & (scores["metric"] == metric), "value"]
         own = mean_interval(values, resamples)
         if metric == "judge":
-            diff, base = mean_interval(values - 0.5, resamples), "even (0.5)"
+            diff, base, base_mean = mean_interval(values - 0.5, resamples), "even (0.5)", 0.5
         else:
             base = noise if metric == "agreement" else REFERENCE
             diff = paired_difference(*_paired(scores, metric, policy, base), resamples) if policy != base else None
+            base_values = scores.loc[(scores["policy"] == base) & (scores["metric"] == metric), "value"]
+            base_mean = float(base_values.mean()) if len(base_values) else math.nan
         sets = scores.loc[scores["metric"] == metric, "set"].unique()
         row = {"policy": policy, "metric": metric, "mean": own.mean, "low": own.low, "high": own.high, "n": own.n,
-               "baseline": base, "replayed": any(replayed(s) for s in sets)}
+               "baseline": base, "baseline_mean": base_mean, "replayed": any(replayed(s) for s in sets)}
         if diff is not None:
             row.update(diff_mean=diff.mean, diff_low=diff.low, diff_high=diff.high)
-            row["drop"] = bool(not lower_is_better(metric) and diff.n > 1 and diff.high < 0)
+            row.update(finding(metric, base_mean, diff, effect))
+            row["drop"] = row["finding"] == "drops"
         out.append(row)
     return out
+
+
+def finding(metric: str, base_mean: float, diff, effect: float) -> dict:
+    """drops / holds / inconclusive for one paired difference (the module's rules)."""
+    worse = 1.0 if lower_is_better(metric) else -1.0  # the sign of a worse score
+    worst = 1.0 if lower_is_better(metric) else 0.0
+    worse_end = diff.high if worse > 0 else diff.low  # the interval's end on the worse side
+    if diff.n > 1 and (diff.low > 0 if worse > 0 else diff.high < 0):
+        return {"finding": "drops", "why": f"paired interval [{diff.low:.2f}, {diff.high:.2f}] below the baseline"}
+    if math.isnan(base_mean) or abs(base_mean - worst) < effect:
+        return {"finding": "inconclusive", "why": f"no signal: the baseline scores {base_mean:.2f}, within "
+                                                   f"{effect:g} of the metric's worst ({worst:g})"}
+    if diff.n > 1 and abs(worse_end) <= effect + 1e-12:
+        return {"finding": "holds", "why": f"paired interval [{diff.low:.2f}, {diff.high:.2f}] within {effect:g}"}
+    half = max(abs(diff.high - diff.low) / 2, 1e-9)
+    need = math.ceil(diff.n * (half / effect) ** 2) if diff.n > 1 else 0
+    more = f"; about {need} items would narrow it to +-{effect:g}" if need > diff.n else ""
+    return {"finding": "inconclusive", "why": f"no power: paired interval [{diff.low:.2f}, {diff.high:.2f}] "
+                                               f"from {diff.n} items is wider than {effect:g}{more}"}
 
 
 def summarize(collected: Collected, scores: pd.DataFrame, spec: QualitySpec) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -105,7 +143,7 @@ def summarize(collected: Collected, scores: pd.DataFrame, spec: QualitySpec) -> 
         judged = collected.judged.assign(set="judge", metric="judge", value=collected.judged["judge"])
         scores = pd.concat([scores, judged[["policy", "prompt_id", "set", "metric", "value"]]], ignore_index=True)
     names = [name for name, _ in collected.runs]
-    rows = [r for name in names for r in metric_rows(scores, name, noise_name(spec), spec.resamples)]
+    rows = [r for name in names for r in metric_rows(scores, name, noise_name(spec), spec.resamples, spec.effect)]
     metrics = pd.DataFrame(rows)
     traces = collected.traces or collected.probe_traces  # latency of the real sets; the probe's without them
     latency = summary_frame(traces) if traces else pd.DataFrame(index=names)
@@ -113,31 +151,39 @@ def summarize(collected: Collected, scores: pd.DataFrame, spec: QualitySpec) -> 
     for r in rows:
         summary.loc[r["policy"], r["metric"]] = r["mean"]
         summary.loc[r["policy"], f"{r['metric']}_ci"] = f"[{r['low']:.2f}, {r['high']:.2f}]" if r["n"] else "-"
-    dropped = metrics["drop"].eq(True) if "drop" in metrics else pd.Series(False, index=metrics.index)
-    summary["drops"] = [", ".join(metrics.loc[dropped & (metrics["policy"] == n), "metric"]) for n in names]
+    found = metrics["finding"] if "finding" in metrics else pd.Series("", index=metrics.index)
+    for column, kind in (("drops", "drops"), ("holds", "holds"), ("inconclusive", "inconclusive")):
+        summary[column] = [", ".join(metrics.loc[found.eq(kind) & (metrics["policy"] == n), "metric"]) for n in names]
     summary.index.name = "policy"
     return summary, metrics
 
 
-def verdict(summary: pd.DataFrame, spec: QualitySpec) -> list[str]:
-    """Plain lines: where quality drops beyond wait-all's interval (or the noise floor),
-    and which policy keeps it at the lowest TTFT p50."""
+def verdict(summary: pd.DataFrame, spec: QualitySpec, metrics: pd.DataFrame | None = None) -> list[str]:
+    """Plain lines: per policy, where quality drops, holds, and what the run cannot tell
+    (with why, from ``metrics``); then which policy keeps quality at the lowest TTFT p50."""
     lines, keepers = [], []
+    why = {} if metrics is None or "why" not in metrics else {
+        (r.policy, r.metric): r.why for r in metrics.itertuples() if isinstance(r.why, str)}
     for name, row in summary.iterrows():
         if name in (REFERENCE, noise_name(spec)):
             continue
-        if row["drops"]:
-            lines.append(f"{name}: quality drops on {row['drops']} (paired 95 % interval below wait-all / noise floor)")
-        else:
-            lines.append(f"{name}: no drop beyond wait-all's interval or the noise floor on any metric")
-            keepers.append((row.get("ttft_p50_s", math.nan), name))
+        parts = [f"drops on {row['drops']}" if row["drops"] else "no drop",
+                 f"holds on {row['holds']}" if row["holds"] else "holds on no metric"]
+        lines.append(f"{name}: {'; '.join(parts)}")
+        lines += [f"  cannot tell {m}: {why.get((name, m), 'inconclusive')}"
+                  for m in row["inconclusive"].split(", ") if m]
+        if not row["drops"] and row["holds"]:
+            keepers.append((row.get("ttft_p50_s", math.nan), name, row["inconclusive"]))
     keepers = [k for k in keepers if not math.isnan(k[0])] or keepers
+    ref = summary.loc[REFERENCE].get("ttft_p50_s", math.nan) if REFERENCE in summary.index else math.nan
     if keepers:
-        ttft, name = min(keepers)
-        ref = summary.loc[REFERENCE].get("ttft_p50_s", math.nan) if REFERENCE in summary.index else math.nan
-        lines.append(f"best: {name} keeps quality at the lowest TTFT p50 ({ttft:.3f} s; wait-all {ref:.3f} s)")
+        ttft, name, unknown = min(keepers)
+        lines.append(f"best: {name} keeps quality (within {spec.effect:g} of wait-all where the run can tell) at the "
+                     f"lowest TTFT p50 ({ttft:.3f} s; wait-all {ref:.3f} s)"
+                     + (f"; not shown on {unknown}" if unknown else ""))
     else:
-        lines.append("best: none of the policies under test keeps quality on every metric")
+        lines.append("best: no policy under test is shown to keep quality: each drops somewhere or the run cannot "
+                     "tell on any metric (more items, or a set with signal)")
     return lines
 
 
@@ -155,7 +201,7 @@ def quality_table(collected: Collected, metrics: pd.DataFrame, policies_by_name:
     out["context_tokens_p50"] = [context.get((p, k), math.nan) for p, k in zip(out["policy"], kind)]
     out["first_chunk"] = [_first_chunk(policies_by_name.get(p)) for p in out["policy"]]
     cols = ["policy", "first_chunk", "context_tokens_p50", "metric", "mean", "low", "high", "n", "baseline",
-            "diff_mean", "diff_low", "diff_high", "drop"]
+            "baseline_mean", "diff_mean", "diff_low", "diff_high", "drop", "finding", "why"]
     return out.reindex(columns=cols)
 
 

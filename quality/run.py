@@ -62,6 +62,7 @@ class QualitySpec:
     replay_tokens_per_s: float = 30.0
     concurrency: int = 1
     resamples: int = 2000
+    effect: float = 0.1  # the drop that matters: the verdict's signal and power (quality.report)
 
     def check(self) -> "QualitySpec":
         unknown = [s for s in self.sets if s not in SETS]
@@ -77,6 +78,8 @@ class QualitySpec:
             raise ConfigError("noise-scope", self.noise_scope, ", ".join(NOISE_SCOPES))
         if not self.temperature >= 0:
             raise ConfigError("temperature", self.temperature, "a number >= 0 (0: greedy)")
+        if not (isinstance(self.effect, (int, float)) and 0 < self.effect < 1):
+            raise ConfigError("effect", self.effect, "a number in (0, 1): the score drop that matters")
         if not self.replay_tokens_per_s > 0:
             raise ConfigError("replay-tokens-per-s", self.replay_tokens_per_s, "a number > 0")
         check_positions(tuple(self.positions))

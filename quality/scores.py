@@ -42,6 +42,21 @@ def exact_match(answer: str | None, reference: str) -> float:
     return float(got is not None and want is not None and abs(got - want) < 1e-9)
 
 
+ANSWER_LINE = re.compile(r"answer is\s*:?\s*\$?(-?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
+
+
+def stated_answer(text: str | None) -> str | None:
+    """The number of the first "the answer is N" in ``text``, else its last number (as
+    text), else None: the GSM8K replay set's rule (a tiny model may go on after it)."""
+    if not text:
+        return None
+    found = ANSWER_LINE.search(text)
+    if found:
+        return found.group(1)
+    number = last_number(text)
+    return None if number is None else f"{number:g}"
+
+
 def key_retained(answer: str | None, key: str) -> float:
     """1.0 when the key (the probe's code) appears in the answer as a whole number."""
     return float(bool(answer) and re.search(rf"(?<!\d){re.escape(key)}(?!\d)", answer) is not None)

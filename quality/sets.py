@@ -9,8 +9,8 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import Protocol, Sequence
 
-from .data import Item, alpaca_items, gsm8k_items, probe_items
-from .scores import exact_match, key_retained
+from .data import Item, alpaca_items, gsm8k_items, gsm8k_replay_items, probe_items
+from .scores import exact_match, key_retained, stated_answer
 
 
 class ItemOptions(Protocol):
@@ -79,7 +79,23 @@ class LateKeyProbe(QualitySet):
         return [(metric, key_retained(answer_text, item.key))]
 
 
-QUALITY_SETS: dict[str, QualitySet] = {s.name: s for s in (GSM8K(), AlpacaEval(), LateKeyProbe())}
+class GSM8KReplay(QualitySet):
+    """Quality where the answer comes last: replayed worked GSM8K solutions (reasoning
+    first, "The answer is N." last; a minority with a wrong number), the real aggregator
+    asked to end with that line. Scored on the number it states (``stated_answer``)."""
+
+    name = "gsm8k_replay"
+    REPLAYED = True
+
+    def items(self, options: ItemOptions) -> list[Item]:
+        return gsm8k_replay_items(options.prompts, options.skip, options.proposers, options.seed)
+
+    def scores(self, answer_text: str, item: Item) -> list[tuple[str, float]]:
+        got = stated_answer(answer_text)
+        return [("replay_exact_match", exact_match(got, item.reference) if got is not None else 0.0)]
+
+
+QUALITY_SETS: dict[str, QualitySet] = {s.name: s for s in (GSM8K(), AlpacaEval(), LateKeyProbe(), GSM8KReplay())}
 SETS = tuple(QUALITY_SETS)
 
 

@@ -286,7 +286,8 @@ class Scheduler:
         return actions
 
     def _on_finished(self, st: _NodeState, ev: Finished, now_s: float) -> list[Action]:
-        complete = st.final_call or ev.reason == "stop" or st.tokens >= st.max_tokens
+        complete = st.final_call or st.tokens >= st.max_tokens or (
+            ev.reason == "stop" and self.policy.ends_on_stop(st.node, st.step))
         if not complete:
             st.status = IDLE
             st.step += 1

@@ -13,7 +13,7 @@ from staircase.policies import (ADAPTIVE_POLICIES, LoadAwareStaircasePolicy, Smo
                                 StragglerStaircasePolicy)
 from staircase.errors import ConfigError
 from staircase.policies import POLICY_KINDS, StaircasePolicy, config_from_dict, WaitAllPolicy
-from staircase.scheduler import Chunk, Generate, Query, Scheduler, SetTimer, TimerFired
+from staircase.scheduler import Chunk, Finished, Generate, Query, Scheduler, SetTimer, TimerFired
 from staircase.topology import moa
 
 SAME_COLUMNS = ["request_id", "arrival_s", "outcome", "ttft_s", "e2e_s", "output_tokens", "longest_stall_s", "calls",
@@ -160,6 +160,12 @@ def test_lead_in_policy_waits_for_its_budget_and_then_goes_with_what_arrived():
     at_once = Scheduler(moa(3), LeadInStaircasePolicy(redundancy=1), Query("What is 2 + 2?"), 40)
     lead = [a for a in at_once.start(0.0) if isinstance(a, Generate) and a.node == "agg"]
     assert len(lead) == 1 and LEAD_IN_ROUND in lead[0].prompt.render() and lead[0].max_tokens == 16
+    # the model ends its lead-in (EOS) after 5 tokens: the answer goes on once the inputs' first chunks are in
+    at_once.on(Chunk("agg", 0, 0, 5, "Two plus two?"), 0.1)
+    assert not at_once.on(Finished("agg", 0, "stop"), 0.1)
+    at_once.on(Chunk("L0.p0", 0, 0, 8, "It is 4."), 0.2)
+    step = [a for a in at_once.on(Chunk("L0.p1", 0, 0, 8, "Four."), 0.3) if isinstance(a, Generate)]
+    assert at_once.done is None and len(step) == 1 and step[0].step == 1 and "Four." in step[0].prompt.render()
     with pytest.raises(ConfigError) as err:
         LeadInStaircasePolicy(lead_in_s=-1)
     assert err.value.field == "lead_in_s"

@@ -95,6 +95,53 @@ def test_probe_items_put_the_key_where_asked_and_nowhere_in_the_control():
     assert with_key(["a.", "b.", "c."], "K.", "early") == "a. K. b. c."
 
 
+def test_gsm8k_replay_items_give_the_number_last_and_a_right_majority():
+    """Worked solutions, reasoning first and "The answer is N." last; a minority of the
+    proposers (1 of 3, 2 of 5; which ones rotates) carry another number throughout."""
+    from quality.data import REPLAY_ANSWER, gsm8k_replay_items
+
+    for proposers in (3, 5):
+        items = gsm8k_replay_items(40, proposers=proposers)
+        wrong_at = []
+        for it in items:
+            assert it.set == "gsm8k_replay" and it.reference == gsm8k_items(1, skip=int(it.prompt_id.split("/")[1]))[0].reference
+            numbers = [last_number(p) for p in it.proposals]
+            right = [i for i, n in enumerate(numbers) if n == float(it.reference)]
+            assert len(right) == proposers - (proposers - 1) // 2  # the majority is right ...
+            for i, text in enumerate(it.proposals):
+                assert text.endswith(REPLAY_ANSWER.format(number=f"{numbers[i]:g}"))  # ... and the number comes last
+                assert "<<" not in text and len(text.split("\n")) >= 2
+            wrong_at.append(tuple(sorted(set(range(proposers)) - set(right))))
+        assert len(set(wrong_at)) == proposers  # the wrong ones rotate
+
+
+def test_stated_answer_takes_the_answer_line_then_the_last_number():
+    from quality.scores import stated_answer
+
+    assert stated_answer("The answer is 1,234. Then 5 more") == "1,234"
+    assert stated_answer("the answer is: $18.\nThe answer is 20.") == "18"
+    assert stated_answer("The answer is N. It is 7 or 9") == "9"
+    assert stated_answer("no number") is None and stated_answer(None) is None
+
+
+@pytest.mark.parametrize("metric, base, low, high, found", [
+    ("exact_match", 0.6, -0.5, -0.1, "drops"),  # the interval wholly below 0
+    ("exact_match", 0.6, -0.08, 0.05, "holds"),  # signal, and a drop of 0.1 ruled out
+    ("exact_match", 0.02, -0.02, 0.0, "inconclusive"),  # wait-all at its floor: no signal
+    ("exact_match", 0.6, -0.4, 0.2, "inconclusive"),  # too few items: no power
+    ("false_key", 0.0, -0.05, 0.05, "holds"),  # lower is better: 0 is its best value, far from its worst
+    ("false_key", 0.0, 0.1, 0.4, "drops"),  # ... and more false keys is worse
+])
+def test_the_verdict_knows_signal_and_power(metric, base, low, high, found):
+    from quality.report import finding
+    from quality.stats import Interval
+
+    got = finding(metric, base, Interval((low + high) / 2, low, high, 20), 0.1)
+    assert got["finding"] == found, got
+    if found == "inconclusive":
+        assert ("no signal" in got["why"]) == (base < 0.1) and ("items would" in got["why"]) == (base >= 0.1)
+
+
 def test_real_sets_carry_their_references():
     g = gsm8k_items(2)
     assert g[0].reference == "18" and g[0].prompt_id == "gsm8k/0" and "final answer" in g[0].query
@@ -206,23 +253,25 @@ def test_a_whole_quality_run_on_the_real_engine(loop, engine, tmp_path, capsys):
     from quality.run import collect
     from quality.scores import Embedder
 
-    spec = QualitySpec(prompts=2, probe_items=1, positions=("early", "absent"), max_tokens=24, probe_max_tokens=16,
+    spec = QualitySpec(sets=("gsm8k", "alpaca_eval", "probe", "gsm8k_replay"), prompts=2, probe_items=1,
+                       positions=("early", "absent"), max_tokens=24, probe_max_tokens=16,
                        replay_tokens_per_s=200.0, concurrency=2, resamples=200).check()
     policies = first_chunk_policies([8], redundancy=1)
     slots = {s: engine for s in ("proposer-0", "proposer-1", "proposer-2", "aggregator")}
     got = loop.run_until_complete(collect(slots, spec, policies, progress=False, judge=engine))
     answers = got.answers
-    assert len(answers) == 3 * (2 + 2 + 2) and (answers["outcome"] == "ok").all()
+    assert len(answers) == 3 * (2 + 2 + 2 + 2) and (answers["outcome"] == "ok").all()
     assert answers["answer_text"].str.len().gt(0).all()
     wa = answers[answers["policy"] == "wait-all"].set_index("prompt_id")["answer_text"]
     noise = answers[answers["policy"] == "wait-all-seed1"].set_index("prompt_id")["answer_text"]
     assert (wa != noise.reindex(wa.index)).any(), "the noise-floor run sampled exactly like the reference"
     items = {it.prompt_id: it for it in spec.items()}
     scores = report.score_answers(answers, items, Embedder())
-    binary = scores["metric"].isin(["exact_match", "retention:early", "false_key"])
+    binary = scores["metric"].isin(["exact_match", "retention:early", "false_key", "replay_exact_match"])
     assert scores.loc[binary, "value"].isin([0.0, 1.0]).all()
     assert scores.loc[~binary, "value"].between(-1 - 1e-6, 1 + 1e-6).all()  # cosine similarities
-    assert set(scores["metric"]) == {"exact_match", "reference_similarity", "agreement", "retention:early", "false_key"}
+    assert set(scores["metric"]) == {"exact_match", "reference_similarity", "agreement", "retention:early", "false_key",
+                                     "replay_exact_match"}
     assert scores.loc[scores["metric"] == "false_key", "value"].sum() == 0  # a random code is never guessed
     summary, metrics = report.summarize(got, scores, spec)
     assert (metrics["low"] <= metrics["mean"] + 1e-9).all() and (metrics["mean"] <= metrics["high"] + 1e-9).all()
@@ -231,8 +280,9 @@ def test_a_whole_quality_run_on_the_real_engine(loop, engine, tmp_path, capsys):
     table = report.quality_table(got, metrics, {p.name: p for p in policies})
     ctx = table.set_index(["policy", "metric"])["context_tokens_p50"]
     assert ctx[("staircase-first8", "agreement")] < ctx[("wait-all-seed1", "agreement")]
-    lines = report.verdict(summary, spec)
+    lines = report.verdict(summary, spec, metrics)
     assert lines[-1].startswith("best:")
+    assert set(metrics["finding"].dropna()) <= {"drops", "holds", "inconclusive"}
     folder = tmp_path / "q"
     config = {"spec": spec.describe(), "policies": [p.describe() for p in policies]}
     paths = report.write(folder, got, scores, summary, metrics, table, lines, config)

@@ -110,7 +110,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert self.done is None, f"action {a} after Done"
             if isinstance(a, Generate):
                 self.check_generate(a)
-                natural_left = self.natural[a.node] - sum(t for t, _ in self.delivered[a.node])
+                # an engine writes at least one token (after a lead-in's EOS the answer goes on)
+                natural_left = max(1, self.natural[a.node] - sum(t for t, _ in self.delivered[a.node]))
                 self.calls[a.node] = {"gen": a, "produced": 0, "chunks": 0, "bounds": list(a.boundaries),
                                       "end": min(a.max_tokens, natural_left),
                                       "reason": "stop" if natural_left <= a.max_tokens else "length"}
@@ -238,7 +239,8 @@ class SchedulerMachine(RuleBasedStateMachine):
             reason = call["reason"]
             del self.calls[node_id]
             total = sum(t for t, _ in self.delivered[node_id])
-            if reason == "stop" or g.final_call or total >= self.max_tokens:
+            ends = self.policy.ends_on_stop(self.topo.by_id[node_id], g.step)
+            if (reason == "stop" and ends) or g.final_call or total >= self.max_tokens:
                 self.finished.add(node_id)
             self.apply(self.sched.on(Finished(node_id, g.call, reason), self.now))
 
@@ -352,6 +354,9 @@ class SchedulerMachine(RuleBasedStateMachine):
                 continue
             schedule = self.policy.output_schedule(node)
             for j, (tokens, _) in enumerate(chunks[:-1]):
+                if not self.policy.ends_on_stop(node, j):  # a lead-in may stop short; the answer goes on
+                    assert tokens <= schedule.size(j), (node.id, j, tokens)
+                    continue
                 assert tokens == schedule.size(j), (node.id, j, tokens)
             if chunks:
                 assert chunks[-1][0] <= schedule.size(len(chunks) - 1)

@@ -285,6 +285,10 @@ class LeadInStaircasePolicy(StaircasePolicy):
             return step
         return None if step == 0 else step - 1
 
+    def ends_on_stop(self, node: Node, step: int) -> bool:
+        """A lead-in that stops (EOS) is the answer's opening, not all of it: step 1 follows."""
+        return self.input_chunk(node, step) is not None
+
     def new_state(self, topology: Topology) -> dict:
         return {}  # final node id -> its lead-in's deadline
 

@@ -261,6 +261,11 @@ class Policy(ABC):
         ``ADAPTIVE_CHUNKS``; the others' boundaries come from ``output_schedule``)."""
         return self.output_schedule(view.node).size(view.chunk)
 
+    def ends_on_stop(self, node: Node, step: int) -> bool:
+        """Whether the model's end of answer (EOS) in ``node``'s step ``step`` ends its
+        answer (yes, but for a lead-in: it is only the answer's opening)."""
+        return True
+
     @abstractmethod
     def decide(self, view: ConsumerView) -> Decision:
         """May this consumer start step ``view.step`` now (``STEP``, of ``tokens``), or
