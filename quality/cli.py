@@ -40,7 +40,7 @@ from staircase.runconfig import policies_from_option
 from staircase.topology import moa
 
 from .data import POSITIONS
-from .sets import SETS
+from .sets import SETS, replayed
 from .run import QualitySpec, first_chunk_policies
 
 
@@ -207,7 +207,7 @@ def _score_and_write(args, folder: Path, spec: QualitySpec, policies, collected,
     from .scores import Embedder
 
     items = {it.prompt_id: it for it in spec.items()}
-    embedder = Embedder() if any(s != "probe" for s in spec.sets) else None
+    embedder = Embedder() if not all(replayed(s) for s in spec.sets) else None
     scores = report.score_answers(collected.answers, items, embedder)
     summary, metrics = report.summarize(collected, scores, spec)
     lines = report.verdict(summary, spec, metrics)

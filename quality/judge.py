@@ -21,6 +21,8 @@ import pandas as pd
 from live.engines import Engine, EngineError, Sampling
 from staircase.prompts import Message, Piece, Prompt, TokenizerCount
 
+from .sets import replayed
+
 JUDGE_SYSTEM = ("You are a fair judge. Compare two responses to the user's question and decide which one "
                 "answers it better: more correct, helpful and complete.")
 JUDGE_USER = ("Question:\n{question}\n\n[Response A]\n{a}\n\n[Response B]\n{b}\n\n"
@@ -65,7 +67,7 @@ async def judge_answers(engine: Engine, answers: pd.DataFrame, queries: dict[str
     """judge score per (policy, prompt_id) of every non-reference answer of the real sets."""
     ref = answers[answers["policy"] == reference].set_index("prompt_id")["answer_text"]
     todo = answers[(answers["policy"] != reference) & answers["prompt_id"].isin(ref.index)
-                   & (answers["set"] != "probe")]
+                   & ~answers["set"].map(replayed).astype(bool)]
     sem = asyncio.Semaphore(concurrency)
 
     async def one(i: int, row) -> dict:

@@ -147,8 +147,9 @@ async def collect(engines: dict[str, Engine], spec: QualitySpec, policies: Seque
                   topology: Topology | None = None, progress: bool | None = None,
                   judge: Engine | None = None, on_trace=None) -> Collected:
     """Run every policy (after the reference and its noise-floor repeat) on the items of
-    ``spec``. ``engines``: slot -> started engine for the real sets; the probe uses the
-    aggregator's engine with replay proposers. ``judge`` (started): judges every answer
+    ``spec``. ``engines``: slot -> started engine for the real sets; the replayed sets
+    (the probe, the GSM8K replay set) use the aggregator's engine with replay proposers,
+    their traces kept as the "probe" kind. ``judge`` (started): judges every answer
     of the real sets against the reference's (``quality.judge``). ``on_trace(kind,
     trace)`` is called as each policy's run of a kind ("real", "probe") ends (the CLI
     writes it, so an interrupted run keeps what it finished)."""
