@@ -13,12 +13,12 @@ Two halves, the same policy objects in both:
   inconclusive) against wait-all.
 
 Policies: `single`, the lead-in staircase at time budgets (`--lead-ins`, seconds: 0 =
-from the query alone), the paper's staircase with first chunks 8 and 32, wait-all (the
-reference, always run). Writes frontier.csv, frontier.json, frontier.png and the quality
+from the query alone), the paper's staircase with first chunks 8 and 32, the TTFT-target
+staircase (`--ttft-targets`), wait-all (the reference, always run). Writes frontier.csv, frontier.json, frontier.png and the quality
 run's folder under --out; --report-only rebuilds them from a finished folder.
 
     .venv/bin/python benchmarks/frontier.py                       # about 10 min on 2 cores
-    .venv/bin/python benchmarks/frontier.py --items 60 --probe-items 8
+    .venv/bin/python benchmarks/frontier.py --items 100 --probe-items 10 --ttft-targets 1.5,2.5,3.5
     .venv/bin/python benchmarks/frontier.py --report-only --out benchmarks/results/frontier
 """
 
@@ -40,18 +40,23 @@ from sim.profile import load_profile  # noqa: E402
 from sim.simulate import simulate  # noqa: E402
 from sim.workload import Workload  # noqa: E402
 from staircase.policies import LeadInStaircasePolicy, SinglePolicy, StaircasePolicy  # noqa: E402
+from staircase.policies import TTFTTargetStaircasePolicy, policy_from_dict  # noqa: E402
 from staircase.policies import PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE  # noqa: E402
 from staircase.topology import moa  # noqa: E402
 
 METRICS = ("replay_exact_match", "retention:last", "retention:early")
 
 
-def policies(lead_ins: list[float], r: int) -> list:
-    """The policies on the frontier (wait-all is the quality harness's own reference)."""
+def policies(lead_ins: list[float], targets: list[float], r: int) -> list:
+    """The policies on the frontier, from the earliest first token to the latest (wait-all
+    is the quality harness's own reference): single, lead-ins, the paper's staircase with
+    first chunks 8 and 32, TTFT targets (the first step as late as the target allows)."""
     out = [SinglePolicy()]
     out += [LeadInStaircasePolicy(lead_in_s=s, redundancy=r, name=f"lead-in-{s:g}s") for s in lead_ins]
     out += [StaircasePolicy((k, *PAPER_PROPOSER_SCHEDULE[1:]), (k, *PAPER_AGGREGATOR_SCHEDULE[1:]), r, "first",
                             "prefix-cache", name=f"staircase-first{k}") for k in (8, 32)]
+    out += [TTFTTargetStaircasePolicy(ttft_target_s=t, first_token_s=0.3, redundancy=r, name=f"ttft-{t:g}s")
+            for t in targets]
     return out
 
 
@@ -62,8 +67,6 @@ def sim_multiples(pols: list, requests: int, seed: int) -> dict[str, float]:
     p50 = {}
     for p in pols:
         config = p.config().to_dict() | ({"redundancy": 2} if "redundancy" in p.PARAMS else {})
-        from staircase.policies import policy_from_dict
-
         t = simulate(topo, policy_from_dict(config), wl, profile, seed=seed, max_tokens=512, progress=False,
                      keep_chunks=False)
         p50[p.name] = float(t.requests.loc[t.requests["outcome"] == "ok", "ttft_s"].median())
@@ -153,9 +156,11 @@ def plot(table: pd.DataFrame, path: Path) -> Path:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "frontier", help="results folder")
-    ap.add_argument("--lead-ins", default="0,0.5,1,2", help="lead-in time budgets in seconds (comma list)")
+    ap.add_argument("--lead-ins", default="0", help="lead-in time budgets in seconds (comma list; a budget past "
+                                                   "the staircase's first step changes little: it goes then)")
+    ap.add_argument("--ttft-targets", default="2,3", help="staircase-ttft targets in seconds (comma list)")
     ap.add_argument("--redundancy", type=int, default=1, help="r of the staircase policies live (the sim uses 2)")
-    ap.add_argument("--items", type=int, default=30, help="GSM8K replay items")
+    ap.add_argument("--items", type=int, default=40, help="GSM8K replay items")
     ap.add_argument("--probe-items", type=int, default=5, help="late-key probe items per position")
     ap.add_argument("--answer-tokens", type=int, default=32, help="the aggregator's answer cap")
     ap.add_argument("--replay-tokens-per-s", type=float, default=60.0, help="the replayed proposers' rate")
@@ -163,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report-only", action="store_true", help="rebuild the table and figure from --out")
     args = ap.parse_args(argv)
-    pols = policies([float(s) for s in args.lead_ins.split(",") if s.strip()], args.redundancy)
+    floats = lambda text: [float(s) for s in text.split(",") if s.strip()]  # noqa: E731
+    pols = policies(floats(args.lead_ins), floats(args.ttft_targets), args.redundancy)
     args.out.mkdir(parents=True, exist_ok=True)
     sim = sim_multiples(pols, args.sim_requests, args.seed)
     folder = args.out / "quality" if args.report_only else run_quality(pols, args)

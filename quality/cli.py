@@ -15,8 +15,13 @@ same engines with the same seeds, and scores every answer:
   false_key             the probe's control items with no key (should be 0)
   judge                 optional: pairwise win rate against wait-all, both orders (0.5 = as good)
 
-Default policies under test: the paper's staircase with its first chunk set to 4, 8, 16
-and 32 tokens (proposers' and aggregator's; the rest of the schedule the paper's).
+The default run (about 10 minutes on 2 CPU cores) is sized to reach a conclusion: the
+two replayed sets where the answer comes last and wait-all has signal (30 GSM8K replay
+items, 5 probe items per key position), the paper's staircase with first chunks 8 and 32
+tokens (proposers' and aggregator's; the rest of the schedule the paper's) and the
+lead-in staircase. Each (policy, metric) is found to drop, hold (a drop of --effect ruled
+out) or be inconclusive (no signal, or too few items: the verdict says how many would
+do). Add the real sets with --sets gsm8k,alpaca_eval,gsm8k_replay,probe.
 Results: answers.jsonl (every answer text), items.jsonl, scores.csv, summary.csv/.json,
 quality_table.csv (per policy and metric, with the context read at the first token: a
 constraint table for the policy search), quality_vs_latency.png, retention_vs_context.png,
@@ -52,10 +57,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_engine_arguments(p)
     g = p.add_argument_group("what is scored")
-    g.add_argument("--sets", default=",".join(SETS), help=f"comma list of {', '.join(SETS)}")
-    g.add_argument("--prompts", type=int, default=10, help="prompts per real set (GSM8K, AlpacaEval)")
+    g.add_argument("--sets", default="gsm8k_replay,probe", help=f"comma list of {', '.join(SETS)}")
+    g.add_argument("--prompts", type=int, default=30,
+                   help="items per GSM8K/AlpacaEval set (real GSM8K, AlpacaEval, the GSM8K replay set)")
     g.add_argument("--skip", type=int, default=0, help="start after this many prompts of each real set")
-    g.add_argument("--probe-items", type=int, default=3, help="probe items per key position")
+    g.add_argument("--probe-items", type=int, default=5, help="probe items per key position")
     g.add_argument("--positions", default=",".join(POSITIONS), help=f"probe key positions: {', '.join(POSITIONS)}")
     g.add_argument("--replay-tokens-per-s", type=float, default=30.0, help="probe: the replay proposers' token rate")
     _add_policy_arguments(p)
@@ -89,11 +95,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _add_policy_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("policies (wait-all and its noise-floor repeat always run)")
-    g.add_argument("--first-chunks", default="4,8,16,32",
+    g.add_argument("--first-chunks", default="8,32",
                    help="one paper staircase per first chunk (proposers' and aggregator's); '' for none")
     g.add_argument("--redundancy", type=int, default=1, help="redundancy r of those staircase policies")
     g.add_argument("--layout", choices=LAYOUTS, default="standard", help="prompt layout of those policies")
-    g.add_argument("--policies", default="", help="more policies by name (as `staircase live --policies`)")
+    g.add_argument("--policies", default="staircase-lead-in",
+                   help="more policies by name (as `staircase live --policies`; '' for none)")
     g.add_argument("--policy-config", action="append", default=[], metavar="JSON", help="one more policy as data")
     g.add_argument("--proposers", type=int, default=3, help="MoA proposers")
 

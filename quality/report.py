@@ -25,7 +25,8 @@ noise floor for ``agreement``; 0.5 for ``judge``), with ``effect`` the drop that
   GSM8K with a 135M model) or an interval too wide (too few items; the line says about
   how many would do).
 
-A policy *keeps quality* when it drops nowhere and holds on at least one metric; the
+A policy *keeps quality* when it drops nowhere and holds on at least one metric other
+than a control (``false_key``, which only says that nothing is invented); the
 verdict names the one that keeps it at the lowest TTFT p50, and the metrics it could
 not tell.
 """
@@ -172,7 +173,8 @@ def verdict(summary: pd.DataFrame, spec: QualitySpec, metrics: pd.DataFrame | No
         lines.append(f"{name}: {'; '.join(parts)}")
         lines += [f"  cannot tell {m}: {why.get((name, m), 'inconclusive')}"
                   for m in row["inconclusive"].split(", ") if m]
-        if not row["drops"] and row["holds"]:
+        scored = [m for m in row["holds"].split(", ") if m and not lower_is_better(m)]  # not a control (false_key)
+        if not row["drops"] and scored:
             keepers.append((row.get("ttft_p50_s", math.nan), name, row["inconclusive"]))
     keepers = [k for k in keepers if not math.isnan(k[0])] or keepers
     ref = summary.loc[REFERENCE].get("ttft_p50_s", math.nan) if REFERENCE in summary.index else math.nan
