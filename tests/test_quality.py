@@ -316,3 +316,27 @@ def test_the_noise_run_resamples_the_aggregator_alone_by_default(scope, proposer
     assert all((noise[n] != ref[n]) == proposers_change for n in ref if n != topo.final.id)
     _seed_runner(runner, spec, base, "staircase-first8", spec.seed)
     assert {n.id: runner._sampling(3, n.id).seed for n in topo.nodes} == ref  # the policies share the reference's
+
+
+def test_the_frontier_report_rebuilds_from_a_finished_run(tmp_path):
+    """benchmarks/frontier.py --report-only on the committed run: single is 1x in both
+    halves, the lead-in is the simulator's fastest MoA policy, every score has a finding,
+    and the table, summary and figure are written."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "benchmarks/results/frontier/quality", tmp_path / "quality")
+    subprocess.run([sys.executable, str(root / "benchmarks/frontier.py"), "--report-only", "--out", str(tmp_path),
+                    "--sim-requests", "40"], check=True, capture_output=True, timeout=600)
+    table = pd.read_csv(tmp_path / "frontier.csv")
+    first = table.drop_duplicates("policy").set_index("policy")
+    assert first.loc["single", "live_multiple"] == 1.0 and first.loc["single", "sim_multiple"] == 1.0
+    moa_sim = first.drop(index=["single"])["sim_multiple"]
+    assert moa_sim.idxmin() == "lead-in-0s" and moa_sim.min() < 2 < first.loc["staircase-first8", "sim_multiple"]
+    assert set(table.loc[table["policy"] != "wait-all", "finding"]) <= {"drops", "holds", "inconclusive"}
+    found = json.loads((tmp_path / "frontier.json").read_text())
+    assert set(found["metrics"]) == {"replay_exact_match", "retention:early", "retention:last"}
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
