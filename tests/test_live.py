@@ -10,7 +10,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
@@ -18,8 +17,7 @@ pytest.importorskip("vllm", reason="the live tests need vllm (make test installs
 
 from adaptive import RandomChunksPolicy  # noqa: E402
 from sessions import later_session_steps  # noqa: E402
-from live.engines import EngineError, HTTPEngine, Sampling, VLLMEngine, VLLMServer, free_port  # noqa: E402
-from live.model import smollm2_folder  # noqa: E402
+from live.engines import EngineError, HTTPEngine, Sampling, VLLMServer, free_port  # noqa: E402
 from live.prompts import load_prompts  # noqa: E402
 from live.runner import LiveRunner  # noqa: E402
 from live.watchdog import StallLimits  # noqa: E402
