@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from staircase.cli import results_folder
+from staircase.cli import results_folder, seed_type
 from staircase.deployment import Deployment, deployment_from_dict, load_deployment
 from staircase.errors import ConfigError
 from staircase.machine import label
@@ -67,7 +67,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--max-batch-size", type=int, default=256, help="when the engine cannot report it")
     g.add_argument("--kv-cache-tokens", type=int, default=40960, help="when the engine cannot report it")
     g.add_argument("--block-size-tokens", type=int, default=32, help="when the engine cannot report it")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_type, default=0)
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--out", type=Path, help="results folder (default: results/calibrate-<UTC timestamp>)")
     g.add_argument("--no-figure", action="store_true", help="skip the fit figure")
@@ -81,7 +81,7 @@ def _register_validate(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("runs", type=Path, nargs="+", help="`staircase live` results folders (held out from calibration)")
     v.add_argument("--profile", default=None, help="profile JSON or bundled name (default: the bundled default)")
     v.add_argument("--replicates", type=int, default=5, help="simulated runs per live run (noise seeds), pooled")
-    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--seed", type=seed_type, default=0)
     v.add_argument("--tokenizer", default="auto",
                    help="how the simulator counts fixed prompt texts: auto (the run's model if cached), approx, or a folder")
     v.add_argument("--allow-other-model", action="store_true",
@@ -110,6 +110,7 @@ def _probe_live(args, folder: Path) -> dict:
     record = {"command": "calibrate", "engines": raw, "probes": args.probes, "seed": args.seed,
               "probed_together": together}
     with open_engines(raw, moa(max(1, n_prop)), dtype=args.dtype, deployment=deployment) as engines:
+        folder.mkdir(parents=True, exist_ok=True)  # once the engines run: bad options leave no folder
         record |= engines.machine
         if deployment is not None:  # replicas <pool>/<i> and their pools' models: one fit per model
             record["deployment"] = engines.deployment.to_dict()
@@ -158,7 +159,6 @@ def run_calibrate(args: argparse.Namespace) -> int:
     groups: list[RunGroup] = load_runs(args.traces) if args.traces else []  # check inputs before probing
     record = {}
     if not args.traces or args.probe_too:
-        folder.mkdir(parents=True, exist_ok=True)
         record = _probe_live(args, folder)
         groups = load_runs([folder]) + groups
     groups = [g for g in groups if not g.policy.startswith("warmup")]

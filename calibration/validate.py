@@ -440,11 +440,14 @@ def approx_or_model_tokenizer(run: LiveRun, choice: str = "auto"):
             return None
     else:
         folder = Path(choice)
-        if not folder.is_dir():
+        if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()):
             raise ConfigError("tokenizer", choice, "auto, approx or a model folder with a tokenizer")
     from transformers import AutoTokenizer
 
-    return TokenizerCount(AutoTokenizer.from_pretrained(str(folder)))
+    try:
+        return TokenizerCount(AutoTokenizer.from_pretrained(str(folder)))
+    except (OSError, ValueError, KeyError, TypeError) as err:  # a folder whose tokenizer files do not load
+        raise ConfigError("tokenizer", choice, f"a model folder whose tokenizer loads ({type(err).__name__})") from None
 
 
 def validate(runs: Sequence[LiveRun], profile: Profile, *, replicates: int = 3, seed: int = 0, tokenizer: str = "auto",

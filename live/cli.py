@@ -39,8 +39,8 @@ import sys
 import time
 from pathlib import Path
 
-from staircase.cli import (add_output_arguments, add_topology_policy_arguments, finish_run, topology_and_policies,
-                           topology_policy_args)
+from staircase.cli import (add_output_arguments, add_topology_policy_arguments, finish_run, seed_type,
+                           topology_and_policies, topology_policy_args)
 from staircase.errors import ConfigError
 from staircase.deployment import load_deployment
 from staircase.report import pool_frame, summary_frame
@@ -65,7 +65,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "folder of `staircase serve` or `live` (its requests' arrivals: a paired rerun)")
     g.add_argument("--max-tokens", type=int, default=128, help="max tokens of every node's answer")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (MoA uses 0.7)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_type, default=0)
     g = p.add_argument_group("timeouts (slow is not dead; see above)")
     g.add_argument("--first-token-timeout-s", type=float, default=None,
                    help="engine silence allowed before a call's first token (queue + prefill); "
@@ -243,7 +243,7 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
                    help="the answer's budget when a request names no max_tokens (default: --max-tokens)")
     g.add_argument("--max-answer-tokens", type=int, default=2048, help="the most a request may ask for")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature when a request names none")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_type, default=0)
     g = p.add_argument_group("timeouts (slow is not dead; see `staircase live --help`)")
     g.add_argument("--first-token-timeout-s", type=float, default=None)
     g.add_argument("--stall-timeout-s", type=float, default=None)

@@ -38,7 +38,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from staircase.cli import add_output_arguments, parse_int_list, results_folder
+from staircase.cli import add_output_arguments, parse_int_list, results_folder, seed_type
 from staircase.errors import ConfigError
 from staircase.policies import LAYOUTS, make_policies, policy_from_dict
 from staircase.runconfig import policies_from_option
@@ -70,8 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--probe-max-tokens", type=int, default=32, help="max tokens of the aggregator's probe answer")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (MoA uses 0.7)")
     g.add_argument("--greedy", action="store_true", help="temperature 0: wait-all is deterministic")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--noise-seed", type=int, default=1, help="seed of wait-all's repeat (the noise floor)")
+    g.add_argument("--seed", type=seed_type, default=0)
+    g.add_argument("--noise-seed", type=seed_type, default=1, help="seed of wait-all's repeat (the noise floor)")
     g.add_argument("--noise-scope", choices=("aggregator", "all"), default="aggregator",
                    help="the repeat resamples the aggregator alone (same proposals; default) or every node")
     g.add_argument("--concurrency", type=int, default=4,

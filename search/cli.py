@@ -22,10 +22,11 @@ import shlex
 from pathlib import Path
 
 from staircase.cli import (add_topology_arguments, add_topology_policy_arguments, build_topology, results_folder,
-                           topology_and_policies)
+                           seed_type, topology_and_policies)
 from staircase.deployment import ROUTERS, load_deployment
 from staircase.errors import ConfigError
 from staircase.policies import POLICY_KINDS
+from staircase.runconfig import parse_float_list
 
 from sim.faults import parse_fault_rates
 from sim.profile import load_profile
@@ -87,7 +88,7 @@ def _space_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--batch", type=int, default=16, help="candidates asked at once (results do not depend on workers)")
     g.add_argument("--workers", type=int, default=0, help="processes (0: every core)")
     g.add_argument("--ray", default=None, metavar="auto|ADDRESS", help="evaluate on a Ray cluster instead")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=seed_type, default=0)
     g.add_argument("--out", default=None, help="results folder (an existing one resumes its search)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--format", choices=("table", "json"), default="table")
@@ -106,7 +107,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[SearchConfig, str]:
     minimise = args.minimise or objectives[0]
     if minimise not in METRICS:
         raise ConfigError("minimise", minimise, ", ".join(METRICS))
-    loads = [float(x) for x in args.load.split(",") if x.strip()] if args.load else None
+    loads = parse_float_list(args.load, "load") if args.load else None
     kinds = [k.strip() for k in args.workload.split(",") if k.strip()]
     for k in kinds:
         if k not in OPEN_LOOP:
@@ -243,7 +244,7 @@ def _search_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-goodput", action="store_true", help="skip the goodput search")
     g.add_argument("--workers", type=int, default=0, help="processes (0: every core)")
     g.add_argument("--ray", default=None, metavar="auto|ADDRESS", help="simulate on a Ray cluster instead")
-    g.add_argument("--seed", type=int, default=0, help="random seed (arrivals, lengths, noise: the same for all)")
+    g.add_argument("--seed", type=seed_type, default=0, help="random seed (arrivals, lengths, noise: the same for all)")
     g.add_argument("--out", default=None, help="results folder (default: results/plan-<UTC timestamp>); a rerun "
                                                "into the same folder reads its finished simulations back")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

@@ -89,10 +89,10 @@ def _profile(source):
 def evaluate(config: dict, scenario: dict) -> dict:
     """One candidate on one scenario: the simulator's summary (a worker's job)."""
     started = time.perf_counter()
-    policy = policy_from_dict(config)
     topology = topology_from_config(scenario["topology"])
     profile = _profile(scenario["profile"])
     try:
+        policy = policy_from_dict(config)  # a sampled candidate may break a rule across knobs (min_chunk > max_chunk)
         deployment = deployment_from_dict(scenario["deployment"], list(profile.engines)) \
             if scenario.get("deployment") else None
         workload = Workload(**scenario["workload"])

@@ -15,7 +15,8 @@ import sys
 import time
 
 from staircase.machine import label
-from staircase.cli import add_output_arguments, add_topology_policy_arguments, finish_run, topology_and_policies
+from staircase.cli import (add_output_arguments, add_topology_policy_arguments, finish_run, seed_type,
+                           topology_and_policies)
 from staircase.deployment import load_deployment
 from staircase.report import pool_frame, summary_frame
 
@@ -60,7 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--faults", default=None, metavar="KEY=RATE,...",
                    help="calls that fail at random, e.g. 'proposers=0.05': a rate per call for proposers, aggregator, "
                         "a slot or a pool; a failing call breaks at a uniform token (the same calls in every policy)")
-    g.add_argument("--seed", type=int, default=0, help="random seed; a run is a pure function of its inputs and seed")
+    g.add_argument("--seed", type=seed_type, default=0, help="random seed; a run is a pure function of its inputs and seed")
     g.add_argument("--no-noise", action="store_true", help="turn the profile's noise off")
     g.add_argument("--summary-only", action="store_true", help="keep no per-chunk rows (large runs)")
     g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,

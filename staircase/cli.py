@@ -59,6 +59,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 # ------------------------------------------------------------ helpers for subcommands
+def seed_type(text: str) -> int:
+    """argparse type of every --seed: an integer >= 0 (numpy's generators refuse the rest)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a seed is an integer >= 0")
+    return value
+
+
 def add_output_arguments(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--format", choices=("table", "json"), default="table",
                         help="stdout format: a table (default) or one JSON object with key 'policies'")

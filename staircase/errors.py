@@ -14,7 +14,11 @@ class ConfigError(StaircaseError, ValueError):
         self.field = field
         self.value = value
         self.allowed = allowed
-        super().__init__(f"{field}: got {value!r}; allowed: {allowed}")
+        # args are the constructor's: SimPy re-raises a process's exception as type(e)(*e.args), pickle too
+        super().__init__(field, value, allowed)
+
+    def __str__(self) -> str:
+        return f"{self.field}: got {self.value!r}; allowed: {self.allowed}"
 
 
 class ProtocolError(StaircaseError, RuntimeError):

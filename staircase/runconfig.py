@@ -9,6 +9,7 @@ those runs from that mapping with the same function.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Mapping
 
@@ -29,6 +30,17 @@ def parse_int_list(text: str, field: str, minimum: int = 0) -> list[int]:
         raise ConfigError(field, text, f"comma-separated integers >= {minimum}") from None
     if not values or any(v < minimum for v in values):
         raise ConfigError(field, text, f"comma-separated integers >= {minimum}")
+    return values
+
+
+def parse_float_list(text: str, field: str) -> list[float]:
+    """``"0.3,0.7"`` -> [0.3, 0.7]: finite numbers; a ConfigError naming ``field`` otherwise."""
+    try:
+        values = [float(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise ConfigError(field, text, "comma-separated numbers, e.g. 0.3,0.7")
     return values
 
 

@@ -4,7 +4,8 @@ mutations of a real one), prompt files, arrival files, Azure-format traces, the
 search/plan/best files `--policy-config` reads — and the only exception that may come
 out is the project's own one-line error (``StaircaseError``: it names the field, the
 value and what is allowed; the CLI prints it and exits 2). A TypeError, KeyError or
-AttributeError here is a traceback a user would see."""
+AttributeError here is a traceback a user would see. Then arbitrary values for the
+options of every command: exit 0 or exit 2 with one line and no results folder."""
 
 from __future__ import annotations
 
@@ -121,3 +122,78 @@ def test_a_plan_file_with_odd_entries_fails_with_a_named_error(tmp_path):
                                              "b": {"met": True, "cost_per_hour": 3,
                                                    "config": {"kind": "staircase", "redundancy": 1}}}}))
     assert [p.name for p in policies_from_option(str(path))][0].startswith("staircase")  # the priced one first
+
+
+# ------------------------------------------------------------------ every command's options
+class ReachedTheEngines(BaseException):
+    """Raised in place of opening engines: the command accepted its options."""
+
+
+def _refuse_engines(*args, **kwargs):
+    raise ReachedTheEngines()
+
+
+OPTION_VALUES = (st.integers(-3, 4).map(str)
+                 | st.sampled_from(["nan", "inf", "-inf", "-1", "0", "1e-9", "", ",", "0,0", "-1,5", "abc", "{}", "[]",
+                                    ".", "/", '{"kind": 3}', "/no/such", "1..2", "a=b", "=", "x.y=1", "p0=0.5", "ttft_p90<=x"])
+                 | st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=8))
+NOT_FUZZED = {"--help", "--out", "--format", "--no-figure", "--progress", "--no-progress", "--requests",
+              "--summary-only", "--ray", "--workers", "--rescore", "--port", "--host"}
+SIM_SIDE = {"sim": 60, "search": 40, "plan": 60, "validate": 20}  # real (small) runs when the options are good
+ENGINE_SIDE = {"live": 60, "serve": 60, "quality": 60, "calibrate": 60}  # stopped where the engines would open
+
+
+def _options(command: str) -> list:
+    import argparse
+
+    from staircase.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return [a for a in sub._actions if a.option_strings and a.option_strings[-1] not in NOT_FUZZED and a.nargs != 0]
+
+
+@pytest.mark.parametrize("command", [*SIM_SIDE, *ENGINE_SIDE])
+def test_every_commands_options_fail_in_one_line_and_leave_no_results_folder(command, tmp_path, monkeypatch):
+    """Arbitrary values (numbers out of range, NaN, text, JSON, paths that do not exist) for
+    one to three options of each command: exit 0 (the simulator-side commands run a
+    20-request job) or exit 2 with one line and no traceback, and on exit 2 no results
+    folder; the engine-side commands either refuse their options or reach the point
+    where engines would open (replaced here by an exception)."""
+    import contextlib
+    import io
+    import shutil
+
+    import live.cli
+    import live.engines
+    from staircase.cli import main
+
+    monkeypatch.setattr(live.engines, "open_engines", _refuse_engines)
+    monkeypatch.setattr(live.cli, "open_engines", _refuse_engines)
+    options = _options(command)
+    fixed = ["benchmarks/results/lead-in-live"] if command == "validate" else []
+    fixed += ["--requests", "20"] if command in SIM_SIDE and command != "validate" else []
+    tried = {"refused": 0, "accepted": 0}
+
+    @settings(FUZZ, max_examples=(SIM_SIDE | ENGINE_SIDE)[command])
+    @given(st.lists(st.tuples(st.sampled_from(options), OPTION_VALUES), min_size=1, max_size=3))
+    def check(pairs):
+        out = tmp_path / "run"
+        argv = [command, *[x for a, v in pairs for x in (a.option_strings[-1], v)], *fixed, "--out", str(out)]
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                rc = main(argv)
+        except SystemExit as exit_:  # argparse: a value of the wrong type or choice
+            rc = exit_.code
+        except ReachedTheEngines:
+            rc = 0
+        text = "\n".join(line for line in err.getvalue().splitlines() if line.strip() and not line.startswith("note:"))
+        assert rc in (0, 2), (argv, rc, text[-500:])
+        if rc == 2:
+            assert len(text.splitlines()) == 1 and "Traceback" not in text, (argv, text[-500:])
+            assert not out.exists(), (argv, "a results folder was left on exit 2")
+        tried["refused" if rc == 2 else "accepted"] += 1
+        shutil.rmtree(out, ignore_errors=True)
+
+    check()
+    assert tried["refused"] > 0
