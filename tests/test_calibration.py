@@ -175,7 +175,7 @@ def live_like_run(folder: Path, profile, *, concurrency=2, model="model-a", requ
     args = {"topology": "moa", "proposers": 3, "layers": 1, "agents": 3, "rounds": 2,
             "policies": "wait-all,staircase-prefix-cache", "redundancy": "1", "scope": "first",
             "proposer_schedule": "8,16,32,64,128,256", "aggregator_schedule": "8,16,32,64,128,256", "max_wait_s": 0.5,
-            "ttft_target_s": 1.0,
+            "ttft_target_s": 1.0, "lead_in_s": 0.0,
             "policy_config": []}
     assert set(args) == set(TOPOLOGY_POLICY_KEYS)
     w = Workload("closed", requests=requests, concurrency=concurrency, query_tokens=120, output_tokens=48)
