@@ -125,7 +125,8 @@ def finding(metric: str, base_mean: float, diff, effect: float) -> dict:
     worst = 1.0 if lower_is_better(metric) else 0.0
     worse_end = diff.high if worse > 0 else diff.low  # the interval's end on the worse side
     if diff.n > 1 and (diff.low > 0 if worse > 0 else diff.high < 0):
-        return {"finding": "drops", "why": f"paired interval [{diff.low:.2f}, {diff.high:.2f}] below the baseline"}
+        return {"finding": "drops",
+                "why": f"paired interval [{diff.low:.2f}, {diff.high:.2f}] on the worse side of 0"}
     if math.isnan(base_mean) or abs(base_mean - worst) < effect:
         return {"finding": "inconclusive", "why": f"no signal: the baseline scores {base_mean:.2f}, within "
                                                    f"{effect:g} of the metric's worst ({worst:g})"}
