@@ -39,6 +39,16 @@ def _number(field: str, value: object, low: float, high: float, integer: bool = 
     return int(value) if integer else float(value)
 
 
+def after_request_start(view: ConsumerView, offset_s: float) -> float:
+    """``offset_s`` after the request's first source call was sent (after now, before any
+    was), fixed the first time the consumer asks: kept in the request's policy state under
+    the consumer's id (the TTFT-target and lead-in deadlines)."""
+    if view.node.id not in view.state:
+        sent = [u.sent_s for u in (view.nodes or {}).values() if u.node.is_source and u.sent_s >= 0]
+        view.state[view.node.id] = (min(sent) if sent else view.now_s) + offset_s
+    return view.state[view.node.id]
+
+
 SMOOTH_AGGREGATOR_SCHEDULE = (8, 16, 32, 64, 128)
 
 
@@ -246,11 +256,7 @@ class TTFTTargetStaircasePolicy(StaircasePolicy):
         return WAIT
 
     def _deadline(self, view: ConsumerView) -> float:
-        if view.node.id not in view.state:
-            sent = [u.sent_s for u in (view.nodes or {}).values() if u.node.is_source and u.sent_s >= 0]
-            start = min(sent) if sent else view.now_s
-            view.state[view.node.id] = start + self.ttft_target_s - self.first_token_s
-        return view.state[view.node.id]
+        return after_request_start(view, self.ttft_target_s - self.first_token_s)
 
 
 class LeadInStaircasePolicy(StaircasePolicy):
@@ -306,10 +312,7 @@ class LeadInStaircasePolicy(StaircasePolicy):
 
     def deadline(self, view: ConsumerView) -> float:
         """When the lead-in starts at the latest: ``lead_in_s`` after the first source call was sent."""
-        if view.node.id not in view.state:
-            sent = [u.sent_s for u in (view.nodes or {}).values() if u.node.is_source and u.sent_s >= 0]
-            view.state[view.node.id] = (min(sent) if sent else view.now_s) + self.lead_in_s
-        return view.state[view.node.id]
+        return after_request_start(view, self.lead_in_s)
 
 
 ADAPTIVE_POLICIES = (SmoothStaircasePolicy, StragglerStaircasePolicy, LoadAwareStaircasePolicy,
