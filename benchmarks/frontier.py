@@ -40,7 +40,8 @@ from sim.profile import load_profile  # noqa: E402
 from sim.simulate import simulate  # noqa: E402
 from sim.workload import Workload  # noqa: E402
 from staircase.policies import LeadInStaircasePolicy, SinglePolicy, StaircasePolicy  # noqa: E402
-from staircase.policies import TTFTTargetStaircasePolicy, policy_from_dict  # noqa: E402
+from staircase.policies import TTFTTargetStaircasePolicy, WaitAllPolicy, policy_from_dict  # noqa: E402
+from staircase.runconfig import parse_float_list  # noqa: E402
 from staircase.policies import PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE  # noqa: E402
 from staircase.topology import moa  # noqa: E402
 
@@ -65,13 +66,11 @@ def sim_multiples(pols: list, requests: int, seed: int) -> dict[str, float]:
     wl = Workload("poisson", requests=requests, rate_per_s=0.4, output_tokens=300)
     profile, topo = load_profile("illustrative-gpu"), moa(6)
     p50 = {}
-    for p in pols:
+    for p in [*pols, WaitAllPolicy()]:
         config = p.config().to_dict() | ({"redundancy": 2} if "redundancy" in p.PARAMS else {})
         t = simulate(topo, policy_from_dict(config), wl, profile, seed=seed, max_tokens=512, progress=False,
                      keep_chunks=False)
         p50[p.name] = float(t.requests.loc[t.requests["outcome"] == "ok", "ttft_s"].median())
-    p50["wait-all"] = float(simulate(topo, policy_from_dict({"kind": "wait-all"}), wl, profile, seed=seed,
-                                     max_tokens=512, progress=False, keep_chunks=False).requests["ttft_s"].median())
     return {name: v / p50["single"] for name, v in p50.items()}
 
 
@@ -168,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--report-only", action="store_true", help="rebuild the table and figure from --out")
     args = ap.parse_args(argv)
-    floats = lambda text: [float(s) for s in text.split(",") if s.strip()]  # noqa: E731
-    pols = policies(floats(args.lead_ins), floats(args.ttft_targets), args.redundancy)
+    lead_ins, targets = (parse_float_list(text, field) if text.strip() else []
+                         for text, field in ((args.lead_ins, "lead-ins"), (args.ttft_targets, "ttft-targets")))
+    pols = policies(lead_ins, targets, args.redundancy)
     args.out.mkdir(parents=True, exist_ok=True)
     sim = sim_multiples(pols, args.sim_requests, args.seed)
     folder = args.out / "quality" if args.report_only else run_quality(pols, args)
