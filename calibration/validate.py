@@ -422,6 +422,10 @@ def plot_cdfs(live: dict[str, pd.DataFrame], sim: dict[str, pd.DataFrame], path:
     return path
 
 
+def _has_tokenizer(folder: Path) -> bool:
+    return (folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()
+
+
 def approx_or_model_tokenizer(run: LiveRun, choice: str = "auto"):
     """The tokenizer the simulator counts fixed prompt texts with: ``approx``, a model
     folder, or ``auto`` (the run's model folder in the staircase cache if present)."""
@@ -433,14 +437,14 @@ def approx_or_model_tokenizer(run: LiveRun, choice: str = "auto"):
 
         for model in (run.config.get("engine_models") or {}).values():
             cand = cache_root() / "models" / model
-            if (cand / "tokenizer.json").is_file() or (cand / "tokenizer_config.json").is_file():
+            if _has_tokenizer(cand):
                 folder = cand
                 break
         if folder is None:
             return None
     else:
         folder = Path(choice)
-        if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer_config.json").is_file()):
+        if not _has_tokenizer(folder):
             raise ConfigError("tokenizer", choice, "auto, approx or a model folder with a tokenizer")
     from transformers import AutoTokenizer
 
