@@ -66,7 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="when the aggregator's engine freezes, s from the start (default 30; < 0: never)")
     p.add_argument("--aggregator-freeze-s", type=float, default=None,
                    help="how long (default: the request timeout + 10 s)")
-    p.add_argument("--gap-floor-s", type=float, default=3.0, help="stall limit floor between tokens (default 3)")
+    p.add_argument("--gap-floor-s", type=float, default=5.0, help="stall limit floor between tokens (default 5)")
     p.add_argument("--first-token-floor-s", type=float, default=15.0,
                    help="stall limit floor before a first token (default 15)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/chaos", help="results folder")
