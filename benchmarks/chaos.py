@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
+import random
 import re
 import sys
 import time
@@ -51,7 +53,12 @@ HANG_GRACE_S = 30.0
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--requests", type=int, default=100, help="live requests (default 100)")
-    p.add_argument("--concurrency", type=int, default=4, help="users in a closed loop (default 4)")
+    p.add_argument("--rate", type=float, default=0.25,
+                   help="Poisson arrivals per second (default 0.25; 0: a closed loop of --concurrency users)")
+    p.add_argument("--concurrency", type=int, default=4, help="users in a closed loop with --rate 0 (default 4)")
+    p.add_argument("--max-out", type=int, default=1,
+                   help="proposer servers out (killed or frozen) at a time at most: a kill or freeze past it is "
+                        "skipped (default 1: what r = 1 rides out; 0: no limit)")
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per answer and per proposal (default 32)")
     p.add_argument("--prompts", default="alpaca_eval", help="mt_bench, alpaca_eval or a JSONL file")
     p.add_argument("--model", default=None, help="model folder (default: the bundled SmolLM2-135M)")
@@ -74,9 +81,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def plan(args) -> list[Fault]:
+    """The run's fault plan (checks the options first: bad ones fail before engines start)."""
+    from staircase.errors import ConfigError
+
+    for name, low in (("requests", 1), ("concurrency", 1), ("rate", 0), ("max_out", 0), ("request_timeout_s", 1e-9)):
+        if not getattr(args, name) >= low:
+            raise ConfigError(name, getattr(args, name), f"a number >= {low:g}")
     freeze = parse_float_list(args.freeze_s, "freeze_s")
     if len(freeze) != 2:
-        from staircase.errors import ConfigError
         raise ConfigError("freeze_s", args.freeze_s, "two numbers: shortest,longest")
     horizon = args.faults_for_s or 10 * args.request_timeout_s + 20 * args.requests  # (else past any run's end)
     faults = draw_faults(args.seed, horizon, args.every_s, [k for k in args.kinds.split(",") if k], tuple(freeze))
@@ -115,23 +127,36 @@ def runner_of(args, model, servers: dict, proxy: ChaosProxy):
                       request_timeout_s=args.request_timeout_s, seed=args.seed)
 
 
-async def requests_loop(runner, policy, queries: list[str], concurrency: int, hang_s: float) -> list[dict]:
-    """``concurrency`` users in a closed loop; one record per request: when it was sent
-    and ended, its outcome, and whether it outlived ``hang_s`` (hung: its task cancelled)."""
+async def one_request(runner, policy, i: int, query: str, hang_s: float) -> dict:
+    """One request's record: when it was sent and ended, its outcome, and whether it
+    outlived ``hang_s`` (hung: its task cancelled)."""
+    t = time.monotonic()
+    try:
+        row = await asyncio.wait_for(runner.run_request(policy, i, query, f"chaos/{i}"), hang_s)
+        return {"request_id": i, "sent_s": t, "took_s": time.monotonic() - t, "outcome": row.outcome,
+                "error": row.error, "hung": False}
+    except asyncio.TimeoutError:
+        return {"request_id": i, "sent_s": t, "took_s": time.monotonic() - t, "outcome": "hung", "error": "",
+                "hung": True}
+
+
+async def requests_loop(runner, policy, queries: list[str], args, hang_s: float) -> list[dict]:
+    """Poisson arrivals at ``args.rate`` per second (seeded), or ``args.concurrency``
+    users in a closed loop when the rate is 0."""
+    if args.rate > 0:
+        rng, t0 = random.Random(args.seed), time.monotonic()
+        arrivals = list(itertools.accumulate([0.0] + [rng.expovariate(args.rate) for _ in queries[1:]]))
+
+        async def arrive(i: int, q: str) -> dict:
+            await asyncio.sleep(max(0.0, t0 + arrivals[i] - time.monotonic()))
+            return await one_request(runner, policy, i, q, hang_s)
+        return list(await asyncio.gather(*(arrive(i, q) for i, q in enumerate(queries))))
     todo, ended = list(enumerate(queries))[::-1], []
 
     async def user():
         while todo:
-            i, q = todo.pop()
-            t = time.monotonic()
-            try:
-                row = await asyncio.wait_for(runner.run_request(policy, i, q, f"chaos/{i}"), hang_s)
-                ended.append({"request_id": i, "sent_s": t, "took_s": time.monotonic() - t,
-                              "outcome": row.outcome, "error": row.error, "hung": False})
-            except asyncio.TimeoutError:
-                ended.append({"request_id": i, "sent_s": t, "took_s": time.monotonic() - t,
-                              "outcome": "hung", "error": "", "hung": True})
-    await asyncio.gather(*(user() for _ in range(concurrency)))
+            ended.append(await one_request(runner, policy, *todo.pop(), hang_s))
+    await asyncio.gather(*(user() for _ in range(args.concurrency)))
     return ended
 
 
@@ -154,11 +179,10 @@ async def run(args, model, servers: dict) -> tuple[list[dict], list[dict], dict]
     queries = load_prompts(args.prompts, args.requests)
     rowlog = RowLog(args.out, runner.recorder, {"command": "chaos", "args": vars(args), "policy": policy.describe()})
     await runner.start()
-    faults = ProcessFaults(servers, proxy, proxied=names[0])
+    faults = ProcessFaults(servers, proxy, proxied=names[0], max_out=args.max_out or None)
     background = [asyncio.ensure_future(flush_every_second(rowlog)), asyncio.ensure_future(faults.run(plan(args)))]
     try:
-        ended = await requests_loop(runner, policy, queries, args.concurrency,
-                                    args.request_timeout_s + HANG_GRACE_S)
+        ended = await requests_loop(runner, policy, queries, args, args.request_timeout_s + HANG_GRACE_S)
     finally:
         for task in background:
             task.cancel()
@@ -237,7 +261,7 @@ def table(s: dict) -> str:
     delivered = ", ".join(f"{k} {v}" for k, v in s["proxy_faults_delivered"].items()) or "none"
     lost = ", ".join(f"{k} {v}" for k, v in s["inputs_lost_by_reason"].items()) or "none"
     return "\n".join([
-        f"faults injected: {faults} ({s['faults_skipped']} skipped: nothing up to hurt)",
+        f"faults injected: {faults}; {s['faults_skipped']} skipped (another server out, or none up: faults.csv)",
         f"proxy calls answered with a fault: {delivered} (of {s['proxy_calls']} calls)",
         f"requests: {s['requests']}; finished {s['finished']}; failed naming lost inputs "
         f"{s['failed_naming_lost_inputs']}; failed at the request timeout {s['failed_at_request_timeout']}; "

@@ -187,14 +187,16 @@ class ProcessFaults:
     """Injects a plan (``draw_faults``) into running servers, one proxy and the
     aggregator's engine core, and logs each fault (``records``). Servers are ``up``,
     ``down`` (killed, starting again) or ``frozen``; a kill or a freeze picks among
-    those up, a fault with none up is skipped (logged as such)."""
+    those up, and is skipped (logged as such) when none is up or ``max_out`` servers
+    are out already (None: no limit)."""
 
     def __init__(self, servers: Mapping[str, VLLMServer], proxy: ChaosProxy | None = None,
-                 proxied: str = "", aggregator_pids=engine_core_processes):
+                 proxied: str = "", aggregator_pids=engine_core_processes, max_out: int | None = None):
         self.servers = dict(servers)
         self.state = {name: "up" for name in self.servers}
         self.proxy, self.proxied = proxy, proxied
         self.aggregator_pids = aggregator_pids
+        self.max_out = max_out
         self.records: list[FaultRecord] = []
         self.frozen: dict[str, list[int]] = {}  # target -> the process groups or pids it froze
         self.restarts: set[asyncio.Task] = set()  # servers starting again after a kill
@@ -218,8 +220,10 @@ class ProcessFaults:
             rec = self._freeze("aggregator", self.aggregator_pids(), fault)
         else:
             up = sorted(name for name, s in self.state.items() if s == "up")
-            if not up:
-                rec = FaultRecord(round(self.now(), 3), fault.kind, "", False, note="no proposer server up")
+            out = len(self.state) - len(up)
+            if not up or (self.max_out is not None and out >= self.max_out):
+                why = "no proposer server up" if not up else f"{out} proposer server(s) out already (at most {self.max_out})"
+                rec = FaultRecord(round(self.now(), 3), fault.kind, "", False, note=why)
             else:
                 target = up[int(fault.pick * len(up))]
                 rec = self._kill(target) if fault.kind == "kill" else self._freeze(

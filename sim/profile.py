@@ -182,6 +182,16 @@ def _engine(name: str, raw: dict) -> EngineModel:
     return model
 
 
+def _check_types(raw: dict) -> None:
+    """The profile's descriptive fields, when given, have their types."""
+    kinds = {"name": (str, "a string"), "note": (str, "a string"), "calibrated": (bool, "true or false"),
+             "lengths": (dict, 'an object: {"proposer_factor": <noise>}'),
+             "machine": (dict, "an object describing the machine (cpu_model, cpu_isa, ...)")}
+    for key, (kind, allowed) in kinds.items():
+        if raw.get(key) is not None and not isinstance(raw[key], kind):
+            raise ConfigError(f"profile.{key}", raw[key], allowed)
+
+
 def parse_profile(raw: dict, source: str = "<dict>") -> Profile:
     if not isinstance(raw, dict):
         raise ConfigError("profile", type(raw).__name__, "a JSON object")
@@ -197,20 +207,19 @@ def parse_profile(raw: dict, source: str = "<dict>") -> Profile:
     proposers = slots.get("proposers")
     if not isinstance(proposers, list) or not proposers:
         raise ConfigError("profile.slots.proposers", proposers, "a non-empty list of engine model names")
-    for p in proposers + [slots.get("aggregator")]:
-        if p not in engines:
-            raise ConfigError("profile.slots", p, f"one of the engines: {', '.join(engines)}")
+    for where, p in [("proposers", p) for p in proposers] + [("aggregator", slots.get("aggregator"))]:
+        if not isinstance(p, str) or p not in engines:
+            raise ConfigError(f"profile.slots.{where}", p, f"one of the engines: {', '.join(engines)}")
     sharing = raw.get("engine_sharing", "per-slot")
     if sharing not in SHARING:
         raise ConfigError("profile.engine_sharing", sharing, ", ".join(SHARING))
-    lengths = raw.get("lengths", {}) or {}
+    _check_types(raw)
+    lengths = raw.get("lengths") or {}
     machine = raw.get("machine")
-    if machine is not None and not isinstance(machine, dict):
-        raise ConfigError("profile.machine", machine, "an object describing the machine (cpu_model, cpu_isa, ...)")
     return Profile(
-        name=str(raw.get("name", Path(source).stem)),
+        name=raw.get("name") or Path(source).stem,
         calibrated=bool(raw.get("calibrated", False)),
-        note=str(raw.get("note", "")),
+        note=raw.get("note") or "",
         engines=engines,
         proposer_engines=tuple(proposers),
         aggregator_engine=slots["aggregator"],
@@ -240,3 +249,37 @@ def load_profile(path: Path | str | None = None) -> Profile:
     except json.JSONDecodeError as err:
         raise ConfigError("profile", str(path), f"valid JSON (line {err.lineno}: {err.msg})") from None
     return parse_profile(raw, str(path))
+
+
+def json_schema() -> dict:
+    """The JSON Schema of a profile file. Beyond it: a noise ``dist`` names a continuous
+    scipy.stats distribution whose ``params`` give a finite mean and support >= 0; the
+    slots name engines of the profile; decode's base + per_seq > 0."""
+    coeff = {"type": "number", "minimum": 0}
+    count = {"type": "integer", "minimum": 1}
+    noise = {"anyOf": [{"type": "null"}, {"type": "object", "required": ["dist"], "properties": {
+        "dist": {"type": "string", "description": "a scipy.stats continuous distribution, e.g. lognorm"},
+        "params": {"type": "object", "description": "its keyword parameters"}}}]}
+    terms = lambda *names, optional=(): {"type": "object", "required": list(names),  # noqa: E731
+                                         "properties": {n: coeff for n in (*names, *optional)}}
+    engine = {"type": "object", "required": ["prefill_s", "decode_iteration_s", "request_overhead_s", "max_batch_size",
+                                             "kv_cache_tokens", "block_size_tokens"],
+              "properties": {"prefill_s": terms("base", "per_token", "per_token2", optional=("per_token_cached",)),
+                             "decode_iteration_s": terms("base", "per_seq", "per_context_token"),
+                             "request_overhead_s": coeff, "max_batch_size": count, "kv_cache_tokens": count,
+                             "block_size_tokens": count,
+                             "noise": {"anyOf": [{"type": "null"}, {"type": "object", "additionalProperties": False,
+                                                                   "properties": {k: noise for k in
+                                                                                  ("prefill", "decode", "overhead")}}]}}}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": "https://staircase.dev/schemas/profile.json",
+            "title": "staircase latency profile", "type": "object", "required": ["schema", "engines", "slots"],
+            "properties": {"schema": {"const": SCHEMA}, "name": {"type": ["string", "null"]},
+                           "note": {"type": ["string", "null"]}, "calibrated": {"type": ["boolean", "null"]},
+                           "machine": {"type": ["object", "null"]},
+                           "engines": {"type": "object", "minProperties": 1, "additionalProperties": engine},
+                           "slots": {"type": "object", "required": ["proposers", "aggregator"], "properties": {
+                               "proposers": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                               "aggregator": {"type": "string"}}},
+                           "engine_sharing": {"enum": list(SHARING)},
+                           "lengths": {"anyOf": [{"type": "null"}, {"type": "object",
+                                                                    "properties": {"proposer_factor": noise}}]}}}

@@ -253,7 +253,7 @@ def _pool(name: str, raw: object, models: Sequence[str] | None) -> Pool:
     if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
         raise ConfigError(f"{where}.replicas", replicas, "an integer >= 1")
     router = raw.get("router", "least-loaded")
-    if router not in ROUTERS:
+    if not isinstance(router, str) or router not in ROUTERS:
         raise ConfigError(f"{where}.router", router, ", ".join(ROUTERS))
     return Pool(name, model, replicas, router)
 
@@ -274,9 +274,10 @@ def deployment_from_dict(raw: object, models: Sequence[str] | None = None) -> De
     if not isinstance(slots, dict):
         raise ConfigError("deployment.slots", slots, "an object with proposers (a list of pools) and aggregator")
     proposers = slots.get("proposers")
-    if not isinstance(proposers, list) or not proposers or any(p not in pools for p in proposers):
+    if not isinstance(proposers, list) or not proposers or any(not isinstance(p, str) or p not in pools
+                                                               for p in proposers):
         raise ConfigError("deployment.slots.proposers", proposers, f"a list of pool names from {', '.join(pools)}")
-    if slots.get("aggregator") not in pools:
+    if not isinstance(slots.get("aggregator"), str) or slots["aggregator"] not in pools:
         raise ConfigError("deployment.slots.aggregator", slots.get("aggregator"), f"one of {', '.join(pools)}")
     return Deployment(pools, tuple(proposers), slots["aggregator"], dict(raw))
 
@@ -305,13 +306,16 @@ def load_deployment(path: str | Path, models: Sequence[str] | None = None) -> De
 
 
 def json_schema() -> dict:
-    """The deployment file's JSON Schema (what ``deployment_from_dict`` checks)."""
+    """The deployment file's JSON Schema (what ``deployment_from_dict`` checks). Beyond
+    it: the slots name pools of the file; with an engine config, a pool's ``model``
+    names one of its engines."""
     pool = {"type": "object", "additionalProperties": False, "required": ["model"],
             "properties": {"model": {"type": "string", "minLength": 1},
                            "replicas": {"type": "integer", "minimum": 1, "default": 1},
                            "router": {"enum": list(ROUTERS), "default": "least-loaded"}}}
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID,
             "title": "staircase deployment", "type": "object", "required": ["pools", "slots"],
+            "additionalProperties": False,
             "properties": {"schema": {"const": SCHEMA_ID},
                            "pools": {"type": "object", "minProperties": 1, "additionalProperties": pool},
                            "slots": {"type": "object", "required": ["proposers", "aggregator"],

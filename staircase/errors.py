@@ -17,8 +17,15 @@ class ConfigError(StaircaseError, ValueError):
         # args are the constructor's: SimPy re-raises a process's exception as type(e)(*e.args), pickle too
         super().__init__(field, value, allowed)
 
-    def __str__(self) -> str:
-        return f"{self.field}: got {self.value!r}; allowed: {self.allowed}"
+    def __str__(self) -> str:  # one line, whatever a user's names hold
+        return one_line(f"{self.field}: got {self.value!r}; allowed: {self.allowed}")
+
+
+_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # what str.splitlines splits at
+
+
+def one_line(text: str) -> str:
+    return "".join(c.encode("unicode_escape").decode() if c in _BREAKS else c for c in text)
 
 
 class ProtocolError(StaircaseError, RuntimeError):

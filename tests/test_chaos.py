@@ -166,8 +166,8 @@ def test_the_chaos_run_ends_every_request_and_keeps_every_row(tmp_path):
     the aggregator thaws."""
     out = tmp_path / "chaos"
     t = time.monotonic()
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "chaos.py"), "--requests", "20", "--concurrency",
-                        "3", "--seed", "3", "--every-s", "3", "--faults-for-s", "12", "--request-timeout-s", "20",
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "chaos.py"), "--requests", "20", "--rate", "0",
+                        "--concurrency", "3", "--max-out", "0", "--seed", "3", "--every-s", "3", "--faults-for-s", "12", "--request-timeout-s", "20",
                         "--aggregator-freeze-at-s", "16", "--aggregator-freeze-s", "25", "--out", str(out)],
                        capture_output=True, text=True, timeout=1800, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -89,6 +89,18 @@ def test_the_command_line_reference_is_current(monkeypatch):
     assert gen.PAGE.read_text() == gen.render(), "docs/reference/cli.md is stale: run python docs/gen_cli.py"
 
 
+def test_the_file_schemas_are_current():
+    spec = importlib.util.spec_from_file_location("gen_schemas", ROOT / "docs" / "gen_schemas.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    for path, text in gen.render().items():
+        assert path.read_text() == text, f"{path} is stale: run python docs/gen_schemas.py"
+    import jsonschema
+
+    for _title, _note, schema in gen.schemas().values():
+        jsonschema.Draft202012Validator.check_schema(schema)
+
+
 def test_the_reference_lists_every_command_and_policy_name():
     from staircase.policies import POLICY_KINDS, POLICY_NAMES
 

@@ -10,12 +10,13 @@ options of every command: exit 0 or exit 2 with one line and no results folder."
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from staircase.errors import StaircaseError
+from staircase.errors import StaircaseError, one_line
 
 KEYS = ["kind", "redundancy", "layout", "name", "proposer_schedule", "aggregator_schedule", "scope", "pools", "slots",
         "model", "replicas", "router", "engines", "proposers", "aggregator", "url", "threads", "answers",
@@ -197,3 +198,129 @@ def test_every_commands_options_fail_in_one_line_and_leave_no_results_folder(com
 
     check()
     assert tried["refused"] > 0
+
+
+# ------------------------------------------------------------- from the published schemas
+def _schemas():
+    """kind -> (its JSON Schema, a repair that meets the checks beyond the schema, the loader)."""
+    from live.engines.config import json_schema as engines_schema
+    from sim.profile import json_schema as profile_schema
+    from sim.profile import parse_profile
+    from staircase.deployment import deployment_from_dict
+    from staircase.deployment import json_schema as deployment_schema
+    from staircase.policies import json_schema as policy_schema
+    from staircase.policies import policy_from_dict
+
+    return {"policy config": (policy_schema(), _repair_policy, policy_from_dict),
+            "engine config": (engines_schema(), _repair_engines, _engines),
+            "profile": (profile_schema(), _repair_profile, parse_profile),
+            "deployment": (deployment_schema(), _repair_deployment, deployment_from_dict)}
+
+
+def _repair_policy(raw: dict) -> dict:
+    """min_chunk <= max_chunk (their defaults: 2 and 256)."""
+    low, high = raw.get("min_chunk", 2), raw.get("max_chunk", 256)
+    if low > high:
+        raw["min_chunk"], raw["max_chunk"] = high, low
+    return raw
+
+
+ANSWERS = str(Path(__file__).parent / "data" / "fuzz-answers.jsonl")
+
+
+def _repair_engines(raw: dict) -> dict:
+    """Models the bundled one, answers a real file, keys from a set variable, slots
+    naming the config's engines: what the schema cannot say."""
+    for spec in raw["engines"].values():
+        if spec["kind"] in ("vllm", "serve"):
+            spec["model"] = "smollm2"
+            if isinstance(spec.get("threads"), list):
+                spec["threads"] = spec["threads"][0]
+        if spec.get("api_key_env") is not None:
+            spec["api_key_env"] = "HOME"
+        if spec["kind"] == "replay":
+            spec["tokenizer"] = None
+            if "answers" in spec or spec.get("default_answer") is None:
+                spec["answers"] = ANSWERS
+    names = sorted(raw["engines"])
+    raw["slots"] = {"proposers": names, "aggregator": names[-1]}
+    return raw
+
+
+def _repair_profile(raw: dict) -> dict:
+    for engine in raw["engines"].values():
+        noise = engine.get("noise") or {}
+        for key in noise:
+            if noise[key] is not None:
+                noise[key] = {"dist": "lognorm", "params": {"s": 0.1}}
+        engine["decode_iteration_s"]["base"] = max(engine["decode_iteration_s"]["base"], 1e-4)
+    if isinstance(raw.get("lengths"), dict) and raw["lengths"].get("proposer_factor") is not None:
+        raw["lengths"]["proposer_factor"] = {"dist": "uniform", "params": {"loc": 0.5, "scale": 1.0}}
+    names = sorted(raw["engines"])
+    raw["slots"] = {"proposers": names, "aggregator": names[-1]}
+    return raw
+
+
+def _repair_deployment(raw: dict) -> dict:
+    names = sorted(raw["pools"])
+    raw["slots"] = {"proposers": names, "aggregator": names[-1]}
+    return raw
+
+
+def relinked(raw: dict, path: tuple) -> dict:
+    """Slots naming the engines (pools) again after a change elsewhere renamed them: the
+    error should be about the change, not about the slots."""
+    named = raw.get("engines", raw.get("pools"))
+    if path[0] != "slots" and isinstance(named, dict) and named and "slots" in raw:
+        names = sorted(named)
+        raw = {**raw, "slots": {"proposers": names, "aggregator": names[-1]}}
+    return raw
+
+
+SCHEMA_FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+
+
+@pytest.mark.parametrize("kind", ["policy config", "engine config", "profile", "deployment"])
+def test_what_a_published_schema_allows_loads(kind):
+    """An instance drawn from the schema (and meeting the checks the schema describes
+    in words) loads."""
+    import jsonschema
+
+    from schemas import from_schema
+
+    schema, repair, load = _schemas()[kind]
+    check = jsonschema.Draft202012Validator(schema)
+
+    @SCHEMA_FUZZ
+    @given(from_schema(schema))
+    def loads(raw):
+        raw = repair(json.loads(json.dumps(raw)))
+        assert check.is_valid(raw), [e.message for e in check.iter_errors(raw)]
+        load(raw)
+    loads()
+
+
+@pytest.mark.parametrize("kind", ["policy config", "engine config", "profile", "deployment"])
+def test_what_a_published_schema_refuses_fails_naming_the_field(kind):
+    """One value of a valid instance replaced by one the schema refuses (or a required
+    key dropped): the loader refuses it too, with a one-line error naming that key."""
+    import jsonschema
+    from hypothesis import assume
+
+    from schemas import JSON, from_schema, paths, replaced
+
+    schema, repair, load = _schemas()[kind]
+    check = jsonschema.Draft202012Validator(schema)
+
+    @SCHEMA_FUZZ
+    @given(from_schema(schema), st.data())
+    def refused(raw, data):
+        raw = repair(json.loads(json.dumps(raw)))
+        path = data.draw(st.sampled_from(list(paths(raw))))
+        bad = relinked(replaced(raw, path, data.draw(JSON)), path)
+        assume(not check.is_valid(bad))
+        with pytest.raises(StaircaseError) as err:
+            load(bad)
+        key = one_line([str(k) for k in path if isinstance(k, str)][-1])  # (a list's item: the list's key)
+        assert "\n" not in str(err.value) and key in str(err.value), (path, str(err.value))
+    refused()

@@ -118,15 +118,29 @@ def build_engine(name: str, spec: object, dtype: str | None = None) -> Engine:
         return replay_from_spec(name, spec)  # reads the answers file, once
     if kind == "http":
         url = check_url(f"config.engines.{name}.url", spec.get("url"))
+        _strings(name, spec, ("model", "api_key_env", "tokenizer"))
         return HTTPEngine(url, spec.get("model", "model"), name=name, api_key_env=spec.get("api_key_env"),
                           tokenizer_path=spec.get("tokenizer"))
     if spec.get("dtype") is not None and spec["dtype"] not in DTYPES:
         raise ConfigError(f"config.engines.{name}.dtype", spec["dtype"], ", ".join(DTYPES))
-    model = model_path(str(spec.get("model", "")), f"config.engines.{name}.model")
+    _strings(name, spec, ("model",))
+    model = model_path(spec.get("model") or "", f"config.engines.{name}.model")
     if kind == "serve":
-        threads = str(spec["threads"]) if spec.get("threads") is not None else None
-        return ServeEngine(model, name=name, threads=threads, dtype=spec.get("dtype") or dtype)
+        threads = spec.get("threads")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (str, int))):
+            raise ConfigError(f"config.engines.{name}.threads", threads,
+                              "CPU cores as text (\"0-1\", \"2,3\") or one core's number; with a deployment, a "
+                              "list of those, one per replica")
+        return ServeEngine(model, name=name, threads=None if threads is None else str(threads),
+                           dtype=spec.get("dtype") or dtype)
     return VLLMEngine(model, name=name, dtype=spec.get("dtype") or dtype)
+
+
+def _strings(name: str, spec: dict, keys) -> None:
+    """Each of ``keys`` in ``spec``, when given, is a string (or null)."""
+    for key in keys:
+        if spec.get(key) is not None and not isinstance(spec[key], str):
+            raise ConfigError(f"config.engines.{name}.{key}", spec[key], "a string")
 
 
 @dataclass
@@ -172,10 +186,13 @@ def engines_from_config(raw: object, topology: Topology, dtype: str | None = Non
 def _config_slots(raw: dict, specs: dict) -> Deployment:
     """The config's own slots as a deployment: a pool of one per engine."""
     slots = raw.get("slots") or {}
+    if not isinstance(slots, dict):
+        raise ConfigError("config.slots", slots, "an object with proposers (a list of engines) and aggregator")
     proposers = slots.get("proposers")
-    if not isinstance(proposers, list) or not proposers or any(p not in specs for p in proposers):
+    if not isinstance(proposers, list) or not proposers or any(not isinstance(p, str) or p not in specs
+                                                               for p in proposers):
         raise ConfigError("config.slots.proposers", proposers, f"a list of engine names from {', '.join(specs)}")
-    if slots.get("aggregator") not in specs:
+    if not isinstance(slots.get("aggregator"), str) or slots["aggregator"] not in specs:
         raise ConfigError("config.slots.aggregator", slots.get("aggregator"), f"one of {', '.join(specs)}")
     return Deployment.of_slots(proposers, slots["aggregator"])
 
@@ -216,3 +233,37 @@ def cores_for(n: int) -> list[str | None]:
     parts = [cores[i * per:(i + 1) * per] for i in range(n)]
     return [str(c[0]) if len(c) == 1 else f"{c[0]}-{c[-1]}" if c == list(range(c[0], c[-1] + 1))
             else ",".join(map(str, c)) for c in parts]
+
+
+SCHEMA_ID = "https://staircase.dev/schemas/engines.json"
+
+
+def json_schema() -> dict:
+    """The JSON Schema of an engines-and-slots config (``--config``). Beyond it: a
+    ``model`` is ``smollm2`` or a folder with a config.json, ``api_key_env`` names a set
+    environment variable, a replay ``answers`` file exists, the slots name engines of
+    the config (and ``slots`` may be left out when a deployment file gives them)."""
+    text = {"type": ["string", "null"]}
+    model = {"type": "string", "minLength": 1, "description": "smollm2 (bundled) or a model folder with a config.json"}
+    dtype = {"enum": [*DTYPES, None], "description": "default: from the machine (live.machine.engine_settings)"}
+    cores = {"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 0}]}
+    kinds = {
+        "vllm": ({"model": model, "dtype": dtype}, ["model"]),
+        "serve": ({"model": model, "dtype": dtype, "threads": {"anyOf": [cores, {"type": "null"}, {
+            "type": "array", "minItems": 1, "items": cores, "description": "with a deployment: one per replica"}]}},
+                  ["model"]),
+        "http": ({"url": {"type": "string", "pattern": "^https?://"}, "model": text, "api_key_env": text,
+                  "tokenizer": text}, ["url"]),
+        "replay": ({"answers": {"type": "string"}, "default_answer": {"type": ["string", "null"], "pattern": r"\S"},
+                    "tokens_per_s": {"type": "number", "exclusiveMinimum": 0},
+                    "first_token_s": {"type": "number", "minimum": 0}, "tokenizer": text}, []),
+    }
+    engine = {"oneOf": [{"title": kind, "type": "object", "required": ["kind", *required],
+                         "properties": {"kind": {"const": kind}, **props}} for kind, (props, required) in kinds.items()]}
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID,
+            "title": "staircase engines and slots", "type": "object", "required": ["engines"],
+            "properties": {"engines": {"type": "object", "minProperties": 1, "additionalProperties": engine},
+                           "slots": {"type": "object", "required": ["proposers", "aggregator"],
+                                     "properties": {"proposers": {"type": "array", "minItems": 1,
+                                                                  "items": {"type": "string"}},
+                                                    "aggregator": {"type": "string"}}}}}

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 from pathlib import Path
 from typing import AsyncIterator, Callable, Mapping
@@ -42,7 +43,8 @@ class ReplayEngine(Engine):
     def __init__(self, answers: Mapping[str, str] | Callable[[str], str | None], name: str = "replay",
                  tokens_per_s: float = 30.0, first_token_s: float = 0.05, tokenizer=None, model: str = "replay"):
         for field, value in (("tokens_per_s", tokens_per_s), ("first_token_s", first_token_s)):
-            if not isinstance(value, (int, float)) or value < 0 or (field == "tokens_per_s" and value == 0):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
+                    or (field == "tokens_per_s" and value == 0):
                 raise ConfigError(field, value, "a number > 0" if field == "tokens_per_s" else "a number >= 0")
         self.answers = answers
         self.name = name
@@ -120,8 +122,13 @@ def replay_from_spec(name: str, spec: dict) -> ReplayEngine:
     default = spec.get("default_answer")
     if default is not None and (not isinstance(default, str) or not default.strip()):
         raise ConfigError(f"config.engines.{name}.default_answer", default, "a non-empty string")
-    answers = load_answers(spec["answers"], f"config.engines.{name}.answers") if "answers" in spec or default is None \
-        else {}
+    if spec.get("tokenizer") is not None and not isinstance(spec["tokenizer"], str):
+        raise ConfigError(f"config.engines.{name}.tokenizer", spec["tokenizer"], "a tokenizer folder's path")
+    path = spec.get("answers")
+    if (path is not None or default is None) and not isinstance(path, str):
+        raise ConfigError(f"config.engines.{name}.answers", path,
+                          "the path of a JSONL file of {\"query\": ..., \"answer\": ...} lines (or a default_answer)")
+    answers = load_answers(path, f"config.engines.{name}.answers") if path is not None else {}
     if default is not None:
         answers = (lambda table: lambda query: table.get(query, default))(answers)
     try:

@@ -30,7 +30,17 @@ from .base import FINAL, STEP, WAIT, ChunkSchedule, ConsumerView, Decision, Deci
 from .fixed import StaircasePolicy
 
 
-def _number(field: str, value: object, low: float, high: float, integer: bool = False):
+# What each adaptive parameter may be: (lowest, highest, integer). The constructors check
+# against it and the policy config's JSON Schema is written from it (registry.json_schema).
+RANGES: dict[str, tuple[float, float, bool]] = {
+    "first_chunk": (1, 1 << 20, True), "slack": (1e-3, 100.0, False), "smoothing": (1e-3, 1.0, False),
+    "min_chunk": (1, 1 << 20, True), "max_chunk": (1, 1 << 20, True), "patience": (0.0, 1e6, False),
+    "busy_calls": (1, 1 << 30, True), "ttft_target_s": (1e-3, 1e6, False), "first_token_s": (0.0, 1e6, False),
+    "lead_in_s": (0.0, 1e6, False), "lead_in_tokens": (1, 1 << 20, True)}
+
+
+def _number(field: str, value: object):
+    low, high, integer = RANGES[field]
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
     if ok and integer and value != int(value):
         ok = False
@@ -79,11 +89,11 @@ class SmoothStaircasePolicy(StaircasePolicy):
                  max_chunk: int = 256, **kwargs):
         # steps that double: its final call (the rest of the answer) comes late enough to read most of the inputs
         kwargs.setdefault("aggregator_schedule", SMOOTH_AGGREGATOR_SCHEDULE)
-        self.first_chunk = _number("first_chunk", first_chunk, 1, 1 << 20, integer=True)
-        self.slack = _number("slack", slack, 1e-3, 100.0)
-        self.smoothing = _number("smoothing", smoothing, 1e-3, 1.0)
-        self.min_chunk = _number("min_chunk", min_chunk, 1, 1 << 20, integer=True)
-        self.max_chunk = _number("max_chunk", max_chunk, 1, 1 << 20, integer=True)
+        self.first_chunk = _number("first_chunk", first_chunk)
+        self.slack = _number("slack", slack)
+        self.smoothing = _number("smoothing", smoothing)
+        self.min_chunk = _number("min_chunk", min_chunk)
+        self.max_chunk = _number("max_chunk", max_chunk)
         if self.min_chunk > self.max_chunk:
             raise ConfigError("min_chunk", min_chunk, f"at most max_chunk ({max_chunk})")
         kwargs.setdefault("name", f"staircase-smooth-r{kwargs.get('redundancy', 2)}")
@@ -152,7 +162,7 @@ class StragglerStaircasePolicy(StaircasePolicy):
     KNOBS = StaircasePolicy.KNOBS + (Knob("patience", "float", 0.0, 8.0),)
 
     def __init__(self, patience: float = 1.0, **kwargs):
-        self.patience = _number("patience", patience, 0.0, 1e6)
+        self.patience = _number("patience", patience)
         kwargs.setdefault("scope", "every")
         kwargs.setdefault("redundancy", 1)
         kwargs.setdefault("name", f"staircase-straggler-r{kwargs['redundancy']}")
@@ -200,7 +210,7 @@ class LoadAwareStaircasePolicy(StaircasePolicy):
     KNOBS = StaircasePolicy.KNOBS + (Knob("busy_calls", "int", 1, 4096),)
 
     def __init__(self, busy_calls: int = 16, **kwargs):
-        self.busy_calls = _number("busy_calls", busy_calls, 1, 1 << 30, integer=True)
+        self.busy_calls = _number("busy_calls", busy_calls)
         kwargs.setdefault("name", f"staircase-load-r{kwargs.get('redundancy', 2)}")
         super().__init__(**kwargs)
 
@@ -235,8 +245,8 @@ class TTFTTargetStaircasePolicy(StaircasePolicy):
     KNOBS = StaircasePolicy.KNOBS + (Knob("ttft_target_s", "float", 0.05, 30.0), Knob("first_token_s", "float", 0.0, 5.0))
 
     def __init__(self, ttft_target_s: float = 1.0, first_token_s: float = 0.1, **kwargs):
-        self.ttft_target_s = _number("ttft_target_s", ttft_target_s, 1e-3, 1e6)
-        self.first_token_s = _number("first_token_s", first_token_s, 0.0, 1e6)
+        self.ttft_target_s = _number("ttft_target_s", ttft_target_s)
+        self.first_token_s = _number("first_token_s", first_token_s)
         kwargs.setdefault("proposer_schedule", TTFT_PROPOSER_SCHEDULE)
         kwargs.setdefault("name", f"staircase-ttft-{ttft_target_s:g}s-r{kwargs.get('redundancy', 2)}")
         super().__init__(**kwargs)
@@ -276,8 +286,8 @@ class LeadInStaircasePolicy(StaircasePolicy):
     KNOBS = StaircasePolicy.KNOBS + (Knob("lead_in_s", "float", 0.0, 30.0), Knob("lead_in_tokens", "int", 1, 256))
 
     def __init__(self, lead_in_s: float = 0.0, lead_in_tokens: int = 16, **kwargs):
-        self.lead_in_s = _number("lead_in_s", lead_in_s, 0.0, 1e6)
-        self.lead_in_tokens = _number("lead_in_tokens", lead_in_tokens, 1, 1 << 20, integer=True)
+        self.lead_in_s = _number("lead_in_s", lead_in_s)
+        self.lead_in_tokens = _number("lead_in_tokens", lead_in_tokens)
         kwargs.setdefault("name", f"staircase-lead-in-{lead_in_s:g}s-r{kwargs.get('redundancy', 2)}")
         super().__init__(**kwargs)
         self._final_schedule = ChunkSchedule((self.lead_in_tokens, *self.aggregator_schedule.sizes))

@@ -67,8 +67,10 @@ class ChunkSchedule:
                 sizes = tuple(int(p) for p in parts)
             except ValueError:
                 raise ConfigError(field, text, "comma-separated positive integers, e.g. 8,128,256") from None
-        else:
+        elif isinstance(text, (list, tuple)):
             sizes = tuple(text)
+        else:
+            raise ConfigError(field, text, "a list of positive token counts, or text like 8,128,256")
         try:
             return cls(sizes)
         except ConfigError as err:
@@ -291,9 +293,18 @@ def check_choice(field: str, value: str, allowed: Sequence[str]) -> str:
     return value
 
 
-def check_redundancy(value: object) -> int:
+def check_name(value: object, default: str) -> str:
+    """A policy's name: a string (empty or None: ``default``)."""
+    if value is None or value == "":
+        return default
+    if not isinstance(value, str):
+        raise ConfigError("name", value, "a string (the policy's name in tables and traces)")
+    return value
+
+
+def check_redundancy(value: object, field: str = "redundancy") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError("redundancy", value, "an integer >= 0 and below the number of proposers")
+        raise ConfigError(field, value, "an integer >= 0 and below the number of proposers")
     return value
 
 

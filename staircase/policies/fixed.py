@@ -10,7 +10,7 @@ from ..errors import ConfigError
 from ..topology import Node, Topology
 from .base import (FINAL, LAYOUTS, PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, SCHEDULE_TOKENS, SCOPES, STEP,
                    WAIT, WHOLE_ANSWER, ChunkSchedule, ConsumerView, Decision, DecisionKind, Knob, Policy, UpstreamView,
-                   as_schedule, check_choice, check_redundancy)
+                   as_schedule, check_choice, check_name, check_redundancy)
 
 
 
@@ -42,7 +42,7 @@ class StaircasePolicy(Policy):
         self.scope = check_choice("scope", scope, SCOPES)
         self.layout = check_choice("layout", layout, LAYOUTS)
         self.tolerance = self.redundancy
-        self.name = name or f"staircase-{layout}-r{redundancy}"
+        self.name = check_name(name, f"staircase-{layout}-r{redundancy}")
 
     def output_schedule(self, node: Node) -> ChunkSchedule:
         return self.aggregator_schedule if node.is_final else self.proposer_schedule
@@ -99,7 +99,7 @@ class DeadlineStaircasePolicy(StaircasePolicy):
     KNOBS = StaircasePolicy.KNOBS + (Knob("max_wait_s", "float", 0.01, 60.0),)
 
     def __init__(self, max_wait_s: float = 0.5, **kwargs):
-        if not max_wait_s > 0:
+        if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, (int, float)) or not max_wait_s > 0:
             raise ConfigError("max_wait_s", max_wait_s, "a positive number of seconds")
         self.max_wait_s = float(max_wait_s)
         kwargs.setdefault("name", f"staircase-deadline-{max_wait_s:g}s")
@@ -129,10 +129,10 @@ class WaitAllPolicy(Policy):
 
     def __init__(self, report_schedule: ChunkSchedule | Sequence[int] = PAPER_AGGREGATOR_SCHEDULE,
                  tolerance: int = 0, name: str = "wait-all"):
-        self.report_schedule = as_schedule(report_schedule, "aggregator_schedule")
-        self.tolerance = check_redundancy(tolerance)
+        self.report_schedule = as_schedule(report_schedule, "report_schedule")
+        self.tolerance = check_redundancy(tolerance, "tolerance")
         self.layout = "standard"
-        self.name = name
+        self.name = check_name(name, self.KIND)
 
     def output_schedule(self, node: Node) -> ChunkSchedule:
         # inputs are read only when complete: one chunk per intermediate answer

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..errors import ConfigError
-from .adaptive import (ADAPTIVE_POLICIES, LeadInStaircasePolicy, LoadAwareStaircasePolicy, SmoothStaircasePolicy,
+from .adaptive import (ADAPTIVE_POLICIES, RANGES, LeadInStaircasePolicy, LoadAwareStaircasePolicy, SmoothStaircasePolicy,
                        StragglerStaircasePolicy, TTFTTargetStaircasePolicy)
 from .base import (CALL_LAYOUTS, LAYOUTS, PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, SCOPES, ChunkSchedule,
                    ConsumerView, Decision, DecisionKind, Knob, Policy, PolicyConfig, StreamView, UpstreamView,
@@ -32,7 +32,7 @@ __all__ = ["ADAPTIVE_POLICIES", "CALL_LAYOUTS", "LAYOUTS", "PAPER_AGGREGATOR_SCH
            "PolicyConfig", "PolicyName",
            "SinglePolicy", "SmoothStaircasePolicy", "StaircasePolicy", "StragglerStaircasePolicy", "StreamView",
            "TTFTTargetStaircasePolicy", "UpstreamView", "WaitAllPolicy", "config_from_dict", "config_of",
-           "make_policies", "policy_from_dict", "policy_names_help"]
+           "json_schema", "make_policies", "policy_from_dict", "policy_names_help"]
 
 
 def config_of(kind: str, **params) -> PolicyConfig:
@@ -164,3 +164,34 @@ def make_policies(
             raise ConfigError("policy", p.name, "each policy once")
         seen.add(p.name)
     return out
+
+
+SCHEMA_ID = "https://staircase.dev/schemas/policy.json"
+_SCHEDULE = {"anyOf": [{"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1}},
+                       {"type": "string", "pattern": r"^\s*[0-9]*[1-9][0-9]*(\s*[,/]\s*[0-9]*[1-9][0-9]*)*\s*$"}],
+             "description": "chunk sizes in tokens, the last repeating: [8, 128, 256] or \"8,128,256\""}
+_COUNT = {"type": "integer", "minimum": 0}
+
+
+def _param_schema(name: str) -> dict:
+    """What one constructor parameter may be (what its constructor checks)."""
+    if name in RANGES:
+        low, high, integer = RANGES[name]
+        return {"type": "integer" if integer else "number", "minimum": low, "maximum": high}
+    fixed = {"redundancy": _COUNT | {"description": "inputs a step may leave behind; below the proposers"},
+             "tolerance": _COUNT | {"description": "lost inputs wait-all rides out"},
+             "scope": {"enum": list(SCOPES)}, "layout": {"enum": list(LAYOUTS)},
+             "name": {"type": ["string", "null"]}, "max_wait_s": {"type": "number", "exclusiveMinimum": 0}}
+    return fixed.get(name, _SCHEDULE)  # the rest are schedules
+
+
+def json_schema() -> dict:
+    """The JSON Schema of a policy config (``--policy-config``, a search's ``best``, a
+    plan's ``config``): one of the kinds with its parameters; other keys are ignored (a
+    run's recorded entries carry more). ``min_chunk`` <= ``max_chunk`` and a redundancy
+    below the number of proposers are checked beyond the schema."""
+    kinds = [{"title": kind, "type": "object", "required": ["kind"],
+              "properties": {"kind": {"const": kind}, **{p: _param_schema(p) for p in cls.PARAMS}}}
+             for kind, cls in POLICY_KINDS.items()]
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID,
+            "title": "staircase policy config", "oneOf": kinds}
