@@ -308,8 +308,8 @@ def plot_timeline(ended: list[dict], faults: list[dict], path: Path) -> Path:
         Patch(color=marks[AGGREGATOR_FREEZE], alpha=0.12, label="aggregator frozen"),
         Line2D([], [], color=marks["kill"], label="proposer killed (dotted: starting again)"),
         Line2D([], [], color="black", marker="v", lw=0, label="proxy burst")]
-    ax.set(xlabel="seconds from the start", ylabel="request", title="Chaos run: requests and faults",
-           xlim=(0, None))
+    ax.set(xlabel="seconds from the start", ylabel="request", xlim=(0, None))
+    ax.set_title("Chaos run: requests and faults", pad=34)
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
