@@ -133,11 +133,11 @@ async def one_request(runner, policy, i: int, query: str, hang_s: float) -> dict
     t = time.monotonic()
     try:
         row = await asyncio.wait_for(runner.run_request(policy, i, query, f"chaos/{i}"), hang_s)
-        return {"request_id": i, "sent_s": t, "took_s": time.monotonic() - t, "outcome": row.outcome,
-                "error": row.error, "hung": False}
+        outcome, error = row.outcome, row.error
     except asyncio.TimeoutError:
-        return {"request_id": i, "sent_s": t, "took_s": time.monotonic() - t, "outcome": "hung", "error": "",
-                "hung": True}
+        outcome, error = "hung", ""
+    return {"request_id": i, "sent_s": t, "took_s": time.monotonic() - t, "outcome": outcome, "error": error,
+            "hung": outcome == "hung"}
 
 
 async def requests_loop(runner, policy, queries: list[str], args, hang_s: float) -> list[dict]:

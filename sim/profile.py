@@ -32,6 +32,7 @@ from pathlib import Path
 
 import scipy.stats
 
+from staircase.deployment import parse_slots
 from staircase.errors import ConfigError
 from staircase.topology import slot_target
 
@@ -155,7 +156,7 @@ def _engine(name: str, raw: dict) -> EngineModel:
         if not isinstance(raw.get(key), dict):
             raise ConfigError(f"{where}.{key}", raw.get(key), "an object of coefficients")
     pre, dec = raw["prefill_s"], raw["decode_iteration_s"]
-    noise_raw = raw.get("noise", {}) or {}
+    noise_raw = {} if raw.get("noise") is None else raw["noise"]
     if not isinstance(noise_raw, dict):
         raise ConfigError(f"{where}.noise", noise_raw, "an object with prefill, decode, overhead")
     unknown = set(noise_raw) - {"prefill", "decode", "overhead"}
@@ -201,15 +202,7 @@ def parse_profile(raw: dict, source: str = "<dict>") -> Profile:
     if not isinstance(engines_raw, dict) or not engines_raw:
         raise ConfigError("profile.engines", engines_raw, "a non-empty object of engine models")
     engines = {name: _engine(name, e) for name, e in engines_raw.items()}
-    slots = raw.get("slots")
-    if not isinstance(slots, dict):
-        raise ConfigError("profile.slots", slots, '{"proposers": [model, ...], "aggregator": model}')
-    proposers = slots.get("proposers")
-    if not isinstance(proposers, list) or not proposers:
-        raise ConfigError("profile.slots.proposers", proposers, "a non-empty list of engine model names")
-    for where, p in [("proposers", p) for p in proposers] + [("aggregator", slots.get("aggregator"))]:
-        if not isinstance(p, str) or p not in engines:
-            raise ConfigError(f"profile.slots.{where}", p, f"one of the engines: {', '.join(engines)}")
+    proposers, aggregator = parse_slots(raw.get("slots"), list(engines), "profile", "engine model")
     sharing = raw.get("engine_sharing", "per-slot")
     if sharing not in SHARING:
         raise ConfigError("profile.engine_sharing", sharing, ", ".join(SHARING))
@@ -222,7 +215,7 @@ def parse_profile(raw: dict, source: str = "<dict>") -> Profile:
         note=raw.get("note") or "",
         engines=engines,
         proposer_engines=tuple(proposers),
-        aggregator_engine=slots["aggregator"],
+        aggregator_engine=aggregator,
         engine_sharing=sharing,
         proposer_length_factor=_noise(lengths.get("proposer_factor"), "profile.lengths.proposer_factor"),
         source=source,

@@ -270,16 +270,24 @@ def deployment_from_dict(raw: object, models: Sequence[str] | None = None) -> De
     if raw.get("schema", SCHEMA_ID) != SCHEMA_ID:
         raise ConfigError("deployment.schema", raw["schema"], SCHEMA_ID)
     pools = {name: _pool(name, spec, models) for name, spec in raw["pools"].items()}
-    slots = raw.get("slots")
+    proposers, aggregator = parse_slots(raw.get("slots"), list(pools), "deployment", "pool")
+    return Deployment(pools, tuple(proposers), aggregator, dict(raw))
+
+
+def parse_slots(slots: object, names: Sequence[str], where: str, what: str) -> tuple[list[str], str]:
+    """``{"proposers": [name, ...], "aggregator": name}``, each one of ``names`` (the
+    deployment's pools, a config's engines, a profile's engine models): (proposers,
+    aggregator), or a ConfigError naming ``<where>.slots...``."""
     if not isinstance(slots, dict):
-        raise ConfigError("deployment.slots", slots, "an object with proposers (a list of pools) and aggregator")
+        raise ConfigError(f"{where}.slots", slots, f"an object with proposers (a list of {what}s) and aggregator")
     proposers = slots.get("proposers")
-    if not isinstance(proposers, list) or not proposers or any(not isinstance(p, str) or p not in pools
+    if not isinstance(proposers, list) or not proposers or any(not isinstance(p, str) or p not in names
                                                                for p in proposers):
-        raise ConfigError("deployment.slots.proposers", proposers, f"a list of pool names from {', '.join(pools)}")
-    if not isinstance(slots.get("aggregator"), str) or slots["aggregator"] not in pools:
-        raise ConfigError("deployment.slots.aggregator", slots.get("aggregator"), f"one of {', '.join(pools)}")
-    return Deployment(pools, tuple(proposers), slots["aggregator"], dict(raw))
+        raise ConfigError(f"{where}.slots.proposers", proposers, f"a list of {what} names from {', '.join(names)}")
+    aggregator = slots.get("aggregator")
+    if not isinstance(aggregator, str) or aggregator not in names:
+        raise ConfigError(f"{where}.slots.aggregator", aggregator, f"one of the {what}s {', '.join(names)}")
+    return proposers, aggregator
 
 
 def load_deployment(path: str | Path, models: Sequence[str] | None = None) -> Deployment:

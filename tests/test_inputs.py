@@ -91,7 +91,7 @@ def test_unknown_profile_name_lists_the_bundled_ones():
     (lambda r: r["engines"]["small-8b"].__setitem__("max_batch_size", 0), "engines.small-8b.max_batch_size"),
     (lambda r: r["engines"]["small-8b"]["noise"].__setitem__("decode", {"dist": "nonsense"}),
      "engines.small-8b.noise.decode.dist"),
-    (lambda r: r["slots"].__setitem__("aggregator", "gpt-9"), "profile.slots"),
+    (lambda r: r["slots"].__setitem__("aggregator", "gpt-9"), "profile.slots.aggregator"),
     (lambda r: r.__setitem__("engine_sharing", "some"), "profile.engine_sharing"),
 ])
 def test_malformed_profiles_name_the_field(mutate, field):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
-from staircase.deployment import Deployment, deployment_from_dict, replica_names
+from staircase.deployment import Deployment, deployment_from_dict, parse_slots, replica_names
 from staircase.errors import ConfigError
 from staircase.topology import Topology
 
@@ -185,16 +185,7 @@ def engines_from_config(raw: object, topology: Topology, dtype: str | None = Non
 
 def _config_slots(raw: dict, specs: dict) -> Deployment:
     """The config's own slots as a deployment: a pool of one per engine."""
-    slots = raw.get("slots") or {}
-    if not isinstance(slots, dict):
-        raise ConfigError("config.slots", slots, "an object with proposers (a list of engines) and aggregator")
-    proposers = slots.get("proposers")
-    if not isinstance(proposers, list) or not proposers or any(not isinstance(p, str) or p not in specs
-                                                               for p in proposers):
-        raise ConfigError("config.slots.proposers", proposers, f"a list of engine names from {', '.join(specs)}")
-    if not isinstance(slots.get("aggregator"), str) or slots["aggregator"] not in specs:
-        raise ConfigError("config.slots.aggregator", slots.get("aggregator"), f"one of {', '.join(specs)}")
-    return Deployment.of_slots(proposers, slots["aggregator"])
+    return Deployment.of_slots(*parse_slots(raw.get("slots") or {}, list(specs), "config", "engine"))
 
 
 def _replicas(deployment: Deployment, specs: dict, dtype: str | None) -> dict[str, list[Engine]]:
