@@ -127,7 +127,8 @@ def build_engine(name: str, spec: object, dtype: str | None = None) -> Engine:
     model = model_path(spec.get("model") or "", f"config.engines.{name}.model")
     if kind == "serve":
         threads = spec.get("threads")
-        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (str, int))):
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (str, int))
+                                    or isinstance(threads, int) and threads < 0):
             raise ConfigError(f"config.engines.{name}.threads", threads,
                               "CPU cores as text (\"0-1\", \"2,3\") or one core's number; with a deployment, a "
                               "list of those, one per replica")
