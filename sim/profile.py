@@ -199,8 +199,8 @@ def parse_profile(raw: dict, source: str = "<dict>") -> Profile:
     if raw.get("schema") != SCHEMA:
         raise ConfigError("profile.schema", raw.get("schema"), SCHEMA)
     engines_raw = raw.get("engines")
-    if not isinstance(engines_raw, dict) or not engines_raw:
-        raise ConfigError("profile.engines", engines_raw, "a non-empty object of engine models")
+    if not isinstance(engines_raw, dict) or not engines_raw or "" in engines_raw:
+        raise ConfigError("profile.engines", engines_raw, "a non-empty object of named engine models (names not empty)")
     engines = {name: _engine(name, e) for name, e in engines_raw.items()}
     proposers, aggregator = parse_slots(raw.get("slots"), list(engines), "profile", "engine model")
     sharing = raw.get("engine_sharing", "per-slot")
@@ -269,7 +269,8 @@ def json_schema() -> dict:
             "properties": {"schema": {"const": SCHEMA}, "name": {"type": ["string", "null"]},
                            "note": {"type": ["string", "null"]}, "calibrated": {"type": ["boolean", "null"]},
                            "machine": {"type": ["object", "null"]},
-                           "engines": {"type": "object", "minProperties": 1, "additionalProperties": engine},
+                           "engines": {"type": "object", "minProperties": 1, "propertyNames": {"minLength": 1},
+                                       "additionalProperties": engine},
                            "slots": {"type": "object", "required": ["proposers", "aggregator"], "properties": {
                                "proposers": {"type": "array", "minItems": 1, "items": {"type": "string"}},
                                "aggregator": {"type": "string"}}},

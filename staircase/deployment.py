@@ -241,6 +241,8 @@ def replica_names(pool: Pool) -> list[str]:
 
 def _pool(name: str, raw: object, models: Sequence[str] | None) -> Pool:
     where = f"deployment.pools.{name}"
+    if not name:
+        raise ConfigError("deployment.pools", name, "pool names that are not empty")
     if not isinstance(raw, dict):
         raise ConfigError(where, raw, "an object with model, replicas and router")
     unknown = sorted(set(raw) - {"model", "replicas", "router"})
@@ -325,7 +327,8 @@ def json_schema() -> dict:
             "title": "staircase deployment", "type": "object", "required": ["pools", "slots"],
             "additionalProperties": False,
             "properties": {"schema": {"const": SCHEMA_ID},
-                           "pools": {"type": "object", "minProperties": 1, "additionalProperties": pool},
+                           "pools": {"type": "object", "minProperties": 1, "propertyNames": {"minLength": 1},
+                                     "additionalProperties": pool},
                            "slots": {"type": "object", "required": ["proposers", "aggregator"],
                                      "properties": {"proposers": {"type": "array", "minItems": 1,
                                                                   "items": {"type": "string"}},

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 KEYS = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=8)
 LEAVES = st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False) \
     | st.text(max_size=12)
-JSON = st.recursive(LEAVES, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3),
-                    max_leaves=6)
+FREE = st.recursive(LEAVES, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(KEYS, inner, max_size=3),
+                    max_leaves=6)  # what a free-form object holds (a profile's machine, a noise's params)
 
 
 def from_schema(schema: dict) -> st.SearchStrategy:
@@ -27,7 +27,7 @@ def from_schema(schema: dict) -> st.SearchStrategy:
     kinds = schema.get("type")
     if isinstance(kinds, list):
         return st.one_of([from_schema({**schema, "type": k}) for k in kinds])
-    return _TYPES[kinds](schema) if kinds in _TYPES else JSON
+    return _TYPES[kinds](schema) if kinds in _TYPES else FREE
 
 
 def _number(schema: dict, integer: bool) -> st.SearchStrategy:
@@ -56,7 +56,7 @@ def _object(draw, schema: dict):
                                     min_size=max(0, schema.get("minProperties", 0) - len(out)), max_size=3))
         out.update(more)
     elif extra is None and not props:
-        out.update(draw(st.dictionaries(KEYS, JSON, max_size=3)))
+        out.update(draw(st.dictionaries(KEYS, FREE, max_size=3)))
     return out
 
 

@@ -307,7 +307,7 @@ def test_what_a_published_schema_refuses_fails_naming_the_field(kind):
     import jsonschema
     from hypothesis import assume
 
-    from schemas import JSON, from_schema, paths, replaced
+    from schemas import from_schema, paths, replaced
 
     schema, repair, load = _schemas()[kind]
     check = jsonschema.Draft202012Validator(schema)

@@ -170,9 +170,10 @@ def engines_from_config(raw: object, topology: Topology, dtype: str | None = Non
     vllm/serve engines whose spec names none (None: from the machine). ``deployment``:
     pools of replicas of the config's engines (a pool's ``model`` names an engine of
     the config); its slots replace the config's."""
-    if not isinstance(raw, dict) or not isinstance(raw.get("engines"), dict) or not raw["engines"]:
+    if not isinstance(raw, dict) or not isinstance(raw.get("engines"), dict) or not raw["engines"] \
+            or "" in raw["engines"]:
         raise ConfigError("config.engines", raw.get("engines") if isinstance(raw, dict) else raw,
-                          "an object of named engines")
+                          "an object of named engines (names not empty)")
     specs = raw["engines"]
     if deployment is None:
         deployment = _config_slots(raw, specs)
@@ -254,7 +255,8 @@ def json_schema() -> dict:
                          "properties": {"kind": {"const": kind}, **props}} for kind, (props, required) in kinds.items()]}
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID,
             "title": "staircase engines and slots", "type": "object", "required": ["engines"],
-            "properties": {"engines": {"type": "object", "minProperties": 1, "additionalProperties": engine},
+            "properties": {"engines": {"type": "object", "minProperties": 1, "propertyNames": {"minLength": 1},
+                                       "additionalProperties": engine},
                            "slots": {"type": "object", "required": ["proposers", "aggregator"],
                                      "properties": {"proposers": {"type": "array", "minItems": 1,
                                                                   "items": {"type": "string"}},
