@@ -10,6 +10,7 @@ options of every command: exit 0 or exit 2 with one line and no results folder."
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -277,7 +278,8 @@ def relinked(raw: dict, path: tuple) -> dict:
     return raw
 
 
-SCHEMA_FUZZ = settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+# 120 per schema and direction in the suite; STAIRCASE_FUZZ_EXAMPLES=2000 for a long run
+SCHEMA_FUZZ = settings(max_examples=int(os.environ.get("STAIRCASE_FUZZ_EXAMPLES", 120)), deadline=None, suppress_health_check=list(HealthCheck), database=None)
 
 
 @pytest.mark.parametrize("kind", ["policy config", "engine config", "profile", "deployment"])
