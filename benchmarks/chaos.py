@@ -30,9 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import itertools
 import json
-import random
 import re
 import sys
 import time
@@ -144,8 +142,9 @@ async def requests_loop(runner, policy, queries: list[str], args, hang_s: float)
     """Poisson arrivals at ``args.rate`` per second (seeded), or ``args.concurrency``
     users in a closed loop when the rate is 0."""
     if args.rate > 0:
-        rng, t0 = random.Random(args.seed), time.monotonic()
-        arrivals = list(itertools.accumulate([0.0] + [rng.expovariate(args.rate) for _ in queries[1:]]))
+        from live.runner import poisson_arrivals
+
+        t0, arrivals = time.monotonic(), poisson_arrivals(len(queries), args.rate, args.seed)
 
         async def arrive(i: int, q: str) -> dict:
             await asyncio.sleep(max(0.0, t0 + arrivals[i] - time.monotonic()))

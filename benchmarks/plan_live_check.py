@@ -16,9 +16,7 @@ beside the plan's prediction. About 15 minutes on 2 cores.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import random
 import subprocess
 import sys
 from datetime import datetime, timedelta
@@ -50,11 +48,11 @@ def trace_file(path: Path, args) -> Path:
 
     from live.model import smollm2_folder
     from live.prompts import load_prompts
+    from live.runner import poisson_arrivals
 
     prompts = load_prompts("alpaca_eval", args.requests + args.skip)[args.skip:]
     tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
-    rng = random.Random(args.seed)
-    arrivals = list(itertools.accumulate([0.0] + [rng.expovariate(args.rate) for _ in prompts[1:]]))
+    arrivals = poisson_arrivals(len(prompts), args.rate, args.seed)
     t0 = datetime(2026, 1, 1)
     rows = [{"TIMESTAMP": (t0 + timedelta(seconds=a)).isoformat(sep=" "), "ContextTokens": len(tokenizer(p)["input_ids"]),
              "GeneratedTokens": args.max_tokens} for a, p in zip(arrivals, prompts)]

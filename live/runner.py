@@ -35,6 +35,13 @@ from .engines import Engine, EngineError, Sampling
 from .watchdog import CallWatch, EnginePace, StallLimits
 
 
+def poisson_arrivals(n: int, rate_per_s: float, seed: int) -> list[float]:
+    """``n`` arrival times (seconds from the first, which is 0) of a Poisson process at
+    ``rate_per_s``, seeded."""
+    rng = random.Random(seed)
+    return list(itertools.accumulate([0.0] + [rng.expovariate(rate_per_s) for _ in range(n - 1)]))
+
+
 class Replica:
     """The runner's view of one engine for routers and policies: calls in flight, and
     the KV tokens they hold (prompt + tokens streamed so far, counted by the runner)."""
@@ -154,10 +161,7 @@ class LiveRunner:
                 raise ConfigError("arrivals", f"{len(times)} times", f"at least one per request ({n}), >= 0, "
                                                                      "in order")
             return times[:n]
-        if rate_per_s:
-            rng = random.Random(seed)
-            return list(itertools.accumulate([0.0] + [rng.expovariate(rate_per_s) for _ in range(n - 1)]))
-        return None
+        return poisson_arrivals(n, rate_per_s, seed) if rate_per_s else None
 
     def check_sessions(self, policy: Policy) -> None:
         """The ``session`` layout needs engines that keep sessions for every consumer slot."""
