@@ -165,8 +165,8 @@ async def flush_every_second(rowlog) -> None:
         rowlog.flush()
 
 
-async def run(args, model, servers: dict) -> tuple[list[dict], list[dict], dict]:
-    """The requests under the fault plan; (request records, fault records, proxy counts)."""
+async def run(args, model, servers: dict, fault_plan: list[Fault]) -> tuple[list[dict], list[dict], dict]:
+    """The requests under ``fault_plan``; (request records, fault records, proxy counts)."""
     from live.prompts import load_prompts
     from live.rowlog import RowLog
     from staircase.policies import StaircasePolicy
@@ -179,7 +179,7 @@ async def run(args, model, servers: dict) -> tuple[list[dict], list[dict], dict]
     rowlog = RowLog(args.out, runner.recorder, {"command": "chaos", "args": vars(args), "policy": policy.describe()})
     await runner.start()
     faults = ProcessFaults(servers, proxy, proxied=names[0], max_out=args.max_out or None)
-    background = [asyncio.ensure_future(flush_every_second(rowlog)), asyncio.ensure_future(faults.run(plan(args)))]
+    background = [asyncio.ensure_future(flush_every_second(rowlog)), asyncio.ensure_future(faults.run(fault_plan))]
     try:
         ended = await requests_loop(runner, policy, queries, args, args.request_timeout_s + HANG_GRACE_S)
     finally:
@@ -215,11 +215,11 @@ def check_rows(ended: list[dict], traces: Path) -> tuple[dict, Counter]:
     """Ended requests against their rows on disk: (counts, inputs lost by reason)."""
     from live.rowlog import read_parts
 
+    import pandas as pd
+
     parts = read_parts(traces)
     requests = [r for r, _ in parts.values()]
     chunks = [c for _, c in parts.values()]
-    import pandas as pd
-
     req = pd.concat(requests, ignore_index=True) if requests else pd.DataFrame(columns=["request_id"])
     ch = pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame(columns=["request_id", "node", "tokens"])
     on_disk = Counter(req["request_id"])
@@ -333,7 +333,7 @@ def main(argv=None) -> int:
 
     args = parse_args(argv)
     try:
-        plan(args)  # bad options fail here, before any engine starts
+        fault_plan = plan(args)  # bad options fail here, before any engine starts
         model = Path(args.model) if args.model else smollm2_folder()
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -343,7 +343,7 @@ def main(argv=None) -> int:
     started = time.monotonic()
     servers = start_servers(model, 3)
     try:
-        ended, faults, proxy = asyncio.run(run(args, model, servers))
+        ended, faults, proxy = asyncio.run(run(args, model, servers, fault_plan))
     finally:
         for server in servers.values():
             server.stop()
