@@ -32,7 +32,7 @@ from pathlib import Path
 
 import scipy.stats
 
-from staircase.deployment import parse_slots
+from staircase.deployment import parse_slots, slots_schema
 from staircase.errors import ConfigError
 from staircase.topology import slot_target
 
@@ -271,9 +271,7 @@ def json_schema() -> dict:
                            "machine": {"type": ["object", "null"]},
                            "engines": {"type": "object", "minProperties": 1, "propertyNames": {"minLength": 1},
                                        "additionalProperties": engine},
-                           "slots": {"type": "object", "required": ["proposers", "aggregator"], "properties": {
-                               "proposers": {"type": "array", "minItems": 1, "items": {"type": "string"}},
-                               "aggregator": {"type": "string"}}},
+                           "slots": slots_schema(),
                            "engine_sharing": {"enum": list(SHARING)},
                            "lengths": {"anyOf": [{"type": "null"}, {"type": "object",
                                                                     "properties": {"proposer_factor": noise}}]}}}

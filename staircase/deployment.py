@@ -329,7 +329,11 @@ def json_schema() -> dict:
             "properties": {"schema": {"const": SCHEMA_ID},
                            "pools": {"type": "object", "minProperties": 1, "propertyNames": {"minLength": 1},
                                      "additionalProperties": pool},
-                           "slots": {"type": "object", "required": ["proposers", "aggregator"],
-                                     "properties": {"proposers": {"type": "array", "minItems": 1,
-                                                                  "items": {"type": "string"}},
-                                                    "aggregator": {"type": "string"}}}}}
+                           "slots": slots_schema()}}
+
+
+def slots_schema() -> dict:
+    """The JSON Schema of the slots ``parse_slots`` reads (deployment, engine config, profile)."""
+    return {"type": "object", "required": ["proposers", "aggregator"],
+            "properties": {"proposers": {"type": "array", "minItems": 1, "items": {"type": "string"}},
+                           "aggregator": {"type": "string"}}}

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Mapping
 
-from staircase.deployment import Deployment, deployment_from_dict, parse_slots, replica_names
+from staircase.deployment import Deployment, deployment_from_dict, parse_slots, replica_names, slots_schema
 from staircase.errors import ConfigError
 from staircase.topology import Topology
 
@@ -257,7 +257,4 @@ def json_schema() -> dict:
             "title": "staircase engines and slots", "type": "object", "required": ["engines"],
             "properties": {"engines": {"type": "object", "minProperties": 1, "propertyNames": {"minLength": 1},
                                        "additionalProperties": engine},
-                           "slots": {"type": "object", "required": ["proposers", "aggregator"],
-                                     "properties": {"proposers": {"type": "array", "minItems": 1,
-                                                                  "items": {"type": "string"}},
-                                                    "aggregator": {"type": "string"}}}}}
+                           "slots": slots_schema()}}
