@@ -50,8 +50,9 @@ def _profile_mutated(raw):
     base = json.loads(json.dumps(load_profile().raw))
     if isinstance(raw, dict):
         base.update(raw)
-        for name in list(base.get("engines") or {})[:1]:
-            if isinstance(base["engines"], dict) and isinstance(base["engines"][name], dict):
+        engines = base.get("engines")
+        for name in list(engines)[:1] if isinstance(engines, dict) else []:  # (raw may have replaced them)
+            if isinstance(engines[name], dict):
                 base["engines"][name].update({k: v for k, v in raw.items() if k not in base})
     parse_profile(base)
 
