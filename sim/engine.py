@@ -24,6 +24,13 @@ system instruction of each prompt kind once seen, and a request's source prompt
 (system + query, identical for all its first-stage proposers) once one of them was
 prefilled; hits round down to whole blocks
 and leave at least one token to compute, as vLLM does.
+
+With a token budget per step (the profile's ``max_num_batched_tokens``: vLLM's chunked
+prefill on a GPU), a step holds one token per running decode and at most the rest of the
+budget of prompt tokens; a longer prompt goes on over several steps, each a mixed step
+with the decodes, its attention over its earlier parts costed by the cross term. A call
+is admitted when its prompt and whole answer fit the KV left (vLLM allocates as it goes
+and preempts when full; here a call that would not fit queues instead: no preemption).
 """
 
 from __future__ import annotations
@@ -87,7 +94,7 @@ class SimCall(CallRecord):
     reports progress to ``driver`` (``admitted``, ``chunk``, ``finished``, ``failed``)."""
 
     __slots__ = ("key", "reuse_tokens", "shared_tokens", "shared_key", "ends", "reason", "end_i", "join_iter",
-                 "cancelled", "open", "session")
+                 "cancelled", "open", "session", "computed")
 
     def __init__(self, driver, generate, node, tokens_before: int, key, prompt_tokens: int, reuse_tokens: int,
                  shared_tokens: int, shared_key, natural_tokens: int, session: bool = False):
@@ -105,6 +112,7 @@ class SimCall(CallRecord):
         self.cancelled = False
         self.session = session  # a step of an engine session: its reuse is kept KV, not the cache's
         self.open = False  # counted in its engine's in_flight (submitted, not ended or cancelled)
+        self.computed = -1  # prompt tokens in KV (cached + prefilled) once admitted; -1 before (chunked prefill)
         max_tokens, boundaries = generate.max_tokens, generate.boundaries
         self.reason = "stop" if natural_tokens <= max_tokens else "length"
         # chunk ends, cumulative in the call; the last is where the call stops. A policy
@@ -146,6 +154,7 @@ class SimEngine:
         self._per_token_s = model.decode_per_context_token_s
         self._overhead_s, self._kv_tokens = model.request_overhead_s, model.kv_cache_tokens
         self._block, self._max_batch = model.block_size_tokens, model.max_batch_size
+        self._step_tokens = model.max_num_batched_tokens  # 0: whole prompts in one step
         nz = model.noise if noise else {}
         self._prefill_noise = Draws(nz.get("prefill"), rng)
         self._decode_noise = Draws(nz.get("decode"), rng)
@@ -161,6 +170,7 @@ class SimEngine:
         self.prefilling: list[SimCall] | None = None
         self.prefill_end = 0.0
         self._mixed = False
+        self._partial = None  # chunked prefill: the call the budget cut in the step under way
         self._timer = None  # the one live timer; older ones are stale
         self._decode_target = 0.0  # the iteration the live decode timer wakes at
         self._on_prefill_timer_cb, self._on_decode_timer_cb = self._on_prefill_timer, self._on_decode_timer
@@ -332,9 +342,15 @@ class SimEngine:
 
     def _start_prefill(self) -> bool:
         """Admit waiting calls together (up to the batch and KV limits) into one prefill
-        step, and time it; False when none could be admitted or an iteration must end first."""
+        step, and time it; False when none could be admitted or an iteration must end first.
+        With a token budget per step (``max_num_batched_tokens``, vLLM's chunked prefill),
+        the step holds the running decodes' tokens and at most the rest of the budget of
+        prompt tokens: the last call admitted may get only part of its prompt, and goes
+        on in the next step (its first token comes with its last part)."""
         if self._mid_iteration():
             return False
+        if self._step_tokens:
+            return self._start_chunked_prefill()
         group: list[SimCall] = []
         uncached, squares, cross = 0, 0.0, 0.0  # new tokens; their squares and products with cached ones, summed
         model = self.model
@@ -357,6 +373,56 @@ class SimEngine:
             group.append(call)
         if not group:
             return False
+        self._time_step(group, uncached, squares, cross)
+        return True
+
+    def _start_chunked_prefill(self) -> bool:
+        """One step under the token budget (``_start_prefill``): calls whose prompt ends
+        in it go to ``prefilling``; a call cut by the budget stays first in ``waiting``
+        with its ``computed`` tokens, and the step's timer runs it on too."""
+        group: list[SimCall] = []
+        uncached, squares, cross = 0, 0.0, 0.0
+        budget = self._step_tokens - len(self.batch)  # each running decode takes a token of the step
+        if budget < 1:
+            budget = 1
+        self._partial = None
+        while self.waiting and budget > 0 and len(self.batch) + len(group) < self._max_batch:
+            call = self.waiting[0]
+            if call.cancelled:
+                self.waiting.popleft()
+                if call.computed >= 0:  # admitted, cut by an earlier step's budget: free its KV
+                    self.running_tokens -= call.prompt_tokens + call.ends[-1]
+                continue
+            if call.computed < 0:
+                need = call.prompt_tokens + call.ends[-1]
+                if (group or self.batch) and self.running_tokens + need > self._kv_tokens:
+                    break  # no KV room: it queues (vLLM would preempt; see the module's docstring)
+                self.running_tokens += need
+                self._evict()
+                cached = self._cached_tokens(call)
+                call.computed = cached
+                call.driver.admitted(call, call.prompt_tokens, cached)
+                self.queue_waits.append(self.env.now - call.sent_s)
+            done = call.computed
+            new = call.prompt_tokens - done
+            if new > budget:
+                new = budget
+            uncached, squares, cross = uncached + new, squares + new * new, cross + new * done
+            budget -= new
+            call.computed = done + new
+            if call.computed < call.prompt_tokens:
+                self._partial = call  # stays first in waiting; goes on in the next step
+                break
+            self.waiting.popleft()
+            group.append(call)
+        if not group and self._partial is None:
+            return False
+        self._time_step(group, uncached, squares, cross)
+        return True
+
+    def _time_step(self, group: list, uncached: float, squares: float, cross: float) -> None:
+        """Time a prefill step of ``group`` (``uncached`` new tokens in all) and start it."""
+        model = self.model
         self.prefilling = group
         self.prefills += 1
         cost = model.prefill_s(uncached, squares, cross)
@@ -368,7 +434,6 @@ class SimEngine:
             self._mixed = False
             duration = cost * self._prefill_noise.draw()
         self._prefill_timer(duration)
-        return True
 
     def _prefill_timer(self, duration: float) -> None:
         now = self.env.now

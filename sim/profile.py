@@ -5,6 +5,14 @@
                             new tokens' attention over the cached context, is optional: 0)
     decode_iteration_s    = base + per_seq * B + per_context_token * C  (B: batch size, C: context tokens in batch)
     request_overhead_s    = constant per call (network, API front end)
+    max_num_batched_tokens  (optional) tokens per engine step: vLLM's chunked prefill. A prompt
+                            longer than what the step's running decodes leave of it is prefilled
+                            over several steps, each mixed with the decodes; 0 or absent: whole
+                            prompts in one step (the CPU build, with chunked prefill off)
+
+A GPU engine profile built from a kernel database (``staircase profile``) also records
+``provenance``, ``fit_error`` and ``overheads`` (what the database omits, as named
+terms already added into the coefficients); the simulator reads only the numbers.
 
 Each of the three is multiplied by noise drawn from a scipy.stats distribution
 named in the profile (``{"dist": "lognorm", "params": {"s": 0.1, "scale": 1.0}}``).
@@ -80,6 +88,7 @@ class EngineModel:
     block_size_tokens: int
     noise: dict[str, Noise | None] = field(default_factory=dict)
     prefill_per_token_cached_s: float = 0.0  # per (uncached x cached) token pair of a call
+    max_num_batched_tokens: int = 0  # tokens per engine step (vLLM's chunked prefill); 0: whole prompts
 
     def prefill_s(self, uncached_tokens: float, squares: float | None = None, cross: float = 0.0) -> float:
         """A prefill of ``uncached_tokens`` (``squares``: the sum of each call's squared
@@ -177,7 +186,12 @@ def _engine(name: str, raw: dict) -> EngineModel:
         noise={k: _noise(noise_raw.get(k), f"{where}.noise.{k}") for k in ("prefill", "decode", "overhead")},
         prefill_per_token_cached_s=_number(pre, "per_token_cached", f"{where}.prefill_s") if "per_token_cached" in pre
         else 0.0,
+        max_num_batched_tokens=_number(raw, "max_num_batched_tokens", where, 0, integer=True)
+        if raw.get("max_num_batched_tokens") is not None else 0,
     )
+    if 0 < model.max_num_batched_tokens < 2:
+        raise ConfigError(f"{where}.max_num_batched_tokens", model.max_num_batched_tokens,
+                          "0 (whole prompts in one step) or a budget of at least 2 tokens per step")
     if model.decode_base_s + model.decode_per_seq_s <= 0:
         raise ConfigError(f"{where}.decode_iteration_s.base", model.decode_base_s, "a positive iteration time")
     return model
@@ -261,6 +275,16 @@ def json_schema() -> dict:
                              "decode_iteration_s": terms("base", "per_seq", "per_context_token"),
                              "request_overhead_s": coeff, "max_batch_size": count, "kv_cache_tokens": count,
                              "block_size_tokens": count,
+                             "max_num_batched_tokens": {"anyOf": [{"type": "null"}, {"const": 0},
+                                                                  {"type": "integer", "minimum": 2}],
+                                                        "description": "tokens per engine step (chunked prefill); "
+                                                                       "0 or absent: whole prompts in one step"},
+                             "provenance": {"type": ["object", "null"],
+                                            "description": "where the numbers come from (database, versions, GPU)"},
+                             "fit_error": {"type": ["object", "null"],
+                                           "description": "the form's error against its source"},
+                             "overheads": {"type": ["object", "null"],
+                                           "description": "named terms added to the source's step times"},
                              "noise": {"anyOf": [{"type": "null"}, {"type": "object", "additionalProperties": False,
                                                                    "properties": {k: noise for k in
                                                                                   ("prefill", "decode", "overhead")}}]}}}
