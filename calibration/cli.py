@@ -413,12 +413,8 @@ def run_validate(args: argparse.Namespace) -> int:
 
     from .validate import load_live_run, validate
 
-    if args.published is not None:
-        if args.runs:
-            raise ConfigError("runs", [str(r) for r in args.runs], "none with --published (one or the other)")
+    if _inputs_of_validate(args) == "published":
         return _run_published(args)
-    if not args.runs:
-        raise ConfigError("runs", [], "one or more `staircase live` results folders, or --published CSV")
 
     runs = [load_live_run(r) for r in args.runs]  # all inputs checked before any simulation
     profile = load_profile(args.profile)
@@ -449,6 +445,17 @@ def run_validate(args: argparse.Namespace) -> int:
     print(f"\nresults: {folder}/ (validation.csv, validation.json, targets.csv"
           + (", cdf_*.png)" if figures else ")"))
     return 0
+
+
+def _inputs_of_validate(args: argparse.Namespace) -> str:
+    """``published`` or ``runs``: which of the two inputs validate was given (exactly one)."""
+    if args.published is not None:
+        if args.runs:
+            raise ConfigError("runs", [str(r) for r in args.runs], "none with --published (one or the other)")
+        return "published"
+    if not args.runs:
+        raise ConfigError("runs", [], "one or more `staircase live` results folders, or --published CSV")
+    return "runs"
 
 
 def _run_published(args: argparse.Namespace) -> int:

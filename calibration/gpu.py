@@ -213,17 +213,8 @@ def build_engine(spec: GPUEngineSpec) -> dict:
     """One engine of a profile (``sim/profile.py``'s JSON) from the database, with its
     provenance, fit error and overhead terms."""
     version = check_spec(spec)
-    perf_database, EngineHandle, estimate_kv_cache = _aic()
     started = time.perf_counter()
-    quant = _quant(spec.precision)
-    with _quiet():
-        try:
-            handle = EngineHandle.compile(spec.model, spec.gpu, spec.backend, backend_version=version,
-                                          tp_size=spec.tp, **quant)
-        except Exception as err:  # the package's own message names what it could not build
-            raise ConfigError("model", spec.model, f"a model the database can build on {spec.gpu}/{spec.backend} "
-                              f"at tp {spec.tp}, {spec.precision} ({type(err).__name__}: {str(err)[:160]})") from None
-        kv = _kv(estimate_kv_cache, spec, version, quant)
+    handle, kv = _compile(spec, version)
     budget, seqs = scheduler_settings(spec, kv["total_gpu_capacity_bytes"])
     kv_tokens = int(kv["total_kv_size_tokens"])
     if kv_tokens < MAX_CONTEXT // 8:
@@ -244,32 +235,51 @@ def build_engine(spec: GPUEngineSpec) -> dict:
         "block_size_tokens": 16,
         "max_num_batched_tokens": budget,
         "noise": None,
-        "provenance": {
-            "source": "NVIDIA AIConfigurator kernel database (PyPI aiconfigurator-core, Apache-2.0)",
-            "package": "aiconfigurator-core", "package_version": importlib.metadata.version("aiconfigurator-core"),
-            "database": f"{spec.gpu}/{spec.backend}/{version}", "gpu": spec.gpu, "engine": spec.backend,
-            "engine_version": version, "model": spec.model, "tp": spec.tp, "precision": spec.precision,
-            "gpu_memory_utilization": spec.gpu_memory_utilization,
-            "kv_bytes_per_token": kv["kv_size_per_token_bytes"], "gpu_memory_bytes": kv["total_gpu_capacity_bytes"],
-            "scheduler": {"max_num_batched_tokens": budget, "max_num_seqs": seqs,
-                          "source": "the engine's defaults for this GPU (vLLM arg_utils; SGLang server_args)"
-                          if spec.max_num_batched_tokens is None and spec.max_num_seqs is None else "given"},
-            "built_s": round(time.perf_counter() - started, 2),
-        },
-        "fit_error": {
-            "decode_iteration_s": {**dec_err, "grid": f"batch {DECODE_BATCHES[0]}-{DECODE_BATCHES[-1]}, "
-                                   f"context {DECODE_CONTEXTS[0]}-{DECODE_CONTEXTS[-1]} tokens per sequence, "
-                                   "within the KV cache"},
-            "prefill_s": {**pre_err, "grid": f"new tokens {PREFILL_NEW[0]}-{PREFILL_NEW[-1]}, cached "
-                          f"{PREFILL_CACHED[0]}-{PREFILL_CACHED[-1]}, total <= {MAX_CONTEXT}"},
-            "against": "the database's own step predictions (predict_prefill_latency, decode_step_latency)",
-        },
+        "provenance": _provenance(spec, version, kv, budget, seqs, time.perf_counter() - started),
+        "fit_error": _fit_error(dec_err, pre_err),
         "overheads": {"per_request_s": over.per_request_s, "per_step_s": over.per_step_s,
                       "per_seq_step_s": over.per_seq_step_s, "source": over.source,
                       "note": "not in the database; per_step_s is in both bases above, per_seq_step_s in "
                               "decode per_seq, per_request_s is request_overhead_s"},
     }
     return engine
+
+
+def _compile(spec: GPUEngineSpec, version: str):
+    """(the database's engine handle, its KV estimate) for a checked spec."""
+    _, EngineHandle, estimate_kv_cache = _aic()
+    quant = _quant(spec.precision)
+    with _quiet():
+        try:
+            handle = EngineHandle.compile(spec.model, spec.gpu, spec.backend, backend_version=version,
+                                          tp_size=spec.tp, **quant)
+        except Exception as err:  # the package's own message names what it could not build
+            raise ConfigError("model", spec.model, f"a model the database can build on {spec.gpu}/{spec.backend} "
+                              f"at tp {spec.tp}, {spec.precision} ({type(err).__name__}: {str(err)[:160]})") from None
+        return handle, _kv(estimate_kv_cache, spec, version, quant)
+
+
+def _provenance(spec: GPUEngineSpec, version: str, kv: dict, budget: int, seqs: int, took_s: float) -> dict:
+    given = spec.max_num_batched_tokens is not None or spec.max_num_seqs is not None
+    return {"source": "NVIDIA AIConfigurator kernel database (PyPI aiconfigurator-core, Apache-2.0)",
+            "package": "aiconfigurator-core", "package_version": importlib.metadata.version("aiconfigurator-core"),
+            "database": f"{spec.gpu}/{spec.backend}/{version}", "gpu": spec.gpu, "engine": spec.backend,
+            "engine_version": version, "model": spec.model, "tp": spec.tp, "precision": spec.precision,
+            "gpu_memory_utilization": spec.gpu_memory_utilization,
+            "kv_bytes_per_token": kv["kv_size_per_token_bytes"], "gpu_memory_bytes": kv["total_gpu_capacity_bytes"],
+            "scheduler": {"max_num_batched_tokens": budget, "max_num_seqs": seqs,
+                          "source": "given" if given else
+                          "the engine's defaults for this GPU (vLLM arg_utils; SGLang server_args)"},
+            "built_s": round(took_s, 2)}
+
+
+def _fit_error(dec_err: dict, pre_err: dict) -> dict:
+    return {"decode_iteration_s": {**dec_err, "grid": f"batch {DECODE_BATCHES[0]}-{DECODE_BATCHES[-1]}, context "
+                                   f"{DECODE_CONTEXTS[0]}-{DECODE_CONTEXTS[-1]} tokens per sequence, within the KV "
+                                   "cache"},
+            "prefill_s": {**pre_err, "grid": f"new tokens {PREFILL_NEW[0]}-{PREFILL_NEW[-1]}, cached "
+                          f"{PREFILL_CACHED[0]}-{PREFILL_CACHED[-1]}, total <= {MAX_CONTEXT}"},
+            "against": "the database's own step predictions (predict_prefill_latency, decode_step_latency)"}
 
 
 def _kv(estimate_kv_cache, spec: GPUEngineSpec, version: str, quant: dict) -> dict:

@@ -59,6 +59,8 @@ cdef class SimEngine:
     cpdef bint _start_prefill(self)
     @cython.locals(budget=long, done=long, new=long, call=SimCall)
     cpdef bint _start_chunked_prefill(self)
+    @cython.locals(need=long, cached=long)
+    cpdef bint _admit(self, SimCall call, bint others)
     cpdef void _time_step(self, list group, double uncached, double squares, double cross)
     cpdef void _prefill_timer(self, double duration)
     cpdef void _arm_decode_timer(self)

@@ -393,16 +393,8 @@ class SimEngine:
                 if call.computed >= 0:  # admitted, cut by an earlier step's budget: free its KV
                     self.running_tokens -= call.prompt_tokens + call.ends[-1]
                 continue
-            if call.computed < 0:
-                need = call.prompt_tokens + call.ends[-1]
-                if (group or self.batch) and self.running_tokens + need > self._kv_tokens:
-                    break  # no KV room: it queues (vLLM would preempt; see the module's docstring)
-                self.running_tokens += need
-                self._evict()
-                cached = self._cached_tokens(call)
-                call.computed = cached
-                call.driver.admitted(call, call.prompt_tokens, cached)
-                self.queue_waits.append(self.env.now - call.sent_s)
+            if call.computed < 0 and not self._admit(call, bool(group or self.batch)):
+                break  # no KV room: it queues (vLLM would preempt; see the module's docstring)
             done = call.computed
             new = call.prompt_tokens - done
             if new > budget:
@@ -418,6 +410,20 @@ class SimEngine:
         if not group and self._partial is None:
             return False
         self._time_step(group, uncached, squares, cross)
+        return True
+
+    def _admit(self, call: SimCall, others: bool) -> bool:
+        """Admit a call into chunked prefill (its KV reserved, its cache hit counted);
+        False when others hold the KV it needs."""
+        need = call.prompt_tokens + call.ends[-1]
+        if others and self.running_tokens + need > self._kv_tokens:
+            return False
+        self.running_tokens += need
+        self._evict()
+        cached = self._cached_tokens(call)
+        call.computed = cached
+        call.driver.admitted(call, call.prompt_tokens, cached)
+        self.queue_waits.append(self.env.now - call.sent_s)
         return True
 
     def _time_step(self, group: list, uncached: float, squares: float, cross: float) -> None:

@@ -258,6 +258,16 @@ def load_profile(path: Path | str | None = None) -> Profile:
     return parse_profile(raw, str(path))
 
 
+GPU_FIELDS_SCHEMA = {  # an engine's optional fields from `staircase profile` (GPU engines from a database)
+    "max_num_batched_tokens": {"anyOf": [{"type": "null"}, {"const": 0}, {"type": "integer", "minimum": 2}],
+                               "description": "tokens per engine step (chunked prefill); 0 or absent: whole "
+                                              "prompts in one step"},
+    "provenance": {"type": ["object", "null"], "description": "where the numbers come from (database, versions, GPU)"},
+    "fit_error": {"type": ["object", "null"], "description": "the form's error against its source"},
+    "overheads": {"type": ["object", "null"], "description": "named terms added to the source's step times"},
+}
+
+
 def json_schema() -> dict:
     """The JSON Schema of a profile file. Beyond it: a noise ``dist`` names a continuous
     scipy.stats distribution whose ``params`` give a finite mean and support >= 0; the
@@ -275,16 +285,7 @@ def json_schema() -> dict:
                              "decode_iteration_s": terms("base", "per_seq", "per_context_token"),
                              "request_overhead_s": coeff, "max_batch_size": count, "kv_cache_tokens": count,
                              "block_size_tokens": count,
-                             "max_num_batched_tokens": {"anyOf": [{"type": "null"}, {"const": 0},
-                                                                  {"type": "integer", "minimum": 2}],
-                                                        "description": "tokens per engine step (chunked prefill); "
-                                                                       "0 or absent: whole prompts in one step"},
-                             "provenance": {"type": ["object", "null"],
-                                            "description": "where the numbers come from (database, versions, GPU)"},
-                             "fit_error": {"type": ["object", "null"],
-                                           "description": "the form's error against its source"},
-                             "overheads": {"type": ["object", "null"],
-                                           "description": "named terms added to the source's step times"},
+                             **GPU_FIELDS_SCHEMA,
                              "noise": {"anyOf": [{"type": "null"}, {"type": "object", "additionalProperties": False,
                                                                    "properties": {k: noise for k in
                                                                                   ("prefill", "decode", "overhead")}}]}}}
