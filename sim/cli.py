@@ -98,8 +98,13 @@ def run(args: argparse.Namespace) -> int:
         "wall_s": round(wall_s, 3), "overloaded": overloaded} | ({"load": load} if load else {}) | (
         {"deployment": deployment.to_dict()} if deployment else {})
     if args.format == "table":
+        database = {e.get("provenance", {}).get("database") for e in profile.raw.get("engines", {}).values()
+                    if isinstance(e, dict) and isinstance(e.get("provenance"), dict)} - {None}
         if profile.calibrated:
             print(f"profile {profile.name}: calibrated on {label(profile.machine)}; it predicts that machine\n")
+        elif database:
+            print(f"profile {profile.name}: GPU engines from a kernel database ({', '.join(sorted(database))}), "
+                  "not calibrated on your engines; `staircase validate --published` states its error\n")
         else:
             print(f"note: profile '{profile.name}' is not calibrated; figures show shapes, not a deployment.\n")
     tables = {"pools": pool_frame(traces, deployment.engine_pools())} if deployment else {}

@@ -190,3 +190,34 @@ def test_validate_published_command(tmp_path):
     got = pd.read_csv(out / "published.csv")
     assert len(got) == 4 and (out / "published.png").is_file()
     assert "per source" in r.stdout
+
+
+# ------------------------------------------------------------ vLLM arguments of a live engine
+
+def test_engine_config_passes_vllm_arguments_through():
+    from live.engines.config import build_engine as live_engine
+
+    serve = live_engine("a", {"kind": "serve", "model": "smollm2", "vllm_args": {
+        "max_model_len": 8192, "tensor_parallel_size": 4, "gpu_memory_utilization": 0.85,
+        "max_num_batched_tokens": 8192, "enable_chunked_prefill": True, "devices": "0,1,2,3"}})
+    cmd, env = serve.server.command()
+    line = " ".join(cmd)
+    assert "--max-model-len 8192" in line and "--max-model-len 4096" not in line
+    assert "--tensor-parallel-size 4" in line and "--gpu-memory-utilization 0.85" in line
+    # the given budget comes after the CPU build's own settings, so it is the one vLLM keeps
+    assert line.rindex("--max-num-batched-tokens 8192") > line.find("--max-num-batched-tokens 4096")
+    assert cmd[-1] == "--enable-chunked-prefill" and env["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
+    inproc = live_engine("b", {"kind": "vllm", "model": "smollm2", "vllm_args": {"max_model_len": 2048,
+                                                                                "max_num_seqs": 8}})
+    assert inproc.args["max_model_len"] == 2048 and inproc.args["max_num_seqs"] == 8
+
+
+@pytest.mark.parametrize("args,field", [({"tp": 2}, "vllm_args.tp"), ({"gpu_memory_utilization": 1.5},
+                                                                       "vllm_args.gpu_memory_utilization"),
+                                        ({"max_num_seqs": 0}, "vllm_args.max_num_seqs"), ("x", "vllm_args")])
+def test_bad_vllm_arguments_name_the_field(args, field):
+    from live.engines.config import build_engine as live_engine
+
+    with pytest.raises(ConfigError) as err:
+        live_engine("c", {"kind": "vllm", "model": "smollm2", "vllm_args": args})
+    assert err.value.field == f"config.engines.c.{field}"

@@ -32,9 +32,44 @@ from .base import Engine
 from .http_engine import HTTPEngine, check_url
 from .inprocess import VLLMEngine
 from .replay import replay_from_spec
-from .serve import ServeEngine
+from .serve import ServeEngine, vllm_flags  # noqa: F401 (vllm_flags: part of the config's API)
 
 ENGINE_KINDS = ("vllm", "serve", "http", "replay")
+# vLLM engine arguments a vllm or serve engine passes through (``vllm_args``): name -> (type, minimum,
+# what is allowed). On a GPU these are what a deployment sets; on vLLM's CPU build the machine's own
+# settings (eager, whole prefills) come first and these override them.
+VLLM_ARGS = {
+    "max_model_len": (int, 16, "an integer >= 16 (tokens; default 4096)"),
+    "tensor_parallel_size": (int, 1, "an integer >= 1 (GPUs per engine)"),
+    "gpu_memory_utilization": (float, 0.05, "a fraction in [0.05, 1]"),
+    "max_num_batched_tokens": (int, 16, "an integer >= 16 (the chunked-prefill budget per step)"),
+    "max_num_seqs": (int, 1, "an integer >= 1"),
+    "enable_chunked_prefill": (bool, None, "true or false"),
+    "devices": (str, None, 'GPU indices as text ("0,1"): CUDA_VISIBLE_DEVICES of the engine'),
+}
+
+
+def check_vllm_args(name: str, raw: object) -> dict:
+    """A vllm or serve engine's ``vllm_args``, checked (errors name the field)."""
+    where = f"config.engines.{name}.vllm_args"
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(where, raw, "an object of vLLM arguments: " + ", ".join(VLLM_ARGS))
+    out = {}
+    for key, value in raw.items():
+        if key not in VLLM_ARGS:
+            raise ConfigError(f"{where}.{key}", value, "one of the keys " + ", ".join(VLLM_ARGS))
+        kind, minimum, allowed = VLLM_ARGS[key]
+        ok = isinstance(value, bool) if kind is bool else (
+            isinstance(value, str) and bool(value.strip()) if kind is str else
+            isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or
+                                                                                float(value).is_integer())
+            and value >= minimum and (key != "gpu_memory_utilization" or value <= 1))
+        if not ok:
+            raise ConfigError(f"{where}.{key}", value, allowed)
+        out[key] = int(value) if kind is int else value
+    return out
 
 
 @dataclass(frozen=True)
@@ -125,6 +160,7 @@ def build_engine(name: str, spec: object, dtype: str | None = None) -> Engine:
         raise ConfigError(f"config.engines.{name}.dtype", spec["dtype"], ", ".join(DTYPES))
     _strings(name, spec, ("model",))
     model = model_path(spec.get("model") or "", f"config.engines.{name}.model")
+    vargs = check_vllm_args(name, spec.get("vllm_args"))
     if kind == "serve":
         threads = spec.get("threads")
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, (str, int))
@@ -133,8 +169,8 @@ def build_engine(name: str, spec: object, dtype: str | None = None) -> Engine:
                               "CPU cores as text (\"0-1\", \"2,3\") or one core's number; with a deployment, a "
                               "list of those, one per replica")
         return ServeEngine(model, name=name, threads=None if threads is None else str(threads),
-                           dtype=spec.get("dtype") or dtype)
-    return VLLMEngine(model, name=name, dtype=spec.get("dtype") or dtype)
+                           dtype=spec.get("dtype") or dtype, vllm_args=vargs)
+    return VLLMEngine(model, name=name, dtype=spec.get("dtype") or dtype, vllm_args=vargs)
 
 
 def _strings(name: str, spec: dict, keys) -> None:
@@ -240,9 +276,14 @@ def json_schema() -> dict:
     model = {"type": "string", "minLength": 1, "description": "smollm2 (bundled) or a model folder with a config.json"}
     dtype = {"enum": [*DTYPES, None], "description": "default: from the machine (live.machine.engine_settings)"}
     cores = {"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 0}]}
+    vargs = {"anyOf": [{"type": "null"}, {"type": "object", "additionalProperties": False, "properties": {
+        k: ({"type": "boolean"} if t is bool else {"type": "string", "pattern": r"\S"} if t is str else
+            {"type": "integer" if t is int else "number", "minimum": m,
+             **({"maximum": 1} if k == "gpu_memory_utilization" else {})}) for k, (t, m, _) in VLLM_ARGS.items()},
+        "description": "vLLM engine arguments passed through (a GPU deployment's settings)"}]}
     kinds = {
-        "vllm": ({"model": model, "dtype": dtype}, ["model"]),
-        "serve": ({"model": model, "dtype": dtype, "threads": {"anyOf": [cores, {"type": "null"}, {
+        "vllm": ({"model": model, "dtype": dtype, "vllm_args": vargs}, ["model"]),
+        "serve": ({"model": model, "dtype": dtype, "vllm_args": vargs, "threads": {"anyOf": [cores, {"type": "null"}, {
             "type": "array", "minItems": 1, "items": cores, "description": "with a deployment: one per replica"}]}},
                   ["model"]),
         "http": ({"url": {"type": "string", "pattern": "^https?://"}, "model": text, "api_key_env": text,

@@ -51,12 +51,16 @@ class VLLMEngine(Engine):
 
     def __init__(self, model: str | Path, name: str = "vllm", max_model_len: int = 4096,
                  enable_prefix_caching: bool = True, dtype: str | None = None, enforce_eager: bool | None = None,
-                 block_size: int | None = None, extra_args: dict | None = None):
+                 block_size: int | None = None, extra_args: dict | None = None, vllm_args: dict | None = None):
         if not Path(model).exists() and not str(model).count("/") == 1:
             raise ConfigError("model", str(model), "an existing model folder (or a hub id on a machine with a hub)")
         self.model = str(model)
         self.name = name
         self.settings = engine_settings(dtype)
+        vllm_args = dict(vllm_args or {})  # checked by live.engines.config.check_vllm_args
+        self.devices = vllm_args.pop("devices", None)
+        max_model_len = vllm_args.pop("max_model_len", max_model_len)
+        extra_args = {**vllm_args, **(extra_args or {})}
         on_cpu = self.settings["cpu_threads_bind"] is not None
         # on a CPU: eager (a compile costs minutes and decodes slower), 32-token blocks; on a GPU vLLM's defaults
         if enforce_eager is None:
@@ -72,6 +76,8 @@ class VLLMEngine(Engine):
         if self.llm is not None:
             return
         cpu_engine_env(self.settings["cpu_threads_bind"])
+        if self.devices:
+            os.environ["CUDA_VISIBLE_DEVICES"] = self.devices
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 

@@ -28,6 +28,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def vllm_flags(args: dict) -> list[str]:
+    """``vllm serve`` flags of checked ``vllm_args`` (devices go in the environment)."""
+    flags = []
+    for key, value in args.items():
+        if key == "devices":
+            continue
+        flag = "--" + key.replace("_", "-")
+        flags += [flag if value else f"--no-{flag[2:]}"] if isinstance(value, bool) else [flag, str(value)]
+    return flags
+
+
 @dataclass
 class VLLMServer:
     """``python -m vllm.entrypoints.openai.api_server`` on 127.0.0.1 (the PyPI package is
@@ -39,6 +50,7 @@ class VLLMServer:
     ready_timeout_s: float = 180.0
     dtype: str | None = None  # None: picked from the machine (``live.machine.engine_settings``)
     extra_args: list[str] = field(default_factory=list)
+    vllm_args: dict = field(default_factory=dict)  # checked by live.engines.config.check_vllm_args
     log_path: Path | None = None
     proc: subprocess.Popen | None = None
 
@@ -65,8 +77,10 @@ class VLLMServer:
         env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # an idle server would spin a core
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model),
                "--host", "127.0.0.1", "--port", str(self.port), "--dtype", self.settings["dtype"],
-               "--enable-prefix-caching", "--enable-prompt-tokens-details", "--max-model-len", "4096",
-               "--served-model-name", "model"]
+               "--enable-prefix-caching", "--enable-prompt-tokens-details", "--max-model-len",
+               str(self.vllm_args.get("max_model_len", 4096)), "--served-model-name", "model"]
+        if self.vllm_args.get("devices"):
+            env["CUDA_VISIBLE_DEVICES"] = self.vllm_args["devices"]
         if self.settings["cpu_threads_bind"] is not None:
             self.threads = self.threads or self.settings["cpu_threads_bind"]
             self.settings["cpu_threads_bind"] = self.threads
@@ -74,7 +88,8 @@ class VLLMServer:
                        VLLM_CPU_OMP_THREADS_BIND=self.threads)
             cmd += ["--enforce-eager", "--block-size", "32", "--no-enable-chunked-prefill",
                     "--max-num-batched-tokens", "4096"]
-        return cmd + list(self.extra_args), env
+        rest = {k: v for k, v in self.vllm_args.items() if k != "max_model_len"}
+        return cmd + vllm_flags(rest) + list(self.extra_args), env
 
     def wait_ready(self) -> None:
         import urllib.request
@@ -124,8 +139,8 @@ class ServeEngine(HTTPEngine):
     OWNS_PROCESS = True
 
     def __init__(self, model: str | Path, name: str = "serve", threads: str | None = None,
-                 dtype: str | None = None, **http_kwargs):
-        self.server = VLLMServer(model, threads=threads, dtype=dtype)
+                 dtype: str | None = None, vllm_args: dict | None = None, **http_kwargs):
+        self.server = VLLMServer(model, threads=threads, dtype=dtype, vllm_args=dict(vllm_args or {}))
         super().__init__("http://127.0.0.1", "model", name=name, tokenizer_path=model, **http_kwargs)
         self.settings = engine_settings(dtype)
         if threads is not None and self.settings["cpu_threads_bind"] is not None:
