@@ -1,5 +1,5 @@
 """The adaptive staircase policies against the paper's fixed schedule and wait-all, in
-the simulator: the paper's shape (6 proposers of three sizes on the illustrative GPU
+the simulator: the paper's shape (6 proposers of three sizes on the H100 (h100-moa)
 profile, 512-token answers), Poisson arrivals at a fraction of wait-all's capacity and
 the bundled Azure conversation trace at the same fraction, then a load sweep.
 
@@ -50,7 +50,7 @@ def metrics(trace) -> dict:
 
 
 def run(workloads: dict, args, bar) -> pd.DataFrame:
-    profile, topo = load_profile("illustrative-gpu"), moa(6)
+    profile, topo = load_profile("h100-moa"), moa(6)
     rows = []
     for label, wl in workloads.items():
         for p in policies(args.redundancy):
@@ -77,7 +77,7 @@ def plot_sweep(sweep: pd.DataFrame, path: Path) -> None:
                     facet_kws={"sharey": False}, height=3.2)
     g.set(yscale="log")
     g.set_xlabels("load (fraction of wait-all's capacity)")
-    g.figure.suptitle("MoA 6 proposers, illustrative GPU profile, 512-token answers", y=1.03)
+    g.figure.suptitle("MoA 6 proposers, H100 profile from the GPU kernel database (h100-moa), 512-token answers", y=1.03)
     g.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(g.figure)
 
@@ -93,9 +93,9 @@ def main() -> int:
     args = ap.parse_args()
     loads = [float(x) for x in args.loads.split(",")]
     base = Workload("poisson", requests=args.requests, output_tokens=512)
-    cap = capacity(moa(6), load_profile("illustrative-gpu"), base, max_tokens=512, seed=args.seed)
+    cap = capacity(moa(6), load_profile("h100-moa"), base, max_tokens=512, seed=args.seed)
     azure = Workload("azure", requests=args.requests)
-    azure_cap = capacity(moa(6), load_profile("illustrative-gpu"), azure, max_tokens=512, seed=args.seed)
+    azure_cap = capacity(moa(6), load_profile("h100-moa"), azure, max_tokens=512, seed=args.seed)
     print(f"wait-all capacity: {cap:.3f} requests/s (Poisson, 512-token answers), {azure_cap:.3f} (Azure lengths)")
     bar = progress(len(policies(args.redundancy)) * (2 + len(loads)), "bench-adaptive", None, unit="run")
     main_table = run({f"poisson@{args.load:g}": at_load(base, args.load, cap),

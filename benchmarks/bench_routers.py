@@ -1,6 +1,6 @@
 """Routers compared: TTFT p90 and cached prompt tokens per aggregator step against load,
 per router, for wait-all and the staircase (prefix-cache layout, r = 2 as the name gives), simulated on
-the illustrative GPU engines.
+the H100 engines of the GPU kernel database (h100-moa).
 
 The deployment: MoA with 6 proposers over three proposer pools (8B, 32B, 70B; two
 replicas each) and an aggregator pool of two replicas, every pool behind the same
@@ -28,8 +28,8 @@ def deployment(router: str):
     from staircase.deployment import deployment_from_dict
 
     pools = {name: {"model": model, "replicas": 2, "router": router}
-             for name, model in (("p8", "small-8b"), ("p32", "medium-32b"), ("p70", "large-70b"),
-                                 ("agg", "large-70b-local"))}
+             for name, model in (("p8", "qwen3-8b"), ("p32", "qwen3-32b-tp2"), ("p70", "llama-70b-tp4"),
+                                 ("agg", "llama-70b-tp4-agg"))}
     return deployment_from_dict({"pools": pools, "slots": {"proposers": ["p8", "p32", "p70"], "aggregator": "agg"}})
 
 
@@ -44,7 +44,7 @@ def one_point(router: str, load: float, capacity: float, requests: int, seed: in
     dep, rows = deployment(router), []
     workload = Workload("poisson", requests, load * capacity, output_tokens=256)
     for policy in make_policies(list(POLICIES)):
-        t = simulate(moa(6), policy, workload, load_profile("illustrative-gpu"), seed=seed, max_tokens=512,
+        t = simulate(moa(6), policy, workload, load_profile("h100-moa"), seed=seed, max_tokens=512,
                      deployment=dep, progress=False)
         agg = pool_frame({policy.name: t}, dep.engine_pools()).set_index("pool").loc["agg"]
         ok = t.requests[t.requests["outcome"] == "ok"]
@@ -71,7 +71,7 @@ def plot(df: pd.DataFrame, path: Path) -> Path:
             if metric == "ttft_p90_s":
                 ax.set_yscale("log")
                 ax.set_title(policy)
-    fig.suptitle("Routers compared (simulated, illustrative GPU engines, MoA 6 + aggregator, 2 replicas per pool)")
+    fig.suptitle("Routers compared (simulated, H100 engines (h100-moa), MoA 6 + aggregator, 2 replicas per pool)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -100,7 +100,7 @@ def main() -> int:
         ap.error(f"--routers: got {unknown[0]!r}; allowed: {', '.join(ROUTERS)}")
     loads = [float(x) for x in args.loads.split(",")]
     started = time.perf_counter()
-    cap = capacity(moa(6), load_profile("illustrative-gpu"), Workload("poisson", args.requests, 1.0, output_tokens=256),
+    cap = capacity(moa(6), load_profile("h100-moa"), Workload("poisson", args.requests, 1.0, output_tokens=256),
                    max_tokens=512, seed=args.seed, deployment=deployment("least-loaded"))
     rows, bar = [], progress(len(routers) * len(loads), "routers x loads", None)
     for router in routers:

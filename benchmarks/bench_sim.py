@@ -36,6 +36,7 @@ def one_run(policy_name: str, requests: int, rate: float, seed: int) -> dict:
     policy = next(p for p in make_policies(["wait-all", "staircase"]) if p.name == policy_name)
     workload = Workload("poisson", requests=requests, rate_per_s=rate)
     started = time.perf_counter()
+    # the hand-set toy profile: a speed workload only (its history of figures is on it), no GPU answer
     trace = simulate(moa(6), policy, workload, load_profile("illustrative-gpu"), seed=seed, keep_chunks=False, progress=False)
     wall = time.perf_counter() - started
     r = trace.requests

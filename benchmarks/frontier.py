@@ -3,7 +3,7 @@ against each quality score, for policies that start the answer earlier and earli
 
 Two halves, the same policy objects in both:
 
-- **simulator**, the paper's shape (illustrative GPU profile, 6 proposers, r = 2,
+- **simulator**, the paper's shape (H100 profile from the GPU kernel database (h100-moa), 6 proposers, r = 2,
   512-token answers, Poisson 0.4/s, 300-token answers): each policy's TTFT p50 over
   `single`'s;
 - **live** on the CPU engines (the bundled SmolLM2-135M as the aggregator, replayed
@@ -64,7 +64,7 @@ def policies(lead_ins: list[float], targets: list[float], r: int) -> list:
 def sim_multiples(pols: list, requests: int, seed: int) -> dict[str, float]:
     """TTFT p50 over single's in the paper-shaped scenario (r = 2 there)."""
     wl = Workload("poisson", requests=requests, rate_per_s=0.4, output_tokens=300)
-    profile, topo = load_profile("illustrative-gpu"), moa(6)
+    profile, topo = load_profile("h100-moa"), moa(6)
     p50 = {}
     for p in [*pols, WaitAllPolicy()]:
         config = p.config().to_dict() | ({"redundancy": 2} if "redundancy" in p.PARAMS else {})

@@ -130,6 +130,8 @@ def register_profile(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per engine step (chunked prefill; default: the engine's default for the GPU)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="running sequences (default: the engine's)")
+    p.add_argument("--engine-name", action="append", help="a name per --model for its engine (default: "
+                                                          "<gpu>-<engine>-<model>-tp<N>)")
     p.add_argument("--aggregator", default="last", help="which engine is the aggregator: last, or its name")
     p.add_argument("--name", help="profile name (default: the --out file's stem)")
     p.add_argument("--out", type=Path, help="profile JSON to write (required unless listing)")
@@ -152,9 +154,12 @@ def run_profile(args: argparse.Namespace) -> int:
         tps = tps * len(models)
     if len(tps) != len(models):
         raise ConfigError("tp", tps, f"one value, or one per --model ({len(models)})")
+    names = args.engine_name or [None] * len(models)
+    if len(names) != len(models):
+        raise ConfigError("engine_name", names, f"one per --model ({len(models)})")
     specs, seen = [], {}
-    for model, tp in zip(models, tps):
-        spec = GPUEngineSpec(args.gpu, args.backend, model, tp, args.precision,
+    for model, tp, name in zip(models, tps, names):
+        spec = GPUEngineSpec(args.gpu, args.backend, model, tp, args.precision, name=name,
                              gpu_memory_utilization=args.gpu_memory_utilization,
                              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
         n = seen.get(spec.label, 0)
