@@ -77,6 +77,11 @@ def test_bundled_profiles_say_whether_they_are_calibrated():
     assert "calibrate" in p.note and p.raw["calibration"]  # the fit's residuals and data travel with it
     gpu = load_profile("illustrative-gpu")
     assert gpu.calibrated is False and "NOT CALIBRATED" in gpu.note
+    h100 = load_profile("h100-moa")  # GPU engines from the kernel database: each says where it comes from
+    assert h100.calibrated is False and len(h100.engines) == 4
+    for raw in h100.raw["engines"].values():
+        assert raw["provenance"]["gpu"] == "h100_sxm" and raw["fit_error"]["decode_iteration_s"]["mape"] < 0.05
+    assert all(m.max_num_batched_tokens == 8192 for m in h100.engines.values())
 
 
 def test_unknown_profile_name_lists_the_bundled_ones():
