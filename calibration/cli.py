@@ -140,14 +140,11 @@ def register_profile(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_profile)
 
 
-def run_profile(args: argparse.Namespace) -> int:
-    from .gpu import GPUEngineSpec, build_profile, fit_summary, supported_gpus, supported_models
+def _profile_specs(args: argparse.Namespace) -> list:
+    """One engine spec per --model (with its --tp and --engine-name); a repeated engine
+    (a MoA's proposer and its aggregator) gets a slot of its own."""
+    from .gpu import GPUEngineSpec
 
-    if args.list_gpus or args.list_models:
-        print("\n".join(supported_gpus() if args.list_gpus else supported_models()))
-        return 0
-    if args.out is None:
-        raise ConfigError("out", None, "a path for the profile JSON (e.g. --out h100.json)")
     models = args.model or ["Qwen/Qwen3-8B"]
     tps = args.tp or [1]
     if len(tps) == 1:
@@ -164,9 +161,21 @@ def run_profile(args: argparse.Namespace) -> int:
                              max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
         n = seen.get(spec.label, 0)
         seen[spec.label] = n + 1
-        if n:  # the same engine twice (a MoA's proposer and its aggregator): a slot each
+        if n:
             spec = GPUEngineSpec(**{**spec.__dict__, "name": f"{spec.label}-{n + 1}"})
         specs.append(spec)
+    return specs
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    from .gpu import build_profile, fit_summary, supported_gpus, supported_models
+
+    if args.list_gpus or args.list_models:
+        print("\n".join(supported_gpus() if args.list_gpus else supported_models()))
+        return 0
+    if args.out is None:
+        raise ConfigError("out", None, "a path for the profile JSON (e.g. --out h100.json)")
+    specs = _profile_specs(args)
     labels = [s.label for s in specs]
     if args.aggregator == "last":
         aggregator = labels[-1]

@@ -221,3 +221,22 @@ def test_bad_vllm_arguments_name_the_field(args, field):
     with pytest.raises(ConfigError) as err:
         live_engine("c", {"kind": "vllm", "model": "smollm2", "vllm_args": args})
     assert err.value.field == f"config.engines.c.{field}"
+
+
+def test_bundled_h100_profile_is_what_the_command_writes(tmp_path):
+    """calibration/profiles/h100-moa.json is `staircase profile`'s output (the command in
+    docs/guides/gpu-profiles.md, with the engine names): a change of the database package
+    or of the fit shows here."""
+    out = tmp_path / "h100-moa.json"
+    cmd = [sys.executable, "-m", "staircase", "profile", "--gpu", "h100_sxm", "--backend", "vllm"]
+    for model, tp, name in (("Qwen/Qwen3-8B", 1, "qwen3-8b"), ("Qwen/Qwen3-32B", 2, "qwen3-32b-tp2"),
+                            ("meta-llama/Meta-Llama-3.1-70B", 4, "llama-70b-tp4"),
+                            ("meta-llama/Meta-Llama-3.1-70B", 4, "llama-70b-tp4-agg")):
+        cmd += ["--model", model, "--tp", str(tp), "--engine-name", name]
+    r = subprocess.run(cmd + ["--name", "h100-moa", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    built, bundled = json.loads(out.read_text()), json.loads((ROOT / "calibration/profiles/h100-moa.json").read_text())
+    for prof in (built, bundled):
+        for e in prof["engines"].values():
+            e["provenance"].pop("built_s")
+    assert built == bundled, "calibration/profiles/h100-moa.json is stale: rerun the command above"
