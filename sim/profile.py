@@ -157,6 +157,13 @@ def _noise(raw, where: str) -> Noise | None:
     return Noise(str(name), dict(params))
 
 
+def _check_records(raw: dict, where: str) -> None:
+    """A database engine's records (provenance, fit_error, overheads): objects when given."""
+    for key in ("provenance", "fit_error", "overheads"):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            raise ConfigError(f"{where}.{key}", raw[key], "an object (or null)")
+
+
 def _engine(name: str, raw: dict) -> EngineModel:
     where = f"engines.{name}"
     if not isinstance(raw, dict):
@@ -165,6 +172,7 @@ def _engine(name: str, raw: dict) -> EngineModel:
         if not isinstance(raw.get(key), dict):
             raise ConfigError(f"{where}.{key}", raw.get(key), "an object of coefficients")
     pre, dec = raw["prefill_s"], raw["decode_iteration_s"]
+    _check_records(raw, where)
     noise_raw = {} if raw.get("noise") is None else raw["noise"]
     if not isinstance(noise_raw, dict):
         raise ConfigError(f"{where}.noise", noise_raw, "an object with prefill, decode, overhead")
