@@ -30,7 +30,6 @@ cdef class SimEngine:
     cdef public long _tie
     cdef double _base_s, _per_seq_s, _per_token_s, _overhead_s
     cdef long _kv_tokens, _block, _max_batch, _step_tokens
-    cdef public object _partial
     cdef public double iters, context, last_t, factor, prefill_end, _decode_target
     cdef public object waiting
     cdef public object prefilling
@@ -56,8 +55,9 @@ cdef class SimEngine:
     cpdef long _cached_tokens(self, SimCall call)
     cpdef void _reschedule(self)
     cpdef bint _mid_iteration(self)
+    @cython.locals(cached=long, call=SimCall)
     cpdef bint _start_prefill(self)
-    @cython.locals(budget=long, done=long, new=long, call=SimCall)
+    @cython.locals(budget=long, done=long, new=long, call=SimCall, partial=SimCall)
     cpdef bint _start_chunked_prefill(self)
     @cython.locals(need=long, cached=long)
     cpdef bint _admit(self, SimCall call, bint others)

@@ -170,7 +170,6 @@ class SimEngine:
         self.prefilling: list[SimCall] | None = None
         self.prefill_end = 0.0
         self._mixed = False
-        self._partial = None  # chunked prefill: the call the budget cut in the step under way
         self._timer = None  # the one live timer; older ones are stale
         self._decode_target = 0.0  # the iteration the live decode timer wakes at
         self._on_prefill_timer_cb, self._on_decode_timer_cb = self._on_prefill_timer, self._on_decode_timer
@@ -359,17 +358,12 @@ class SimEngine:
             if call.cancelled:
                 self.waiting.popleft()
                 continue
-            need = call.prompt_tokens + call.ends[-1]
-            if group and self.running_tokens + need > self._kv_tokens:
+            if not self._admit(call, bool(group)):
                 break  # no room now; a first call is always admitted so nothing starves
             self.waiting.popleft()
-            self.running_tokens += need
-            self._evict()
-            cached = self._cached_tokens(call)
+            cached = call.computed
             new = call.prompt_tokens - cached
             uncached, squares, cross = uncached + new, squares + new * new, cross + new * cached
-            call.driver.admitted(call, call.prompt_tokens, cached)
-            self.queue_waits.append(self.env.now - call.sent_s)
             group.append(call)
         if not group:
             return False
@@ -385,7 +379,7 @@ class SimEngine:
         budget = self._step_tokens - len(self.batch)  # each running decode takes a token of the step
         if budget < 1:
             budget = 1
-        self._partial = None
+        partial = None  # the call the budget cuts: it stays first in waiting, goes on in the next step
         while self.waiting and budget > 0 and len(self.batch) + len(group) < self._max_batch:
             call = self.waiting[0]
             if call.cancelled:
@@ -403,17 +397,17 @@ class SimEngine:
             budget -= new
             call.computed = done + new
             if call.computed < call.prompt_tokens:
-                self._partial = call  # stays first in waiting; goes on in the next step
+                partial = call
                 break
             self.waiting.popleft()
             group.append(call)
-        if not group and self._partial is None:
+        if not group and partial is None:
             return False
         self._time_step(group, uncached, squares, cross)
         return True
 
     def _admit(self, call: SimCall, others: bool) -> bool:
-        """Admit a call into chunked prefill (its KV reserved, its cache hit counted);
+        """Admit a waiting call (its KV reserved, its cache hit counted in ``computed``);
         False when others hold the KV it needs."""
         need = call.prompt_tokens + call.ends[-1]
         if others and self.running_tokens + need > self._kv_tokens:
