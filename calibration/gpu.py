@@ -209,9 +209,13 @@ def scheduler_settings(spec: GPUEngineSpec, memory_bytes: float) -> tuple[int, i
     return spec.max_num_batched_tokens or budget, spec.max_num_seqs or seqs
 
 
-def build_engine(spec: GPUEngineSpec) -> dict:
+NO_OVERHEAD = Overhead(0.0, 0.0, 0.0, "none: the database's steps alone (asked for)")
+
+
+def build_engine(spec: GPUEngineSpec, overheads: bool = True) -> dict:
     """One engine of a profile (``sim/profile.py``'s JSON) from the database, with its
-    provenance, fit error and overhead terms."""
+    provenance, fit error and overhead terms (``overheads=False``: the database's steps
+    alone, as ``benchmarks/published/fit_overheads.py`` fits the terms from)."""
     version = check_spec(spec)
     started = time.perf_counter()
     handle, kv = _compile(spec, version)
@@ -220,7 +224,7 @@ def build_engine(spec: GPUEngineSpec) -> dict:
     if kv_tokens < MAX_CONTEXT // 8:
         raise ConfigError("tp", spec.tp, f"a tensor parallel size at which {spec.model} leaves KV cache on {spec.gpu} "
                           f"(at tp {spec.tp}: {kv_tokens} tokens); try tp {spec.tp * 2}")
-    over = OVERHEADS[spec.backend]
+    over = OVERHEADS[spec.backend] if overheads else NO_OVERHEAD
     with _quiet():
         decode, dec_err = _decode_fit(handle, kv_tokens)
         prefill, pre_err = _prefill_fit(handle)

@@ -150,22 +150,10 @@ def engine_for(row, cache: dict, overheads: bool = True):
     key = (row["gpu"], row["engine"], row["db_model"], int(row["tp"]), row["precision"], overheads)
     if key not in cache:
         spec = GPUEngineSpec(row["gpu"], row["engine"], row["db_model"], int(row["tp"]), row["precision"])
-        raw = build_engine(spec)
-        if not overheads:
-            raw = _without_overheads(raw)
+        raw = build_engine(spec, overheads=overheads)
         cache[key] = (parse_profile({"schema": "staircase-profile/1", "engines": {"e": raw},
                                      "slots": {"proposers": ["e"], "aggregator": "e"}}).engines["e"], raw)
     return cache[key]
-
-
-def _without_overheads(raw: dict) -> dict:
-    o = raw["overheads"]
-    raw = {**raw, "prefill_s": dict(raw["prefill_s"]), "decode_iteration_s": dict(raw["decode_iteration_s"])}
-    raw["prefill_s"]["base"] -= o["per_step_s"]
-    raw["decode_iteration_s"]["base"] -= o["per_step_s"]
-    raw["decode_iteration_s"]["per_seq"] -= o.get("per_seq_step_s", 0.0)
-    raw["request_overhead_s"] = 0.0
-    return raw
 
 
 def check_published(table: pd.DataFrame, progress=None, overheads: bool = True) -> pd.DataFrame:
