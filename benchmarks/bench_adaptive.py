@@ -14,18 +14,16 @@ and CSV) and the load-sweep figure go to ``--out``.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from sim.capacity import at_load, capacity  # noqa: E402
-from sim.profile import load_profile  # noqa: E402
-from sim.simulate import simulate  # noqa: E402
-from sim.workload import Workload  # noqa: E402
+from staircase.sim.capacity import at_load, capacity  # noqa: E402
+from staircase.sim.profile import load_profile  # noqa: E402
+from staircase.sim.simulate import simulate  # noqa: E402
+from staircase.sim.workload import Workload  # noqa: E402
 from staircase.policies import LoadAwareStaircasePolicy, SmoothStaircasePolicy, StragglerStaircasePolicy  # noqa: E402
 from staircase.policies import StaircasePolicy, WaitAllPolicy  # noqa: E402
 from staircase.progress import progress  # noqa: E402
@@ -67,7 +65,7 @@ def markdown(frame: pd.DataFrame) -> str:
 
 
 def plot_sweep(sweep: pd.DataFrame, path: Path) -> None:
-    from staircase.plotting import pyplot
+    from staircase.plotting import pyplot, save_figure
 
     plt, sns = pyplot()
 
@@ -78,8 +76,7 @@ def plot_sweep(sweep: pd.DataFrame, path: Path) -> None:
     g.set(yscale="log")
     g.set_xlabels("load (fraction of wait-all's capacity)")
     g.figure.suptitle("MoA 6 proposers, H100 profile from the GPU kernel database (h100-moa), 512-token answers", y=1.03)
-    g.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(g.figure)
+    save_figure(g.figure, path, dpi=120, tight_bbox=True)
 
 
 def main() -> int:

@@ -9,7 +9,7 @@ SmolLM2-135M-Instruct, each dtype in a fresh process:
 - decode, 8 streams: 8 concurrent 64-token answers, tokens/s over the batch.
 
 Prints a table and writes ``benchmarks/results/dtype-<cpu isa>-<UTC time>.json`` with
-the CPU named. ``live.machine.engine_settings`` picks the default dtype per CPU kind
+the CPU named. ``staircase.live.machine.engine_settings`` picks the default dtype per CPU kind
 from these figures.
 
     python benchmarks/bench_dtype.py                  # bfloat16 and float32
@@ -38,8 +38,8 @@ def measure(dtype: str, prefill_tokens: int) -> dict:
 
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
-    from live.engines import VLLMEngine
-    from live.model import smollm2_folder
+    from staircase.live.engines import VLLMEngine
+    from staircase.live.model import smollm2_folder
 
     engine = VLLMEngine(smollm2_folder(), dtype=dtype, enable_prefix_caching=False)
     return asyncio.run(_measure(engine, dtype, prefill_tokens))
@@ -53,7 +53,7 @@ def _user(text: str):
 
 async def _timed(engine, prompt, max_tokens: int, key: str) -> tuple[float, float, float, int]:
     """(sent, first token, end, tokens) of one call, EOS ignored."""
-    from live.engines import Sampling
+    from staircase.live.engines import Sampling
 
     sent, first, n = time.perf_counter(), None, 0
     async for d in engine.stream(key, prompt, max_tokens, Sampling(seed=None, ignore_eos=True)):
@@ -101,7 +101,7 @@ def main() -> int:
     if args.one:
         print(json.dumps(measure(args.one, args.prefill_tokens)))
         return 0
-    from live.machine import describe
+    from staircase.live.machine import describe
 
     machine = describe()
     env = dict(os.environ)
@@ -121,7 +121,7 @@ def main() -> int:
 
 def _report(machine: dict, emulated: dict, rows: list[dict], prefill_tokens: int) -> None:
     """Print the table and write it, with the machine, to benchmarks/results/."""
-    from live.machine import engine_settings
+    from staircase.live.machine import engine_settings
 
     print(f"machine: {machine['cpu_model']} ({machine['cpu_isa']}, flags {' '.join(machine['cpu_flags'])}, "
           f"{machine['cores']} cores){' with torch/oneDNN capped at AVX2' if emulated else ''}")

@@ -34,9 +34,9 @@ def deployment(router: str):
 
 
 def one_point(router: str, load: float, capacity: float, requests: int, seed: int) -> list[dict]:
-    from sim.profile import load_profile
-    from sim.simulate import simulate
-    from sim.workload import Workload
+    from staircase.sim.profile import load_profile
+    from staircase.sim.simulate import simulate
+    from staircase.sim.workload import Workload
     from staircase.policies import make_policies
     from staircase.report import pool_frame
     from staircase.topology import moa
@@ -56,7 +56,7 @@ def one_point(router: str, load: float, capacity: float, requests: int, seed: in
 
 
 def plot(df: pd.DataFrame, path: Path) -> Path:
-    from staircase.plotting import pyplot
+    from staircase.plotting import pyplot, save_figure
 
     plt, sns = pyplot()
     fig, axes = plt.subplots(2, len(POLICIES), figsize=(6 * len(POLICIES), 8), squeeze=False)
@@ -72,16 +72,13 @@ def plot(df: pd.DataFrame, path: Path) -> Path:
                 ax.set_yscale("log")
                 ax.set_title(policy)
     fig.suptitle("Routers compared (simulated, H100 engines (h100-moa), MoA 6 + aggregator, 2 replicas per pool)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def main() -> int:
-    from sim.capacity import capacity
-    from sim.profile import load_profile
-    from sim.workload import Workload
+    from staircase.sim.capacity import capacity
+    from staircase.sim.profile import load_profile
+    from staircase.sim.workload import Workload
     from staircase.deployment import ROUTERS
     from staircase.machine import describe_cpu, label
     from staircase.progress import progress

@@ -33,9 +33,9 @@ OUT = Path(__file__).parent / "results"
 
 
 def _config(policies: int, requests: int, **kw):
-    from search.run import SearchConfig, make_scenarios
-    from search.space import SearchSpace
-    from sim.workload import Workload
+    from staircase.search.run import SearchConfig, make_scenarios
+    from staircase.search.space import SearchSpace
+    from staircase.sim.workload import Workload
     from staircase.topology import moa
 
     topo = moa(3)
@@ -46,7 +46,7 @@ def _config(policies: int, requests: int, **kw):
 
 
 def timed_search(folder: Path, policies: int, requests: int, **kw) -> tuple[float, list]:
-    from search.run import run_search
+    from staircase.search.run import run_search
 
     shutil.rmtree(folder, ignore_errors=True)
     started = time.perf_counter()
@@ -55,7 +55,7 @@ def timed_search(folder: Path, policies: int, requests: int, **kw) -> tuple[floa
 
 
 def on_ray(folder: Path, policies: int, requests: int) -> tuple[float, list]:
-    from live.engines import free_port
+    from staircase.live.engines import free_port
 
     ray = Path(sys.executable).parent / "ray"
     port = free_port()

@@ -27,9 +27,9 @@ TARGET_PEAK_MB = 2048
 
 
 def one_run(policy_name: str, requests: int, rate: float, seed: int) -> dict:
-    from sim.profile import load_profile
-    from sim.simulate import simulate
-    from sim.workload import Workload
+    from staircase.sim.profile import load_profile
+    from staircase.sim.simulate import simulate
+    from staircase.sim.workload import Workload
     from staircase.policies import make_policies
     from staircase.topology import moa
 
@@ -62,9 +62,9 @@ def _hot_path() -> str:
 
 def capacity(policy_name: str, seed: int) -> float:
     """Completed requests per simulated second with 256 closed-loop users."""
-    from sim.profile import load_profile
-    from sim.simulate import simulate
-    from sim.workload import Workload
+    from staircase.sim.profile import load_profile
+    from staircase.sim.simulate import simulate
+    from staircase.sim.workload import Workload
     from staircase.policies import make_policies
     from staircase.topology import moa
 

@@ -4,8 +4,8 @@ every ended request's rows on disk, and does nothing hang?
 
 MoA with three proposers and an aggregator, the staircase at r = 1 (one lost input is
 ridden out). Each proposer runs on its own vLLM server (``VLLMServer``, 127.0.0.1);
-proposer 0 is reached through a proxy (``live.chaos.ChaosProxy``); the aggregator is
-an in-process engine. From a seed (``live.chaos.draw_faults``), at Poisson moments:
+proposer 0 is reached through a proxy (``staircase.live.chaos.ChaosProxy``); the aggregator is
+an in-process engine. From a seed (``staircase.live.chaos.draw_faults``), at Poisson moments:
 
 - kill: a proposer server SIGKILLed, then started again on its port;
 - freeze: a proposer server SIGSTOPped for 2-20 s (its calls lost past the stall
@@ -15,7 +15,7 @@ an in-process engine. From a seed (``live.chaos.draw_faults``), at Poisson momen
 - once, the aggregator's engine core frozen for longer than the request timeout: the
   requests it holds fail with that reason and the rest go on once it thaws.
 
-Rows are flushed to disk every second as requests end (``live.rowlog.RowLog``), then
+Rows are flushed to disk every second as requests end (``staircase.live.rowlog.RowLog``), then
 read back: an ended request without its rows is a row lost. A request that outlives
 its timeout by 30 s counts as hung.
 
@@ -39,9 +39,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from live.chaos import AGGREGATOR_FREEZE, KINDS, ChaosProxy, Fault, ProcessFaults, draw_faults  # noqa: E402
+from staircase.live.chaos import AGGREGATOR_FREEZE, KINDS, ChaosProxy, Fault, ProcessFaults, draw_faults  # noqa: E402
 from staircase.cli import seed_type  # noqa: E402
 from staircase.runconfig import parse_float_list  # noqa: E402
 
@@ -100,7 +99,7 @@ def start_servers(model, count: int) -> dict:
     """``count`` proposer servers started together, server i bound to core i mod cores."""
     import os
 
-    from live.engines.serve import VLLMServer
+    from staircase.live.engines.serve import VLLMServer
 
     cores = os.cpu_count() or 1
     servers = {f"server-{i}": VLLMServer(model, threads=str(i % cores)) for i in range(count)}
@@ -111,9 +110,9 @@ def start_servers(model, count: int) -> dict:
 
 
 def runner_of(args, model, servers: dict, proxy: ChaosProxy):
-    from live.engines import HTTPEngine, VLLMEngine
-    from live.runner import LiveRunner
-    from live.watchdog import StallLimits
+    from staircase.live.engines import HTTPEngine, VLLMEngine
+    from staircase.live.runner import LiveRunner
+    from staircase.live.watchdog import StallLimits
     from staircase.topology import moa
 
     names = list(servers)
@@ -142,7 +141,7 @@ async def requests_loop(runner, policy, queries: list[str], args, hang_s: float)
     """Poisson arrivals at ``args.rate`` per second (seeded), or ``args.concurrency``
     users in a closed loop when the rate is 0."""
     if args.rate > 0:
-        from live.runner import poisson_arrivals
+        from staircase.live.runner import poisson_arrivals
 
         t0, arrivals = time.monotonic(), poisson_arrivals(len(queries), args.rate, args.seed)
 
@@ -167,8 +166,8 @@ async def flush_every_second(rowlog) -> None:
 
 async def run(args, model, servers: dict, fault_plan: list[Fault]) -> tuple[list[dict], list[dict], dict]:
     """The requests under ``fault_plan``; (request records, fault records, proxy counts)."""
-    from live.prompts import load_prompts
-    from live.rowlog import RowLog
+    from staircase.live.prompts import load_prompts
+    from staircase.live.rowlog import RowLog
     from staircase.policies import StaircasePolicy
 
     names = list(servers)
@@ -213,7 +212,7 @@ def request_kind(error: str) -> str:
 
 def check_rows(ended: list[dict], traces: Path) -> tuple[dict, Counter]:
     """Ended requests against their rows on disk: (counts, inputs lost by reason)."""
-    from live.rowlog import read_parts
+    from staircase.live.rowlog import read_parts
 
     import pandas as pd
 
@@ -279,10 +278,9 @@ COLORS = {"finished": "tab:green", "failed naming its lost inputs": "tab:orange"
 def plot_timeline(ended: list[dict], faults: list[dict], path: Path) -> Path:
     """Requests as bars (sent to ended, coloured by outcome) over the faults: freezes as
     spans, kills as lines (dotted until the server answered again), bursts as ticks."""
-    import matplotlib
+    from staircase.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt, _ = pyplot()
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -310,10 +308,7 @@ def plot_timeline(ended: list[dict], faults: list[dict], path: Path) -> Path:
     ax.set(xlabel="seconds from the start", ylabel="request", xlim=(0, None))
     ax.set_title("Chaos run: requests and faults", pad=34)
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def write(args, ended: list[dict], faults: list[dict], summary: dict) -> None:
@@ -327,8 +322,8 @@ def write(args, ended: list[dict], faults: list[dict], summary: dict) -> None:
 
 
 def main(argv=None) -> int:
-    from live.engines.factory import quiet_vllm_logs
-    from live.model import smollm2_folder
+    from staircase.live.engines.factory import quiet_vllm_logs
+    from staircase.live.model import smollm2_folder
     from staircase.errors import ConfigError
 
     args = parse_args(argv)

@@ -34,11 +34,10 @@ from pathlib import Path
 import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from sim.profile import load_profile  # noqa: E402
-from sim.simulate import simulate  # noqa: E402
-from sim.workload import Workload  # noqa: E402
+from staircase.sim.profile import load_profile  # noqa: E402
+from staircase.sim.simulate import simulate  # noqa: E402
+from staircase.sim.workload import Workload  # noqa: E402
 from staircase.policies import LeadInStaircasePolicy, SinglePolicy, StaircasePolicy  # noqa: E402
 from staircase.policies import TTFTTargetStaircasePolicy, WaitAllPolicy, policy_from_dict  # noqa: E402
 from staircase.runconfig import parse_float_list  # noqa: E402
@@ -123,10 +122,9 @@ def where_quality_drops(table: pd.DataFrame) -> dict[str, dict]:
 
 
 def plot(table: pd.DataFrame, path: Path) -> Path:
-    import matplotlib
+    from staircase.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt, _ = pyplot()
 
     metrics = [m for m in METRICS if m in set(table["metric"])]
     fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 4), squeeze=False)
@@ -146,10 +144,7 @@ def plot(table: pd.DataFrame, path: Path) -> Path:
         ax.set(xlabel="TTFT p50 / single's (live, CPU)", ylabel=metric, ylim=(-0.05, 1.05), title=metric)
         ax.legend(fontsize=7, loc="lower right")
     fig.suptitle("green holds, red drops, grey cannot tell (paired 95 % vs wait-all)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,12 +43,12 @@ def deployment(replicas: int, router: str) -> dict:
 
 def trace_file(path: Path, args) -> Path:
     """The live run's workload as an Azure-format trace: its arrival times (the live
-    runner's generator, ``live.runner``) and each prompt's token count."""
+    runner's generator, ``staircase.live.runner``) and each prompt's token count."""
     from transformers import AutoTokenizer
 
-    from live.model import smollm2_folder
-    from live.prompts import load_prompts
-    from live.runner import poisson_arrivals
+    from staircase.live.model import smollm2_folder
+    from staircase.live.prompts import load_prompts
+    from staircase.live.runner import poisson_arrivals
 
     prompts = load_prompts("alpaca_eval", args.requests + args.skip)[args.skip:]
     tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
@@ -70,7 +70,7 @@ def run(cmd: list[str], log: Path) -> subprocess.CompletedProcess:
 
 
 def live_attainment(folder: Path, slos: list[str]) -> dict[str, float]:
-    from search.objectives import SLO
+    from staircase.search.objectives import SLO
     from staircase.trace import read_requests
 
     return {path.name.removesuffix(".requests.parquet"): {s: SLO.parse(s).attainment(read_requests(path)) for s in slos}

@@ -35,7 +35,7 @@ NAME = "staircase-prefix-cache-r1"
 
 def prompts_file(path: Path, args) -> Path:
     """The prompts both runs use, as vLLM's custom dataset (one {"prompt"} per line)."""
-    from live.prompts import load_prompts
+    from staircase.live.prompts import load_prompts
 
     path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in load_prompts(args.prompts, args.requests)))
     return path
@@ -67,7 +67,7 @@ VLLM_BENCH_SERVE = ("import sys; from vllm.utils.argparse_utils import FlexibleA
 
 def vllm_bench(port: int, rate: float, data: Path, out: Path, args) -> dict:
     """`vllm bench serve` on the server (the installed vLLM's own client and figures)."""
-    from live.model import smollm2_folder
+    from staircase.live.model import smollm2_folder
 
     out.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-c", VLLM_BENCH_SERVE, "--backend", "openai-chat",
@@ -128,7 +128,7 @@ def validate(folder: Path, rate: float, args) -> None:
 def table(rate: float, args) -> list[dict]:
     """The rows of one rate, from the runs' folders: vLLM's client, the server's rows,
     live, and the simulator (the profile as is, and at the run's measured engine speed)."""
-    from live.rowlog import read_parts
+    from staircase.live.rowlog import read_parts
     from staircase.trace import read_chunks, read_requests
 
     b = json.loads((args.out / f"bench-{rate:g}" / "bench.json").read_text())
@@ -159,7 +159,7 @@ def one_rate(rate: float, port: int, data: Path, args) -> list[dict]:
 
 
 def main() -> int:
-    from live.engines import free_port
+    from staircase.live.engines import free_port
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rates", default="0.1,0.3", help="request rates per second, comma-separated")

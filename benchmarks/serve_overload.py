@@ -122,7 +122,7 @@ async def measure(args, port: int, pid: int) -> dict:
 
 
 def main() -> int:
-    from live.engines import free_port
+    from staircase.live.engines import free_port
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=None, help="engines config (default: the bundled model)")

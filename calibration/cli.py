@@ -32,6 +32,7 @@ import pandas as pd
 from staircase.cli import results_folder, seed_type
 from staircase.deployment import Deployment, deployment_from_dict, load_deployment
 from staircase.errors import ConfigError
+from staircase.record import run_record, write_record
 from staircase.machine import label
 from staircase.topology import proposer_slot_index
 
@@ -43,7 +44,7 @@ HELP_VAL = "replay live runs in the simulator: live vs simulated percentiles, er
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from live.engines import add_deployment_argument, add_engine_arguments
+    from staircase.live.engines import add_deployment_argument, add_engine_arguments
 
     p = subparsers.add_parser("calibrate", help=HELP_CAL, description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,7 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--probe-too", action="store_true", help="with --traces: also run the probes and fit on both")
     g.add_argument("--engine", help="fit only this engine (traces naming several engines need it)")
     g.add_argument("--name", help="profile name (default: calibrated-<model>)")
-    g.add_argument("--profile-out", type=Path, help="also write the profile here (e.g. calibration/profiles/default.json)")
+    g.add_argument("--profile-out", type=Path, help="also write the profile here (e.g. staircase/data/profiles/default.json)")
     g.add_argument("--no-quadratic", action="store_true", help="fit prefill as a + bP (no P^2 term)")
     g.add_argument("--max-batch-size", type=int, default=256, help="when the engine cannot report it")
     g.add_argument("--kv-cache-tokens", type=int, default=40960, help="when the engine cannot report it")
@@ -199,7 +200,7 @@ def run_profile(args: argparse.Namespace) -> int:
 
 def _probe_live(args, folder: Path) -> dict:
     """Probe every engine of the config; returns the run's config record."""
-    from live.engines import EngineOptions, open_engines
+    from staircase.live.engines import EngineOptions, open_engines
     from staircase.topology import moa
 
     raw = EngineOptions.from_mapping(vars(args)).to_config()
@@ -209,8 +210,7 @@ def _probe_live(args, folder: Path) -> dict:
         n_prop = len(deployment.proposers)
     probes = probe_set(args.probes)
     together = args.probe_replicas == "together"
-    record = {"command": "calibrate", "engines": raw, "probes": args.probes, "seed": args.seed,
-              "probed_together": together}
+    record = run_record("calibrate", engines=raw, probes=args.probes, seed=args.seed, probed_together=together)
     with open_engines(raw, moa(max(1, n_prop)), dtype=args.dtype, deployment=deployment) as engines:
         folder.mkdir(parents=True, exist_ok=True)  # once the engines run: bad options leave no folder
         record |= engines.machine
@@ -220,7 +220,7 @@ def _probe_live(args, folder: Path) -> dict:
         caps, models = asyncio.run(_probe_each(engines.used, probes, folder, args, together))
     record |= {"engine_models": models, "capacity": caps,
                "slot_engines": {slot: e.name for slot, e in engines.slots.items()}}
-    (folder / "config.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    write_record(folder, record)
     return record
 
 
@@ -386,7 +386,7 @@ def fit_table(fits) -> str:
 def plot_fit(fits, path: Path) -> Path:
     """Measured points and fitted curves: first-token wait vs uncached tokens, and
     time per decode iteration vs batch size (coloured by context)."""
-    from staircase.plotting import pyplot
+    from staircase.plotting import pyplot, save_figure
 
     plt, sns = pyplot()
 
@@ -413,17 +413,14 @@ def plot_fit(fits, path: Path) -> Path:
         ax.set_ylabel("time per decode iteration (ms)")
         ax.set_title(f"{e}: decode")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 # ------------------------------------------------------------------- validate
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from sim.profile import load_profile
+    from staircase.sim.profile import load_profile
 
     from .validate import load_live_run, validate
 

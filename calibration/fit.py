@@ -29,7 +29,6 @@ to add.
 
 from __future__ import annotations
 
-import json
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ import scipy.optimize
 import scipy.stats
 
 from staircase.errors import ConfigError
+from staircase.record import read_record
 from staircase.trace import read_chunks, read_requests
 
 CANDIDATES = ("lognorm", "gamma", "weibull_min", "invgauss")
@@ -84,9 +84,7 @@ def load_runs(folders: Iterable[Path | str]) -> list[RunGroup]:
         files = sorted(tdir.glob("*.chunks.parquet")) if tdir.is_dir() else []
         if not files:
             raise ConfigError("traces", str(folder), "a results folder of `staircase live` with traces/*.chunks.parquet")
-        config = {}
-        if (folder / "config.json").is_file():
-            config = json.loads((folder / "config.json").read_text())
+        config = read_record(folder, "traces") if (folder / "config.json").is_file() else {}
         for f in files:
             chunks = read_chunks(f)
             req_path = f.with_name(f.name.replace(".chunks.", ".requests."))
@@ -398,8 +396,8 @@ def _fit_points(obs: Observations) -> dict:
 def build_profile(fits: dict[str, EngineFit], proposers: Sequence[str], aggregator: str, *, name: str,
                   note: str, engine_sharing: str = "per-slot", capacity: dict[str, dict] | None = None,
                   proposer_factor: dict | None = None, extra: dict | None = None) -> dict:
-    """A ``staircase-profile/1`` object from engine fits (checked by sim.profile)."""
-    from sim.profile import SCHEMA, parse_profile
+    """A ``staircase-profile/1`` object from engine fits (checked by staircase.sim.profile)."""
+    from staircase.sim.profile import SCHEMA, parse_profile
 
     capacity = capacity or {}
     raw = {

@@ -93,9 +93,9 @@ def _cutter(engine):
 
 async def run_probes(engine, probes, folder: Path, *, seed: int = 0, progress: bool | None = None) -> list[Path]:
     """Run the probe groups on one engine; writes ``traces/probe-<engine>-<group>.*``."""
-    from live.engines import Sampling
-    from live.prompts import load_prompts
-    from live.runner import LiveRunner
+    from staircase.live.engines import Sampling
+    from staircase.live.prompts import load_prompts
+    from staircase.live.runner import LiveRunner
     from staircase.policies import SinglePolicy
     from staircase.topology import moa
 

@@ -11,12 +11,12 @@ is the benchmark client's closed loop (``vllm bench serve --max-concurrency``,
 AIPerf/GenAI-Perf ``--concurrency``); fixed input and output lengths (``--ignore-eos``).
 A measure left empty is not checked.
 
-Each load point is predicted by the simulator's engine model (``sim.engine.SimEngine``,
+Each load point is predicted by the simulator's engine model (``staircase.sim.engine.SimEngine``,
 no noise) driven by the same closed loop: ``concurrency`` users, each sending its next
 request (``isl`` prompt tokens, no prefix shared, ``osl`` output tokens) when the last
 ends. TTFT is the median, TPOT the mean of (E2E - TTFT) / (osl - 1), output tokens/s
 over the run. The engine is built from the database for the row's GPU, engine, model,
-TP and precision (``calibration.gpu``), as ``staircase profile`` builds it.
+TP and precision (``staircase.calibration.gpu``), as ``staircase profile`` builds it.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ import numpy as np
 import pandas as pd
 import simpy
 
-from sim.engine import SimCall, SimEngine
-from sim.profile import parse_profile
+from staircase.sim.engine import SimCall, SimEngine
+from staircase.sim.profile import parse_profile
 from staircase.driver import RequestDriver
 from staircase.errors import ConfigError
 
@@ -190,10 +190,9 @@ def summarise(result: pd.DataFrame) -> pd.DataFrame:
 
 
 def plot_published(result: pd.DataFrame, path: Path) -> Path:
-    import matplotlib
+    from staircase.plotting import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt, _ = pyplot()
 
     measures = [m for m in MEASURES if result[m].notna().any()]
     fig, axes = plt.subplots(1, len(measures), figsize=(4.2 * len(measures), 4))
@@ -213,7 +212,4 @@ def plot_published(result: pd.DataFrame, path: Path) -> Path:
         ax.set_ylabel(f"predicted {m}")
         ax.set_title(f"{m} (band: target ±{100 * TARGETS[m]:.0f} %)", fontsize=9)
     axes[0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)

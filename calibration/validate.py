@@ -15,7 +15,6 @@ two distributions (also relative to the live mean).
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -25,16 +24,14 @@ import numpy as np
 import pandas as pd
 import scipy.stats
 
-from sim.profile import EngineModel, Profile
-from sim.simulate import simulate
-from sim.workload import Request
-from staircase.runconfig import topology_and_policies_from_values
-from staircase.policies import policy_from_dict
-from staircase.topology import topology_from_config
+from staircase.sim.profile import EngineModel, Profile
+from staircase.sim.simulate import simulate
+from staircase.sim.workload import Request
 from staircase.machine import differences as machine_differences
 from staircase.machine import label as machine_label
 from staircase.deployment import Deployment, deployment_from_dict
 from staircase.errors import ConfigError
+from staircase.record import read_record, topology_and_policies
 from staircase.metrics import weighted_percentile
 from staircase.prompts import TokenizerCount
 from staircase.trace import read_chunks, read_requests
@@ -78,15 +75,10 @@ class LiveRun:
 
 def load_live_run(folder: Path | str) -> LiveRun:
     folder = Path(folder)
-    cfg_path = folder / "config.json"
-    if not cfg_path.is_file():
-        raise ConfigError("live run", str(folder), "a `staircase live` results folder with config.json and traces/")
-    config = json.loads(cfg_path.read_text())
-    if config.get("command") not in ("live", "serve"):
-        raise ConfigError(f"{cfg_path}.command", config.get("command"),
-                          "live or serve (a `staircase live` or `staircase serve` results folder)")
+    config = read_record(folder, "live run", ("live", "serve"))
     if "topology_config" not in config and "cli_args" not in config:
-        raise ConfigError(f"{cfg_path}.topology_config", None, "the recorded topology and policies (runs of this version)")
+        raise ConfigError(f"{folder / 'config.json'}.topology_config", None,
+                          "the recorded topology and policies (runs of this version)")
     requests, chunks = {}, {}
     for f in sorted((folder / "traces").glob("*.requests.parquet")):  # a server's parts join per policy
         req = read_requests(f)
@@ -255,17 +247,8 @@ def speed_note(run: LiveRun, profile: Profile, speed: dict | None) -> str | None
 
 
 def run_topology_and_policies(cfg: dict):
-    """The topology and policies a run recorded: its ``topology_config`` and
-    ``policies`` configs (``staircase sim`` and ``staircase live`` record both); runs
-    recorded before topology configs are rebuilt from their ``cli_args``."""
-    if "topology_config" in cfg and cfg.get("policies"):
-        topology = topology_from_config(cfg["topology_config"])
-        policies = [policy_from_dict(d) for d in cfg["policies"]]
-    else:  # runs recorded before topology configs: rebuilt from their CLI arguments
-        topology, policies = topology_and_policies_from_values(cfg["cli_args"])
-    for policy in policies:
-        policy.validate_for(topology)
-    return topology, policies
+    """The topology and policies a run recorded (``staircase.record.topology_and_policies``)."""
+    return topology_and_policies(cfg)
 
 
 def replay(run: LiveRun, profile: Profile, *, replicates: int = 3, seed: int = 0, tokenizer=None,
@@ -399,7 +382,7 @@ def target_checks(table: pd.DataFrame) -> pd.DataFrame:
 
 def plot_cdfs(live: dict[str, pd.DataFrame], sim: dict[str, pd.DataFrame], path: Path, title: str) -> Path:
     """Simulated vs live CDFs: one column per policy, one row per timing metric."""
-    from staircase.plotting import pyplot
+    from staircase.plotting import pyplot, save_figure
 
     plt, sns = pyplot()
 
@@ -416,10 +399,7 @@ def plot_cdfs(live: dict[str, pd.DataFrame], sim: dict[str, pd.DataFrame], path:
             if i == 0:
                 ax.set_title(name, fontsize=10)
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -433,7 +413,7 @@ def approx_or_model_tokenizer(run: LiveRun, choice: str = "auto"):
         return None
     folder = None
     if choice == "auto":
-        from live.model import cache_root
+        from staircase.live.model import cache_root
 
         for model in (run.config.get("engine_models") or {}).values():
             cand = cache_root() / "models" / model

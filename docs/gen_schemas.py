@@ -31,9 +31,8 @@ each schema load, and an instance with one value the schema refuses fails naming
 
 def schemas() -> dict[str, tuple[str, str, dict]]:
     """file stem -> (title, where it is used and what is checked beyond it, schema)."""
-    sys.path.insert(0, str(ROOT))
-    from live.engines.config import json_schema as engines
-    from sim.profile import json_schema as profile
+    from staircase.live.engines.config import json_schema as engines
+    from staircase.sim.profile import json_schema as profile
     from staircase.deployment import json_schema as deployment
     from staircase.policies import json_schema as policy
 

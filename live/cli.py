@@ -40,8 +40,9 @@ import time
 from pathlib import Path
 
 from staircase.cli import (add_output_arguments, add_topology_policy_arguments, finish_run, seed_type,
-                           topology_and_policies, topology_policy_args)
+                           topology_and_policies)
 from staircase.errors import ConfigError
+from staircase.record import run_record
 from staircase.deployment import load_deployment
 from staircase.report import pool_frame, summary_frame
 
@@ -201,16 +202,14 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_config(args: argparse.Namespace, topology, policies, raw: dict, runner, stall) -> dict:
     """What config.json records of a live run (``raw`` names API-key environment variables, never keys)."""
-    return {"command": "live", "topology": topology.describe(), "topology_config": topology.config(),
-            "cli_args": topology_policy_args(args),
-            "policies": [p.describe() for p in policies], "engines": raw, "prompts": args.prompts,
-            "skip": args.skip, "concurrency": args.concurrency, "rate": args.rate,
-            "arrivals": str(args.arrivals) if args.arrivals else None,
-            "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
-            "slot_engines": {slot: e.name for slot, e in runner.engines.items()} if runner else {},
-            "engine_models": runner.engine_models() if runner else {},
-            "engine_pools": runner.engine_pools() if runner else {}, "stall": stall.describe(),
-            "request_timeout_s": args.request_timeout_s or None}
+    return run_record("live", topology, policies, engines=raw, prompts=args.prompts,
+                      skip=args.skip, concurrency=args.concurrency, rate=args.rate,
+                      arrivals=str(args.arrivals) if args.arrivals else None,
+                      max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                      slot_engines={slot: e.name for slot, e in runner.engines.items()} if runner else {},
+                      engine_models=runner.engine_models() if runner else {},
+                      engine_pools=runner.engine_pools() if runner else {}, stall=stall.describe(),
+                      request_timeout_s=args.request_timeout_s or None)
 
 
 # ----------------------------------------------------------------------- serve
@@ -292,17 +291,16 @@ def _serve_settings(args: argparse.Namespace, settings_type):
 
 def _serve_config(args: argparse.Namespace, topology, policies, raw: dict, runner, stall) -> dict:
     """What config.json records of a server (as a live run's, so `staircase validate` reads it)."""
-    return {"command": "serve", "topology": topology.describe(), "topology_config": topology.config(),
-            "cli_args": topology_policy_args(args), "policies": [p.describe() for p in policies], "engines": raw,
-            "rate": None, "max_tokens": max(args.max_tokens, args.max_answer_tokens),
-            "temperature": args.temperature, "seed": args.seed,
-            "slot_engines": {slot: e.name for slot, e in runner.engines.items()},
-            "engine_models": runner.engine_models(), "engine_pools": runner.engine_pools(),
-            "stall": stall.describe(), "request_timeout_s": args.request_timeout_s or None,
-            "server": {"host": args.host, "port": args.port, "served_model_name": args.served_model_name,
-                       "max_in_flight": args.max_in_flight, "api_key_env": args.server_key_env},
-            "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())} | (
-                {"deployment": runner.placement.deployment.to_dict()} if args.deployment else {})
+    return run_record(
+        "serve", topology, policies, engines=raw, rate=None, max_tokens=max(args.max_tokens, args.max_answer_tokens),
+        temperature=args.temperature, seed=args.seed,
+        slot_engines={slot: e.name for slot, e in runner.engines.items()},
+        engine_models=runner.engine_models(), engine_pools=runner.engine_pools(),
+        stall=stall.describe(), request_timeout_s=args.request_timeout_s or None,
+        server={"host": args.host, "port": args.port, "served_model_name": args.served_model_name,
+                "max_in_flight": args.max_in_flight, "api_key_env": args.server_key_env},
+        started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **({"deployment": runner.placement.deployment.to_dict()} if args.deployment else {}))
 
 
 def _serve_forever(args: argparse.Namespace, runner, policies, settings, folder: Path, config: dict) -> None:

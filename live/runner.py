@@ -5,7 +5,7 @@ a ``Generate`` becomes one asyncio task streaming from the slot's engine, its de
 grouped into the scheduler's chunks (a chunk ends at the first delta that reaches its
 boundary, ``_Chunker``); a cancel aborts the call on the engine; timers are
 ``loop.call_later``. Engine errors (a dead server, an engine silent past what its
-work explains (``live.watchdog``), HTTP 429/5xx, a malformed or truncated stream)
+work explains (``staircase.live.watchdog``), HTTP 429/5xx, a malformed or truncated stream)
 are reported as failures, so the scheduler decides: at most r lost inputs and the
 aggregator goes on from the others, more and the request ends with an error naming
 them. The driver records rows as requests finish (texts and prompt ids included),
@@ -77,10 +77,10 @@ class LiveRunner:
                  pools: Mapping[str, Sequence[Engine]] | None = None, seed: int = 0):
         """``engines`` maps topology slots (``proposer-<i>``, ``aggregator``) to engines;
         several slots may share one engine. ``deployment`` with ``pools`` (pool name ->
-        its replicas, ``live.engines.EngineSet``): every call goes to the replica its
+        its replicas, ``staircase.live.engines.EngineSet``): every call goes to the replica its
         slot pool's router picks (routers seeded with ``seed``). ``stall``: when a silent
         call is lost (default: limits that follow each engine's observed pace,
-        ``live.watchdog``); ``request_timeout_s``: a request's whole budget (None: none)."""
+        ``staircase.live.watchdog``); ``request_timeout_s``: a request's whole budget (None: none)."""
         missing = sorted({n.slot for n in topology.nodes} - set(engines))
         if missing:
             raise ConfigError("engines", sorted(engines), f"an engine for every slot (missing {', '.join(missing)})")

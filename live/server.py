@@ -7,7 +7,7 @@ hands the answer's deltas to the HTTP layer as they arrive (``Stream``). A bound
 number of requests run at once: past ``max_in_flight`` a request is refused with 429
 and ``Retry-After`` instead of queueing without bound. ``shutdown`` stops admitting,
 gives the requests in flight ``grace_s`` to end, cancels the rest (every call of
-theirs on every engine) and writes the rows. The HTTP routes are in ``live.server_app``.
+theirs on every engine) and writes the rows. The HTTP routes are in ``staircase.live.server_app``.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 events when ``stream`` is true, with a final usage chunk when
 ``stream_options.include_usage`` is), ``GET /v1/models``, ``GET /health`` and
 ``GET /metrics`` (Prometheus). Errors come in OpenAI's shape with the offending
-parameter named (``live.server_api.ApiError``); a malformed body is a 400, never a 500
+parameter named (``staircase.live.server_api.ApiError``); a malformed body is a 400, never a 500
 with a traceback. A client that goes away cancels its request: every call of it on
 every engine.
 """
@@ -45,7 +45,7 @@ def create_app(server: StaircaseServer, on_ready=None, on_stop=None) -> FastAPI:
         try:
             await server.startup()
         except (ConfigError, EngineError) as err:  # an engine that cannot start: one line, not a traceback
-            server.failed = err  # (the uvicorn loop sees it and stops; ``live.serving``)
+            server.failed = err  # (the uvicorn loop sees it and stops; ``staircase.live.serving``)
             yield
             await server.runner.close()
             return

@@ -40,6 +40,7 @@ from pathlib import Path
 
 from staircase.cli import add_output_arguments, parse_int_list, results_folder, seed_type
 from staircase.errors import ConfigError
+from staircase.record import read_record, run_record, write_record
 from staircase.policies import LAYOUTS, make_policies, policy_from_dict
 from staircase.runconfig import policies_from_option
 from staircase.topology import moa
@@ -50,7 +51,7 @@ from .run import QualitySpec, first_chunk_policies
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from live.engines import add_engine_arguments
+    from staircase.live.engines import add_engine_arguments
 
     p = subparsers.add_parser("quality", help="score answers of policies against wait-all (exact match, similarity, "
                                               "late-key retention, judge) beside their latency",
@@ -138,7 +139,7 @@ def judge_engine(args: argparse.Namespace, engines: dict):
     if args.judge_local:
         return engines["aggregator"]
     if args.judge_url:
-        from live.engines import HTTPEngine, check_url
+        from staircase.live.engines import HTTPEngine, check_url
 
         check_url("judge-url", args.judge_url)
         return HTTPEngine(args.judge_url, args.judge_model, name="judge", api_key_env=args.judge_api_key_env)
@@ -146,7 +147,7 @@ def judge_engine(args: argparse.Namespace, engines: dict):
 
 
 def run(args: argparse.Namespace) -> int:
-    from live.engines import EngineOptions, open_engines
+    from staircase.live.engines import EngineOptions, open_engines
 
     if args.rescore is not None:
         return rescore(args)
@@ -155,8 +156,8 @@ def run(args: argparse.Namespace) -> int:
     topology = moa(spec.proposers)
     raw = EngineOptions.from_mapping(vars(args)).to_config()
     folder = results_folder(args, "quality")
-    config = {"command": "quality", "spec": spec.describe(), "policies": [p.describe() for p in policies],
-              "engines": raw, "judge": args.judge_url or ("local" if args.judge_local else None)}
+    config = run_record("quality", None, policies, spec=spec.describe(), engines=raw,
+                        judge=args.judge_url or ("local" if args.judge_local else None))
     started = time.perf_counter()
     with open_engines(raw, topology, dtype=args.dtype) as engines:
         judge = judge_engine(args, engines.slots)
@@ -168,18 +169,14 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _write_config(folder: Path, config: dict) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
+    write_record(folder, config)
 
 
 def rescore(args: argparse.Namespace) -> int:
     """Score a run's folder again from its config.json and traces/ (no engines)."""
     from .run import QualitySpec, load_collected
 
-    path = args.rescore / "config.json"
-    if not path.is_file():
-        raise ConfigError("rescore", str(args.rescore), "a results folder of `staircase quality` (with config.json)")
-    config = json.loads(path.read_text())
+    config = read_record(args.rescore, "rescore", ("quality",))
     spec = QualitySpec(**{k: tuple(v) if isinstance(v, list) else v for k, v in config["spec"].items()})
     spec.resamples, spec.effect = args.resamples, args.effect
     policies = [policy_from_dict(p) for p in config["policies"]]

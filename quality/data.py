@@ -10,17 +10,14 @@ that pairs the answers of different policies for the bootstrap.
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from live.prompts import DATA as LIVE_DATA
+from staircase.bundled import data_file
 from staircase.errors import ConfigError
+from staircase.jsonio import read_json, read_jsonl
 
-DATA = Path(__file__).parent / "data"
 POSITIONS = ("early", "middle", "last", "absent")  # "absent": the control, no key anywhere
 GSM8K_INSTRUCTION = "\n\nSolve the problem step by step, then give the final answer as a number on the last line."
 PROBE_QUERY = "What is the secret code?"
@@ -56,8 +53,7 @@ _CALCULATOR = re.compile(r"<<[^>]*>>")  # GSM8K's calculator annotations: 2/2=<<
 
 
 def _gsm8k_rows() -> list[dict]:
-    with gzip.open(DATA / "gsm8k_test.jsonl.gz", "rt") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+    return read_jsonl(data_file("gsm8k-test"), "gsm8k")
 
 
 def worked_solution(answer: str) -> tuple[str, str]:
@@ -106,8 +102,7 @@ def gsm8k_replay_items(n: int, skip: int = 0, proposers: int = 3, seed: int = 0)
 
 
 def _alpaca_rows() -> list[dict]:
-    with gzip.open(LIVE_DATA / "alpaca_eval.json.gz", "rt") as fh:
-        return json.load(fh)
+    return read_json(data_file("alpaca-eval"), "alpaca_eval")
 
 
 def alpaca_items(n: int, skip: int = 0) -> list[Item]:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from staircase.plotting import pyplot
+from staircase.plotting import pyplot, save_figure
 
 from .run import REFERENCE
 
@@ -56,10 +56,7 @@ def plot_quality(summary: pd.DataFrame, metrics: pd.DataFrame, path: Path) -> Pa
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=min(6, len(labels) or 1), frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110, rect=(0, 0.06, 1, 1))
 
 
 def plot_retention(table: pd.DataFrame, path: Path) -> Path:
@@ -80,7 +77,4 @@ def plot_retention(table: pd.DataFrame, path: Path) -> Path:
     ax.set_ylabel("answers carrying the key")
     ax.set_ylim(-0.05, 1.05)
     ax.set_title("Late-key retention against the context read before answering")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)

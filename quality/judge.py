@@ -6,7 +6,7 @@ judge that prefers a position cancels out. A policy's score on a prompt is its m
 the two orders (win 1, loss 0; a verdict with neither letter counts 0.5 and is
 counted as unparsed). 0.5 over all prompts means "as good as wait-all".
 
-The judge is any ``live.engines.Engine``: an OpenAI-compatible endpoint
+The judge is any ``staircase.live.engines.Engine``: an OpenAI-compatible endpoint
 (``HTTPEngine``, ``--judge-url``) or the in-process engine itself (``--judge local``,
 weak with a 135M model, but real).
 """
@@ -18,7 +18,7 @@ import re
 
 import pandas as pd
 
-from live.engines import Engine, EngineError, Sampling
+from staircase.live.engines import Engine, EngineError, Sampling
 from staircase.prompts import Message, Piece, Prompt, TokenizerCount
 
 from .sets import replayed

@@ -2,7 +2,7 @@
 
 For each policy (the reference, wait-all, first), the real sets (GSM8K, AlpacaEval)
 run on the real engines, and the late-key probe runs with replay proposers
-(``live.engines.ReplayEngine``: each proposer streams its fixed proposal) and the real
+(``staircase.live.engines.ReplayEngine``: each proposer streams its fixed proposal) and the real
 aggregator. The noise floor is the reference policy again under another sampling seed
 (``noise_seed``; by default for the aggregator alone, so the proposals are the same:
 what resampling the final answer changes; ``noise_scope="all"`` resamples every node).
@@ -11,7 +11,7 @@ every policy (``LiveRunner`` derives a call's seed from the run seed, the reques
 the node), so the proposers of request ``i`` sample alike whatever the policy.
 
 ``collect`` returns every answer (one row per policy and prompt, with its latency);
-``quality.report`` scores and summarises them.
+``staircase.quality.report`` scores and summarises them.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Mapping, Sequence
 
 import pandas as pd
 
-from live.engines import Engine, Sampling
-from live.engines import ReplayEngine
-from live.runner import LiveRunner
+from staircase.live.engines import Engine, Sampling
+from staircase.live.engines import ReplayEngine
+from staircase.live.runner import LiveRunner
 from staircase.errors import ConfigError
 from staircase.policies import (PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, LAYOUTS, Policy, StaircasePolicy,
                               WaitAllPolicy)
@@ -62,7 +62,7 @@ class QualitySpec:
     replay_tokens_per_s: float = 30.0
     concurrency: int = 1
     resamples: int = 2000
-    effect: float = 0.1  # the drop that matters: the verdict's signal and power (quality.report)
+    effect: float = 0.1  # the drop that matters: the verdict's signal and power (staircase.quality.report)
 
     def check(self) -> "QualitySpec":
         unknown = [s for s in self.sets if s not in SETS]
@@ -150,7 +150,7 @@ async def collect(engines: dict[str, Engine], spec: QualitySpec, policies: Seque
     ``spec``. ``engines``: slot -> started engine for the real sets; the replayed sets
     (the probe, the GSM8K replay set) use the aggregator's engine with replay proposers,
     their traces kept as the "probe" kind. ``judge`` (started): judges every answer
-    of the real sets against the reference's (``quality.judge``). ``on_trace(kind,
+    of the real sets against the reference's (``staircase.quality.judge``). ``on_trace(kind,
     trace)`` is called as each policy's run of a kind ("real", "probe") ends (the CLI
     writes it, so an interrupted run keeps what it finished)."""
     spec.check()
@@ -233,7 +233,7 @@ def collect_sync(engines: dict[str, Engine], spec: QualitySpec, policies: Sequen
 
 
 def load_collected(folder: Path, spec: QualitySpec, policies: Sequence[Policy]) -> Collected:
-    """A run's answers from its written traces (``quality.report.write_trace``): the
+    """A run's answers from its written traces (``staircase.quality.report.write_trace``): the
     runs that finished, in run order."""
     from staircase.trace import read_chunks, read_requests
 

@@ -1,7 +1,7 @@
 """Evaluation sets as objects of one interface: each set owns its items, how an answer
 is scored, which of its metrics are better lower, and whether its proposals are real
 engine answers or replayed texts. ``QUALITY_SETS`` lists them by name; the harness
-(``quality.run``) and the report (``quality.report``) read the sets only through it.
+(``staircase.quality.run``) and the report (``staircase.quality.report``) read the sets only through it.
 """
 
 from __future__ import annotations

@@ -198,7 +198,7 @@ class SLO:
 
 
 def slo_watch(slos, total: int):
-    """A simulation watch (``sim.simulate.simulate(watch=...)``) that stops a run once some
+    """A simulation watch (``staircase.sim.simulate.simulate(watch=...)``) that stops a run once some
     SLO has more misses (finished requests over the bound or failed, and running ones
     already past it) than its share allows of ``total`` requests: its attainment can no
     longer reach the share, and the rest of the run (a growing queue, the slowest part to

@@ -93,7 +93,7 @@ def commands(config: dict, cfg: SearchConfig, scenario) -> dict:
 
 def plot(df: pd.DataFrame, front: pd.DataFrame, objectives: list[str], path: Path) -> Path:
     """Per scenario: every candidate on the first two objectives, the front marked."""
-    from staircase.plotting import pyplot
+    from staircase.plotting import pyplot, save_figure
 
     plt, sns = pyplot()
 
@@ -115,10 +115,7 @@ def plot(df: pd.DataFrame, front: pd.DataFrame, objectives: list[str], path: Pat
         ax.set_xlabel(f"{x}: {METRICS[x][2]}", fontsize=8)
         ax.set_ylabel(f"{y}: {METRICS[y][2]}", fontsize=8)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def write_report(study, cfg: SearchConfig, folder: Path, minimise: str, figure: bool = True) -> dict:

@@ -25,16 +25,17 @@ from pathlib import Path
 
 from staircase.deployment import deployment_from_dict
 from staircase.errors import ConfigError
+from staircase.jsonio import read_jsonl
 from staircase.metrics import summarize
 from staircase.policies import PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, PolicyConfig, config_from_dict, config_of, policy_from_dict
 from staircase.progress import progress as progress_bar
 from staircase.report import pool_frame
 from staircase.topology import Topology, topology_from_config
 
-from sim.capacity import at_load, capacity, overload
-from sim.profile import load_profile
-from sim.simulate import simulate
-from sim.workload import Workload
+from staircase.sim.capacity import at_load, capacity, overload
+from staircase.sim.profile import load_profile
+from staircase.sim.simulate import simulate
+from staircase.sim.workload import Workload
 
 from .objectives import SLO, Constraint, QualityCurve, slo_watch, check_objectives, directions, value
 from .space import SearchSpace
@@ -56,7 +57,7 @@ class Scenario:
     capacity_per_s: float | None = None
     deployment: dict | None = None  # Deployment.to_dict() (None: the profile's engine sharing)
     slos: tuple[str, ...] = ()  # SLO texts whose attainment the evaluation reports (``staircase plan``)
-    faults: dict | None = None  # failure rates per call (``sim.faults``: proposers, aggregator, a slot or a pool)
+    faults: dict | None = None  # failure rates per call (``staircase.sim.faults``: proposers, aggregator, a slot or a pool)
 
     def key(self) -> str:
         fields = {k: v for k, v in asdict(self).items() if k not in ("deployment", "slos", "faults") or v}
@@ -66,7 +67,7 @@ class Scenario:
 def make_scenarios(profiles, topology: Topology, workload: Workload | list[Workload], loads, *, max_tokens: int,
                    seed: int, faults: dict | None = None) -> list[Scenario]:
     """One scenario per (profile, workload, load); ``loads`` None: each workload's own rate;
-    ``faults``: failure rates per call in every scenario (``sim.faults``)."""
+    ``faults``: failure rates per call in every scenario (``staircase.sim.faults``)."""
     workloads = workload if isinstance(workload, list) else [workload]
     out = []
     for prof in profiles:
@@ -187,12 +188,8 @@ def read_evaluations(folder: Path) -> dict[tuple[str, str], dict]:
     """(candidate key, scenario key) -> metrics, from a search folder's store."""
     done: dict[tuple[str, str], dict] = {}
     path = folder / "evaluations.jsonl"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill: that evaluation is simply redone
+    if path.exists():  # a line cut short by a kill is left out: that evaluation is simply redone
+        for row in read_jsonl(path, "evaluations", skip_bad=True):
             done[(row["key"], row["scenario"])] = row["metrics"]
     return done
 

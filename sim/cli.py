@@ -18,6 +18,7 @@ from staircase.machine import label
 from staircase.cli import (add_output_arguments, add_topology_policy_arguments, finish_run, seed_type,
                            topology_and_policies)
 from staircase.deployment import load_deployment
+from staircase.record import run_record
 from staircase.report import pool_frame, summary_frame
 
 from .capacity import at_load, burst_warning, capacity, load_report, overload
@@ -113,16 +114,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_config(args: argparse.Namespace, topology, policies, workload, profile) -> dict:
     """What config.json records of a simulated run."""
-    return {
-        "command": "sim",
-        "topology": topology.describe(),
-        "topology_config": topology.config(),
-        "topology_args": {"kind": args.topology, "proposers": args.proposers, "layers": args.layers,
-                          "agents": args.agents, "rounds": args.rounds},
-        "policies": [p.describe() for p in policies],
-        "workload": workload.describe(),
-        "profile": {"path": profile.source, "name": profile.name, "calibrated": profile.calibrated,
-                    "note": profile.note, "machine": profile.machine},
-        "seed": args.seed, "max_tokens": args.max_tokens, "noise": not args.no_noise,
-        "summary_only": args.summary_only, "fault_rates": args.faults,
-    }
+    return run_record(
+        "sim", topology, policies,
+        topology_args={"kind": args.topology, "proposers": args.proposers, "layers": args.layers,
+                       "agents": args.agents, "rounds": args.rounds},
+        workload=workload.describe(),
+        profile={"path": profile.source, "name": profile.name, "calibrated": profile.calibrated,
+                 "note": profile.note, "machine": profile.machine},
+        seed=args.seed, max_tokens=args.max_tokens, noise=not args.no_noise,
+        summary_only=args.summary_only, fault_rates=args.faults,
+    )

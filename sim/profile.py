@@ -25,38 +25,31 @@ its own engine instance (several layers or rounds share their slot's engine); wi
 ``"one"`` all slots share a single engine of the aggregator's model (one server
 hosting every agent).
 
-Bundled profiles live in ``calibration/profiles/``. The simulator finds that folder
+Bundled profiles live in ``staircase/data/profiles/``. The simulator finds that folder
 as data, without importing the ``calibration`` package (calibration imports sim,
 never the other way).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import scipy.stats
 
+from staircase import bundled
 from staircase.deployment import parse_slots, slots_schema
 from staircase.errors import ConfigError
+from staircase.jsonio import read_json
 from staircase.topology import slot_target
 
 SCHEMA = "staircase-profile/1"
 SHARING = ("per-slot", "one")
 
 
-def profiles_folder() -> Path:
-    spec = importlib.util.find_spec("calibration")
-    if spec is None or not spec.submodule_search_locations:
-        raise ConfigError("profile", "calibration/profiles", "the installed staircase distribution's bundled profiles")
-    return Path(list(spec.submodule_search_locations)[0]) / "profiles"
-
-
 def default_profile_path() -> Path:
-    return profiles_folder() / "default.json"
+    return bundled.PROFILES / "default.json"
 
 
 @dataclass(frozen=True)
@@ -247,23 +240,21 @@ def parse_profile(raw: dict, source: str = "<dict>") -> Profile:
 
 
 def bundled_profiles() -> list[str]:
-    return sorted(p.stem for p in profiles_folder().glob("*.json"))
+    return bundled.profile_names()
 
 
 def load_profile(path: Path | str | None = None) -> Profile:
     """Read and check a profile: a JSON file, a bundled profile's name (``default``,
     ``illustrative-gpu``), or ``None`` for the bundled default."""
     path = Path(path) if path is not None else default_profile_path()
-    if not path.is_file() and path.suffix == "" and len(path.parts) == 1 and (profiles_folder() / f"{path}.json").is_file():
-        path = profiles_folder() / f"{path}.json"
+    if not path.is_file() and path.suffix == "" and len(path.parts) == 1 and bundled.profile_file(str(path)):
+        path = bundled.profile_file(str(path))
+    elif not path.is_file() and path.parent.parts[-2:] == ("calibration", "profiles") and bundled.profile_file(path.stem):
+        path = bundled.profile_file(path.stem)  # where runs recorded before staircase/data named it
     if not path.is_file():
         raise ConfigError("profile", str(path), "an existing profile JSON file or a bundled profile: "
                           + ", ".join(bundled_profiles()))
-    try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError("profile", str(path), f"valid JSON (line {err.lineno}: {err.msg})") from None
-    return parse_profile(raw, str(path))
+    return parse_profile(read_json(path, "profile"), str(path))
 
 
 GPU_FIELDS_SCHEMA = {  # an engine's optional fields from `staircase profile` (GPU engines from a database)

@@ -1,6 +1,6 @@
 # C types for the compiled build of simulate.py (setup.py); the .py runs unchanged without them.
 # A cpdef method may hold no closure (generator expression, lambda): write a list comprehension.
-from sim.engine cimport SimCall
+from staircase.sim.engine cimport SimCall
 from staircase.driver cimport RequestDriver
 
 cdef class _SimPort:

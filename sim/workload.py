@@ -6,7 +6,7 @@
 - ``closed``: ``concurrency`` users; each sends its next request when the last ends.
 - ``azure``: replay of the Azure LLM inference trace (conversation service, Nov 2023):
   real arrival times and token counts (ContextTokens -> query tokens, GeneratedTokens ->
-  answer tokens). A copy ships in ``sim/data`` (CC-BY 4.0, Microsoft Azure Public Dataset).
+  answer tokens). A copy ships in ``staircase/data`` (CC-BY 4.0, Microsoft Azure Public Dataset).
 
 Synthetic lengths are log-normal around ``query_tokens`` / ``output_tokens`` medians.
 """
@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from staircase.bundled import data_file
 from staircase.errors import ConfigError
 
 WORKLOAD_KINDS = ("poisson", "gamma", "closed", "azure")
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
-BUNDLED_AZURE = Path(__file__).parent / "data" / "azure_conv_2023.csv.gz"
+BUNDLED_AZURE = data_file("azure-conv-2023")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from .errors import StaircaseError
-from .policies import PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, SCOPES, Policy, policy_names_help
+from .policies import Param, Policy, param, policy_names_help
 from .report import format_frame, format_table, summary_json, write_results
 from .runconfig import (TOPOLOGY_POLICY_KEYS, parse_int_list, topology_and_policies_from_values,  # noqa: F401
                         topology_from_values)
@@ -113,22 +113,24 @@ def add_topology_policy_arguments(parser: argparse.ArgumentParser, policies: str
     g.add_argument("--policies", default=policies, help=policy_names_help())
     g.add_argument("--redundancy", default=redundancy,
                    help="redundancy r of staircase policies; a comma list gives one policy per value")
-    g.add_argument("--scope", choices=SCOPES, default="first", help="apply r to the first step only, or every step")
-    g.add_argument("--proposer-schedule", default=",".join(map(str, PAPER_PROPOSER_SCHEDULE)),
-                   help="proposer chunk sizes in tokens; the last repeats")
-    g.add_argument("--aggregator-schedule", default=",".join(map(str, PAPER_AGGREGATOR_SCHEDULE)),
-                   help="aggregator (final node) chunk sizes in tokens; the last repeats")
-    g.add_argument("--max-wait-s", type=float, default=0.5, help="staircase-deadline: longest wait for the first step")
-    g.add_argument("--ttft-target-s", type=float, default=1.0,
-                   help="staircase-ttft: each request's TTFT target (the first step reads all it can within it)")
-    g.add_argument("--lead-in-s", type=float, default=0.0,
-                   help="staircase-lead-in: when the final node's lead-in step starts at the latest, seconds after "
-                        "the request (0: at once, from the query alone; earlier when N - r first chunks are in)")
+    for name in ("scope", "proposer_schedule", "aggregator_schedule", "max_wait_s", "ttft_target_s", "lead_in_s"):
+        _add_param_option(g, param(name))
     g.add_argument("--policy-config", action="append", default=[], metavar="JSON|FILE",
                    help="one more policy as data, e.g. '{\"kind\": \"staircase\", \"redundancy\": 1}' (any kind and "
                         "parameter; `staircase search` prints these), or a best.json of `staircase search` or a "
                         "plan.json of `staircase plan` (its policies that met the SLOs); repeatable; --policies '' "
                         "for these alone")
+
+
+def _add_param_option(group, spec: Param) -> None:
+    """``--<name>`` for one policy parameter, its default and help from its declaration."""
+    flag = "--" + spec.name.replace("_", "-")
+    if spec.kind == "choice":
+        group.add_argument(flag, choices=spec.choices, default=spec.default, help=spec.help)
+    elif spec.kind == "schedule":
+        group.add_argument(flag, default=",".join(map(str, spec.default)), help=spec.help)
+    else:
+        group.add_argument(flag, type=float if spec.kind == "float" else int, default=spec.default, help=spec.help)
 
 
 def add_topology_arguments(parser: argparse.ArgumentParser, proposers: int = 3) -> None:
@@ -145,12 +147,6 @@ def add_topology_arguments(parser: argparse.ArgumentParser, proposers: int = 3) 
 def build_topology(args: argparse.Namespace) -> Topology:
     """The topology `add_topology_arguments` parsed."""
     return topology_from_values(vars(args))
-
-
-def topology_policy_args(args: argparse.Namespace) -> dict:
-    """What `add_topology_policy_arguments` parsed, as JSON (results record it so a
-    replay can rebuild the same topology and policies)."""
-    return {k: getattr(args, k) for k in TOPOLOGY_POLICY_KEYS}
 
 
 def topology_and_policies(args: argparse.Namespace) -> tuple[Topology, list[Policy]]:

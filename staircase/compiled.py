@@ -23,7 +23,7 @@ import sys
 import warnings
 from pathlib import Path
 
-COMPILED = ("sim.engine", "sim.simulate", "staircase.driver", "staircase.scheduler", "staircase.policies.base",
+COMPILED = ("staircase.sim.engine", "staircase.sim.simulate", "staircase.driver", "staircase.scheduler", "staircase.policies.base",
             "staircase.policies.fixed", "staircase.policies.adaptive", "staircase.policies.registry",
             "staircase.prompts", "staircase.metrics", "staircase.topology")
 PURE_ENV = "STAIRCASE_PURE"

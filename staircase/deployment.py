@@ -31,7 +31,6 @@ the live runner (``staircase live --deployment FILE``) place every call through 
 
 from __future__ import annotations
 
-import json
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -39,6 +38,7 @@ from pathlib import Path
 from typing import Generic, Iterable, Mapping, Protocol, Sequence, TypeVar
 
 from .errors import ConfigError
+from .jsonio import parse_json
 from .topology import slot_target
 
 SCHEMA_ID = "staircase-deployment/1"
@@ -308,10 +308,7 @@ def load_deployment(path: str | Path, models: Sequence[str] | None = None) -> De
         except yaml.YAMLError as err:
             raise ConfigError("deployment", str(path), f"valid YAML ({str(err).splitlines()[0]})") from None
     else:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError("deployment", str(path), f"valid JSON ({err.msg}, line {err.lineno})") from None
+        raw = parse_json(text, "deployment", str(path))
     return deployment_from_dict(raw, models)
 
 

@@ -50,7 +50,7 @@ class Port(Protocol):
 
 class CallRecord:
     """One ``Generate`` as a runner carries it out; ``handle`` is the runner's own (an
-    asyncio task; the simulator's calls are records themselves, ``sim.engine.SimCall``).
+    asyncio task; the simulator's calls are records themselves, ``staircase.sim.engine.SimCall``).
     A plain slots class: one is made per call, on the simulator's hot path."""
 
     __slots__ = ("driver", "generate", "node", "engine", "sent_s", "tokens_before", "prompt_tokens",

@@ -1,6 +1,6 @@
 """Which machine: the CPU (model, the instruction-set level that matters to vLLM's CPU
 kernels, cores) as runs and profiles record it, and how to compare two records.
-Detection of a GPU and the engine settings that follow live in ``live.machine``."""
+Detection of a GPU and the engine settings that follow live in ``staircase.live.machine``."""
 
 from __future__ import annotations
 

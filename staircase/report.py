@@ -10,6 +10,7 @@ from typing import Mapping
 import pandas as pd
 
 from .metrics import summarize
+from .record import write_record
 from .trace import Trace
 
 BASELINE = "wait-all"
@@ -79,7 +80,7 @@ def summary_json(summary: pd.DataFrame, config: Mapping | None = None) -> dict:
 
 def plot_ttft(traces: Mapping[str, Trace], path: Path) -> Path:
     """ECDF of TTFT per policy (left) and TTFT distributions as boxes (right)."""
-    from .plotting import pyplot
+    from .plotting import pyplot, save_figure
 
     plt, sns = pyplot()
 
@@ -96,10 +97,7 @@ def plot_ttft(traces: Mapping[str, Trace], path: Path) -> Path:
     axes[1].set_xscale("log")
     axes[1].set_xlabel("time to first token (s, log scale)")
     axes[1].set_title("TTFT by policy")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110)
 
 
 def pool_frame(traces: Mapping[str, Trace], engine_pool: Mapping[str, str]) -> pd.DataFrame:
@@ -153,8 +151,7 @@ def write_results(folder: Path, traces: Mapping[str, Trace], summary: pd.DataFra
     for key, df in (tables or {}).items():
         paths[key] = folder / f"{key}.csv"
         df.to_csv(paths[key], index=False)
-    paths["config"] = folder / "config.json"
-    paths["config"].write_text(json.dumps(config, indent=2, default=str) + "\n")
+    paths["config"] = write_record(folder, config)
     for t in traces.values():
         t.write(folder / "traces")
     paths["traces"] = folder / "traces"

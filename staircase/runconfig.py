@@ -8,13 +8,13 @@ those runs from that mapping with the same function.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Mapping
 
 from .errors import ConfigError
-from .policies import ChunkSchedule, Policy, make_policies, policy_from_dict
+from .jsonio import parse_json, read_json
+from .policies import ChunkSchedule, Policy, make_policies, param, policy_from_dict
 from .topology import Topology, build
 
 TOPOLOGY_POLICY_KEYS = ("topology", "proposers", "layers", "agents", "rounds", "policies", "redundancy", "scope",
@@ -51,11 +51,7 @@ def topology_from_values(values: Mapping) -> Topology:
 
 
 def policy_from_json(text: str) -> Policy:
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConfigError("policy-config", text, f"a JSON object ({err.msg})") from None
-    return policy_from_dict(raw)
+    return policy_from_dict(parse_json(text, "policy-config"))
 
 
 def policies_from_option(text: str) -> list[Policy]:
@@ -67,10 +63,7 @@ def policies_from_option(text: str) -> list[Policy]:
     path = Path(text)
     if not path.is_file():
         raise ConfigError("policy-config", text, "a JSON object, or the path of a best.json or plan.json")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError("policy-config", text, f"a JSON file ({type(err).__name__})") from None
+    raw = read_json(path, "policy-config")
     if isinstance(raw, dict) and isinstance(raw.get("best"), dict):
         return [policy_from_dict(raw["best"])]
     if isinstance(raw, dict) and isinstance(raw.get("policies"), dict):
@@ -94,7 +87,8 @@ def topology_and_policies_from_values(values: Mapping) -> tuple[Topology, list[P
         proposer_schedule=ChunkSchedule.parse(values["proposer_schedule"], "proposer_schedule"),
         aggregator_schedule=ChunkSchedule.parse(values["aggregator_schedule"], "aggregator_schedule"),
         scope=values["scope"], max_wait_s=values["max_wait_s"],
-        ttft_target_s=values.get("ttft_target_s", 1.0), lead_in_s=values.get("lead_in_s", 0.0)) if names else []
+        ttft_target_s=values.get("ttft_target_s", param("ttft_target_s").default),  # (older runs lack these two)
+        lead_in_s=values.get("lead_in_s", param("lead_in_s").default)) if names else []
     policies += [p for text in values.get("policy_config") or [] for p in policies_from_option(text)]
     if not policies:
         raise ConfigError("policies", values["policies"], "at least one policy (names, or --policy-config)")

@@ -23,14 +23,14 @@ def loop():
 
 @pytest.fixture(scope="session")
 def model_dir():
-    from live.model import smollm2_folder
+    from staircase.live.model import smollm2_folder
 
     return smollm2_folder()
 
 
 @pytest.fixture(scope="session")
 def engine(loop, model_dir):
-    from live.engines import VLLMEngine
+    from staircase.live.engines import VLLMEngine
 
     os.environ["VLLM_CPU_OMP_THREADS_BIND"] = "0"  # the server, when there is one, takes core 1
     eng = VLLMEngine(model_dir, name="inproc")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import httpx
 
-from live.engines import free_port
+from staircase.live.engines import free_port
 
 
 class ServeProcess:

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
-from sim.profile import load_profile
-from sim.simulate import simulate
-from sim.workload import Workload
+from staircase.sim.profile import load_profile
+from staircase.sim.simulate import simulate
+from staircase.sim.workload import Workload
 from staircase.policies import (ADAPTIVE_POLICIES, LoadAwareStaircasePolicy, SmoothStaircasePolicy,
                                 StragglerStaircasePolicy)
 from staircase.errors import ConfigError
@@ -88,7 +88,7 @@ def test_load_aware_policy_is_the_staircase_when_idle_and_one_final_call_when_bu
 
 def test_load_aware_policy_is_never_much_worse_than_wait_all_under_overload():
     """The paper's shape (6 proposers of three sizes, 300-token answers) at about 1.2 x
-    wait-all's capacity (1.13 requests/s, ``sim.capacity``)."""
+    wait-all's capacity (1.13 requests/s, ``staircase.sim.capacity``)."""
     def e2e(policy):
         return simulate(moa(6), policy, Workload("poisson", requests=400, rate_per_s=1.35, output_tokens=300),
                         load_profile("illustrative-gpu"), seed=0, max_tokens=512, keep_chunks=False,

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from sim.profile import load_profile
-from sim.simulate import simulate
-from sim.workload import Workload
+from staircase.sim.profile import load_profile
+from staircase.sim.simulate import simulate
+from staircase.sim.workload import Workload
 from staircase.policies import StaircasePolicy, WaitAllPolicy
 from staircase.topology import moa
 
@@ -36,7 +36,7 @@ def test_the_azure_hour_on_49_engines():
     """Deployment scale: the bundled Azure conversation hour (19,366 requests at 5.5/s) at
     its own rate on 49 illustrative GPU engines (7 copies of the 6-proposer MoA's
     engines, in pools) simulates without overload; prints the wall time per policy."""
-    from sim.capacity import overload
+    from staircase.sim.capacity import overload
     from staircase.deployment import deployment_from_dict
     from staircase.policies import make_policies
 

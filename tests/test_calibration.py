@@ -19,13 +19,13 @@ import pandas as pd
 import pytest
 import scipy.stats
 
-from calibration.fit import (CalibrationWarning, RunGroup, build_profile, fit_engine, fit_noise, load_runs,
+from staircase.calibration.fit import (CalibrationWarning, RunGroup, build_profile, fit_engine, fit_noise, load_runs,
                              observations)
-from calibration.validate import (PHASES, ValidationWarning, check_profile_model, compare, compare_phases,
+from staircase.calibration.validate import (PHASES, ValidationWarning, check_profile_model, compare, compare_phases,
                                   decode_speed, load_live_run, replay, validate)
-from sim.profile import load_profile, parse_profile
-from sim.simulate import simulate
-from sim.workload import Workload
+from staircase.sim.profile import load_profile, parse_profile
+from staircase.sim.simulate import simulate
+from staircase.sim.workload import Workload
 from staircase.cli import TOPOLOGY_POLICY_KEYS, topology_and_policies
 from staircase.errors import ConfigError
 from staircase.policies import SinglePolicy, make_policies
@@ -96,7 +96,7 @@ def test_prefill_fit_finds_the_cost_of_new_tokens_after_a_cached_prefix():
     """First-token waits of calls with and without a cached prefix (as the cache-hit and
     cache-extend probes give): the fit separates the new tokens' attention over the
     cached ones (per_token_cached) from their own cost."""
-    from calibration.fit import _fit_prefill
+    from staircase.calibration.fit import _fit_prefill
 
     rng = np.random.default_rng(5)
     p = np.array([16, 96, 256, 512, 896, 1344, 1792] * 2 + [20, 30, 25, 18, 28] + [128, 384] * 3, float)

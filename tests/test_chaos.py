@@ -1,4 +1,4 @@
-"""Chaos: faults at random moments (``live.chaos``) and the chaos run
+"""Chaos: faults at random moments (``staircase.live.chaos``) and the chaos run
 (``benchmarks/chaos.py``, small) on real vLLM servers and a real in-process engine."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pandas as pd
 import psutil
 import pytest
 
-from live.chaos import AGGREGATOR_FREEZE, KINDS, ChaosProxy, Fault, ProcessFaults, draw_faults
-from live.engines import EngineError, HTTPEngine, Sampling
-from live.engines.serve import free_port
+from staircase.live.chaos import AGGREGATOR_FREEZE, KINDS, ChaosProxy, Fault, ProcessFaults, draw_faults
+from staircase.live.engines import EngineError, HTTPEngine, Sampling
+from staircase.live.engines.serve import free_port
 from staircase.errors import ConfigError
 from staircase.prompts import Message, Piece, Prompt
 

@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # every policy kind on the simulator, with faults and sessions: what the compiled modules carry
 RUN = """
 import json, sys
-from sim.profile import load_profile
-from sim.simulate import simulate
-from sim.workload import Workload
+from staircase.sim.profile import load_profile
+from staircase.sim.simulate import simulate
+from staircase.sim.workload import Workload
 from staircase import compiled
 from staircase.policies import policy_from_dict
 from staircase.topology import moa
@@ -64,16 +64,16 @@ def test_compiled_modules_give_the_python_sources_results():
 
 
 def test_a_build_older_than_its_source_is_not_loaded(tmp_path):
-    """A copy of the two packages with one module edited after its build: every compiled
-    module runs from its .py (they share C types), with a warning naming the edited one."""
+    """A copy of the package (its rooms' symlinks copied as folders) with one module edited
+    after its build: every compiled module runs from its .py (they share C types), with a
+    warning naming the edited one."""
     if set(_built()) != set(compiled.COMPILED):
         pytest.skip("no complete compiled build here: nothing can be stale")
-    for package in ("sim", "staircase"):
-        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
-    engine = tmp_path / "sim" / "engine.py"
+    shutil.copytree(ROOT / "staircase", tmp_path / "staircase", ignore=shutil.ignore_patterns("__pycache__", "data"))
+    engine = tmp_path / "staircase" / "sim" / "engine.py"
     engine.write_text(engine.read_text() + "\n# edited after the build\n")
-    code = ("import warnings; warnings.simplefilter('always'); import sim.simulate, staircase.driver; "
-            "from staircase import compiled; print(sim.engine.__file__); print(staircase.driver.__file__); "
+    code = ("import warnings; warnings.simplefilter('always'); import staircase.sim.simulate, staircase.driver; "
+            "from staircase import compiled; print(staircase.sim.engine.__file__); print(staircase.driver.__file__); "
             "print(compiled.report())")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
                           env=os.environ | {compiled.PURE_ENV: "0"}, timeout=120)
@@ -81,9 +81,9 @@ def test_a_build_older_than_its_source_is_not_loaded(tmp_path):
     engine_file, driver_file, report = done.stdout.splitlines()
     assert Path(engine_file) == engine
     assert Path(driver_file) == tmp_path / "staircase" / "driver.py"
-    assert "'sim.engine': 'python (build older than its source)'" in report
+    assert "'staircase.sim.engine': 'python (build older than its source)'" in report
     assert "'staircase.driver': \"python (another compiled module's build is missing or stale)\"" in report
-    assert "sim.engine changed since compiled" in done.stderr
+    assert "staircase.sim.engine changed since compiled" in done.stderr
     # and the untouched copy runs compiled
     engine.write_text((ROOT / "sim" / "engine.py").read_text())
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,

@@ -128,9 +128,9 @@ def test_power_of_two_is_seeded():
 # ------------------------------------------------------------------ in the simulator
 
 def _sim(deployment=None, profile="illustrative-gpu", rate=0.4, policy=None, requests=60, proposers=3):
-    from sim.profile import load_profile
-    from sim.simulate import simulate
-    from sim.workload import Workload
+    from staircase.sim.profile import load_profile
+    from staircase.sim.simulate import simulate
+    from staircase.sim.workload import Workload
     from staircase.policies import StaircasePolicy
     from staircase.topology import moa
 
@@ -142,7 +142,7 @@ TIMES = ["ttft_s", "e2e_s", "prompt_tokens", "cached_tokens"]
 
 
 def test_the_sharing_modes_as_deployments_simulate_as_today():
-    from sim.profile import load_profile
+    from staircase.sim.profile import load_profile
 
     gpu = load_profile("illustrative-gpu")  # per-slot
     per = Deployment.per_slot(gpu.proposer_engines, gpu.aggregator_engine, proposers=3)
@@ -232,7 +232,7 @@ LIVE = {"pools": {"p": {"model": "prop", "replicas": 2, "router": "round-robin"}
 
 
 def _replay_pools(deployment: Deployment) -> dict:
-    from live.engines import ReplayEngine
+    from staircase.live.engines import ReplayEngine
 
     answer = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen " * 3
     return {p.name: [ReplayEngine(lambda _q: answer, name=f"{p.name}/{i}", tokens_per_s=400, first_token_s=0.01)
@@ -243,7 +243,7 @@ def test_the_live_runner_routes_every_call_through_its_pools_router(loop):
     """Replay engines (fast, no model) behind the core routers: proposers in turn across two
     replicas, every step of the aggregator's node of a request on one replica (affinity);
     after the run no replica holds calls or KV tokens."""
-    from live.runner import LiveRunner
+    from staircase.live.runner import LiveRunner
     from staircase.policies import StaircasePolicy
     from staircase.topology import moa
 
@@ -267,7 +267,7 @@ def test_the_live_runner_routes_every_call_through_its_pools_router(loop):
 
 
 def test_live_engines_build_a_deployments_replicas_and_name_bad_fields(tmp_path):
-    from live.engines import ServeEngine, cores_for, engines_from_config
+    from staircase.live.engines import ServeEngine, cores_for, engines_from_config
     from staircase.topology import moa
 
     raw = {"engines": {"prop": {"kind": "serve", "model": "smollm2"}, "agg": {"kind": "serve", "model": "smollm2",
@@ -293,7 +293,7 @@ def test_live_engines_build_a_deployments_replicas_and_name_bad_fields(tmp_path)
 def test_cores_split_evenly_or_not_at_all():
     import os
 
-    from live.engines import cores_for
+    from staircase.live.engines import cores_for
 
     n = len(os.sched_getaffinity(0))
     assert cores_for(1) == [None] and cores_for(n + 1) == [None] * (n + 1)
@@ -308,7 +308,7 @@ def test_staircase_live_takes_a_deployment_file(tmp_path):
     import sys
 
     answers = tmp_path / "answers.jsonl"
-    from live.prompts import load_prompts
+    from staircase.live.prompts import load_prompts
 
     answers.write_text("".join(json.dumps({"query": q, "answer": "alpha beta gamma delta " * 8}) + "\n"
                                for q in load_prompts("mt_bench", 3)))
@@ -330,8 +330,8 @@ def test_staircase_live_takes_a_deployment_file(tmp_path):
     pools = pd.read_csv(out / "pools.csv")
     assert set(pools["pool"]) == {"p", "a"} and pools["calls"].sum() > 0
     # validate replays the run on the same deployment: the simulated calls on the same replicas
-    from calibration.validate import at_speed, decode_speed, load_live_run, replay
-    from sim.profile import load_profile, parse_profile
+    from staircase.calibration.validate import at_speed, decode_speed, load_live_run, replay
+    from staircase.sim.profile import load_profile, parse_profile
 
     base = load_profile("default").raw
     engine = next(iter(base["engines"].values()))

@@ -12,12 +12,12 @@ import pandas as pd
 import pytest
 
 from adaptive import RandomChunksPolicy, ScheduleAsYouGoPolicy
-from live.engines import Delta, Engine, EngineError
-from live.runner import LiveRunner
-from live.watchdog import StallLimits
-from sim.profile import load_profile
-from sim.simulate import simulate
-from sim.workload import Request
+from staircase.live.engines import Delta, Engine, EngineError
+from staircase.live.runner import LiveRunner
+from staircase.live.watchdog import StallLimits
+from staircase.sim.profile import load_profile
+from staircase.sim.simulate import simulate
+from staircase.sim.workload import Request
 from staircase.policies import SinglePolicy, StaircasePolicy, WaitAllPolicy
 from staircase.topology import mad, moa
 
@@ -131,7 +131,7 @@ def test_a_fault_mid_stream_delivers_the_chunks_before_it_in_the_simulator():
 
 def test_a_simulated_call_is_a_complete_call_record():
     """SimCall sets CallRecord's fields itself (speed): every slot must be set."""
-    from sim.engine import SimCall
+    from staircase.sim.engine import SimCall
     from staircase.driver import CallRecord
 
     t = _sim(moa(2), WaitAllPolicy(), 1)

@@ -1,10 +1,10 @@
-"""How an OpenAI-compatible stream becomes deltas (``live.engines.http_engine._StreamReader``), on
+"""How an OpenAI-compatible stream becomes deltas (``staircase.live.engines.http_engine._StreamReader``), on
 the event shapes vLLM's completions and chat APIs send; tests/test_live.py runs both
 APIs against a real ``vllm serve``."""
 
 from __future__ import annotations
 
-from live.engines.http_engine import _StreamReader
+from staircase.live.engines.http_engine import _StreamReader
 
 
 def read(events):

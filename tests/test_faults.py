@@ -13,10 +13,10 @@ from staircase.deployment import deployment_from_dict
 from staircase.errors import ConfigError
 from staircase.policies import StaircasePolicy, WaitAllPolicy
 from staircase.topology import moa
-from sim.faults import RandomFaults, parse_fault_rates
-from sim.profile import load_profile
-from sim.simulate import simulate
-from sim.workload import Workload
+from staircase.sim.faults import RandomFaults, parse_fault_rates
+from staircase.sim.profile import load_profile
+from staircase.sim.simulate import simulate
+from staircase.sim.workload import Workload
 
 W = Workload("poisson", requests=300, rate_per_s=1.0, query_tokens=100, output_tokens=64)
 
@@ -92,7 +92,7 @@ def test_sim_and_search_take_faults_from_the_command_line(tmp_path):
 
 
 def test_a_search_scenario_with_faults_weighs_redundancy():
-    from search.run import evaluate, make_scenarios
+    from staircase.search.run import evaluate, make_scenarios
 
     clean, = make_scenarios([None], moa(3), W, None, max_tokens=64, seed=3)
     flaky, = make_scenarios([None], moa(3), W, None, max_tokens=64, seed=3, faults={"proposers": 0.1})

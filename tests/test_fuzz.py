@@ -38,14 +38,14 @@ def only_our_errors(fn, raw) -> None:
 
 
 def _engines(raw):
-    from live.engines import engines_from_config
+    from staircase.live.engines import engines_from_config
     from staircase.topology import moa
 
     engines_from_config(raw, moa(3))
 
 
 def _profile_mutated(raw):
-    from sim.profile import load_profile, parse_profile
+    from staircase.sim.profile import load_profile, parse_profile
 
     base = json.loads(json.dumps(load_profile().raw))
     if isinstance(raw, dict):
@@ -58,7 +58,7 @@ def _profile_mutated(raw):
 
 
 def _parsers():
-    from sim.profile import parse_profile
+    from staircase.sim.profile import parse_profile
     from staircase.deployment import deployment_from_dict
     from staircase.policies import policy_from_dict
 
@@ -79,8 +79,8 @@ def test_config_objects_fail_only_with_a_named_error(kind):
 
 @pytest.mark.parametrize("kind", ["policy-config file", "prompts", "arrivals", "deployment file"])
 def test_files_fail_only_with_a_named_error(kind, tmp_path):
-    from live.cli import load_arrivals
-    from live.prompts import load_prompts
+    from staircase.live.cli import load_arrivals
+    from staircase.live.prompts import load_prompts
     from staircase.deployment import load_deployment
     from staircase.runconfig import policies_from_option
 
@@ -98,7 +98,7 @@ def test_files_fail_only_with_a_named_error(kind, tmp_path):
 
 
 def test_azure_format_traces_fail_only_with_a_named_error(tmp_path):
-    from sim.workload import read_azure
+    from staircase.sim.workload import read_azure
 
     path = tmp_path / "trace.csv"
     cell = st.integers(-5, 10**6).map(str) | st.text(max_size=6) | st.just("2023-11-16 18:15:46.6805900")
@@ -166,12 +166,12 @@ def test_every_commands_options_fail_in_one_line_and_leave_no_results_folder(com
     import io
     import shutil
 
-    import live.cli
-    import live.engines
+    import staircase.live.cli
+    import staircase.live.engines
     from staircase.cli import main
 
-    monkeypatch.setattr(live.engines, "open_engines", _refuse_engines)
-    monkeypatch.setattr(live.cli, "open_engines", _refuse_engines)
+    monkeypatch.setattr(staircase.live.engines, "open_engines", _refuse_engines)
+    monkeypatch.setattr(staircase.live.cli, "open_engines", _refuse_engines)
     options = _options(command)
     fixed = ["benchmarks/results/lead-in-live"] if command == "validate" else []
     fixed += ["--requests", "20"] if command in SIM_SIDE and command != "validate" else []
@@ -205,9 +205,9 @@ def test_every_commands_options_fail_in_one_line_and_leave_no_results_folder(com
 # ------------------------------------------------------------- from the published schemas
 def _schemas():
     """kind -> (its JSON Schema, a repair that meets the checks beyond the schema, the loader)."""
-    from live.engines.config import json_schema as engines_schema
-    from sim.profile import json_schema as profile_schema
-    from sim.profile import parse_profile
+    from staircase.live.engines.config import json_schema as engines_schema
+    from staircase.sim.profile import json_schema as profile_schema
+    from staircase.sim.profile import parse_profile
     from staircase.deployment import deployment_from_dict
     from staircase.deployment import json_schema as deployment_schema
     from staircase.policies import json_schema as policy_schema

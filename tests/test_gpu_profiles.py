@@ -14,9 +14,9 @@ import pandas as pd
 import pytest
 import simpy
 
-from calibration.gpu import GPUEngineSpec, build_engine, build_profile
-from calibration.published import ClosedLoop, check_published, read_published, summarise
-from sim.profile import EngineModel, parse_profile
+from staircase.calibration.gpu import GPUEngineSpec, build_engine, build_profile
+from staircase.calibration.published import ClosedLoop, check_published, read_published, summarise
+from staircase.sim.profile import EngineModel, parse_profile
 from staircase.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,8 +87,8 @@ def _model(budget: int) -> EngineModel:
 def _decode_gaps(budget: int) -> tuple[float, float, int]:
     """One call decoding 400 tokens in 1-token chunks while a 16k-token prompt arrives:
     (the decoding call's longest gap between tokens, the long call's TTFT, prefill steps)."""
-    from calibration.published import _Gen, _User
-    from sim.engine import SimCall, SimEngine
+    from staircase.calibration.published import _Gen, _User
+    from staircase.sim.engine import SimCall, SimEngine
 
     bench = ClosedLoop(_model(budget), 0, 8, 2, 0)  # an empty loop: its env and user plumbing
     env = bench.env
@@ -128,8 +128,8 @@ def test_a_token_budget_splits_a_long_prompt_and_keeps_the_stream_going():
 
 
 def test_a_cancelled_partial_prefill_frees_its_kv():
-    from calibration.published import _Gen, _User
-    from sim.engine import SimCall, SimEngine
+    from staircase.calibration.published import _Gen, _User
+    from staircase.sim.engine import SimCall, SimEngine
 
     bench = ClosedLoop(_model(1024), 0, 8, 2, 0)
     env = bench.env
@@ -144,7 +144,7 @@ def test_a_cancelled_partial_prefill_frees_its_kv():
 
 
 def test_cpu_profiles_keep_whole_prompt_prefill():
-    from sim.profile import load_profile
+    from staircase.sim.profile import load_profile
 
     assert all(m.max_num_batched_tokens == 0 for m in load_profile().engines.values())
 
@@ -195,7 +195,7 @@ def test_validate_published_command(tmp_path):
 # ------------------------------------------------------------ vLLM arguments of a live engine
 
 def test_engine_config_passes_vllm_arguments_through():
-    from live.engines.config import build_engine as live_engine
+    from staircase.live.engines.config import build_engine as live_engine
 
     serve = live_engine("a", {"kind": "serve", "model": "smollm2", "vllm_args": {
         "max_model_len": 8192, "tensor_parallel_size": 4, "gpu_memory_utilization": 0.85,
@@ -216,7 +216,7 @@ def test_engine_config_passes_vllm_arguments_through():
                                                                        "vllm_args.gpu_memory_utilization"),
                                         ({"max_num_seqs": 0}, "vllm_args.max_num_seqs"), ("x", "vllm_args")])
 def test_bad_vllm_arguments_name_the_field(args, field):
-    from live.engines.config import build_engine as live_engine
+    from staircase.live.engines.config import build_engine as live_engine
 
     with pytest.raises(ConfigError) as err:
         live_engine("c", {"kind": "vllm", "model": "smollm2", "vllm_args": args})
@@ -224,7 +224,7 @@ def test_bad_vllm_arguments_name_the_field(args, field):
 
 
 def test_bundled_h100_profile_is_what_the_command_writes(tmp_path):
-    """calibration/profiles/h100-moa.json is `staircase profile`'s output (the command in
+    """staircase/data/profiles/h100-moa.json is `staircase profile`'s output (the command in
     docs/guides/gpu-profiles.md, with the engine names): a change of the database package
     or of the fit shows here."""
     out = tmp_path / "h100-moa.json"
@@ -235,8 +235,8 @@ def test_bundled_h100_profile_is_what_the_command_writes(tmp_path):
         cmd += ["--model", model, "--tp", str(tp), "--engine-name", name]
     r = subprocess.run(cmd + ["--name", "h100-moa", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    built, bundled = json.loads(out.read_text()), json.loads((ROOT / "calibration/profiles/h100-moa.json").read_text())
+    built, bundled = json.loads(out.read_text()), json.loads((ROOT / "staircase/data/profiles/h100-moa.json").read_text())
     for prof in (built, bundled):
         for e in prof["engines"].values():
             e["provenance"].pop("built_s")
-    assert built == bundled, "calibration/profiles/h100-moa.json is stale: rerun the command above"
+    assert built == bundled, "staircase/data/profiles/h100-moa.json is stale: rerun the command above"

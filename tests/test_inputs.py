@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from sim.profile import load_profile, parse_profile
-from sim.workload import Workload, azure_requests, make_requests, read_azure
+from staircase.sim.profile import load_profile, parse_profile
+from staircase.sim.workload import Workload, azure_requests, make_requests, read_azure
 from staircase.errors import ConfigError
 from staircase.trace import read_requests
 

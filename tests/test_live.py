@@ -17,10 +17,10 @@ pytest.importorskip("vllm", reason="the live tests need vllm (make test installs
 
 from adaptive import RandomChunksPolicy  # noqa: E402
 from sessions import later_session_steps  # noqa: E402
-from live.engines import EngineError, HTTPEngine, Sampling, VLLMServer, free_port  # noqa: E402
-from live.prompts import load_prompts  # noqa: E402
-from live.runner import LiveRunner  # noqa: E402
-from live.watchdog import StallLimits  # noqa: E402
+from staircase.live.engines import EngineError, HTTPEngine, Sampling, VLLMServer, free_port  # noqa: E402
+from staircase.live.prompts import load_prompts  # noqa: E402
+from staircase.live.runner import LiveRunner  # noqa: E402
+from staircase.live.watchdog import StallLimits  # noqa: E402
 from staircase.errors import ConfigError  # noqa: E402
 from staircase.policies import StaircasePolicy, WaitAllPolicy  # noqa: E402
 from staircase.topology import moa  # noqa: E402
@@ -109,7 +109,7 @@ def test_session_context_is_the_rendered_prompt_and_what_was_sampled(loop, engin
     session's tokens decode to the last prompt as rendered plus the answer since (whatever
     the model says), a later step keeps all but the last sampled token, and a prompt that
     does not extend the session is refused."""
-    from live.engines import VLLMSession
+    from staircase.live.engines import VLLMSession
     from staircase.prompts import ConsumerPrompts, Piece, TextPieces, query_piece
 
     texts = TextPieces(engine)
@@ -159,7 +159,7 @@ def test_session_layout_on_the_real_engine(loop, engine):
 
 
 def test_session_layout_needs_engines_that_keep_sessions(loop):
-    from live.engines import ReplayEngine
+    from staircase.live.engines import ReplayEngine
 
     replay = ReplayEngine({})
     runner = LiveRunner(slots([replay] * 2, replay), moa(2))
@@ -467,9 +467,9 @@ def test_ctrl_c_keeps_the_finished_requests(tmp_path):
 
 
 def test_probes_and_fit_on_the_real_engine(loop, engine, tmp_path):
-    from calibration.fit import build_profile, fit_engine, load_runs, observations
-    from calibration.probes import probe_set, run_probes
-    from sim.profile import parse_profile
+    from staircase.calibration.fit import build_profile, fit_engine, load_runs, observations
+    from staircase.calibration.probes import probe_set, run_probes
+    from staircase.sim.profile import parse_profile
 
     paths = loop.run_until_complete(run_probes(engine, probe_set("small"), tmp_path, progress=False))
     assert len(paths) == 10  # 5 probe groups x (requests, chunks)
@@ -494,7 +494,7 @@ def test_calibrate_then_validate_on_held_out_runs_cli(tmp_path):
                   str(tmp_path / "p.json"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "smollm2-135m-instruct" in r.stdout and (tmp_path / "cal" / "fit.png").is_file()
-    from live.machine import describe
+    from staircase.live.machine import describe
 
     profile = json.loads((tmp_path / "p.json").read_text())  # the profile knows its machine and dtype
     assert profile["machine"]["cpu_model"] == describe()["cpu_model"] and profile["machine"]["cpu_isa"]
@@ -521,10 +521,10 @@ def test_calibrate_then_validate_on_held_out_runs_cli(tmp_path):
 
 
 def test_a_serve_engine_owns_its_process_through_open_engines(loop, engine, model_dir):
-    """``live.engines.open_engines``: a ``serve`` engine's process starts on entry, answers
+    """``staircase.live.engines.open_engines``: a ``serve`` engine's process starts on entry, answers
     a real request (the engine recorded on every chunk), and is stopped on the way out,
     also when the block raises."""
-    from live.engines import ServeEngine, open_engines
+    from staircase.live.engines import ServeEngine, open_engines
 
     raw = {"engines": {"srv": {"kind": "serve", "model": str(model_dir), "threads": "1"}},
            "slots": {"proposers": ["srv"], "aggregator": "srv"}}
@@ -551,7 +551,7 @@ def test_a_pool_of_two_serve_replicas_behind_affinity(loop, model_dir):
     step of the aggregator's node stay on one replica, both replicas serve, and the
     aggregator's later steps hit that replica's prefix cache (a router that spreads the
     steps, as least-loaded does, loses those hits)."""
-    from live.engines import open_engines
+    from staircase.live.engines import open_engines
     from staircase.deployment import deployment_from_dict
 
     raw = {"engines": {"cpu": {"kind": "serve", "model": str(model_dir)}},

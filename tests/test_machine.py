@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from live.engines import EngineError
-from live.machine import describe, engine_settings
-from live.watchdog import CallWatch, EnginePace, StallLimits
-from sim.profile import load_profile, parse_profile
+from staircase.live.engines import EngineError
+from staircase.live.machine import describe, engine_settings
+from staircase.live.watchdog import CallWatch, EnginePace, StallLimits
+from staircase.sim.profile import load_profile, parse_profile
 from staircase.errors import ConfigError
 from staircase.machine import cpu_isa, differences, label
 
@@ -89,7 +89,7 @@ def test_sim_says_which_machine_its_profile_describes(tmp_path):
 
 
 def test_validate_warns_when_the_run_ran_on_another_machine():
-    from calibration.validate import check_machine, load_live_run
+    from staircase.calibration.validate import check_machine, load_live_run
 
     run = load_live_run(Path(__file__).parents[1] / "calibration/data/cpu-smollm2/live-alpaca-0-7-c1")
     assert check_machine(load_profile(), run) == []  # the committed runs record no machine: nothing to compare
@@ -208,10 +208,10 @@ def model_folder(tmp_path):
 def test_engines_take_the_machines_settings(machine, model_folder, monkeypatch):
     """The same engine classes on a GPU and on a CPU: only the settings differ (vLLM
     itself is not started here; on this machine test_live.py starts it for real)."""
-    import live.machine
-    from live.engines import VLLMEngine, VLLMServer
+    import staircase.live.machine
+    from staircase.live.engines import VLLMEngine, VLLMServer
 
-    monkeypatch.setattr(live.machine, "describe", lambda: machine)
+    monkeypatch.setattr(staircase.live.machine, "describe", lambda: machine)
     monkeypatch.delenv("STAIRCASE_DTYPE", raising=False)
     engine = VLLMEngine(model_folder)
     cmd, env = VLLMServer(model_folder, port=8123).command()

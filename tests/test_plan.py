@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 
 from staircase.deployment import deployment_from_dict
 from staircase.errors import ConfigError
-from search.objectives import SLO
-from search.plan import lockstep, rate_search, size_search
-from sim.capacity import busiest
+from staircase.search.objectives import SLO
+from staircase.plan.run import lockstep, rate_search, size_search
+from staircase.sim.capacity import busiest
 
 STAIRCASE = [sys.executable, "-m", "staircase"]
 
@@ -190,7 +190,7 @@ def test_bad_plan_options_are_one_line_errors(tmp_path, args, field):
 def test_a_plan_on_a_local_ray_cluster_gives_the_same_answer(tmp_path):
     import os
 
-    from live.engines import free_port
+    from staircase.live.engines import free_port
 
     ray_bin = Path(sys.executable).parent / "ray"
     if not ray_bin.exists():
@@ -225,8 +225,8 @@ def test_tuning_searches_each_policy_kinds_knobs_first_and_sizes_with_the_best(t
 
 @pytest.mark.parametrize("proposers", [1, 2, 3, 5, 6])
 def test_the_default_unit_runs_every_slot_on_the_profiles_model_for_it(proposers):
-    from search.plan import unit_deployment
-    from sim.profile import load_profile
+    from staircase.plan.run import unit_deployment
+    from staircase.sim.profile import load_profile
     from staircase.topology import moa
 
     profile, topo = load_profile("illustrative-gpu"), moa(proposers)

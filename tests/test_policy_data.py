@@ -80,8 +80,8 @@ def test_topologies_round_trip(topology):
 def test_validate_rebuilds_a_run_from_its_configs_not_its_cli_arguments(tmp_path):
     """The same committed run, once as recorded (CLI arguments) and once with only the
     topology and policy configs: the replay is the same."""
-    from calibration.validate import load_live_run, replay, run_topology_and_policies
-    from sim.profile import load_profile
+    from staircase.calibration.validate import load_live_run, replay, run_topology_and_policies
+    from staircase.sim.profile import load_profile
 
     shutil.copytree(DATA / "live-alpaca-0-7-c1", tmp_path / "run")
     cfg_path = tmp_path / "run" / "config.json"
@@ -100,7 +100,7 @@ def test_validate_rebuilds_a_run_from_its_configs_not_its_cli_arguments(tmp_path
 
 
 def test_the_slot_rule_lives_in_the_topology():
-    from sim.profile import load_profile
+    from staircase.sim.profile import load_profile
     from staircase.topology import proposer_slot_index, slot_target
 
     assert [slot_target(f"proposer-{i}", ["a", "b"], "agg") for i in range(5)] == ["a", "b", "a", "b", "a"]

@@ -14,12 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from live.engines import EngineError, Sampling
-from live.engines import ReplayEngine
-from quality.data import PROBE_KEY, alpaca_items, gsm8k_items, probe_items, with_key
-from quality.run import QualitySpec, first_chunk_policies, runs_of
-from quality.scores import exact_match, key_retained, last_number
-from quality.stats import mean_interval, paired_difference
+from staircase.live.engines import EngineError, Sampling
+from staircase.live.engines import ReplayEngine
+from staircase.quality.data import PROBE_KEY, alpaca_items, gsm8k_items, probe_items, with_key
+from staircase.quality.run import QualitySpec, first_chunk_policies, runs_of
+from staircase.quality.scores import exact_match, key_retained, last_number
+from staircase.quality.stats import mean_interval, paired_difference
 from staircase.cli import main as staircase_main
 from staircase.errors import ConfigError
 from staircase.prompts import Message, Piece, Prompt
@@ -98,7 +98,7 @@ def test_probe_items_put_the_key_where_asked_and_nowhere_in_the_control():
 def test_gsm8k_replay_items_give_the_number_last_and_a_right_majority():
     """Worked solutions, reasoning first and "The answer is N." last; a minority of the
     proposers (1 of 3, 2 of 5; which ones rotates) carry another number throughout."""
-    from quality.data import REPLAY_ANSWER, gsm8k_replay_items
+    from staircase.quality.data import REPLAY_ANSWER, gsm8k_replay_items
 
     for proposers in (3, 5):
         items = gsm8k_replay_items(40, proposers=proposers)
@@ -116,7 +116,7 @@ def test_gsm8k_replay_items_give_the_number_last_and_a_right_majority():
 
 
 def test_stated_answer_takes_the_answer_line_then_the_last_number():
-    from quality.scores import stated_answer
+    from staircase.quality.scores import stated_answer
 
     assert stated_answer("The answer is 1,234. Then 5 more") == "1,234"
     assert stated_answer("the answer is: $18.\nThe answer is 20.") == "18"
@@ -133,8 +133,8 @@ def test_stated_answer_takes_the_answer_line_then_the_last_number():
     ("false_key", 0.0, 0.1, 0.4, "drops"),  # ... and more false keys is worse
 ])
 def test_the_verdict_knows_signal_and_power(metric, base, low, high, found):
-    from quality.report import finding
-    from quality.stats import Interval
+    from staircase.quality.report import finding
+    from staircase.quality.stats import Interval
 
     got = finding(metric, base, Interval((low + high) / 2, low, high, 20), 0.1)
     assert got["finding"] == found, got
@@ -206,7 +206,7 @@ def test_replay_engine_streams_the_text_at_its_rate():
 def test_replay_engine_bad_rate_and_bad_config_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="tokens_per_s"):
         ReplayEngine({}, tokens_per_s=0)
-    from live.engines import engines_from_config
+    from staircase.live.engines import engines_from_config
     from staircase.topology import moa
 
     raw = {"engines": {"r": {"kind": "replay", "answers": str(tmp_path / "none.jsonl")}},
@@ -234,7 +234,7 @@ def test_cli_bad_options_fail_in_one_line_before_any_engine(argv, field, capsys)
 
 
 def test_embedding_similarity_separates_on_topic_from_off_topic():
-    from quality.scores import Embedder
+    from staircase.quality.scores import Embedder
 
     e = Embedder()
     sims = e.similarity(["Paris is the capital of France.", "Paris is the capital of France.", ""],
@@ -249,9 +249,9 @@ def test_a_whole_quality_run_on_the_real_engine(loop, engine, tmp_path, capsys):
     """Every policy answers every item; scores, intervals, table, figures and answers are
     written; a rescore through the CLI reproduces the summary."""
     pytest.importorskip("vllm")
-    from quality import report
-    from quality.run import collect
-    from quality.scores import Embedder
+    from staircase.quality import report
+    from staircase.quality.run import collect
+    from staircase.quality.scores import Embedder
 
     spec = QualitySpec(sets=("gsm8k", "alpaca_eval", "probe", "gsm8k_replay"), prompts=2, probe_items=1,
                        positions=("early", "absent"), max_tokens=24, probe_max_tokens=16,
@@ -299,8 +299,8 @@ def test_a_whole_quality_run_on_the_real_engine(loop, engine, tmp_path, capsys):
 
 @pytest.mark.parametrize("scope, proposers_change", [("aggregator", False), ("all", True)])
 def test_the_noise_run_resamples_the_aggregator_alone_by_default(scope, proposers_change):
-    from live.runner import LiveRunner
-    from quality.run import _seed_runner, noise_name
+    from staircase.live.runner import LiveRunner
+    from staircase.quality.run import _seed_runner, noise_name
     from staircase.topology import moa
 
     spec = QualitySpec(noise_seed=5, noise_scope=scope)

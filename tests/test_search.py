@@ -16,12 +16,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from live.engines import free_port
-from search.objectives import Constraint
-from search.report import pareto
-from search.run import SearchConfig, make_scenarios, run_search
-from search.space import SearchSpace, schedule_sizes
-from sim.workload import Workload
+from staircase.live.engines import free_port
+from staircase.search.objectives import Constraint
+from staircase.search.report import pareto
+from staircase.search.run import SearchConfig, make_scenarios, run_search
+from staircase.search.space import SearchSpace, schedule_sizes
+from staircase.sim.workload import Workload
 from staircase.errors import ConfigError
 from staircase.policies import POLICY_KINDS, Knob, StaircasePolicy
 from staircase.topology import moa
@@ -194,7 +194,7 @@ def test_several_workloads_and_loads_make_one_scenario_each():
 def test_a_quality_table_becomes_the_quality_metric_of_the_search(tmp_path):
     """``--quality-table``: measured quality against context, interpolated at each
     simulated run's context_p50, usable as an objective or a constraint."""
-    from search.objectives import QualityCurve
+    from staircase.search.objectives import QualityCurve
 
     table = tmp_path / "quality_table.csv"
     pd.DataFrame({"policy": ["a", "b", "c", "a"], "metric": ["agreement", "agreement", "agreement", "retention:last"],

@@ -166,7 +166,7 @@ def test_keys_overload_disconnects_and_sigterm(slow, tmp_path):
 
 
 def _rows_after_stop(srv: ServeProcess) -> None:
-    from calibration.validate import load_live_run
+    from staircase.calibration.validate import load_live_run
 
     config = json.loads((srv.out / "config.json").read_text())
     assert config["command"] == "serve" and config["stopped"] == {"in_flight_at_stop": 2, "ok": 2, "error": 0,
@@ -231,11 +231,11 @@ def test_a_bug_in_a_run_ends_its_stream_with_an_error_not_a_hang(tmp_path):
     traceback reaches the client."""
     from fastapi.testclient import TestClient
 
-    from live.engines import engines_from_config
-    from live.rowlog import RowLog
-    from live.runner import LiveRunner
-    from live.server import StaircaseServer
-    from live.server_app import create_app
+    from staircase.live.engines import engines_from_config
+    from staircase.live.rowlog import RowLog
+    from staircase.live.runner import LiveRunner
+    from staircase.live.server import StaircaseServer
+    from staircase.live.server_app import create_app
     from staircase.policies import StaircasePolicy
     from staircase.topology import moa
 
@@ -278,7 +278,7 @@ def test_overload_at_twice_capacity_is_refused_and_every_accepted_request_ends(t
 
 
 def test_row_parts_roll_over_and_running_requests_keep_their_chunks(tmp_path):
-    from live.rowlog import RowLog, read_parts
+    from staircase.live.rowlog import RowLog, read_parts
     from staircase.driver import Recorder
     from staircase.trace import ChunkRow, RequestRow, read_requests
 
@@ -310,10 +310,10 @@ def test_a_live_run_replays_given_arrivals_for_a_paired_comparison(tmp_path, mon
     server's), so a live run and a served run see the same traffic."""
     import asyncio
 
-    from live.cli import load_arrivals
-    from live.engines import engines_from_config
-    from live.rowlog import RowLog
-    from live.runner import LiveRunner
+    from staircase.live.cli import load_arrivals
+    from staircase.live.engines import engines_from_config
+    from staircase.live.rowlog import RowLog
+    from staircase.live.runner import LiveRunner
     from staircase.driver import Recorder
     from staircase.errors import ConfigError
     from staircase.policies import StaircasePolicy

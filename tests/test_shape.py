@@ -9,18 +9,34 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("staircase", "sim", "live", "calibration", "search", "quality")
+# the rooms: the core (staircase/ itself) and the subpackages whose folders sit at the top of
+# the repository and install as staircase.<room> (staircase/<room> is a symlink to <room>/)
+ROOMS = ("sim", "live", "calibration", "search", "plan", "quality")
+PACKAGES = ("staircase", *ROOMS)
 MAX_FUNCTION_LINES = 40
 
 
 def _sources(*folders: str):
+    """The .py files of these top-level folders, each once (the core's walk skips the rooms'
+    symlinks: their files are found under their own folders)."""
     for folder in folders:
-        yield from sorted((ROOT / folder).rglob("*.py"))
+        base = ROOT / folder
+        yield from sorted(p for p in base.rglob("*.py")
+                          if folder != "staircase" or p.relative_to(base).parts[0] not in ROOMS)
 
 
 def _module_name(path: Path) -> str:
     parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[0] in ROOMS:
+        parts.insert(0, "staircase")
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _room(name: str) -> str:
+    """The room a module name belongs to: ``staircase.sim.engine`` -> sim, ``staircase.driver``
+    -> staircase (the core); a name outside the project -> its top-level package."""
+    parts = name.split(".")
+    return parts[1] if parts[0] == "staircase" and len(parts) > 1 and parts[1] in ROOMS else parts[0]
 
 
 def _imports(path: Path) -> set[str]:
@@ -42,22 +58,35 @@ def _imports(path: Path) -> set[str]:
 
 
 # package -> packages it must never import
-FORBIDDEN = {"staircase": ("sim", "live", "calibration", "search", "quality"),
-             "sim": ("live", "calibration", "search", "quality"), "live": ("sim", "calibration", "search", "quality"),
-             "calibration": ("search", "quality"), "search": ("live", "calibration", "quality"),
-             "quality": ("sim", "calibration", "search")}
+FORBIDDEN = {"staircase": ROOMS,
+             "sim": ("live", "calibration", "search", "plan", "quality"),
+             "live": ("sim", "calibration", "search", "plan", "quality"),
+             "calibration": ("search", "plan", "quality"), "search": ("live", "calibration", "plan", "quality"),
+             "plan": ("live", "calibration", "quality"), "quality": ("sim", "calibration", "search", "plan")}
 
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_imports_point_one_way(package):
     for path in _sources(package):
         names = _imports(path)
-        top = {n.split(".")[0] for n in names}
-        bad = top & set(FORBIDDEN.get(package, ()))
+        old = {n for n in names if n.split(".")[0] in ROOMS}
+        assert not old, f"{path.relative_to(ROOT)} imports {sorted(old)} (the rooms are staircase.<room>)"
+        rooms = {_room(n) for n in names}
+        bad = rooms & set(FORBIDDEN.get(package, ()))
         assert not bad, f"{path.relative_to(ROOT)} imports {sorted(bad)}"
         # no package imports another's CLI module (the core's, the command's frame, is shared)
-        other_cli = {n for n in names if n.endswith(".cli") and n.split(".")[0] not in (package, "staircase")}
+        other_cli = {n for n in names if n.endswith(".cli") and _room(n) not in (package, "staircase")}
         assert not other_cli, f"{path.relative_to(ROOT)} imports {sorted(other_cli)}"
+
+
+def test_everything_imports_the_rooms_through_the_one_namespace():
+    """Scripts, tests and docs too: ``import sim`` works only from the repository's root, never
+    for a user who installed the package."""
+    old = []
+    for path in _sources("benchmarks", "tests", "docs"):
+        names = {n for n in _imports(path) if n.split(".")[0] in ROOMS}
+        old += [f"{path.relative_to(ROOT)}: {sorted(names)}"] if names else []
+    assert not old, old
 
 
 def test_no_function_over_40_lines_outside_the_tests():

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from calibration.published import check_published, read_published
+from staircase.calibration.published import check_published, read_published
 
 HERE = Path(__file__).parent
 

@@ -3,7 +3,7 @@ streams, the sampling settings of a call, and the error a failed call raises.
 
 Errors while streaming raise ``EngineError`` with a short reason (``http 503``,
 ``malformed stream``, ``connection lost``) that ends up in traces; the live runner's
-watchdog adds ``stalled Ns`` and ``no first token in Ns`` (``live.watchdog``).
+watchdog adds ``stalled Ns`` and ``no first token in Ns`` (``staircase.live.watchdog``).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class Engine(ABC):
 
     def open_session(self, request_id: str):
         """A consumer's steps as one request that takes more input (engines with ``SESSIONS``):
-        a ``live.engines.session`` object with ``stream(prompt, max_tokens, sampling, last)`` and
+        a ``staircase.live.engines.session`` object with ``stream(prompt, max_tokens, sampling, last)`` and
         ``close()``."""
         raise ConfigError("layout", "session", f"an engine that keeps sessions open (in-process vLLM); "
                                                f"{self.name} ({type(self).__name__}) does not")

@@ -11,13 +11,12 @@ A config names engines and maps the topology's slots to them::
 
 ``EngineOptions`` is the simple case the flags give (``--model``, ``--url``,
 ``--config``); ``engines_from_config`` checks every field and builds each engine once
-(nothing starts: ``live.engines.factory.open_engines`` starts and stops them).
+(nothing starts: ``staircase.live.engines.factory.open_engines`` starts and stops them).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Mapping
 
 from staircase.deployment import Deployment, deployment_from_dict, parse_slots, replica_names, slots_schema
 from staircase.errors import ConfigError
+from staircase.jsonio import read_json
 from staircase.topology import Topology
 
 from ..machine import DTYPES
@@ -102,12 +102,7 @@ class EngineOptions:
 
 
 def read_config(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError("config", str(path), "an existing JSON file")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError("config", str(path), f"valid JSON ({err.msg}, line {err.lineno})") from None
+    return read_json(path, "config")
 
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
@@ -274,7 +269,7 @@ def json_schema() -> dict:
     the config (and ``slots`` may be left out when a deployment file gives them)."""
     text = {"type": ["string", "null"]}
     model = {"type": "string", "minLength": 1, "description": "smollm2 (bundled) or a model folder with a config.json"}
-    dtype = {"enum": [*DTYPES, None], "description": "default: from the machine (live.machine.engine_settings)"}
+    dtype = {"enum": [*DTYPES, None], "description": "default: from the machine (staircase.live.machine.engine_settings)"}
     cores = {"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 0}]}
     vargs = {"anyOf": [{"type": "null"}, {"type": "object", "additionalProperties": False, "properties": {
         k: ({"type": "boolean"} if t is bool else {"type": "string", "pattern": r"\S"} if t is str else

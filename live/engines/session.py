@@ -29,7 +29,7 @@ from .base import Delta, Engine, EngineError, Sampling
 class VLLMSession:
     """One consumer node's session on a ``VLLMEngine``; its steps run one at a time."""
 
-    def __init__(self, engine: Engine, request_id: str):  # a VLLMEngine (live.engines.inprocess)
+    def __init__(self, engine: Engine, request_id: str):  # a VLLMEngine (staircase.live.engines.inprocess)
         self.engine = engine
         self.request_id = request_id
         self.inputs: asyncio.Queue = asyncio.Queue()  # StreamingInput, then None: no more input

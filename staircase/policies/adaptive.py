@@ -26,27 +26,33 @@ from __future__ import annotations
 
 from ..errors import ConfigError
 from ..topology import Node, Topology
-from .base import FINAL, STEP, WAIT, ChunkSchedule, ConsumerView, Decision, DecisionKind, Knob, StreamView, UpstreamView
+from .base import (FINAL, STEP, WAIT, ChunkSchedule, ConsumerView, Decision, DecisionKind, Param, StreamView,
+                   UpstreamView, knobs_of, params_of)
 from .fixed import StaircasePolicy
 
 
-# What each adaptive parameter may be: (lowest, highest, integer). The constructors check
-# against it and the policy config's JSON Schema is written from it (registry.json_schema).
-RANGES: dict[str, tuple[float, float, bool]] = {
-    "first_chunk": (1, 1 << 20, True), "slack": (1e-3, 100.0, False), "smoothing": (1e-3, 1.0, False),
-    "min_chunk": (1, 1 << 20, True), "max_chunk": (1, 1 << 20, True), "patience": (0.0, 1e6, False),
-    "busy_calls": (1, 1 << 30, True), "ttft_target_s": (1e-3, 1e6, False), "first_token_s": (0.0, 1e6, False),
-    "lead_in_s": (0.0, 1e6, False), "lead_in_tokens": (1, 1 << 20, True)}
-
-
-def _number(field: str, value: object):
-    low, high, integer = RANGES[field]
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
-    if ok and integer and value != int(value):
-        ok = False
-    if not ok:
-        raise ConfigError(field, value, f"{'an integer' if integer else 'a number'} in [{low:g}, {high:g}]")
-    return int(value) if integer else float(value)
+# The adaptive kinds' own parameters: what the constructors accept (low..high), what a
+# search tries (search), the default; the policy config's JSON Schema is written from them.
+FIRST_CHUNK = Param("first_chunk", "int", 8, 1, 1 << 20, search=(1, 256), help="staircase-smooth: chunk 0's tokens")
+SLACK = Param("slack", "float", 0.8, 1e-3, 100.0, search=(0.1, 2.0),
+              help="staircase-smooth: a chunk's share of the consumer's current step")
+SMOOTHING = Param("smoothing", "float", 0.5, 1e-3, 1.0, search=(0.05, 1.0),
+                  help="staircase-smooth: the weight of the newest rate observed")
+MIN_CHUNK = Param("min_chunk", "int", 2, 1, 1 << 20, search=(1, 64), help="staircase-smooth: the smallest chunk")
+MAX_CHUNK = Param("max_chunk", "int", 256, 1, 1 << 20, search=(8, 4096), help="staircase-smooth: the largest chunk")
+PATIENCE = Param("patience", "float", 1.0, 0.0, 1e6, search=(0.0, 8.0),
+                 help="staircase-straggler: how long past the inputs' spread it waits")
+BUSY_CALLS = Param("busy_calls", "int", 16, 1, 1 << 30, search=(1, 4096),
+                   help="staircase-load: calls in flight on the consumer's engine from which it waits for all")
+TTFT_TARGET = Param("ttft_target_s", "float", 1.0, 1e-3, 1e6, search=(0.05, 30.0),
+                    help="staircase-ttft: each request's TTFT target (the first step reads all it can within it)")
+FIRST_TOKEN = Param("first_token_s", "float", 0.1, 0.0, 1e6, search=(0.0, 5.0),
+                    help="staircase-ttft: the first token's expected delay after its step starts")
+LEAD_IN_S = Param("lead_in_s", "float", 0.0, 0.0, 1e6, search=(0.0, 30.0),
+                  help="staircase-lead-in: when the final node's lead-in step starts at the latest, seconds after "
+                       "the request (0: at once, from the query alone; earlier when N - r first chunks are in)")
+LEAD_IN_TOKENS = Param("lead_in_tokens", "int", 16, 1, 1 << 20, search=(1, 256),
+                       help="staircase-lead-in: the lead-in step's tokens")
 
 
 def after_request_start(view: ConsumerView, offset_s: float) -> float:
@@ -80,20 +86,19 @@ class SmoothStaircasePolicy(StaircasePolicy):
 
     KIND = "staircase-smooth"
     ADAPTIVE_CHUNKS = True
-    PARAMS = StaircasePolicy.PARAMS + ("first_chunk", "slack", "smoothing", "min_chunk", "max_chunk")
-    KNOBS = StaircasePolicy.KNOBS + (Knob("first_chunk", "int", 1, 256), Knob("slack", "float", 0.1, 2.0),
-                                     Knob("smoothing", "float", 0.05, 1.0), Knob("min_chunk", "int", 1, 64),
-                                     Knob("max_chunk", "int", 8, 4096))
+    SPEC = StaircasePolicy.SPEC + (FIRST_CHUNK, SLACK, SMOOTHING, MIN_CHUNK, MAX_CHUNK)
+    PARAMS, KNOBS = params_of(SPEC), knobs_of(SPEC)
 
-    def __init__(self, first_chunk: int = 8, slack: float = 0.8, smoothing: float = 0.5, min_chunk: int = 2,
-                 max_chunk: int = 256, **kwargs):
+    def __init__(self, first_chunk: int = FIRST_CHUNK.default, slack: float = SLACK.default,
+                 smoothing: float = SMOOTHING.default, min_chunk: int = MIN_CHUNK.default,
+                 max_chunk: int = MAX_CHUNK.default, **kwargs):
         # steps that double: its final call (the rest of the answer) comes late enough to read most of the inputs
         kwargs.setdefault("aggregator_schedule", SMOOTH_AGGREGATOR_SCHEDULE)
-        self.first_chunk = _number("first_chunk", first_chunk)
-        self.slack = _number("slack", slack)
-        self.smoothing = _number("smoothing", smoothing)
-        self.min_chunk = _number("min_chunk", min_chunk)
-        self.max_chunk = _number("max_chunk", max_chunk)
+        self.first_chunk = FIRST_CHUNK.check(first_chunk)
+        self.slack = SLACK.check(slack)
+        self.smoothing = SMOOTHING.check(smoothing)
+        self.min_chunk = MIN_CHUNK.check(min_chunk)
+        self.max_chunk = MAX_CHUNK.check(max_chunk)
         if self.min_chunk > self.max_chunk:
             raise ConfigError("min_chunk", min_chunk, f"at most max_chunk ({max_chunk})")
         kwargs.setdefault("name", f"staircase-smooth-r{kwargs.get('redundancy', 2)}")
@@ -158,11 +163,11 @@ class StragglerStaircasePolicy(StaircasePolicy):
     leaves behind, at every step (``scope`` ``every``, the default) or the first."""
 
     KIND = "staircase-straggler"
-    PARAMS = StaircasePolicy.PARAMS + ("patience",)
-    KNOBS = StaircasePolicy.KNOBS + (Knob("patience", "float", 0.0, 8.0),)
+    SPEC = StaircasePolicy.SPEC + (PATIENCE,)
+    PARAMS, KNOBS = params_of(SPEC), knobs_of(SPEC)
 
-    def __init__(self, patience: float = 1.0, **kwargs):
-        self.patience = _number("patience", patience)
+    def __init__(self, patience: float = PATIENCE.default, **kwargs):
+        self.patience = PATIENCE.check(patience)
         kwargs.setdefault("scope", "every")
         kwargs.setdefault("redundancy", 1)
         kwargs.setdefault("name", f"staircase-straggler-r{kwargs['redundancy']}")
@@ -206,11 +211,11 @@ class LoadAwareStaircasePolicy(StaircasePolicy):
     step. Without a load signal it is the staircase."""
 
     KIND = "staircase-load"
-    PARAMS = StaircasePolicy.PARAMS + ("busy_calls",)
-    KNOBS = StaircasePolicy.KNOBS + (Knob("busy_calls", "int", 1, 4096),)
+    SPEC = StaircasePolicy.SPEC + (BUSY_CALLS,)
+    PARAMS, KNOBS = params_of(SPEC), knobs_of(SPEC)
 
-    def __init__(self, busy_calls: int = 16, **kwargs):
-        self.busy_calls = _number("busy_calls", busy_calls)
+    def __init__(self, busy_calls: int = BUSY_CALLS.default, **kwargs):
+        self.busy_calls = BUSY_CALLS.check(busy_calls)
         kwargs.setdefault("name", f"staircase-load-r{kwargs.get('redundancy', 2)}")
         super().__init__(**kwargs)
 
@@ -241,12 +246,13 @@ class TTFTTargetStaircasePolicy(StaircasePolicy):
     (8, 16, ... 256) so that waiting buys context in small steps."""
 
     KIND = "staircase-ttft"
-    PARAMS = StaircasePolicy.PARAMS + ("ttft_target_s", "first_token_s")
-    KNOBS = StaircasePolicy.KNOBS + (Knob("ttft_target_s", "float", 0.05, 30.0), Knob("first_token_s", "float", 0.0, 5.0))
+    SPEC = StaircasePolicy.SPEC + (TTFT_TARGET, FIRST_TOKEN)
+    PARAMS, KNOBS = params_of(SPEC), knobs_of(SPEC)
 
-    def __init__(self, ttft_target_s: float = 1.0, first_token_s: float = 0.1, **kwargs):
-        self.ttft_target_s = _number("ttft_target_s", ttft_target_s)
-        self.first_token_s = _number("first_token_s", first_token_s)
+    def __init__(self, ttft_target_s: float = TTFT_TARGET.default, first_token_s: float = FIRST_TOKEN.default,
+                 **kwargs):
+        self.ttft_target_s = TTFT_TARGET.check(ttft_target_s)
+        self.first_token_s = FIRST_TOKEN.check(first_token_s)
         kwargs.setdefault("proposer_schedule", TTFT_PROPOSER_SCHEDULE)
         kwargs.setdefault("name", f"staircase-ttft-{ttft_target_s:g}s-r{kwargs.get('redundancy', 2)}")
         super().__init__(**kwargs)
@@ -282,12 +288,12 @@ class LeadInStaircasePolicy(StaircasePolicy):
     not commit it. Other consumers are the staircase's."""
 
     KIND = "staircase-lead-in"
-    PARAMS = StaircasePolicy.PARAMS + ("lead_in_s", "lead_in_tokens")
-    KNOBS = StaircasePolicy.KNOBS + (Knob("lead_in_s", "float", 0.0, 30.0), Knob("lead_in_tokens", "int", 1, 256))
+    SPEC = StaircasePolicy.SPEC + (LEAD_IN_S, LEAD_IN_TOKENS)
+    PARAMS, KNOBS = params_of(SPEC), knobs_of(SPEC)
 
-    def __init__(self, lead_in_s: float = 0.0, lead_in_tokens: int = 16, **kwargs):
-        self.lead_in_s = _number("lead_in_s", lead_in_s)
-        self.lead_in_tokens = _number("lead_in_tokens", lead_in_tokens)
+    def __init__(self, lead_in_s: float = LEAD_IN_S.default, lead_in_tokens: int = LEAD_IN_TOKENS.default, **kwargs):
+        self.lead_in_s = LEAD_IN_S.check(lead_in_s)
+        self.lead_in_tokens = LEAD_IN_TOKENS.check(lead_in_tokens)
         kwargs.setdefault("name", f"staircase-lead-in-{lead_in_s:g}s-r{kwargs.get('redundancy', 2)}")
         super().__init__(**kwargs)
         self._final_schedule = ChunkSchedule((self.lead_in_tokens, *self.aggregator_schedule.sizes))

@@ -194,6 +194,99 @@ class Knob:
             raise ConfigError(self.name, value, allowed)
 
 
+_SCHEDULE_SCHEMA = {"anyOf": [{"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1}},
+                              {"type": "string", "pattern": r"^\s*[0-9]*[1-9][0-9]*(\s*[,/]\s*[0-9]*[1-9][0-9]*)*\s*$"}],
+                    "description": "chunk sizes in tokens, the last repeating: [8, 128, 256] or \"8,128,256\""}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One constructor parameter of the policy kinds, declared once. From it come the
+    constructor's check (``check``: the value, or a ``ConfigError`` naming the field, the
+    value and what is allowed), the policy config's JSON Schema (``schema``), the knob a
+    search varies (``knob``: ``search`` is its range, None when not searched), the
+    default and help of the CLI option that sets it.
+
+    ``kind``: ``int`` / ``float`` in [``low``, ``high``] (``float`` with ``low`` open when
+    ``open_low``), ``count`` (an integer >= 0), ``choice`` among ``choices``,
+    ``schedule`` (chunk sizes), ``name`` (a string or None). ``allowed``: the error's
+    text, when the kind's own would say less."""
+
+    name: str
+    kind: str
+    default: object
+    low: float | None = None
+    high: float | None = None
+    search: tuple | None = None
+    choices: tuple = ()
+    help: str = ""
+    open_low: bool = False
+    allowed: str = ""
+
+    def _allowed(self) -> str:
+        if self.allowed:
+            return self.allowed
+        if self.kind == "choice":
+            return ", ".join(map(str, self.choices))
+        if self.kind == "count":
+            return "an integer >= 0 and below the number of proposers"
+        what = "an integer" if self.kind == "int" else "a number"
+        if self.high is None:
+            return f"{what} {'>' if self.open_low else '>='} {self.low:g}"
+        return f"{what} in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}]"
+
+    def check(self, value: object):
+        """The value as the policy keeps it (a ``ChunkSchedule`` for a schedule)."""
+        if self.kind == "schedule":
+            return as_schedule(value, self.name)
+        if self.kind == "name":
+            return check_name(value, str(self.default))
+        if self.kind == "choice":
+            return check_choice(self.name, value, self.choices)
+        if self.kind == "count":
+            return check_redundancy(value, self.name, self._allowed())
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            value > self.low if self.open_low else value >= self.low) and (self.high is None or value <= self.high)
+        if ok and self.kind == "int" and value != int(value):
+            ok = False
+        if not ok:
+            raise ConfigError(self.name, value, self._allowed())
+        return int(value) if self.kind == "int" else float(value)
+
+    def schema(self) -> dict:
+        """What the policy config's JSON Schema says of this parameter."""
+        described = {"description": self.help} if self.help else {}
+        if self.kind == "schedule":
+            return _SCHEDULE_SCHEMA
+        if self.kind == "name":
+            return {"type": ["string", "null"]}
+        if self.kind == "choice":
+            return {"enum": list(self.choices)} | described
+        if self.kind == "count":
+            return {"type": "integer", "minimum": 0} | described
+        bound = {"exclusiveMinimum": self.low} if self.open_low else {"minimum": self.low}
+        bound |= {"maximum": self.high} if self.high is not None else {}
+        return {"type": "integer" if self.kind == "int" else "number", **bound} | described
+
+    def knob(self) -> "Knob | None":
+        """The search's knob of this parameter (None: a search leaves it as it is)."""
+        if self.search is None:
+            return None
+        if self.kind == "choice":
+            return Knob(self.name, "choice", choices=self.choices)
+        return Knob(self.name, "int" if self.kind == "count" else self.kind, *self.search)
+
+
+def params_of(spec: Sequence[Param]) -> tuple[str, ...]:
+    """A kind's ``PARAMS`` from its ``SPEC``."""
+    return tuple(p.name for p in spec)
+
+
+def knobs_of(spec: Sequence[Param]) -> tuple["Knob", ...]:
+    """A kind's ``KNOBS`` from its ``SPEC``: the parameters with a search range."""
+    return tuple(k for k in (p.knob() for p in spec) if k is not None)
+
+
 @dataclass(frozen=True)
 class PolicyConfig:
     """A policy as data: its registry ``kind`` and constructor parameters (JSON values,
@@ -274,6 +367,7 @@ class Policy(ABC):
         generate the rest (``FINAL``), wait, or fail?"""
 
     KIND: str = ""
+    SPEC: tuple[Param, ...] = ()  # constructor parameters, declared once (PARAMS and KNOBS come from it)
     PARAMS: tuple[str, ...] = ()  # constructor parameters, as attributes of the same names
     KNOBS: tuple[Knob, ...] = ()  # the parameters a search may vary, with their ranges
 
@@ -302,9 +396,10 @@ def check_name(value: object, default: str) -> str:
     return value
 
 
-def check_redundancy(value: object, field: str = "redundancy") -> int:
+def check_redundancy(value: object, field: str = "redundancy",
+                     allowed: str = "an integer >= 0 and below the number of proposers") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(field, value, "an integer >= 0 and below the number of proposers")
+        raise ConfigError(field, value, allowed)
     return value
 
 
@@ -314,3 +409,14 @@ SCHEDULE_TOKENS = (1, 4096)  # a chunk size a search may try, in tokens
 def as_schedule(value: ChunkSchedule | Sequence[int] | str, field: str) -> ChunkSchedule:
     return value if isinstance(value, ChunkSchedule) else ChunkSchedule.parse(value, field)
 
+
+# The parameters the staircase kinds share (``fixed`` and ``adaptive`` add their own).
+PROPOSER_SCHEDULE = Param("proposer_schedule", "schedule", PAPER_PROPOSER_SCHEDULE, search=SCHEDULE_TOKENS,
+                          help="proposer chunk sizes in tokens; the last repeats")
+AGGREGATOR_SCHEDULE = Param("aggregator_schedule", "schedule", PAPER_AGGREGATOR_SCHEDULE, search=SCHEDULE_TOKENS,
+                            help="aggregator (final node) chunk sizes in tokens; the last repeats")
+REDUNDANCY = Param("redundancy", "count", 2, search=(0, 8), help="inputs a step may leave behind; below the proposers")
+SCOPE = Param("scope", "choice", "first", search=(), choices=SCOPES,
+              help="apply r to the first step only, or every step")
+LAYOUT = Param("layout", "choice", "prefix-cache", search=(), choices=LAYOUTS)
+NAME = Param("name", "name", None)

@@ -6,11 +6,16 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..errors import ConfigError
 from ..topology import Node, Topology
-from .base import (FINAL, LAYOUTS, PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, SCHEDULE_TOKENS, SCOPES, STEP,
-                   WAIT, WHOLE_ANSWER, ChunkSchedule, ConsumerView, Decision, DecisionKind, Knob, Policy, UpstreamView,
-                   as_schedule, check_choice, check_name, check_redundancy)
+from .base import (AGGREGATOR_SCHEDULE, FINAL, LAYOUT, NAME, PAPER_AGGREGATOR_SCHEDULE, PROPOSER_SCHEDULE, REDUNDANCY,
+                   SCOPE, STEP, WAIT, WHOLE_ANSWER, ChunkSchedule, ConsumerView, Decision, DecisionKind, Param, Policy,
+                   UpstreamView, check_name, knobs_of, params_of)
+
+MAX_WAIT = Param("max_wait_s", "float", 0.5, low=0.0, open_low=True, search=(0.01, 60.0),
+                 allowed="a positive number of seconds", help="staircase-deadline: longest wait for the first step")
+REPORT_SCHEDULE = Param("report_schedule", "schedule", PAPER_AGGREGATOR_SCHEDULE,
+                        help="how the final answer's stream is cut into chunks for the trace")
+TOLERANCE = Param("tolerance", "count", 0, search=(0, 8), help="lost inputs wait-all rides out")
 
 
 
@@ -21,26 +26,23 @@ class StaircasePolicy(Policy):
     have finished, it generates the rest of its answer in one call."""
 
     KIND = "staircase"
-    PARAMS = ("proposer_schedule", "aggregator_schedule", "redundancy", "scope", "layout", "name")
-    KNOBS = (Knob("proposer_schedule", "schedule", *SCHEDULE_TOKENS),
-             Knob("aggregator_schedule", "schedule", *SCHEDULE_TOKENS),
-             Knob("redundancy", "int", 0, 8), Knob("scope", "choice", choices=SCOPES),
-             Knob("layout", "choice", choices=LAYOUTS))
+    SPEC = (PROPOSER_SCHEDULE, AGGREGATOR_SCHEDULE, REDUNDANCY, SCOPE, LAYOUT, NAME)
+    PARAMS, KNOBS = params_of(SPEC), knobs_of(SPEC)
 
     def __init__(
         self,
-        proposer_schedule: ChunkSchedule | Sequence[int] = PAPER_PROPOSER_SCHEDULE,
-        aggregator_schedule: ChunkSchedule | Sequence[int] = PAPER_AGGREGATOR_SCHEDULE,
-        redundancy: int = 2,
-        scope: str = "first",
-        layout: str = "prefix-cache",
+        proposer_schedule: ChunkSchedule | Sequence[int] = PROPOSER_SCHEDULE.default,
+        aggregator_schedule: ChunkSchedule | Sequence[int] = AGGREGATOR_SCHEDULE.default,
+        redundancy: int = REDUNDANCY.default,
+        scope: str = SCOPE.default,
+        layout: str = LAYOUT.default,
         name: str | None = None,
     ):
-        self.proposer_schedule = as_schedule(proposer_schedule, "proposer_schedule")
-        self.aggregator_schedule = as_schedule(aggregator_schedule, "aggregator_schedule")
-        self.redundancy = check_redundancy(redundancy)
-        self.scope = check_choice("scope", scope, SCOPES)
-        self.layout = check_choice("layout", layout, LAYOUTS)
+        self.proposer_schedule = PROPOSER_SCHEDULE.check(proposer_schedule)
+        self.aggregator_schedule = AGGREGATOR_SCHEDULE.check(aggregator_schedule)
+        self.redundancy = REDUNDANCY.check(redundancy)
+        self.scope = SCOPE.check(scope)
+        self.layout = LAYOUT.check(layout)
         self.tolerance = self.redundancy
         self.name = check_name(name, f"staircase-{layout}-r{redundancy}")
 
@@ -95,13 +97,11 @@ class DeadlineStaircasePolicy(StaircasePolicy):
     ``max_wait_s`` passed since the first input chunk arrived (any one input)."""
 
     KIND = "staircase-deadline"
-    PARAMS = StaircasePolicy.PARAMS + ("max_wait_s",)
-    KNOBS = StaircasePolicy.KNOBS + (Knob("max_wait_s", "float", 0.01, 60.0),)
+    SPEC = StaircasePolicy.SPEC + (MAX_WAIT,)
+    PARAMS, KNOBS = params_of(SPEC), knobs_of(SPEC)
 
-    def __init__(self, max_wait_s: float = 0.5, **kwargs):
-        if isinstance(max_wait_s, bool) or not isinstance(max_wait_s, (int, float)) or not max_wait_s > 0:
-            raise ConfigError("max_wait_s", max_wait_s, "a positive number of seconds")
-        self.max_wait_s = float(max_wait_s)
+    def __init__(self, max_wait_s: float = MAX_WAIT.default, **kwargs):
+        self.max_wait_s = MAX_WAIT.check(max_wait_s)
         kwargs.setdefault("name", f"staircase-deadline-{max_wait_s:g}s")
         super().__init__(**kwargs)
 
@@ -124,13 +124,13 @@ class WaitAllPolicy(Policy):
     the trace (it does not change when anything starts)."""
 
     KIND = "wait-all"
-    PARAMS = ("report_schedule", "tolerance", "name")
-    KNOBS = (Knob("tolerance", "int", 0, 8),)
+    SPEC = (REPORT_SCHEDULE, TOLERANCE, NAME)
+    PARAMS, KNOBS = params_of(SPEC), knobs_of(SPEC)
 
-    def __init__(self, report_schedule: ChunkSchedule | Sequence[int] = PAPER_AGGREGATOR_SCHEDULE,
-                 tolerance: int = 0, name: str = "wait-all"):
-        self.report_schedule = as_schedule(report_schedule, "report_schedule")
-        self.tolerance = check_redundancy(tolerance, "tolerance")
+    def __init__(self, report_schedule: ChunkSchedule | Sequence[int] = REPORT_SCHEDULE.default,
+                 tolerance: int = TOLERANCE.default, name: str = "wait-all"):
+        self.report_schedule = REPORT_SCHEDULE.check(report_schedule)
+        self.tolerance = TOLERANCE.check(tolerance)
         self.layout = "standard"
         self.name = check_name(name, self.KIND)
 
@@ -151,10 +151,10 @@ class SinglePolicy(WaitAllPolicy):
     """One model (the final node's engine) answers the query alone."""
 
     KIND = "single"
-    PARAMS = ("report_schedule", "name")
-    KNOBS = ()
+    SPEC = (REPORT_SCHEDULE, NAME)
+    PARAMS, KNOBS = params_of(SPEC), knobs_of(SPEC)
 
-    def __init__(self, report_schedule: ChunkSchedule | Sequence[int] = PAPER_AGGREGATOR_SCHEDULE, name: str = "single"):
+    def __init__(self, report_schedule: ChunkSchedule | Sequence[int] = REPORT_SCHEDULE.default, name: str = "single"):
         super().__init__(report_schedule, 0, name)
 
     def plan(self, topology: Topology) -> Topology:

@@ -15,24 +15,34 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ..errors import ConfigError
-from .adaptive import (ADAPTIVE_POLICIES, RANGES, LeadInStaircasePolicy, LoadAwareStaircasePolicy, SmoothStaircasePolicy,
-                       StragglerStaircasePolicy, TTFTTargetStaircasePolicy)
-from .base import (CALL_LAYOUTS, LAYOUTS, PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE, SCOPES, ChunkSchedule,
-                   ConsumerView, Decision, DecisionKind, Knob, Policy, PolicyConfig, StreamView, UpstreamView,
-                   as_schedule)
-from .fixed import DeadlineStaircasePolicy, SinglePolicy, StaircasePolicy, WaitAllPolicy
+from .adaptive import (ADAPTIVE_POLICIES, LEAD_IN_S, TTFT_TARGET, LeadInStaircasePolicy, LoadAwareStaircasePolicy,
+                       SmoothStaircasePolicy, StragglerStaircasePolicy, TTFTTargetStaircasePolicy)
+from .base import (AGGREGATOR_SCHEDULE, CALL_LAYOUTS, LAYOUTS, PAPER_AGGREGATOR_SCHEDULE, PAPER_PROPOSER_SCHEDULE,
+                   PROPOSER_SCHEDULE, REDUNDANCY, SCOPE, SCOPES, ChunkSchedule, ConsumerView, Decision, DecisionKind,
+                   Knob, Param, Policy, PolicyConfig, StreamView, UpstreamView, as_schedule)
+from .fixed import MAX_WAIT, DeadlineStaircasePolicy, SinglePolicy, StaircasePolicy, WaitAllPolicy
 
 POLICY_KINDS: dict[str, type[Policy]] = {c.KIND: c for c in (StaircasePolicy, DeadlineStaircasePolicy, WaitAllPolicy,
                                                              SinglePolicy, *ADAPTIVE_POLICIES)}
 _LEGACY_KINDS = {c.__name__: c.KIND for c in POLICY_KINDS.values()}  # what runs before policy configs recorded
 
 __all__ = ["ADAPTIVE_POLICIES", "CALL_LAYOUTS", "LAYOUTS", "PAPER_AGGREGATOR_SCHEDULE", "PAPER_PROPOSER_SCHEDULE",
-           "POLICY_KINDS", "POLICY_NAMES", "SCOPES", "ChunkSchedule", "ConsumerView", "Decision", "DecisionKind",
+           "POLICY_KINDS", "POLICY_NAMES", "SCOPES", "Param", "param", "ChunkSchedule", "ConsumerView", "Decision", "DecisionKind",
            "DeadlineStaircasePolicy", "Knob", "LeadInStaircasePolicy", "LoadAwareStaircasePolicy", "Policy",
            "PolicyConfig", "PolicyName",
            "SinglePolicy", "SmoothStaircasePolicy", "StaircasePolicy", "StragglerStaircasePolicy", "StreamView",
            "TTFTTargetStaircasePolicy", "UpstreamView", "WaitAllPolicy", "config_from_dict", "config_of",
            "json_schema", "make_policies", "policy_from_dict", "policy_names_help"]
+
+
+PARAMS: dict[str, Param] = {p.name: p for cls in POLICY_KINDS.values() for p in cls.SPEC}
+
+
+def param(name: str) -> Param:
+    """A policy parameter's one declaration (its default, ranges, help), by name."""
+    if name not in PARAMS:
+        raise ConfigError("policy parameter", name, ", ".join(PARAMS))
+    return PARAMS[name]
 
 
 def config_of(kind: str, **params) -> PolicyConfig:
@@ -138,13 +148,13 @@ def policy_names_help() -> str:
 def make_policies(
     names: Sequence[str],
     *,
-    redundancies: Sequence[int] = (2,),
-    proposer_schedule: ChunkSchedule | Sequence[int] | str = PAPER_PROPOSER_SCHEDULE,
-    aggregator_schedule: ChunkSchedule | Sequence[int] | str = PAPER_AGGREGATOR_SCHEDULE,
-    scope: str = "first",
-    max_wait_s: float = 0.5,
-    ttft_target_s: float = 1.0,
-    lead_in_s: float = 0.0,
+    redundancies: Sequence[int] = (REDUNDANCY.default,),
+    proposer_schedule: ChunkSchedule | Sequence[int] | str = PROPOSER_SCHEDULE.default,
+    aggregator_schedule: ChunkSchedule | Sequence[int] | str = AGGREGATOR_SCHEDULE.default,
+    scope: str = SCOPE.default,
+    max_wait_s: float = MAX_WAIT.default,
+    ttft_target_s: float = TTFT_TARGET.default,
+    lead_in_s: float = LEAD_IN_S.default,
 ) -> list[Policy]:
     """Policies from names (``POLICY_NAMES``). ``staircase`` means both per-call layouts
     (``staircase-session`` is named on its own: it needs engines that keep a session
@@ -167,31 +177,13 @@ def make_policies(
 
 
 SCHEMA_ID = "https://staircase.dev/schemas/policy.json"
-_SCHEDULE = {"anyOf": [{"type": "array", "minItems": 1, "items": {"type": "integer", "minimum": 1}},
-                       {"type": "string", "pattern": r"^\s*[0-9]*[1-9][0-9]*(\s*[,/]\s*[0-9]*[1-9][0-9]*)*\s*$"}],
-             "description": "chunk sizes in tokens, the last repeating: [8, 128, 256] or \"8,128,256\""}
-_COUNT = {"type": "integer", "minimum": 0}
-
-
-def _param_schema(name: str) -> dict:
-    """What one constructor parameter may be (what its constructor checks)."""
-    if name in RANGES:
-        low, high, integer = RANGES[name]
-        return {"type": "integer" if integer else "number", "minimum": low, "maximum": high}
-    fixed = {"redundancy": _COUNT | {"description": "inputs a step may leave behind; below the proposers"},
-             "tolerance": _COUNT | {"description": "lost inputs wait-all rides out"},
-             "scope": {"enum": list(SCOPES)}, "layout": {"enum": list(LAYOUTS)},
-             "name": {"type": ["string", "null"]}, "max_wait_s": {"type": "number", "exclusiveMinimum": 0}}
-    return fixed.get(name, _SCHEDULE)  # the rest are schedules
-
-
 def json_schema() -> dict:
     """The JSON Schema of a policy config (``--policy-config``, a search's ``best``, a
     plan's ``config``): one of the kinds with its parameters; other keys are ignored (a
     run's recorded entries carry more). ``min_chunk`` <= ``max_chunk`` and a redundancy
     below the number of proposers are checked beyond the schema."""
     kinds = [{"title": kind, "type": "object", "required": ["kind"],
-              "properties": {"kind": {"const": kind}, **{p: _param_schema(p) for p in cls.PARAMS}}}
+              "properties": {"kind": {"const": kind}, **{p.name: p.schema() for p in cls.SPEC}}}
              for kind, cls in POLICY_KINDS.items()]
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID,
             "title": "staircase policy config", "oneOf": kinds}

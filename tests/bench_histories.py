@@ -1,13 +1,13 @@
-"""A hundred thousand histories: the scheduler's stateful tests (tests/test_scheduler_stateful.py)
-as a benchmark. Each history is a random valid policy (every kind, adaptive ones
+"""A hundred thousand histories: the scheduler's stateful tests (tests/test_scheduler_stateful.py,
+beside this script, which imports it) as a benchmark. Each history is a random valid policy (every kind, adaptive ones
 included) on a random MoA or debate topology, driven through up to ``--steps`` random
 events (chunk arrivals in any order, finishes, failures: faults, timers) and checked
 after every step against the reference model's invariants. The test suite runs 300;
 this runs ``--histories`` in ``--workers`` processes and prints the count, the time and
 the violations (0, or the first one hypothesis found, shrunk).
 
-    .venv/bin/python benchmarks/bench_histories.py                      # 100,000 histories
-    .venv/bin/python benchmarks/bench_histories.py --histories 2000     # a quick look
+    .venv/bin/python tests/bench_histories.py                      # 100,000 histories
+    .venv/bin/python tests/bench_histories.py --histories 2000     # a quick look
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ CHUNK = 2000  # histories per task (hypothesis runs them as one test, then the n
 
 def _run(n: int, steps: int) -> dict:
     """``n`` histories in this process: (histories, steps taken, violation or None)."""
-    sys.path.insert(0, str(ROOT / "tests"))
     from hypothesis import HealthCheck, settings
     from hypothesis.stateful import run_state_machine_as_test
 

@@ -5,7 +5,7 @@ A plan starts from a *unit*: one copy of the deployment (by default one pool per
 engine model of the profile, as many replicas as slots use it; or a deployment file).
 For each policy and router it
 
-1. measures what one unit serves (wait-all's closed-loop capacity, ``sim.capacity``)
+1. measures what one unit serves (wait-all's closed-loop capacity, ``staircase.sim.capacity``)
    and starts at the number of units the workload's average rate needs;
 2. finds the fewest whole units that meet the SLOs (galloping up or down from there
    and bisecting the last step), simulating the whole workload at its own arrival times each time
@@ -17,7 +17,7 @@ For each policy and router it
 A size is met when any of the policy's candidates meets every SLO: the policy as
 named, and with ``tune`` > 0 the best of a search of its kind's knobs (``run_search``,
 NSGA-II with the SLOs as constraints) at the starting size. Every simulation is a
-``search.run.evaluate`` of a ``Scenario`` (the deployment and the SLOs in it), kept in
+``staircase.search.run.evaluate`` of a ``Scenario`` (the deployment and the SLOs in it), kept in
 the plan folder's ``evaluations.jsonl`` (a rerun of the same plan reads them back) and
 run on the search's executors (processes or Ray). All policies' searches advance in
 lockstep, one batch per step, so the answer does not depend on where a batch runs.
@@ -39,13 +39,13 @@ from staircase.policies import Policy, PolicyConfig
 from staircase.progress import progress as progress_bar
 from staircase.topology import Topology
 
-from sim.capacity import busiest, capacity
-from sim.profile import Profile, load_profile
-from sim.workload import Workload, make_requests
+from staircase.sim.capacity import busiest, capacity
+from staircase.sim.profile import Profile, load_profile
+from staircase.sim.workload import Workload, make_requests
 
-from .objectives import SLO
-from .run import Scenario, SearchConfig, Store, executor, read_evaluations, run_search
-from .space import SearchSpace
+from staircase.search.objectives import SLO
+from staircase.search.run import Scenario, SearchConfig, Store, executor, read_evaluations, run_search
+from staircase.search.space import SearchSpace
 
 Counts = dict  # pool name -> replicas
 Point = object  # what a job asks to have evaluated next (replica counts, or a rate multiplier)
@@ -68,7 +68,7 @@ class PlanConfig:
     goodput: bool = True
     workers: int = 0
     ray: str | None = None
-    faults: dict | None = None  # failure rates per call (``sim.faults``), in every simulation of the plan
+    faults: dict | None = None  # failure rates per call (``staircase.sim.faults``), in every simulation of the plan
 
     def check(self) -> None:
         if not self.slos:
@@ -134,7 +134,7 @@ def scaled_workload(w: Workload, factor: float) -> Workload:
 
 
 def offered_rate(w: Workload, seed: int) -> float:
-    """The workload's average arrival rate (``sim.capacity.busiest``'s average)."""
+    """The workload's average arrival rate (``staircase.sim.capacity.busiest``'s average)."""
     return busiest([r.arrival_s for r in make_requests(w, seed)])["average_per_s"]
 
 
@@ -222,7 +222,7 @@ def lockstep(jobs: Mapping[str, Generator], judge: Callable[[dict[str, Point]], 
 def idle_check(c: PlanConfig, requests: int = 40) -> dict[str, str]:
     """Each policy on one idle unit (a closed loop of one user): the SLOs it misses
     even there, which no number of engines mends. All policies missing: an error."""
-    from sim.simulate import simulate
+    from staircase.sim.simulate import simulate
 
     profile = load_profile(c.profile)
     sample = replace(c.workload, requests=min(requests, c.workload.requests))

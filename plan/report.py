@@ -11,7 +11,7 @@ import pandas as pd
 
 from staircase.report import format_frame
 
-from .plan import PlanConfig
+from .run import PlanConfig
 
 
 def write_plan(folder: Path, cfg: PlanConfig, result: dict, figure: bool = True) -> list[Path]:
@@ -43,7 +43,7 @@ def plot(rows: pd.DataFrame, cfg: PlanConfig, result: dict, path: Path) -> Path:
     """Cost per hour against each SLO's attainment: every simulated deployment (runs
     stopped early show the attainment they had reached, a lower bound), a step per policy
     through the best reached at or below each cost; the SLO's share dashed."""
-    from staircase.plotting import pyplot
+    from staircase.plotting import pyplot, save_figure
 
     plt, sns = pyplot()
     fig, axes = plt.subplots(1, len(cfg.slos), figsize=(5.5 * len(cfg.slos), 4.2), squeeze=False)
@@ -60,10 +60,7 @@ def plot(rows: pd.DataFrame, cfg: PlanConfig, result: dict, path: Path) -> Path:
         ax.set(xlabel="cost per hour", ylabel=f"share of requests with {slo.family} <= {slo.bound:g} s",
                title=str(slo), ylim=(0, 1.02))
     fig.suptitle("staircase plan: SLO attainment against deployment cost (dotted: each policy's cheapest)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=120)
 
 
 def table(cfg: PlanConfig, result: dict) -> str:
