@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 from staircase.sim.capacity import at_load, capacity  # noqa: E402
 from staircase.sim.profile import load_profile  # noqa: E402
 from staircase.sim.simulate import simulate  # noqa: E402
-from staircase.sim.workload import Workload  # noqa: E402
+from staircase.workload import Workload  # noqa: E402
 from staircase.policies import LoadAwareStaircasePolicy, SmoothStaircasePolicy, StragglerStaircasePolicy  # noqa: E402
 from staircase.policies import StaircasePolicy, WaitAllPolicy  # noqa: E402
 from staircase.progress import progress  # noqa: E402

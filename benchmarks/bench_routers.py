@@ -36,7 +36,7 @@ def deployment(router: str):
 def one_point(router: str, load: float, capacity: float, requests: int, seed: int) -> list[dict]:
     from staircase.sim.profile import load_profile
     from staircase.sim.simulate import simulate
-    from staircase.sim.workload import Workload
+    from staircase.workload import Workload
     from staircase.policies import make_policies
     from staircase.report import pool_frame
     from staircase.topology import moa
@@ -78,7 +78,7 @@ def plot(df: pd.DataFrame, path: Path) -> Path:
 def main() -> int:
     from staircase.sim.capacity import capacity
     from staircase.sim.profile import load_profile
-    from staircase.sim.workload import Workload
+    from staircase.workload import Workload
     from staircase.deployment import ROUTERS
     from staircase.machine import describe_cpu, label
     from staircase.progress import progress

@@ -35,7 +35,7 @@ OUT = Path(__file__).parent / "results"
 def _config(policies: int, requests: int, **kw):
     from staircase.search.run import SearchConfig, make_scenarios
     from staircase.search.space import SearchSpace
-    from staircase.sim.workload import Workload
+    from staircase.workload import Workload
     from staircase.topology import moa
 
     topo = moa(3)

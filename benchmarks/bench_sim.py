@@ -29,7 +29,7 @@ TARGET_PEAK_MB = 2048
 def one_run(policy_name: str, requests: int, rate: float, seed: int) -> dict:
     from staircase.sim.profile import load_profile
     from staircase.sim.simulate import simulate
-    from staircase.sim.workload import Workload
+    from staircase.workload import Workload
     from staircase.policies import make_policies
     from staircase.topology import moa
 
@@ -64,7 +64,7 @@ def capacity(policy_name: str, seed: int) -> float:
     """Completed requests per simulated second with 256 closed-loop users."""
     from staircase.sim.profile import load_profile
     from staircase.sim.simulate import simulate
-    from staircase.sim.workload import Workload
+    from staircase.workload import Workload
     from staircase.policies import make_policies
     from staircase.topology import moa
 

@@ -141,9 +141,9 @@ async def requests_loop(runner, policy, queries: list[str], args, hang_s: float)
     """Poisson arrivals at ``args.rate`` per second (seeded), or ``args.concurrency``
     users in a closed loop when the rate is 0."""
     if args.rate > 0:
-        from staircase.live.runner import poisson_arrivals
+        from staircase.workload import Workload, arrival_times
 
-        t0, arrivals = time.monotonic(), poisson_arrivals(len(queries), args.rate, args.seed)
+        t0, arrivals = time.monotonic(), arrival_times(Workload("poisson", len(queries), args.rate), args.seed)
 
         async def arrive(i: int, q: str) -> dict:
             await asyncio.sleep(max(0.0, t0 + arrivals[i] - time.monotonic()))

@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 from staircase.sim.profile import load_profile  # noqa: E402
 from staircase.sim.simulate import simulate  # noqa: E402
-from staircase.sim.workload import Workload  # noqa: E402
+from staircase.workload import Workload  # noqa: E402
 from staircase.policies import LeadInStaircasePolicy, SinglePolicy, StaircasePolicy  # noqa: E402
 from staircase.policies import TTFTTargetStaircasePolicy, WaitAllPolicy, policy_from_dict  # noqa: E402
 from staircase.runconfig import parse_float_list  # noqa: E402

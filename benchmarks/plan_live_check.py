@@ -3,11 +3,12 @@ the SLOs live, and does the next smaller one miss them, as the simulator predict
 
 On these CPUs: the bundled model on `vllm serve` replicas of one core each (the profile
 fitted on such replicas in `calibration/data/cpu-avx2-pool-apart/`), MoA 3 + aggregator,
-held-out AlpacaEval prompts at a Poisson rate. The plan sees the live run's own
-workload: a trace file with the same arrival times (the live runner's generator and
-seed) and the prompts' token counts. Then both deployments run live (one replica on one
-core; two replicas on one core each) and the SLO attainment of each live run is set
-beside the plan's prediction. About 15 minutes on 2 cores.
+held-out AlpacaEval prompts at a Poisson rate. Both deployments run live (one replica on
+one core; two replicas on one core each); then the plan sizes for the first live run's
+own traffic (``--workload run --trace <live run>``: its arrival times and recorded
+query and answer lengths, no file made for it), and the SLO attainment of each live run
+is set beside the plan's prediction. About 15 minutes on 2 cores. ``--plan-only``: the
+plan again on the live runs already in ``--out``.
 
     .venv/bin/python benchmarks/plan_live_check.py                # writes results/plan-live/
     .venv/bin/python benchmarks/plan_live_check.py --requests 8 --out /tmp/pl
@@ -19,7 +20,6 @@ import argparse
 import json
 import subprocess
 import sys
-from datetime import datetime, timedelta
 from pathlib import Path
 
 import pandas as pd
@@ -39,25 +39,6 @@ def engines(replicas: int) -> dict:
 def deployment(replicas: int, router: str) -> dict:
     return {"pools": {"cpu": {"model": "cpu", "replicas": replicas, "router": router}},
             "slots": {"proposers": ["cpu"], "aggregator": "cpu"}}
-
-
-def trace_file(path: Path, args) -> Path:
-    """The live run's workload as an Azure-format trace: its arrival times (the live
-    runner's generator, ``staircase.live.runner``) and each prompt's token count."""
-    from transformers import AutoTokenizer
-
-    from staircase.live.model import smollm2_folder
-    from staircase.live.prompts import load_prompts
-    from staircase.live.runner import poisson_arrivals
-
-    prompts = load_prompts("alpaca_eval", args.requests + args.skip)[args.skip:]
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_folder())
-    arrivals = poisson_arrivals(len(prompts), args.rate, args.seed)
-    t0 = datetime(2026, 1, 1)
-    rows = [{"TIMESTAMP": (t0 + timedelta(seconds=a)).isoformat(sep=" "), "ContextTokens": len(tokenizer(p)["input_ids"]),
-             "GeneratedTokens": args.max_tokens} for a, p in zip(arrivals, prompts)]
-    pd.DataFrame(rows).to_csv(path, index=False)
-    return path
 
 
 def run(cmd: list[str], log: Path) -> subprocess.CompletedProcess:
@@ -95,9 +76,9 @@ def main() -> int:
     for n in (1, 2):
         (args.out / f"deployment-{n}.json").write_text(json.dumps(deployment(n, args.router), indent=1))
         (args.out / f"engines-{n}.json").write_text(json.dumps(engines(n), indent=1))
-    predicted = plan_step(args)
     if not args.plan_only:
-        live_step(args, predicted)
+        live_step(args)
+    compare(args, plan_step(args))
     return 0
 
 
@@ -106,11 +87,10 @@ def _common(args) -> list[str]:
 
 
 def plan_step(args) -> dict[int, dict[str, float]]:
-    """The plan on the live run's workload; returns each simulated size's SLO attainment."""
+    """The plan on the first live run's traffic; returns each simulated size's SLO attainment."""
     out, slos = args.out, args.slo
-    trace = trace_file(out / "workload.csv", args)
     plan = run(STAIRCASE + ["plan", "--profile", str(PROFILE), "--deployment", str(out / "deployment-1.json"),
-                            "--workload", "azure", "--trace", str(trace), "--routers", args.router,
+                            "--workload", "run", "--trace", str(out / "live-1"), "--routers", args.router,
                             "--max-engines", "2", "--no-goodput", "--workers", "1", "--format", "json",
                             "--out", str(out / "plan"), *sum([["--slo", s] for s in slos], []), *_common(args)],
                out / "plan.log")
@@ -120,16 +100,21 @@ def plan_step(args) -> dict[int, dict[str, float]]:
     return predicted
 
 
-def live_step(args, predicted: dict) -> None:
-    """Both deployments live; each run's SLO attainment beside the plan's (check.csv)."""
+def live_step(args) -> None:
+    """Both deployments live, the same prompts at the same arrival times."""
+    for n in (1, 2):
+        run(STAIRCASE + ["live", "--config", str(args.out / f"engines-{n}.json"), "--deployment",
+                         str(args.out / f"deployment-{n}.json"), "--prompts", "alpaca_eval", "--skip", str(args.skip),
+                         "--requests", str(args.requests), "--rate", str(args.rate), "--seed", str(args.seed),
+                         "--no-progress", "--no-figure", "--out", str(args.out / f"live-{n}"), *_common(args)],
+            args.out / f"live-{n}.log")
+
+
+def compare(args, predicted: dict) -> None:
+    """Each live run's SLO attainment beside the plan's (check.csv)."""
     out, slos, rows = args.out, args.slo, []
     for n in (1, 2):
-        folder = out / f"live-{n}"
-        run(STAIRCASE + ["live", "--config", str(out / f"engines-{n}.json"), "--deployment",
-                         str(out / f"deployment-{n}.json"), "--prompts", "alpaca_eval", "--skip", str(args.skip),
-                         "--requests", str(args.requests), "--rate", str(args.rate), "--seed", str(args.seed),
-                         "--no-progress", "--no-figure", "--out", str(folder), *_common(args)], out / f"live-{n}.log")
-        for policy, att in live_attainment(folder, slos).items():
+        for policy, att in live_attainment(out / f"live-{n}", slos).items():
             rows.append({"replicas": n, "policy": policy, **{f"live {s}": v for s, v in att.items()},
                          **{f"sim {s}": predicted.get(n, {}).get(s) for s in slos}})
     table = pd.DataFrame(rows)

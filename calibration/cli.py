@@ -19,25 +19,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
-import platform
 import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from staircase.cli import results_folder, seed_type
-from staircase.deployment import Deployment, deployment_from_dict, load_deployment
+from staircase.deployment import load_deployment
 from staircase.errors import ConfigError
 from staircase.record import run_record, write_record
-from staircase.machine import label
-from staircase.topology import proposer_slot_index
 
-from .fit import RunGroup, build_profile, fit_engine, fit_lengths, load_runs, observations
+from .fit import RunGroup, build_profile, fit_lengths, load_runs
 from .probes import probe_set, run_probes
+from .figures import plot_fit
+from .fit import fit_all, fit_units, profile_note, replica_models
+from .report import fit_table, print_validation
 
 HELP_CAL = "probe live engines (or read traces) and fit a simulator profile"
 HELP_VAL = "replay live runs in the simulator: live vs simulated percentiles, errors, CDFs"
@@ -244,13 +242,6 @@ async def _probe_each(engines: list, probes, folder: Path, args: argparse.Namesp
     return caps, models
 
 
-def _slots_from(groups: list[RunGroup], engines: list[str]) -> tuple[list[str], str]:
-    for g in groups:
-        se = g.config.get("slot_engines") or {}
-        if se and all(v in engines for v in se.values()):
-            props = [se[k] for k in sorted((k for k in se if k != "aggregator"), key=proposer_slot_index)]
-            return props or [se["aggregator"]], se["aggregator"]
-    return [engines[0]], engines[0]
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
@@ -264,16 +255,16 @@ def run_calibrate(args: argparse.Namespace) -> int:
         record = _probe_live(args, folder)
         groups = load_runs([folder]) + groups
     groups = [g for g in groups if not g.policy.startswith("warmup")]
-    units, proposers, aggregator = _fit_units(groups, args.engine, probed=bool(record))
+    units, proposers, aggregator = fit_units(groups, args.engine, probed=bool(record))
     names = list(units)
-    fits = _fit_all(groups, units, quadratic=not args.no_quadratic)
+    fits = fit_all(groups, units, quadratic=not args.no_quadratic)
     sharing = "one" if len(set(proposers + [aggregator])) == 1 else "per-slot"
     model = next((f.model for f in fits.values() if f.model), "unknown-model")
     # the machine the probes ran on: this one when probing, else what the traces recorded
     recorded = record if record.get("machine") else next((g.config for g in groups if g.config.get("machine")), {})
     machine_rec = {k: recorded[k] for k in ("machine", "engine_settings") if recorded.get(k)}
     profile = build_profile(fits, proposers, aggregator, name=args.name or f"calibrated-{model}",
-                            note=_profile_note(fits, machine_rec), engine_sharing=sharing,
+                            note=profile_note(fits, machine_rec), engine_sharing=sharing,
                             capacity=_capacities(groups, names, args), proposer_factor=fit_lengths(groups),
                             extra=machine_rec)
     folder.mkdir(parents=True, exist_ok=True)
@@ -289,66 +280,23 @@ def run_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _engines_to_fit(groups: list[RunGroup], engine: str | None, probed: bool) -> list[str]:
-    names = sorted({str(e) for g in groups for e in g.chunks["engine"].unique()})
-    if engine:
-        if engine not in names:
-            raise ConfigError("engine", engine, f"an engine named in the traces: {', '.join(names)}")
-        return [engine]
-    if len(names) > 1 and not probed:
-        # traces from another session: several engines must be asked for one by one
-        raise ConfigError("engine", f"traces name {len(names)} engines ({', '.join(names)})",
-                          "one engine per fit: pass --engine NAME")
-    return names
 
 
-def _fit_units(groups: list[RunGroup], engine: str | None, probed: bool):
-    """(what to fit -> its engines (None: itself), profile proposers, profile aggregator):
-    a deployment's replicas as one fit per model, else engine by engine."""
-    replica_models = _replica_models(groups)
-    if replica_models and not engine:
-        units = {m: [r for r, rm in replica_models.items() if rm == m] for m in dict.fromkeys(replica_models.values())}
-        return (units, *_deployment_slots(groups))
-    names = _engines_to_fit(groups, engine, probed=probed)
-    return ({n: None for n in names}, *_slots_from(groups, names))
 
 
-def _recorded_deployment(groups: list[RunGroup]) -> Deployment | None:
-    """The deployment a probe run recorded (``calibrate --deployment``), else None."""
-    raw = next((g.config["deployment"] for g in groups if g.config.get("deployment")), None)
-    return deployment_from_dict(raw) if raw else None
 
 
-def _replica_models(groups: list[RunGroup]) -> dict[str, str]:
-    """Replica (``<pool>/<i>``) -> its pool's model, from the recorded deployment ({}: none)."""
-    dep = _recorded_deployment(groups)
-    return {name: dep.pools[pool].model for name, pool in dep.engine_pools().items()} if dep else {}
 
 
-def _deployment_slots(groups: list[RunGroup]) -> tuple[list[str], str]:
-    """The profile's slots from the recorded deployment: each slot's pool's model."""
-    dep = _recorded_deployment(groups)
-    return [dep.pools[p].model for p in dep.proposers], dep.pools[dep.aggregator].model
 
 
-def _fit_all(groups: list[RunGroup], units: dict[str, list[str] | None], quadratic: bool) -> dict:
-    """engine (or model) -> its fit over its engine (or its replicas); the fits' warnings
-    printed on stderr."""
-    fits = {}
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        for e, replicas in units.items():
-            fits[e] = fit_engine(observations(groups, e, replicas), quadratic=quadratic)
-    for w in caught:
-        print(f"warning: {w.message}", file=sys.stderr)
-    return fits
 
 
 def _capacities(groups: list[RunGroup], names: list[str], args: argparse.Namespace) -> dict[str, dict]:
     """What each engine reported when probed (config.json of the probe folder, freshly
     written or recorded), else the command line's values."""
     caps = {}
-    models = _replica_models(groups)
+    models = replica_models(groups)
     for e in names:
         asked = [r for r, m in models.items() if m == e] or [e]  # a model: what its first replica reported
         found = next((g.config["capacity"][a] for g in groups for a in asked if a in (g.config.get("capacity") or {})),
@@ -357,63 +305,10 @@ def _capacities(groups: list[RunGroup], names: list[str], args: argparse.Namespa
     return caps
 
 
-def _profile_note(fits: dict, machine_rec: dict) -> str:
-    machine = f"{label(machine_rec.get('machine'))}, python {platform.python_version()}"
-    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    return (f"Calibrated by `staircase calibrate` on {when} ({machine}) from "
-            f"{sum(len(f.data['sources']) for f in fits.values())} trace files; engines: "
-            + ", ".join(f"{e} = {f.model}" for e, f in fits.items())
-            + ". Residuals, noise candidates and the fitted points are under `calibration`.")
 
 
-def fit_table(fits) -> str:
-    lines = ["| engine | model | overhead | prefill a + bP + cP^2 | decode base + per_seq B + per_ctx C | "
-             "prefill fit (n, median rel err, R^2) | decode fit (n, median rel err, R^2) | noise prefill / decode |",
-             "|---|---|---|---|---|---|---|---|"]
-    for e, f in fits.items():
-        rp, rd = f.residuals["prefill"], f.residuals["decode"]
-        nz = " / ".join(f"{n.dist}" if n.dist else "none" for n in (f.noise["prefill"], f.noise["decode"]))
-        lines.append(
-            f"| {e} | {f.model} | {f.request_overhead_s * 1e3:.1f} ms | {f.prefill['base'] * 1e3:.1f} ms + "
-            f"{f.prefill['per_token'] * 1e6:.1f} us/tok + {f.prefill['per_token2'] * 1e9:.2f} ns/tok^2 + "
-            f"{f.prefill.get('per_token_cached', 0.0) * 1e9:.2f} ns/tok x cached | "
-            f"{f.decode['base'] * 1e3:.2f} ms + {f.decode['per_seq'] * 1e3:.3f} ms/seq + "
-            f"{f.decode['per_context_token'] * 1e6:.4f} us/tok | {rp['points']}, {rp['median_abs_rel_error']:.1%}, "
-            f"{rp['r2']:.3f} | {rd['points']}, {rd['median_abs_rel_error']:.1%}, {rd['r2']:.3f} | {nz} |")
-    return "\n".join(lines)
 
 
-def plot_fit(fits, path: Path) -> Path:
-    """Measured points and fitted curves: first-token wait vs uncached tokens, and
-    time per decode iteration vs batch size (coloured by context)."""
-    from staircase.plotting import pyplot, save_figure
-
-    plt, sns = pyplot()
-
-    fig, axes = plt.subplots(len(fits), 2, figsize=(11, 4 * len(fits)), squeeze=False)
-    for i, (e, f) in enumerate(fits.items()):
-        pp, dp = f.data["prefill_points"], f.data["decode_points"]
-        ax = axes[i][0]
-        ax.scatter(pp["uncached_tokens"], np.array(pp["wait_s"]) * 1e3, s=14, label="measured")
-        x = np.linspace(0, max(pp["uncached_tokens"]) * 1.05, 100)
-        y = f.request_overhead_s + f.prefill["base"] + f.prefill["per_token"] * x + f.prefill["per_token2"] * x * x
-        ax.plot(x, y * 1e3, color="C1", label="fit")
-        ax.set_xlabel("uncached prompt tokens")
-        ax.set_ylabel("first-token wait (ms)")
-        ax.set_title(f"{e}: prefill + overhead")
-        ax.legend()
-        ax = axes[i][1]
-        d = pd.DataFrame(dp)
-        sns.scatterplot(data=d, x="batch", y=d["per_token_s"] * 1e3, hue="context", palette="viridis", ax=ax, s=16)
-        b = np.linspace(max(0.5, d["batch"].min()), d["batch"].max(), 50)
-        for ctx in np.quantile(d["context"], [0.1, 0.9]):
-            ax.plot(b, (f.decode["base"] + f.decode["per_seq"] * b + f.decode["per_context_token"] * ctx) * 1e3,
-                    label=f"fit, context {ctx:.0f}")
-        ax.set_xlabel("batch size (time-averaged)")
-        ax.set_ylabel("time per decode iteration (ms)")
-        ax.set_title(f"{e}: decode")
-        ax.legend(fontsize=8)
-    return save_figure(fig, path, dpi=100)
 
 
 # ------------------------------------------------------------------- validate
@@ -422,7 +317,8 @@ def plot_fit(fits, path: Path) -> Path:
 def run_validate(args: argparse.Namespace) -> int:
     from staircase.sim.profile import load_profile
 
-    from .validate import load_live_run, validate
+    from .runs import load_live_run
+    from .validate import validate
 
     if _inputs_of_validate(args) == "published":
         return _run_published(args)
@@ -452,7 +348,7 @@ def run_validate(args: argparse.Namespace) -> int:
         result["results"] = str(folder)
         print(json.dumps(result, indent=1, default=float))
         return 0
-    _print_validation(table, checks)
+    print_validation(table, checks)
     print(f"\nresults: {folder}/ (validation.csv, validation.json, targets.csv"
           + (", cdf_*.png)" if figures else ")"))
     return 0
@@ -511,44 +407,5 @@ def _run_published(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_validation(table, checks) -> None:
-    """The error table (markdown), each run's engine speed, and each target's verdict."""
-    from .validate import METRICS, PERCENTILES
-
-    show = table[table["metric"].isin(["ttft_s", "e2e_s", "tpot_s", "output_tokens_per_s"])]
-    lines = ["| run | policy | timing | metric | live p50 | sim p50 | err p50 | live p90 | sim p90 | err p90 | "
-             "live p99 | sim p99 | err p99 | W1 (rel) |", "|" + "---|" * 14]
-    for _, r in show.iterrows():
-        cells = [r["run"], r["policy"], r.get("timing", "calibrated"), METRICS[r["metric"]]]
-        for q in PERCENTILES:
-            cells += [f"{r[f'live_p{q}']:.3g}", f"{r[f'sim_p{q}']:.3g}", f"{r[f'rel_err_p{q}']:+.1%}"]
-        cells.append(f"{r['wasserstein']:.3g} ({r['wasserstein_rel']:.1%})")
-        lines.append("| " + " | ".join(cells) + " |")
-    print("\n".join(lines))
-    _print_phases(table)
-    print()
-    speeds = table.groupby("run", sort=False)[["prefill_time_ratio", "decode_time_ratio"]].first()
-    for run, r in speeds.iterrows():
-        parts = [f"{phase} at {r[k]:.2f} x" for phase, k in (("prefilled", "prefill_time_ratio"),
-                                                             ("decoded", "decode_time_ratio")) if r[k] == r[k]]
-        if parts:
-            print(f"engine speed: {run} {' and '.join(parts)} the profile's time")
-    for _, c in checks.iterrows():
-        print(f"{'PASS' if c['pass'] else 'MISS'}  {c['run']}  {c['policy']} ({c['timing']}): {c['target']} "
-              f"({c['rel_err']:+.1%})")
 
 
-def _print_phases(table) -> None:
-    """Where the error comes from: each phase's p50, live vs simulated, per run and policy."""
-    from .validate import PHASES
-
-    show = table[table["metric"].isin(list(PHASES))]
-    if show.empty:
-        return
-    print("\nphases (p50, live -> sim, error):")
-    for (run, policy), g in show.groupby(["run", "policy"], sort=False):
-        cells = [f"{r['metric'].removesuffix('_s')} {r['live_p50']:.3g} -> {r['sim_p50']:.3g} ({r['rel_err_p50']:+.0%})"
-                 for _, r in g.iterrows() if r["live_n"]]
-        print(f"  {run}  {policy}: " + "; ".join(cells))
-    for phase, what in PHASES.items():
-        print(f"  {phase.removesuffix('_s')}: {what}")

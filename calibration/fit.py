@@ -29,7 +29,10 @@ to add.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
+import platform
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +46,9 @@ import scipy.stats
 from staircase.errors import ConfigError
 from staircase.record import read_record
 from staircase.trace import read_chunks, read_requests
+from staircase.deployment import Deployment, deployment_from_dict
+from staircase.machine import label
+from staircase.topology import proposer_slot_index
 
 CANDIDATES = ("lognorm", "gamma", "weibull_min", "invgauss")
 MIN_PREFILL_POINTS = 5
@@ -432,3 +438,78 @@ def fit_lengths(groups: Sequence[RunGroup]) -> dict | None:
                 ratios.append(t / final[rid])
     nf = fit_noise(np.array(ratios))
     return nf.to_profile()
+
+
+def slots_from(groups: list[RunGroup], engines: list[str]) -> tuple[list[str], str]:
+    for g in groups:
+        se = g.config.get("slot_engines") or {}
+        if se and all(v in engines for v in se.values()):
+            props = [se[k] for k in sorted((k for k in se if k != "aggregator"), key=proposer_slot_index)]
+            return props or [se["aggregator"]], se["aggregator"]
+    return [engines[0]], engines[0]
+
+
+def engines_to_fit(groups: list[RunGroup], engine: str | None, probed: bool) -> list[str]:
+    names = sorted({str(e) for g in groups for e in g.chunks["engine"].unique()})
+    if engine:
+        if engine not in names:
+            raise ConfigError("engine", engine, f"an engine named in the traces: {', '.join(names)}")
+        return [engine]
+    if len(names) > 1 and not probed:
+        # traces from another session: several engines must be asked for one by one
+        raise ConfigError("engine", f"traces name {len(names)} engines ({', '.join(names)})",
+                          "one engine per fit: pass --engine NAME")
+    return names
+
+
+def fit_units(groups: list[RunGroup], engine: str | None, probed: bool):
+    """(what to fit -> its engines (None: itself), profile proposers, profile aggregator):
+    a deployment's replicas as one fit per model, else engine by engine."""
+    models = replica_models(groups)
+    if models and not engine:
+        units = {m: [r for r, rm in models.items() if rm == m] for m in dict.fromkeys(models.values())}
+        return (units, *deployment_slots(groups))
+    names = engines_to_fit(groups, engine, probed=probed)
+    return ({n: None for n in names}, *slots_from(groups, names))
+
+
+def recorded_deployment(groups: list[RunGroup]) -> Deployment | None:
+    """The deployment a probe run recorded (``calibrate --deployment``), else None."""
+    raw = next((g.config["deployment"] for g in groups if g.config.get("deployment")), None)
+    return deployment_from_dict(raw) if raw else None
+
+
+def replica_models(groups: list[RunGroup]) -> dict[str, str]:
+    """Replica (``<pool>/<i>``) -> its pool's model, from the recorded deployment ({}: none)."""
+    dep = recorded_deployment(groups)
+    return {name: dep.pools[pool].model for name, pool in dep.engine_pools().items()} if dep else {}
+
+
+def deployment_slots(groups: list[RunGroup]) -> tuple[list[str], str]:
+    """The profile's slots from the recorded deployment: each slot's pool's model."""
+    dep = recorded_deployment(groups)
+    return [dep.pools[p].model for p in dep.proposers], dep.pools[dep.aggregator].model
+
+
+def fit_all(groups: list[RunGroup], units: dict[str, list[str] | None], quadratic: bool) -> dict:
+    """engine (or model) -> its fit over its engine (or its replicas); the fits' warnings
+    printed on stderr."""
+    fits = {}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for e, replicas in units.items():
+            fits[e] = fit_engine(observations(groups, e, replicas), quadratic=quadratic)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
+    return fits
+
+
+def profile_note(fits: dict, machine_rec: dict) -> str:
+    machine = f"{label(machine_rec.get('machine'))}, python {platform.python_version()}"
+    when = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"Calibrated by `staircase calibrate` on {when} ({machine}) from "
+            f"{sum(len(f.data['sources']) for f in fits.values())} trace files; engines: "
+            + ", ".join(f"{e} = {f.model}" for e, f in fits.items())
+            + ". Residuals, noise candidates and the fitted points are under `calibration`.")
+
+

@@ -43,6 +43,7 @@ from staircase.cli import (add_output_arguments, add_topology_policy_arguments, 
                            topology_and_policies)
 from staircase.errors import ConfigError
 from staircase.record import run_record
+from staircase.workload import read_arrivals
 from staircase.deployment import load_deployment
 from staircase.report import pool_frame, summary_frame
 
@@ -67,7 +68,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--max-tokens", type=int, default=128, help="max tokens of every node's answer")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (MoA uses 0.7)")
     g.add_argument("--seed", type=seed_type, default=0)
-    g = p.add_argument_group("timeouts (slow is not dead; see above)")
+    g = add_timeout_arguments(p, "timeouts (slow is not dead; see above)")
+    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
+    add_output_arguments(p, "live")
+    p.set_defaults(func=run)
+
+    m = subparsers.add_parser("model", help="print the folder of the bundled real model (converting it once)")
+    m.set_defaults(func=lambda args: print(model_path("smollm2")) or 0)
+
+
+def add_timeout_arguments(p: argparse.ArgumentParser, title: str):
+    """The watchdog's options (`live`, `serve`); ``stall_limits`` reads them."""
+    g = p.add_argument_group(title)
     g.add_argument("--first-token-timeout-s", type=float, default=None,
                    help="engine silence allowed before a call's first token (queue + prefill); "
                         "default: adaptive, 8x the engine's observed prefill pace, >= 60 s + 0.1 s/prompt token")
@@ -76,12 +88,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "default: adaptive, 8x the engine's p95 gap between tokens, >= 10 s")
     g.add_argument("--request-timeout-s", type=float, default=600.0,
                    help="a request's whole budget, the backstop (0: none)")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
-    add_output_arguments(p, "live")
-    p.set_defaults(func=run)
+    return g
 
-    m = subparsers.add_parser("model", help="print the folder of the bundled real model (converting it once)")
-    m.set_defaults(func=lambda args: print(model_path("smollm2")) or 0)
+
+def make_runner(args: argparse.Namespace, engines, topology, stall):
+    """The live runner over open engines (`live`, `serve`: the same keywords from the same options)."""
+    from .engines import Sampling
+    from .runner import LiveRunner
+
+    return LiveRunner(engines.slots, topology, max_tokens=args.max_tokens,
+                      sampling=Sampling(temperature=args.temperature, seed=args.seed),
+                      stall=stall, request_timeout_s=args.request_timeout_s or None,
+                      deployment=engines.deployment, pools=engines.pools, seed=args.seed)
+
+
+def engine_record(args: argparse.Namespace, raw: dict, runner, stall) -> dict:
+    """What a live run's and a server's records share: the engines (``raw`` names API-key
+    environment variables, never keys), sampling, where each slot ran, the watchdog."""
+    return {"engines": raw, "temperature": args.temperature, "seed": args.seed,
+            "slot_engines": {slot: e.name for slot, e in runner.engines.items()} if runner else {},
+            "engine_models": runner.engine_models() if runner else {},
+            "engine_pools": runner.engine_pools() if runner else {}, "stall": stall.describe(),
+            "request_timeout_s": args.request_timeout_s or None} | (
+        {"deployment": runner.placement.deployment.to_dict()} if args.deployment and runner else {})
 
 
 def stall_limits(args: argparse.Namespace):
@@ -94,30 +123,6 @@ def stall_limits(args: argparse.Namespace):
             raise ConfigError(name.replace("_", "-"), value, "a number of seconds > 0"
                               + (" (0: none)" if name == "request_timeout_s" else " (or unset: adaptive)"))
     return StallLimits(first_token_s=args.first_token_timeout_s, gap_s=args.stall_timeout_s)
-
-
-def load_arrivals(path: Path) -> list[float]:
-    """Arrival times in seconds from the first: a file of numbers (one per line), or a
-    results folder's request rows (``traces/*.requests.parquet``, its first policy)."""
-    from staircase.trace import read_requests
-
-    if path.is_dir():
-        files = sorted((path / "traces").glob("*.requests.parquet"))
-        if not files:
-            raise ConfigError("arrivals", str(path), "a file of seconds, or a results folder with traces/")
-        rows = [read_requests(f) for f in files]
-        first = str(rows[0]["policy"].iloc[0]) if len(rows[0]) else None
-        times = sorted(t for r in rows if len(r) for t in r.loc[r["policy"] == first, "arrival_s"])
-    elif path.is_file():
-        try:
-            times = [float(line) for line in path.read_text().split()]
-        except ValueError:
-            raise ConfigError("arrivals", str(path), "a file of numbers of seconds, one per line") from None
-    else:
-        raise ConfigError("arrivals", str(path), "an existing file of seconds or a results folder")
-    if not times:
-        raise ConfigError("arrivals", str(path), "at least one arrival")
-    return [t - times[0] for t in times]
 
 
 def _queries(args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -169,47 +174,35 @@ def _keep_finished(runner, policies, traces: dict) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .engines import Sampling
-    from .runner import LiveRunner
-
     topology, policies = topology_and_policies(args)
     queries, prompt_ids = _queries(args)
     stall = stall_limits(args)
     raw = EngineOptions.from_mapping(vars(args)).to_config()
     deployment = load_deployment(args.deployment) if args.deployment else None
-    arrivals = load_arrivals(args.arrivals) if args.arrivals is not None else None  # (checked before engines start)
+    arrivals = read_arrivals(args.arrivals) if args.arrivals is not None else None  # (checked before engines start)
     traces: dict = {}
     started, runner, machine_record, interrupted = time.perf_counter(), None, {}, False
     try:
         with open_engines(raw, topology, dtype=args.dtype, deployment=deployment) as engines:
             machine_record = engines.machine
-            runner = LiveRunner(engines.slots, topology, max_tokens=args.max_tokens,
-                                sampling=Sampling(temperature=args.temperature, seed=args.seed),
-                                stall=stall, request_timeout_s=args.request_timeout_s or None,
-                                deployment=engines.deployment, pools=engines.pools, seed=args.seed)
+            runner = make_runner(args, engines, topology, stall)
             _run_policies(args, runner, policies, queries, prompt_ids, traces, arrivals)
     except KeyboardInterrupt:
         _keep_finished(runner, policies, traces)
         interrupted = True
     config = _run_config(args, topology, policies, raw, runner, stall) | {
         "requests": len(queries), "wall_s": round(time.perf_counter() - started, 3), **machine_record,
-        "interrupted": interrupted} | ({"rate": mean_rate(arrivals[:len(queries)])} if arrivals else {}) | ({"deployment": runner.placement.deployment.to_dict()} if deployment and runner
-                                       else {})
+        "interrupted": interrupted} | ({"rate": mean_rate(arrivals[:len(queries)])} if arrivals else {})
     tables = {"pools": pool_frame(traces, runner.engine_pools())} if deployment and runner else {}
     code = finish_run(args, "live", traces, summary_frame(traces), config, tables)
     return 130 if interrupted else code
 
 
 def _run_config(args: argparse.Namespace, topology, policies, raw: dict, runner, stall) -> dict:
-    """What config.json records of a live run (``raw`` names API-key environment variables, never keys)."""
-    return run_record("live", topology, policies, engines=raw, prompts=args.prompts,
-                      skip=args.skip, concurrency=args.concurrency, rate=args.rate,
-                      arrivals=str(args.arrivals) if args.arrivals else None,
-                      max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                      slot_engines={slot: e.name for slot, e in runner.engines.items()} if runner else {},
-                      engine_models=runner.engine_models() if runner else {},
-                      engine_pools=runner.engine_pools() if runner else {}, stall=stall.describe(),
-                      request_timeout_s=args.request_timeout_s or None)
+    """What config.json records of a live run."""
+    return run_record("live", topology, policies, prompts=args.prompts, skip=args.skip, concurrency=args.concurrency,
+                      rate=args.rate, arrivals=str(args.arrivals) if args.arrivals else None,
+                      max_tokens=args.max_tokens, **engine_record(args, raw, runner, stall))
 
 
 # ----------------------------------------------------------------------- serve
@@ -243,10 +236,7 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--max-answer-tokens", type=int, default=2048, help="the most a request may ask for")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature when a request names none")
     g.add_argument("--seed", type=seed_type, default=0)
-    g = p.add_argument_group("timeouts (slow is not dead; see `staircase live --help`)")
-    g.add_argument("--first-token-timeout-s", type=float, default=None)
-    g.add_argument("--stall-timeout-s", type=float, default=None)
-    g.add_argument("--request-timeout-s", type=float, default=600.0, help="a request's whole budget (0: none)")
+    add_timeout_arguments(p, "timeouts (slow is not dead; see `staircase live --help`)")
     p.add_argument("--out", type=Path, default=None,
                    help="results folder for the rolling traces (default: results/serve-<UTC timestamp>)")
     p.set_defaults(func=serve)
@@ -255,8 +245,6 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
 def serve(args: argparse.Namespace) -> int:
     from staircase.cli import results_folder
 
-    from .engines import Sampling
-    from .runner import LiveRunner
     from .server import ServeSettings
 
     topology, policies = topology_and_policies(args)
@@ -267,10 +255,7 @@ def serve(args: argparse.Namespace) -> int:
     folder = results_folder(args, "serve")
     try:
         with open_engines(raw, topology, dtype=args.dtype, deployment=deployment) as engines:
-            runner = LiveRunner(engines.slots, topology, max_tokens=args.max_tokens,
-                                sampling=Sampling(temperature=args.temperature, seed=args.seed),
-                                stall=stall, request_timeout_s=args.request_timeout_s or None,
-                                deployment=engines.deployment, pools=engines.pools, seed=args.seed)
+            runner = make_runner(args, engines, topology, stall)
             config = _serve_config(args, topology, policies, raw, runner, stall) | engines.machine
             _serve_forever(args, runner, policies, settings, folder, config)
     except KeyboardInterrupt:
@@ -292,15 +277,11 @@ def _serve_settings(args: argparse.Namespace, settings_type):
 def _serve_config(args: argparse.Namespace, topology, policies, raw: dict, runner, stall) -> dict:
     """What config.json records of a server (as a live run's, so `staircase validate` reads it)."""
     return run_record(
-        "serve", topology, policies, engines=raw, rate=None, max_tokens=max(args.max_tokens, args.max_answer_tokens),
-        temperature=args.temperature, seed=args.seed,
-        slot_engines={slot: e.name for slot, e in runner.engines.items()},
-        engine_models=runner.engine_models(), engine_pools=runner.engine_pools(),
-        stall=stall.describe(), request_timeout_s=args.request_timeout_s or None,
+        "serve", topology, policies, rate=None, max_tokens=max(args.max_tokens, args.max_answer_tokens),
+        **engine_record(args, raw, runner, stall),
         server={"host": args.host, "port": args.port, "served_model_name": args.served_model_name,
                 "max_in_flight": args.max_in_flight, "api_key_env": args.server_key_env},
-        started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        **({"deployment": runner.placement.deployment.to_dict()} if args.deployment else {}))
+        started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
 def _serve_forever(args: argparse.Namespace, runner, policies, settings, folder: Path, config: dict) -> None:

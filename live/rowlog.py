@@ -7,7 +7,7 @@ rows of requests still running stay until they end), a part rolling over to the 
 at 1,000 requests or 10 minutes, and rewrites ``config.json`` with the counts so far.
 Memory stays bounded however long the server runs, a crash loses at most one flush
 interval, and ``staircase validate`` reads the parts of a policy as one trace
-(``staircase.calibration.validate.load_live_run``).
+(``staircase.calibration.runs.load_live_run``).
 """
 
 from __future__ import annotations

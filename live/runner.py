@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import random
 import time
 import zlib
 from dataclasses import replace
@@ -28,18 +27,12 @@ from staircase.errors import ConfigError
 from staircase.policies import Policy
 from staircase.progress import progress as progress_bar
 from staircase.scheduler import Generate, Query
+from staircase.workload import Workload, arrival_times
 from staircase.topology import Node, Topology, proposer_slot_index
 from staircase.trace import RequestRow, Trace
 
 from .engines import Engine, EngineError, Sampling
 from .watchdog import CallWatch, EnginePace, StallLimits
-
-
-def poisson_arrivals(n: int, rate_per_s: float, seed: int) -> list[float]:
-    """``n`` arrival times (seconds from the first, which is 0) of a Poisson process at
-    ``rate_per_s``, seeded."""
-    rng = random.Random(seed)
-    return list(itertools.accumulate([0.0] + [rng.expovariate(rate_per_s) for _ in range(n - 1)]))
 
 
 class Replica:
@@ -161,7 +154,7 @@ class LiveRunner:
                 raise ConfigError("arrivals", f"{len(times)} times", f"at least one per request ({n}), >= 0, "
                                                                      "in order")
             return times[:n]
-        return poisson_arrivals(n, rate_per_s, seed) if rate_per_s else None
+        return arrival_times(Workload("poisson", n, rate_per_s), seed) if rate_per_s else None
 
     def check_sessions(self, policy: Policy) -> None:
         """The ``session`` layout needs engines that keep sessions for every consumer slot."""

@@ -8,7 +8,9 @@ import json
 import shlex
 from pathlib import Path
 
-from staircase.cli import add_topology_policy_arguments, results_folder, seed_type, topology_and_policies
+from staircase.cli import (add_output_arguments, add_topology_policy_arguments, add_workload_arguments,
+                           results_folder, seed_type,
+                           topology_and_policies, workload_from_args)
 from staircase.deployment import ROUTERS, load_deployment
 from staircase.errors import ConfigError
 
@@ -16,7 +18,7 @@ from staircase.search.objectives import SLO, SLO_HELP
 from staircase.search.report import faults_args, topology_args
 from staircase.sim.faults import parse_fault_rates
 from staircase.sim.profile import load_profile
-from staircase.sim.workload import Workload, read_azure
+from staircase.workload import read_arrivals, read_azure
 
 from .run import PlanConfig, run_plan, unit_deployment
 
@@ -59,17 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _traffic_arguments(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("traffic")
-    g.add_argument("--workload", choices=("poisson", "gamma", "azure"), default="poisson",
-                   help="Poisson or gamma arrivals at --rate, or the Azure conversation trace at its own times")
-    g.add_argument("--requests", type=int, default=None,
-                   help="requests simulated per deployment (default: 200; azure: the whole trace)")
-    g.add_argument("--rate", type=float, default=0.5, help="arrivals per second (poisson, gamma)")
-    g.add_argument("--cv", type=float, default=2.0, help="gamma: coefficient of variation of inter-arrival times")
-    g.add_argument("--query-tokens", type=int, default=120, help="median query length (synthetic workloads)")
-    g.add_argument("--output-tokens", type=int, default=128, help="median answer length (synthetic workloads)")
-    g.add_argument("--trace", default=None, help="azure: a trace CSV (default: the bundled Azure conversation hour)")
-    g.add_argument("--time-scale", type=float, default=1.0, help="azure: divide arrival times by this")
+    add_workload_arguments(p, ("poisson", "gamma", "azure", "run"), title="traffic", rate=0.5, requests=None,
+                           requests_help="requests simulated per deployment (default: 200; azure, run: the whole "
+                                         "trace)")
 
 
 def _target_arguments(p: argparse.ArgumentParser) -> None:
@@ -102,12 +96,8 @@ def _search_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=0, help="processes (0: every core)")
     g.add_argument("--ray", default=None, metavar="auto|ADDRESS", help="simulate on a Ray cluster instead")
     g.add_argument("--seed", type=seed_type, default=0, help="random seed (arrivals, lengths, noise: the same for all)")
-    g.add_argument("--out", default=None, help="results folder (default: results/plan-<UTC timestamp>); a rerun "
-                                               "into the same folder reads its finished simulations back")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                   help="progress bars on stderr (default: only when stderr is a terminal)")
-    g.add_argument("--format", choices=("table", "json"), default="table")
-    g.add_argument("--no-figure", action="store_true", help="skip frontier.png")
+    add_output_arguments(g, "plan", out_help="; a rerun into the same folder reads its finished simulations back",
+                         json_help="per policy its cheapest deployment", figure="frontier.png", progress=True)
 
 
 def parse_costs(items: list[str]) -> dict[str, float]:
@@ -128,9 +118,8 @@ def plan_config_from_args(args: argparse.Namespace) -> PlanConfig:
     topology, policies = topology_and_policies(args)
     slos = [SLO.parse(s) for s in (args.slo or PLAN_SLOS)]
     profile = load_profile(args.profile)
-    requests = args.requests or (len(read_azure(args.trace)) if args.workload == "azure" else 200)
-    workload = Workload(args.workload, requests, args.rate, args.cv, 8, args.query_tokens, args.output_tokens,
-                        trace=args.trace, time_scale=args.time_scale)
+    whole = {"azure": lambda: len(read_azure(args.trace)), "run": lambda: len(read_arrivals(args.trace or ""))}
+    workload = workload_from_args(args, requests=args.requests or whole.get(args.workload, lambda: 200)())
     routers = [r.strip() for r in args.routers.split(",") if r.strip()]
     if args.deployment:
         unit = load_deployment(args.deployment, models=list(profile.engines))
@@ -147,7 +136,7 @@ def run_plan_command(args: argparse.Namespace) -> int:
     from .report import table, write_plan
 
     cfg = plan_config_from_args(args)
-    folder = Path(args.out) if args.out else results_folder(argparse.Namespace(out=None), "plan")
+    folder = results_folder(args, "plan")
     result = run_plan(cfg, folder, progress=args.progress)
     result["commands"] = {name: plan_commands(cfg, w, name, folder) for name, w in result["policies"].items() if w["met"]}
     paths = write_plan(folder, cfg, result, figure=not args.no_figure)
@@ -167,7 +156,7 @@ def plan_commands(cfg: PlanConfig, winner: dict, name: str, folder: Path) -> dic
     w = cfg.workload
     traffic = [f"--workload={w.kind}", f"--requests={w.requests}"] + (
         [f"--trace={w.trace}"] if w.trace else []) + (
-        [f"--time-scale={w.time_scale:g}"] if w.kind == "azure" else
+        [f"--time-scale={w.time_scale:g}"] if w.kind in ("azure", "run") else
         [f"--rate={w.rate_per_s:g}", f"--query-tokens={w.query_tokens}", f"--output-tokens={w.output_tokens}"]
         + ([f"--cv={w.cv:g}"] if w.kind == "gamma" else []))
     policy = ["--policies=", f"--policy-config={json.dumps(winner['config'], sort_keys=True)}"]

@@ -41,7 +41,7 @@ from staircase.topology import Topology
 
 from staircase.sim.capacity import busiest, capacity
 from staircase.sim.profile import Profile, load_profile
-from staircase.sim.workload import Workload, make_requests
+from staircase.workload import Workload, make_requests
 
 from staircase.search.objectives import SLO
 from staircase.search.run import Scenario, SearchConfig, Store, executor, read_evaluations, run_search

@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from staircase.cli import add_topology_arguments, build_topology, results_folder, seed_type
+from staircase.cli import (add_output_arguments, add_topology_arguments, add_workload_arguments, build_topology,
+                           results_folder, seed_type,
+                           workload_from_args)
 from staircase.errors import ConfigError
 from staircase.policies import POLICY_KINDS
 from staircase.runconfig import parse_float_list
 
 from staircase.sim.faults import parse_fault_rates
-from staircase.sim.workload import WORKLOAD_KINDS, Workload
+from staircase.workload import WORKLOAD_KINDS
 
 OPEN_LOOP = [k for k in WORKLOAD_KINDS if k != "closed"]
 
@@ -43,17 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("deployment and traffic (one scenario per profile x workload x load)")
     g.add_argument("--profile", default="default", help="comma list of engine profiles (bundled names or JSON files)")
     g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--workload", default="poisson",
-                   help="comma list of: " + ", ".join(OPEN_LOOP) + " (one scenario set per workload)")
-    g.add_argument("--requests", type=int, default=200, help="requests per evaluation")
     g.add_argument("--load", default="0.3,0.7", help="comma list of loads, fractions of the measured capacity")
-    g.add_argument("--query-tokens", type=int, default=120)
-    g.add_argument("--output-tokens", type=int, default=128)
-    g.add_argument("--cv", type=float, default=2.0, help="gamma: coefficient of variation")
-    g.add_argument("--trace", default=None, help="azure: trace CSV (default: the bundled copy)")
     g.add_argument("--faults", default=None, metavar="KEY=RATE,...",
                    help="calls that fail at random in every scenario, e.g. 'proposers=0.05' (`staircase sim --help`), "
                         "so the search weighs redundancy against failure rates")
+    add_workload_arguments(p, OPEN_LOOP, title="traffic", many=True, rate=None, requests_help="requests per evaluation")
     _space_arguments(p)
     p.set_defaults(func=run)
 
@@ -84,10 +79,8 @@ def _space_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int, default=0, help="processes (0: every core)")
     g.add_argument("--ray", default=None, metavar="auto|ADDRESS", help="evaluate on a Ray cluster instead")
     g.add_argument("--seed", type=seed_type, default=0)
-    g.add_argument("--out", default=None, help="results folder (an existing one resumes its search)")
-    g.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--format", choices=("table", "json"), default="table")
-    g.add_argument("--no-figure", action="store_true")
+    add_output_arguments(g, "search", out_help="; an existing one resumes its search", json_help="the best policy",
+                         figure="pareto.png", progress=True)
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[SearchConfig, str]:
@@ -107,8 +100,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[SearchConfig, str]:
     for k in kinds:
         if k not in OPEN_LOOP:
             raise ConfigError("workload", k, ", ".join(OPEN_LOOP))
-    workload = [Workload(k, args.requests, 1.0, args.cv, 8, args.query_tokens, args.output_tokens, trace=args.trace)
-                for k in kinds]
+    workload = [workload_from_args(args, kind=k) for k in kinds]
     profiles = [None if p == "default" else p for p in args.profile.split(",")]
     scenarios = make_scenarios(profiles, topology, workload, loads, max_tokens=args.max_tokens, seed=args.seed,
                                faults=parse_fault_rates(args.faults))
@@ -122,7 +114,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[SearchConfig, str]:
 def run(args: argparse.Namespace) -> int:
 
     cfg, minimise = config_from_args(args)
-    folder = Path(args.out) if args.out else results_folder(argparse.Namespace(out=None), "search")
+    folder = results_folder(args, "search")
     study = run_search(cfg, folder, progress=args.progress)
     result = write_report(study, cfg, folder, minimise, figure=not args.no_figure)
     result["results"] = str(folder)

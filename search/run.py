@@ -35,7 +35,7 @@ from staircase.topology import Topology, topology_from_config
 from staircase.sim.capacity import at_load, capacity, overload
 from staircase.sim.profile import load_profile
 from staircase.sim.simulate import simulate
-from staircase.sim.workload import Workload
+from staircase.workload import Workload
 
 from .objectives import SLO, Constraint, QualityCurve, slo_watch, check_objectives, directions, value
 from .space import SearchSpace

@@ -23,7 +23,7 @@ from staircase.policies import WaitAllPolicy
 from staircase.topology import Topology
 
 from .profile import Profile
-from .workload import Workload, make_requests
+from staircase.workload import Workload, make_requests
 
 
 def capacity(topology: Topology, profile: Profile, workload: Workload, *, max_tokens: int, seed: int = 0,

@@ -15,8 +15,8 @@ import sys
 import time
 
 from staircase.machine import label
-from staircase.cli import (add_output_arguments, add_topology_policy_arguments, finish_run, seed_type,
-                           topology_and_policies)
+from staircase.cli import (add_output_arguments, add_topology_policy_arguments, add_workload_arguments, finish_run,
+                           seed_type, topology_and_policies, workload_from_args)
 from staircase.deployment import load_deployment
 from staircase.record import run_record
 from staircase.report import pool_frame, summary_frame
@@ -24,7 +24,7 @@ from staircase.report import pool_frame, summary_frame
 from .capacity import at_load, burst_warning, capacity, load_report, overload
 from .profile import default_profile_path, load_profile
 from .simulate import simulate_policies
-from .workload import WORKLOAD_KINDS, Workload
+from staircase.workload import WORKLOAD_KINDS
 
 DEFAULT_POLICIES = "wait-all,staircase,single"
 
@@ -37,17 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("generation")
     g.add_argument("--max-tokens", type=int, default=128,
                    help="max tokens of every node's answer (the paper's MoA uses 512 on GPUs)")
-    g = p.add_argument_group("workload")
-    g.add_argument("--workload", choices=WORKLOAD_KINDS, default="poisson",
-                   help="poisson or gamma arrivals, closed loop, or replay of the Azure conversation trace")
-    g.add_argument("--requests", type=int, default=200, help="number of requests")
-    g.add_argument("--rate", type=float, default=0.1, help="arrivals per second (poisson, gamma)")
-    g.add_argument("--cv", type=float, default=2.0, help="gamma: coefficient of variation of inter-arrival times")
-    g.add_argument("--concurrency", type=int, default=8, help="closed: number of users")
-    g.add_argument("--query-tokens", type=int, default=120, help="median query length (synthetic workloads)")
-    g.add_argument("--output-tokens", type=int, default=128, help="median answer length (synthetic workloads)")
-    g.add_argument("--trace", default=None, help="azure: trace CSV (default: the bundled copy)")
-    g.add_argument("--time-scale", type=float, default=1.0, help="azure: divide arrival times by this")
+    g = add_workload_arguments(p, WORKLOAD_KINDS)
     g.add_argument("--load", type=float, default=None,
                    help="arrivals at this fraction of the deployment's capacity (requests/s wait-all completes in "
                         "a closed loop on these engines, measured first); sets --rate, or the azure time scale; "
@@ -73,8 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     topology, policies = topology_and_policies(args)
-    workload = Workload(args.workload, args.requests, args.rate, args.cv, args.concurrency, args.query_tokens,
-                        args.output_tokens, trace=args.trace, time_scale=args.time_scale)
+    workload = workload_from_args(args)
     profile = load_profile(args.profile)
     deployment = load_deployment(args.deployment, models=list(profile.engines)) if args.deployment else None
     load = None

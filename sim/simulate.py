@@ -26,7 +26,7 @@ from staircase.trace import Trace
 from .engine import Draws, SimCall, SimEngine
 from .faults import RandomFaults, parse_fault_rates
 from .profile import Profile
-from .workload import Request, Workload, make_requests
+from staircase.workload import Request, Workload, make_requests
 
 
 class _SimPort:

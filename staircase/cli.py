@@ -70,12 +70,18 @@ def seed_type(text: str) -> int:
     return value
 
 
-def add_output_arguments(parser: argparse.ArgumentParser, command: str) -> None:
+def add_output_arguments(parser, command: str, out_help: str = "", json_help: str = "key 'policies'",
+                         figure: str = "the seaborn figure", progress: bool = False) -> None:
+    """The output options every command that writes a results folder shares (``parser``: a
+    parser or an argument group); ``results_folder`` reads --out."""
+    if progress:
+        parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                            help="progress bars on stderr (default: only when stderr is a terminal)")
     parser.add_argument("--format", choices=("table", "json"), default="table",
-                        help="stdout format: a table (default) or one JSON object with key 'policies'")
+                        help=f"stdout format: a table (default) or one JSON object ({json_help})")
     parser.add_argument("--out", type=Path, default=None,
-                        help=f"results folder (default: results/{command}-<UTC timestamp>)")
-    parser.add_argument("--no-figure", action="store_true", help="skip the seaborn figure")
+                        help=f"results folder (default: results/{command}-<UTC timestamp>){out_help}")
+    parser.add_argument("--no-figure", action="store_true", help=f"skip {figure}")
 
 
 def results_folder(args: argparse.Namespace, command: str) -> Path:
@@ -131,6 +137,48 @@ def _add_param_option(group, spec: Param) -> None:
         group.add_argument(flag, default=",".join(map(str, spec.default)), help=spec.help)
     else:
         group.add_argument(flag, type=float if spec.kind == "float" else int, default=spec.default, help=spec.help)
+
+
+WORKLOAD_HELP = {"poisson": "Poisson arrivals at --rate", "gamma": "gamma arrivals at --rate (burstier: --cv)",
+                 "closed": "a closed loop of --concurrency users",
+                 "azure": "the Azure conversation hour at its own times (or --trace CSV)",
+                 "run": "another run's traffic: --trace a results folder (its arrivals and lengths) or a file of "
+                        "seconds"}
+
+
+def add_workload_arguments(parser: argparse.ArgumentParser, kinds: Sequence[str], *, title: str = "workload",
+                           many: bool = False, rate: float | None = 0.1, requests: int | None = 200,
+                           requests_help: str = "number of requests"):
+    """The workload options (`sim`, `search`, `plan`), one ``staircase.workload.Workload``
+    (``workload_from_args``); ``many``: ``--workload`` takes a comma list (one scenario set
+    each); ``rate`` None: no --rate (the search sets loads). Returns the group."""
+    g = parser.add_argument_group(title)
+    what = "; ".join(f"{k}: {WORKLOAD_HELP[k]}" for k in kinds)
+    if many:
+        g.add_argument("--workload", default=kinds[0], help=f"comma list of: {what} (one scenario set each)")
+    else:
+        g.add_argument("--workload", choices=kinds, default=kinds[0], help=what)
+    g.add_argument("--requests", type=int, default=requests, help=requests_help)
+    if rate is not None:
+        g.add_argument("--rate", type=float, default=rate, help="arrivals per second (poisson, gamma)")
+    g.add_argument("--cv", type=float, default=2.0, help="gamma: coefficient of variation of inter-arrival times")
+    if "closed" in kinds:
+        g.add_argument("--concurrency", type=int, default=8, help="closed: number of users")
+    g.add_argument("--query-tokens", type=int, default=120, help="median query length (synthetic workloads)")
+    g.add_argument("--output-tokens", type=int, default=128, help="median answer length (synthetic workloads)")
+    g.add_argument("--trace", default=None, help="azure: a trace CSV (default: the bundled Azure conversation hour); "
+                                                 "run: a results folder or a file of arrival seconds")
+    g.add_argument("--time-scale", type=float, default=1.0, help="azure, run: divide arrival times by this")
+    return g
+
+
+def workload_from_args(args: argparse.Namespace, kind: str | None = None, requests: int | None = None):
+    """The ``Workload`` of `add_workload_arguments`' options (``kind``, ``requests``: instead of theirs)."""
+    from .workload import Workload
+
+    return Workload(kind or args.workload, requests or args.requests, getattr(args, "rate", None) or 1.0, args.cv,
+                    getattr(args, "concurrency", 8), args.query_tokens, args.output_tokens, trace=args.trace,
+                    time_scale=args.time_scale)
 
 
 def add_topology_arguments(parser: argparse.ArgumentParser, proposers: int = 3) -> None:

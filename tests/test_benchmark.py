@@ -8,7 +8,7 @@ import pytest
 
 from staircase.sim.profile import load_profile
 from staircase.sim.simulate import simulate
-from staircase.sim.workload import Workload
+from staircase.workload import Workload
 from staircase.policies import StaircasePolicy, WaitAllPolicy
 from staircase.topology import moa
 

@@ -21,11 +21,14 @@ import scipy.stats
 
 from staircase.calibration.fit import (CalibrationWarning, RunGroup, build_profile, fit_engine, fit_noise, load_runs,
                              observations)
-from staircase.calibration.validate import (PHASES, ValidationWarning, check_profile_model, compare, compare_phases,
-                                  decode_speed, load_live_run, replay, validate)
+from staircase.calibration.compare import PHASES, compare, compare_phases
+from staircase.calibration.replay import replay
+from staircase.calibration.runs import ValidationWarning, check_profile_model, load_live_run
+from staircase.calibration.speed import decode_speed
+from staircase.calibration.validate import validate
 from staircase.sim.profile import load_profile, parse_profile
 from staircase.sim.simulate import simulate
-from staircase.sim.workload import Workload
+from staircase.workload import Workload
 from staircase.cli import TOPOLOGY_POLICY_KEYS, topology_and_policies
 from staircase.errors import ConfigError
 from staircase.policies import SinglePolicy, make_policies

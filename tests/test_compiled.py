@@ -22,7 +22,7 @@ RUN = """
 import json, sys
 from staircase.sim.profile import load_profile
 from staircase.sim.simulate import simulate
-from staircase.sim.workload import Workload
+from staircase.workload import Workload
 from staircase import compiled
 from staircase.policies import policy_from_dict
 from staircase.topology import moa

@@ -130,7 +130,7 @@ def test_power_of_two_is_seeded():
 def _sim(deployment=None, profile="illustrative-gpu", rate=0.4, policy=None, requests=60, proposers=3):
     from staircase.sim.profile import load_profile
     from staircase.sim.simulate import simulate
-    from staircase.sim.workload import Workload
+    from staircase.workload import Workload
     from staircase.policies import StaircasePolicy
     from staircase.topology import moa
 
@@ -330,7 +330,9 @@ def test_staircase_live_takes_a_deployment_file(tmp_path):
     pools = pd.read_csv(out / "pools.csv")
     assert set(pools["pool"]) == {"p", "a"} and pools["calls"].sum() > 0
     # validate replays the run on the same deployment: the simulated calls on the same replicas
-    from staircase.calibration.validate import at_speed, decode_speed, load_live_run, replay
+    from staircase.calibration.speed import at_speed, decode_speed
+    from staircase.calibration.runs import load_live_run
+    from staircase.calibration.replay import replay
     from staircase.sim.profile import load_profile, parse_profile
 
     base = load_profile("default").raw

@@ -17,7 +17,7 @@ from staircase.live.runner import LiveRunner
 from staircase.live.watchdog import StallLimits
 from staircase.sim.profile import load_profile
 from staircase.sim.simulate import simulate
-from staircase.sim.workload import Request
+from staircase.workload import Request
 from staircase.policies import SinglePolicy, StaircasePolicy, WaitAllPolicy
 from staircase.topology import mad, moa
 

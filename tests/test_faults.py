@@ -16,7 +16,7 @@ from staircase.topology import moa
 from staircase.sim.faults import RandomFaults, parse_fault_rates
 from staircase.sim.profile import load_profile
 from staircase.sim.simulate import simulate
-from staircase.sim.workload import Workload
+from staircase.workload import Workload
 
 W = Workload("poisson", requests=300, rate_per_s=1.0, query_tokens=100, output_tokens=64)
 

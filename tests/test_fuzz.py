@@ -79,7 +79,7 @@ def test_config_objects_fail_only_with_a_named_error(kind):
 
 @pytest.mark.parametrize("kind", ["policy-config file", "prompts", "arrivals", "deployment file"])
 def test_files_fail_only_with_a_named_error(kind, tmp_path):
-    from staircase.live.cli import load_arrivals
+    from staircase.workload import read_arrivals as load_arrivals
     from staircase.live.prompts import load_prompts
     from staircase.deployment import load_deployment
     from staircase.runconfig import policies_from_option
@@ -98,7 +98,7 @@ def test_files_fail_only_with_a_named_error(kind, tmp_path):
 
 
 def test_azure_format_traces_fail_only_with_a_named_error(tmp_path):
-    from staircase.sim.workload import read_azure
+    from staircase.workload import read_azure
 
     path = tmp_path / "trace.csv"
     cell = st.integers(-5, 10**6).map(str) | st.text(max_size=6) | st.just("2023-11-16 18:15:46.6805900")

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from staircase.sim.profile import load_profile, parse_profile
-from staircase.sim.workload import Workload, azure_requests, make_requests, read_azure
+from staircase.workload import Workload, azure_requests, make_requests, read_azure
 from staircase.errors import ConfigError
 from staircase.trace import read_requests
 

@@ -89,7 +89,7 @@ def test_sim_says_which_machine_its_profile_describes(tmp_path):
 
 
 def test_validate_warns_when_the_run_ran_on_another_machine():
-    from staircase.calibration.validate import check_machine, load_live_run
+    from staircase.calibration.runs import check_machine, load_live_run
 
     run = load_live_run(Path(__file__).parents[1] / "calibration/data/cpu-smollm2/live-alpaca-0-7-c1")
     assert check_machine(load_profile(), run) == []  # the committed runs record no machine: nothing to compare

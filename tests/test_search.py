@@ -21,7 +21,7 @@ from staircase.search.objectives import Constraint
 from staircase.search.report import pareto
 from staircase.search.run import SearchConfig, make_scenarios, run_search
 from staircase.search.space import SearchSpace, schedule_sizes
-from staircase.sim.workload import Workload
+from staircase.workload import Workload
 from staircase.errors import ConfigError
 from staircase.policies import POLICY_KINDS, Knob, StaircasePolicy
 from staircase.topology import moa

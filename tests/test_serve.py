@@ -166,7 +166,7 @@ def test_keys_overload_disconnects_and_sigterm(slow, tmp_path):
 
 
 def _rows_after_stop(srv: ServeProcess) -> None:
-    from staircase.calibration.validate import load_live_run
+    from staircase.calibration.runs import load_live_run
 
     config = json.loads((srv.out / "config.json").read_text())
     assert config["command"] == "serve" and config["stopped"] == {"in_flight_at_stop": 2, "ok": 2, "error": 0,
@@ -310,7 +310,7 @@ def test_a_live_run_replays_given_arrivals_for_a_paired_comparison(tmp_path, mon
     server's), so a live run and a served run see the same traffic."""
     import asyncio
 
-    from staircase.live.cli import load_arrivals
+    from staircase.workload import read_arrivals as load_arrivals
     from staircase.live.engines import engines_from_config
     from staircase.live.rowlog import RowLog
     from staircase.live.runner import LiveRunner

@@ -11,7 +11,7 @@ import pytest
 
 from staircase.sim.profile import load_profile, parse_profile
 from staircase.sim.simulate import simulate, simulate_policies
-from staircase.sim.workload import Request, Workload
+from staircase.workload import Request, Workload
 from sessions import later_session_steps
 from staircase.policies import (DeadlineStaircasePolicy, SinglePolicy, StaircasePolicy, WaitAllPolicy,
                               make_policies)

@@ -7,8 +7,14 @@
 - ``azure``: replay of the Azure LLM inference trace (conversation service, Nov 2023):
   real arrival times and token counts (ContextTokens -> query tokens, GeneratedTokens ->
   answer tokens). A copy ships in ``staircase/data`` (CC-BY 4.0, Microsoft Azure Public Dataset).
+- ``run``: another run's traffic (``trace``): a results folder of ``staircase live``,
+  ``serve`` or ``sim`` (its first policy's requests: arrival times, query and answer
+  tokens as recorded), or a file of arrival seconds, one per line (lengths: the medians).
 
 Synthetic lengths are log-normal around ``query_tokens`` / ``output_tokens`` medians.
+One workload for every command: the simulator, the search and the plan simulate it; the
+live runner sends at its arrival times (``arrival_times``), so a live run's traffic is a
+workload the plan can size for (``--workload run --trace <live results folder>``).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import pandas as pd
 from staircase.bundled import data_file
 from staircase.errors import ConfigError
 
-WORKLOAD_KINDS = ("poisson", "gamma", "closed", "azure")
+WORKLOAD_KINDS = ("poisson", "gamma", "closed", "azure", "run")
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 BUNDLED_AZURE = data_file("azure-conv-2023")
 
@@ -48,8 +54,8 @@ class Workload:
     query_tokens: int = 200  # median of the synthetic log-normal
     output_tokens: int = 300
     length_sigma: float = 0.5
-    trace: str | None = None  # azure: CSV path (default: the bundled copy)
-    time_scale: float = 1.0  # azure: arrival times divided by this (2.0 = twice the load)
+    trace: str | None = None  # azure: CSV path (default: the bundled copy); run: a results folder or a file of seconds
+    time_scale: float = 1.0  # azure, run: arrival times divided by this (2.0 = twice the load)
 
     def __post_init__(self) -> None:
         if self.kind not in WORKLOAD_KINDS:
@@ -64,6 +70,8 @@ class Workload:
                 raise ConfigError(name, v, "a positive number")
         if not (self.length_sigma >= 0):
             raise ConfigError("length_sigma", self.length_sigma, "a number >= 0")
+        if self.kind == "run" and not self.trace:
+            raise ConfigError("trace", self.trace, "the run whose traffic this is: a results folder or a file of seconds")
 
     @property
     def closed_loop(self) -> bool:
@@ -83,6 +91,8 @@ def make_requests(w: Workload, seed: int) -> list[Request]:
     rng = np.random.default_rng([seed, 0x57A1])
     if w.kind == "azure":
         return azure_requests(w.trace, w.requests, w.time_scale)
+    if w.kind == "run":
+        return run_requests(w.trace, w.requests, w.time_scale, w.query_tokens, w.output_tokens)
     n = w.requests
     q = _lognormal(rng, w.query_tokens, w.length_sigma, n)
     o = _lognormal(rng, w.output_tokens, w.length_sigma, n)
@@ -136,3 +146,58 @@ def azure_requests(path: str | Path | None, n: int | None, time_scale: float = 1
         df = df.iloc[:n]
     return [Request(i, float(t) / time_scale, max(1, int(c)), max(1, int(g)))
             for i, (t, c, g) in enumerate(zip(df["arrival_s"], df["ContextTokens"], df["GeneratedTokens"]))]
+
+
+def arrival_times(w: Workload, seed: int) -> list[float] | None:
+    """When each of the workload's requests is sent (seconds from the first); None for a
+    closed loop. The live runner sends at these times: the simulator's arrivals for the
+    same workload and seed."""
+    if w.closed_loop:
+        return None
+    return [r.arrival_s for r in make_requests(w, seed)]
+
+
+def read_run_requests(path: str | Path) -> pd.DataFrame:
+    """A run's requests, sorted by arrival (columns arrival_s, query_tokens and
+    output_tokens; the last two absent for a file of seconds): a results folder's first
+    policy (``traces/*.requests.parquet``), or a file of arrival seconds, one per line."""
+    from .trace import read_requests
+
+    path = Path(path)
+    if path.is_dir():
+        files = sorted((path / "traces").glob("*.requests.parquet"))
+        if not files:
+            raise ConfigError("arrivals", str(path), "a file of seconds, or a results folder with traces/")
+        rows = pd.concat([read_requests(f) for f in files], ignore_index=True)
+        first = str(rows["policy"].iloc[0]) if len(rows) else None
+        df = rows.loc[rows["policy"] == first, ["arrival_s", "query_tokens", "output_tokens"]]
+    elif path.is_file():
+        try:
+            df = pd.DataFrame({"arrival_s": [float(line) for line in path.read_text().split()]})
+        except ValueError:
+            raise ConfigError("arrivals", str(path), "a file of numbers of seconds, one per line") from None
+    else:
+        raise ConfigError("arrivals", str(path), "an existing file of seconds or a results folder")
+    if df.empty or not np.isfinite(df["arrival_s"]).all():
+        raise ConfigError("arrivals", str(path), "at least one arrival, every one a number of seconds")
+    df = df.sort_values("arrival_s", kind="stable").reset_index(drop=True)
+    df["arrival_s"] -= df["arrival_s"].iloc[0]
+    return df
+
+
+def read_arrivals(path: str | Path) -> list[float]:
+    """Arrival times in seconds from the first, of a run (``read_run_requests``)."""
+    return [float(t) for t in read_run_requests(path)["arrival_s"]]
+
+
+def run_requests(path: str | Path, n: int | None, time_scale: float, query_tokens: int,
+                 output_tokens: int) -> list[Request]:
+    """Another run's traffic as requests: its arrival times (divided by ``time_scale``)
+    and recorded lengths (a file of seconds: the given medians)."""
+    df = read_run_requests(path)
+    if n is not None:
+        df = df.iloc[:n]
+    q = df["query_tokens"] if "query_tokens" in df else [query_tokens] * len(df)
+    o = df["output_tokens"] if "output_tokens" in df else [output_tokens] * len(df)
+    return [Request(i, float(t) / time_scale, max(1, int(a)), max(1, int(b)))
+            for i, (t, a, b) in enumerate(zip(df["arrival_s"], q, o))]
