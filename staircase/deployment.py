@@ -39,6 +39,7 @@ from typing import Generic, Iterable, Mapping, Protocol, Sequence, TypeVar
 
 from .errors import ConfigError
 from .jsonio import parse_json
+from .spec import Field, ObjectSpec
 from .topology import slot_target
 
 SCHEMA_ID = "staircase-deployment/1"
@@ -239,25 +240,22 @@ def replica_names(pool: Pool) -> list[str]:
     return [f"{pool.name}/{i}" for i in range(pool.replicas)]
 
 
+POOL = ObjectSpec((
+    Field("model", "str", required=True, nonempty=True, allowed="a model name",
+          help="the engine model its replicas run (a profile's engine, an engine config's entry)"),
+    Field("replicas", "int", 1, low=1, help="engines of that model"),
+    Field("router", "choice", "least-loaded", choices=ROUTERS, help="how a call picks a replica"),
+))
+
+
 def _pool(name: str, raw: object, models: Sequence[str] | None) -> Pool:
     where = f"deployment.pools.{name}"
     if not name:
         raise ConfigError("deployment.pools", name, "pool names that are not empty")
-    if not isinstance(raw, dict):
-        raise ConfigError(where, raw, "an object with model, replicas and router")
-    unknown = sorted(set(raw) - {"model", "replicas", "router"})
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}", raw[unknown[0]], "model, replicas, router")
-    model = raw.get("model")
-    if not isinstance(model, str) or not model or (models is not None and model not in models):
-        raise ConfigError(f"{where}.model", model, f"one of {', '.join(models)}" if models else "a model name")
-    replicas = raw.get("replicas", 1)
-    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
-        raise ConfigError(f"{where}.replicas", replicas, "an integer >= 1")
-    router = raw.get("router", "least-loaded")
-    if not isinstance(router, str) or router not in ROUTERS:
-        raise ConfigError(f"{where}.router", router, ", ".join(ROUTERS))
-    return Pool(name, model, replicas, router)
+    pool = POOL.check(raw, where)
+    if models is not None and pool["model"] not in models:
+        raise ConfigError(f"{where}.model", pool["model"], f"one of {', '.join(models)}")
+    return Pool(name, pool["model"], pool["replicas"], pool["router"])
 
 
 def deployment_from_dict(raw: object, models: Sequence[str] | None = None) -> Deployment:
@@ -316,10 +314,7 @@ def json_schema() -> dict:
     """The deployment file's JSON Schema (what ``deployment_from_dict`` checks). Beyond
     it: the slots name pools of the file; with an engine config, a pool's ``model``
     names one of its engines."""
-    pool = {"type": "object", "additionalProperties": False, "required": ["model"],
-            "properties": {"model": {"type": "string", "minLength": 1},
-                           "replicas": {"type": "integer", "minimum": 1, "default": 1},
-                           "router": {"enum": list(ROUTERS), "default": "least-loaded"}}}
+    pool = POOL.schema()
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID,
             "title": "staircase deployment", "type": "object", "required": ["pools", "slots"],
             "additionalProperties": False,

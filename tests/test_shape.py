@@ -89,6 +89,18 @@ def test_everything_imports_the_rooms_through_the_one_namespace():
     assert not old, old
 
 
+def test_the_spec_layer_is_at_the_bottom():
+    """``staircase.spec`` (fields declared once: checks and schemas) and the error type it
+    raises import nothing of the project above them and no library outside Python's own."""
+    import sys
+
+    for module in ("staircase/spec.py", "staircase/errors.py"):
+        names = {n for n in _imports(ROOT / module) if n != "__future__"}
+        project = {n for n in names if n.split(".")[0] in PACKAGES} - {"staircase.errors", "staircase.errors.ConfigError"}
+        outside = {n.split(".")[0] for n in names if n.split(".")[0] not in sys.stdlib_module_names} - set(PACKAGES)
+        assert not project and not outside, (module, sorted(project | outside))
+
+
 def test_no_function_over_40_lines_outside_the_tests():
     long = []
     for path in _sources(*PACKAGES, "benchmarks"):

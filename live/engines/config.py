@@ -24,6 +24,7 @@ from typing import Mapping
 
 from staircase.deployment import Deployment, deployment_from_dict, parse_slots, replica_names, slots_schema
 from staircase.errors import ConfigError
+from staircase.spec import Field, ObjectSpec
 from staircase.jsonio import read_json
 from staircase.topology import Topology
 
@@ -38,38 +39,23 @@ ENGINE_KINDS = ("vllm", "serve", "http", "replay")
 # vLLM engine arguments a vllm or serve engine passes through (``vllm_args``): name -> (type, minimum,
 # what is allowed). On a GPU these are what a deployment sets; on vLLM's CPU build the machine's own
 # settings (eager, whole prefills) come first and these override them.
-VLLM_ARGS = {
-    "max_model_len": (int, 16, "an integer >= 16 (tokens; default 4096)"),
-    "tensor_parallel_size": (int, 1, "an integer >= 1 (GPUs per engine)"),
-    "gpu_memory_utilization": (float, 0.05, "a fraction in [0.05, 1]"),
-    "max_num_batched_tokens": (int, 16, "an integer >= 16 (the chunked-prefill budget per step)"),
-    "max_num_seqs": (int, 1, "an integer >= 1"),
-    "enable_chunked_prefill": (bool, None, "true or false"),
-    "devices": (str, None, 'GPU indices as text ("0,1"): CUDA_VISIBLE_DEVICES of the engine'),
-}
+VLLM_ARGS = ObjectSpec((
+    Field("max_model_len", "int", low=16, allowed="an integer >= 16 (tokens; default 4096)"),
+    Field("tensor_parallel_size", "int", low=1, allowed="an integer >= 1 (GPUs per engine)"),
+    Field("gpu_memory_utilization", "float", low=0.05, high=1.0, allowed="a fraction in [0.05, 1]"),
+    Field("max_num_batched_tokens", "int", low=16, allowed="an integer >= 16 (the chunked-prefill budget per step)"),
+    Field("max_num_seqs", "int", low=1),
+    Field("enable_chunked_prefill", "bool"),
+    Field("devices", "str", nonblank=True, allowed='GPU indices as text ("0,1"): CUDA_VISIBLE_DEVICES of the engine'),
+), what="an object of vLLM arguments")
 
 
 def check_vllm_args(name: str, raw: object) -> dict:
-    """A vllm or serve engine's ``vllm_args``, checked (errors name the field)."""
-    where = f"config.engines.{name}.vllm_args"
+    """A vllm or serve engine's ``vllm_args``, checked (errors name the field): the keys given."""
     if raw is None:
         return {}
-    if not isinstance(raw, dict):
-        raise ConfigError(where, raw, "an object of vLLM arguments: " + ", ".join(VLLM_ARGS))
-    out = {}
-    for key, value in raw.items():
-        if key not in VLLM_ARGS:
-            raise ConfigError(f"{where}.{key}", value, "one of the keys " + ", ".join(VLLM_ARGS))
-        kind, minimum, allowed = VLLM_ARGS[key]
-        ok = isinstance(value, bool) if kind is bool else (
-            isinstance(value, str) and bool(value.strip()) if kind is str else
-            isinstance(value, (int, float)) and not isinstance(value, bool) and (kind is float or
-                                                                                float(value).is_integer())
-            and value >= minimum and (key != "gpu_memory_utilization" or value <= 1))
-        if not ok:
-            raise ConfigError(f"{where}.{key}", value, allowed)
-        out[key] = int(value) if kind is int else value
-    return out
+    checked = VLLM_ARGS.check(raw, f"config.engines.{name}.vllm_args")
+    return {k: checked[k] for k in raw}
 
 
 @dataclass(frozen=True)
@@ -271,11 +257,8 @@ def json_schema() -> dict:
     model = {"type": "string", "minLength": 1, "description": "smollm2 (bundled) or a model folder with a config.json"}
     dtype = {"enum": [*DTYPES, None], "description": "default: from the machine (staircase.live.machine.engine_settings)"}
     cores = {"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 0}]}
-    vargs = {"anyOf": [{"type": "null"}, {"type": "object", "additionalProperties": False, "properties": {
-        k: ({"type": "boolean"} if t is bool else {"type": "string", "pattern": r"\S"} if t is str else
-            {"type": "integer" if t is int else "number", "minimum": m,
-             **({"maximum": 1} if k == "gpu_memory_utilization" else {})}) for k, (t, m, _) in VLLM_ARGS.items()},
-        "description": "vLLM engine arguments passed through (a GPU deployment's settings)"}]}
+    vargs = {"anyOf": [{"type": "null"}, VLLM_ARGS.schema(
+        description="vLLM engine arguments passed through (a GPU deployment's settings)")]}
     kinds = {
         "vllm": ({"model": model, "dtype": dtype, "vllm_args": vargs}, ["model"]),
         "serve": ({"model": model, "dtype": dtype, "vllm_args": vargs, "threads": {"anyOf": [cores, {"type": "null"}, {

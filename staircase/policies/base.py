@@ -33,6 +33,7 @@ from enum import StrEnum
 from typing import Callable, Mapping, Protocol, Sequence
 
 from ..errors import ConfigError
+from ..spec import Field
 from ..topology import Node, Topology
 
 LAYOUTS = ("standard", "prefix-cache", "session")
@@ -207,10 +208,10 @@ class Param:
     search varies (``knob``: ``search`` is its range, None when not searched), the
     default and help of the CLI option that sets it.
 
-    ``kind``: ``int`` / ``float`` in [``low``, ``high``] (``float`` with ``low`` open when
-    ``open_low``), ``count`` (an integer >= 0), ``choice`` among ``choices``,
-    ``schedule`` (chunk sizes), ``name`` (a string or None). ``allowed``: the error's
-    text, when the kind's own would say less."""
+    ``kind``: a ``staircase.spec.Field`` kind (``int``, ``float`` in [``low``, ``high``],
+    ``choice`` among ``choices``), ``count`` (an integer >= 0), ``schedule`` (chunk
+    sizes) or ``name`` (a string or None); the first three are checked and described by
+    their ``Field``."""
 
     name: str
     kind: str
@@ -223,17 +224,12 @@ class Param:
     open_low: bool = False
     allowed: str = ""
 
-    def _allowed(self) -> str:
-        if self.allowed:
-            return self.allowed
-        if self.kind == "choice":
-            return ", ".join(map(str, self.choices))
-        if self.kind == "count":
-            return "an integer >= 0 and below the number of proposers"
-        what = "an integer" if self.kind == "int" else "a number"
-        if self.high is None:
-            return f"{what} {'>' if self.open_low else '>='} {self.low:g}"
-        return f"{what} in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}]"
+    def field(self) -> Field:
+        """The value's ``Field`` (a count is an int >= 0)."""
+        count = self.kind == "count"
+        return Field(self.name, "int" if count else self.kind, self.default, 0 if count else self.low, self.high,
+                     self.choices, self.help, self.open_low,
+                     allowed=self.allowed or ("an integer >= 0 and below the number of proposers" if count else ""))
 
     def check(self, value: object):
         """The value as the policy keeps it (a ``ChunkSchedule`` for a schedule)."""
@@ -241,32 +237,15 @@ class Param:
             return as_schedule(value, self.name)
         if self.kind == "name":
             return check_name(value, str(self.default))
-        if self.kind == "choice":
-            return check_choice(self.name, value, self.choices)
-        if self.kind == "count":
-            return check_redundancy(value, self.name, self._allowed())
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (
-            value > self.low if self.open_low else value >= self.low) and (self.high is None or value <= self.high)
-        if ok and self.kind == "int" and value != int(value):
-            ok = False
-        if not ok:
-            raise ConfigError(self.name, value, self._allowed())
-        return int(value) if self.kind == "int" else float(value)
+        return self.field().check(value)
 
     def schema(self) -> dict:
         """What the policy config's JSON Schema says of this parameter."""
-        described = {"description": self.help} if self.help else {}
         if self.kind == "schedule":
             return _SCHEDULE_SCHEMA
         if self.kind == "name":
             return {"type": ["string", "null"]}
-        if self.kind == "choice":
-            return {"enum": list(self.choices)} | described
-        if self.kind == "count":
-            return {"type": "integer", "minimum": 0} | described
-        bound = {"exclusiveMinimum": self.low} if self.open_low else {"minimum": self.low}
-        bound |= {"maximum": self.high} if self.high is not None else {}
-        return {"type": "integer" if self.kind == "int" else "number", **bound} | described
+        return self.field().schema()
 
     def knob(self) -> "Knob | None":
         """The search's knob of this parameter (None: a search leaves it as it is)."""
@@ -381,25 +360,12 @@ class Policy(ABC):
         return self.config().to_dict() | {"name": self.name, "layout": self.layout, "tolerance": self.tolerance}
 
 
-def check_choice(field: str, value: str, allowed: Sequence[str]) -> str:
-    if value not in allowed:
-        raise ConfigError(field, value, ", ".join(allowed))
-    return value
-
-
 def check_name(value: object, default: str) -> str:
     """A policy's name: a string (empty or None: ``default``)."""
     if value is None or value == "":
         return default
     if not isinstance(value, str):
         raise ConfigError("name", value, "a string (the policy's name in tables and traces)")
-    return value
-
-
-def check_redundancy(value: object, field: str = "redundancy",
-                     allowed: str = "an integer >= 0 and below the number of proposers") -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ConfigError(field, value, allowed)
     return value
 
 
