@@ -15,7 +15,7 @@ an in-process engine. From a seed (``staircase.live.chaos.draw_faults``), at Poi
 - once, the aggregator's engine core frozen for longer than the request timeout: the
   requests it holds fail with that reason and the rest go on once it thaws.
 
-Rows are flushed to disk every second as requests end (``staircase.live.rowlog.RowLog``), then
+Rows are flushed to disk every second as requests end (``staircase.live.gateway.rowlog.RowLog``), then
 read back: an ended request without its rows is a row lost. A request that outlives
 its timeout by 30 s counts as hung.
 
@@ -167,7 +167,7 @@ async def flush_every_second(rowlog) -> None:
 async def run(args, model, servers: dict, fault_plan: list[Fault]) -> tuple[list[dict], list[dict], dict]:
     """The requests under ``fault_plan``; (request records, fault records, proxy counts)."""
     from staircase.live.prompts import load_prompts
-    from staircase.live.rowlog import RowLog
+    from staircase.live.gateway.rowlog import RowLog
     from staircase.policies import StaircasePolicy
 
     names = list(servers)
@@ -212,7 +212,7 @@ def request_kind(error: str) -> str:
 
 def check_rows(ended: list[dict], traces: Path) -> tuple[dict, Counter]:
     """Ended requests against their rows on disk: (counts, inputs lost by reason)."""
-    from staircase.live.rowlog import read_parts
+    from staircase.live.gateway.rowlog import read_parts
 
     import pandas as pd
 

@@ -128,7 +128,7 @@ def validate(folder: Path, rate: float, args) -> None:
 def table(rate: float, args) -> list[dict]:
     """The rows of one rate, from the runs' folders: vLLM's client, the server's rows,
     live, and the simulator (the profile as is, and at the run's measured engine speed)."""
-    from staircase.live.rowlog import read_parts
+    from staircase.live.gateway.rowlog import read_parts
     from staircase.trace import read_chunks, read_requests
 
     b = json.loads((args.out / f"bench-{rate:g}" / "bench.json").read_text())

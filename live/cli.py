@@ -47,7 +47,7 @@ from staircase.workload import read_arrivals
 from staircase.deployment import load_deployment
 from staircase.report import pool_frame, summary_frame
 
-from .rowlog import mean_rate
+from .gateway.rowlog import mean_rate
 from .engines import EngineOptions, add_deployment_argument, add_engine_arguments, model_path, open_engines
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -210,7 +210,7 @@ SERVE_HELP = "serve a policy as an OpenAI-compatible endpoint (chat completions,
 
 
 def register_serve(subparsers: argparse._SubParsersAction) -> None:
-    from .serving import SERVE_DOC
+    from .gateway.serving import SERVE_DOC
 
     p = subparsers.add_parser("serve", help=SERVE_HELP, description=SERVE_DOC,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -245,7 +245,7 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
 def serve(args: argparse.Namespace) -> int:
     from staircase.cli import results_folder
 
-    from .server import ServeSettings
+    from .gateway.server import ServeSettings
 
     topology, policies = topology_and_policies(args)
     stall = stall_limits(args)
@@ -286,10 +286,10 @@ def _serve_config(args: argparse.Namespace, topology, policies, raw: dict, runne
 
 def _serve_forever(args: argparse.Namespace, runner, policies, settings, folder: Path, config: dict) -> None:
     """Run the HTTP server until SIGTERM or Ctrl-C; the rows are written as it goes and at the end."""
-    from .rowlog import RowLog
-    from .server import StaircaseServer
-    from .server_app import create_app
-    from .serving import ready_message, run_uvicorn, write_summary
+    from .gateway.rowlog import RowLog
+    from .gateway.server import StaircaseServer
+    from .gateway.app import create_app
+    from .gateway.serving import ready_message, run_uvicorn, write_summary
 
     server = StaircaseServer(runner, policies, settings, RowLog(folder, runner.recorder, config))
     app = create_app(server, on_ready=lambda: print(ready_message(args.host, args.port, server, folder), flush=True),

@@ -232,10 +232,10 @@ def test_a_bug_in_a_run_ends_its_stream_with_an_error_not_a_hang(tmp_path):
     from fastapi.testclient import TestClient
 
     from staircase.live.engines import engines_from_config
-    from staircase.live.rowlog import RowLog
+    from staircase.live.gateway.rowlog import RowLog
     from staircase.live.runner import LiveRunner
-    from staircase.live.server import StaircaseServer
-    from staircase.live.server_app import create_app
+    from staircase.live.gateway.server import StaircaseServer
+    from staircase.live.gateway.app import create_app
     from staircase.policies import StaircasePolicy
     from staircase.topology import moa
 
@@ -278,7 +278,7 @@ def test_overload_at_twice_capacity_is_refused_and_every_accepted_request_ends(t
 
 
 def test_row_parts_roll_over_and_running_requests_keep_their_chunks(tmp_path):
-    from staircase.live.rowlog import RowLog, read_parts
+    from staircase.live.gateway.rowlog import RowLog, read_parts
     from staircase.driver import Recorder
     from staircase.trace import ChunkRow, RequestRow, read_requests
 
@@ -312,7 +312,7 @@ def test_a_live_run_replays_given_arrivals_for_a_paired_comparison(tmp_path, mon
 
     from staircase.workload import read_arrivals as load_arrivals
     from staircase.live.engines import engines_from_config
-    from staircase.live.rowlog import RowLog
+    from staircase.live.gateway.rowlog import RowLog
     from staircase.live.runner import LiveRunner
     from staircase.driver import Recorder
     from staircase.errors import ConfigError

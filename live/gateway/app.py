@@ -2,7 +2,7 @@
 events when ``stream`` is true, with a final usage chunk when
 ``stream_options.include_usage`` is), ``GET /v1/models``, ``GET /health`` and
 ``GET /metrics`` (Prometheus). Errors come in OpenAI's shape with the offending
-parameter named (``staircase.live.server_api.ApiError``); a malformed body is a 400, never a 500
+parameter named (``staircase.live.gateway.api.ApiError``); a malformed body is a 400, never a 500
 with a traceback. A client that goes away cancels its request: every call of it on
 every engine.
 """
@@ -23,9 +23,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from staircase.errors import ConfigError
 from staircase.trace import RequestRow
 
-from .engines import EngineError
+from ..engines import EngineError
 from .server import Job, StaircaseServer, Stream
-from .server_api import (ApiError, ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelList,
+from .api import (ApiError, ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelList,
                          completion_id)
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}
@@ -45,7 +45,7 @@ def create_app(server: StaircaseServer, on_ready=None, on_stop=None) -> FastAPI:
         try:
             await server.startup()
         except (ConfigError, EngineError) as err:  # an engine that cannot start: one line, not a traceback
-            server.failed = err  # (the uvicorn loop sees it and stops; ``staircase.live.serving``)
+            server.failed = err  # (the uvicorn loop sees it and stops; ``staircase.live.gateway.serving``)
             yield
             await server.runner.close()
             return

@@ -7,7 +7,7 @@ hands the answer's deltas to the HTTP layer as they arrive (``Stream``). A bound
 number of requests run at once: past ``max_in_flight`` a request is refused with 429
 and ``Retry-After`` instead of queueing without bound. ``shutdown`` stops admitting,
 gives the requests in flight ``grace_s`` to end, cancels the rest (every call of
-theirs on every engine) and writes the rows. The HTTP routes are in ``staircase.live.server_app``.
+theirs on every engine) and writes the rows. The HTTP routes are in ``staircase.live.gateway.app``.
 """
 
 from __future__ import annotations
@@ -22,11 +22,11 @@ from staircase.errors import ConfigError
 from staircase.policies import Policy
 from staircase.trace import RequestRow
 
-from .engines import Sampling
+from ..engines import Sampling
 from .rowlog import RowLog
-from .runner import LiveRunner
-from .server_api import ApiError, ChatCompletionRequest, conversation_query
-from .server_metrics import ServerMetrics
+from ..runner import LiveRunner
+from .api import ApiError, ChatCompletionRequest, conversation_query
+from .metrics import ServerMetrics
 
 
 @dataclass(frozen=True)
