@@ -42,6 +42,7 @@ from staircase import bundled
 from staircase.deployment import parse_slots, slots_schema
 from staircase.errors import ConfigError
 from staircase.jsonio import read_json
+from staircase.spec import Field, ObjectSpec
 from staircase.topology import slot_target
 
 SCHEMA = "staircase-profile/1"
@@ -116,19 +117,6 @@ class Profile:
         return f"{slot}:{model}", self.engines[model]
 
 
-def _number(raw: dict, key: str, where: str, minimum: float = 0.0, integer: bool = False):
-    if key not in raw:
-        raise ConfigError(f"{where}.{key}", None, "a number (missing)")
-    v = raw[key]
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= minimum
-    if integer:
-        ok = ok and float(v).is_integer()
-    if not ok:
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(f"{where}.{key}", v, f"{kind} >= {minimum:g}")
-    return int(v) if integer else float(v)
-
-
 def _noise(raw, where: str) -> Noise | None:
     if raw is None:
         return None
@@ -150,49 +138,52 @@ def _noise(raw, where: str) -> Noise | None:
     return Noise(str(name), dict(params))
 
 
-def _check_records(raw: dict, where: str) -> None:
-    """A database engine's records (provenance, fit_error, overheads): objects when given."""
-    for key in ("provenance", "fit_error", "overheads"):
-        if raw.get(key) is not None and not isinstance(raw[key], dict):
-            raise ConfigError(f"{where}.{key}", raw[key], "an object (or null)")
+def _coefficient(name: str, required: bool = True) -> Field:
+    return Field(name, "float", 0.0, low=0.0, required=required)
+
+
+# An engine model's fields, declared once: the loader's checks and the profile JSON Schema come from these.
+PREFILL = ObjectSpec((_coefficient("base"), _coefficient("per_token"), _coefficient("per_token2"),
+                      _coefficient("per_token_cached", required=False)), what="an object of coefficients", open=True)
+DECODE = ObjectSpec((_coefficient("base"), _coefficient("per_seq"), _coefficient("per_context_token")),
+                    what="an object of coefficients", open=True)
+ENGINE = ObjectSpec((
+    Field("request_overhead_s", "float", low=0.0, required=True),
+    Field("max_batch_size", "int", low=1, required=True),
+    Field("kv_cache_tokens", "int", low=1, required=True),
+    Field("block_size_tokens", "int", low=1, required=True),
+    Field("max_num_batched_tokens", "int", 0, low=2, also=(0,), nullable=True,
+          allowed="0 (whole prompts in one step) or a budget of at least 2 tokens per step",
+          help="tokens per engine step (chunked prefill); 0 or absent: whole prompts in one step"),
+    Field("provenance", "object", nullable=True, help="where the numbers come from (database, versions, GPU)"),
+    Field("fit_error", "object", nullable=True, help="the form's error against its source"),
+    Field("overheads", "object", nullable=True, help="named terms added to the source's step times"),
+), what="an object with prefill_s, decode_iteration_s, request_overhead_s, ...", open=True)
+NOISE_KEYS = ("prefill", "decode", "overhead")
 
 
 def _engine(name: str, raw: dict) -> EngineModel:
     where = f"engines.{name}"
     if not isinstance(raw, dict):
-        raise ConfigError(where, raw, "an object with prefill_s, decode_iteration_s, request_overhead_s, ...")
-    for key in ("prefill_s", "decode_iteration_s"):
-        if not isinstance(raw.get(key), dict):
-            raise ConfigError(f"{where}.{key}", raw.get(key), "an object of coefficients")
-    pre, dec = raw["prefill_s"], raw["decode_iteration_s"]
-    _check_records(raw, where)
+        raise ConfigError(where, raw, f"{ENGINE.what}")
+    pre, dec = PREFILL.check(raw.get("prefill_s"), f"{where}.prefill_s"), DECODE.check(raw.get("decode_iteration_s"),
+                                                                                        f"{where}.decode_iteration_s")
+    own = ENGINE.check(raw, where)
     noise_raw = {} if raw.get("noise") is None else raw["noise"]
     if not isinstance(noise_raw, dict):
         raise ConfigError(f"{where}.noise", noise_raw, "an object with prefill, decode, overhead")
-    unknown = set(noise_raw) - {"prefill", "decode", "overhead"}
+    unknown = set(noise_raw) - set(NOISE_KEYS)
     if unknown:
         raise ConfigError(f"{where}.noise", sorted(unknown), "keys prefill, decode, overhead")
     model = EngineModel(
-        name=name,
-        prefill_base_s=_number(pre, "base", f"{where}.prefill_s"),
-        prefill_per_token_s=_number(pre, "per_token", f"{where}.prefill_s"),
-        prefill_per_token2_s=_number(pre, "per_token2", f"{where}.prefill_s"),
-        decode_base_s=_number(dec, "base", f"{where}.decode_iteration_s"),
-        decode_per_seq_s=_number(dec, "per_seq", f"{where}.decode_iteration_s"),
-        decode_per_context_token_s=_number(dec, "per_context_token", f"{where}.decode_iteration_s"),
-        request_overhead_s=_number(raw, "request_overhead_s", where),
-        max_batch_size=_number(raw, "max_batch_size", where, 1, integer=True),
-        kv_cache_tokens=_number(raw, "kv_cache_tokens", where, 1, integer=True),
-        block_size_tokens=_number(raw, "block_size_tokens", where, 1, integer=True),
-        noise={k: _noise(noise_raw.get(k), f"{where}.noise.{k}") for k in ("prefill", "decode", "overhead")},
-        prefill_per_token_cached_s=_number(pre, "per_token_cached", f"{where}.prefill_s") if "per_token_cached" in pre
-        else 0.0,
-        max_num_batched_tokens=_number(raw, "max_num_batched_tokens", where, 0, integer=True)
-        if raw.get("max_num_batched_tokens") is not None else 0,
+        name=name, prefill_base_s=pre["base"], prefill_per_token_s=pre["per_token"],
+        prefill_per_token2_s=pre["per_token2"], decode_base_s=dec["base"], decode_per_seq_s=dec["per_seq"],
+        decode_per_context_token_s=dec["per_context_token"], request_overhead_s=own["request_overhead_s"],
+        max_batch_size=own["max_batch_size"], kv_cache_tokens=own["kv_cache_tokens"],
+        block_size_tokens=own["block_size_tokens"],
+        noise={k: _noise(noise_raw.get(k), f"{where}.noise.{k}") for k in NOISE_KEYS},
+        prefill_per_token_cached_s=pre["per_token_cached"], max_num_batched_tokens=own["max_num_batched_tokens"] or 0,
     )
-    if 0 < model.max_num_batched_tokens < 2:
-        raise ConfigError(f"{where}.max_num_batched_tokens", model.max_num_batched_tokens,
-                          "0 (whole prompts in one step) or a budget of at least 2 tokens per step")
     if model.decode_base_s + model.decode_per_seq_s <= 0:
         raise ConfigError(f"{where}.decode_iteration_s.base", model.decode_base_s, "a positive iteration time")
     return model
@@ -257,37 +248,19 @@ def load_profile(path: Path | str | None = None) -> Profile:
     return parse_profile(read_json(path, "profile"), str(path))
 
 
-GPU_FIELDS_SCHEMA = {  # an engine's optional fields from `staircase profile` (GPU engines from a database)
-    "max_num_batched_tokens": {"anyOf": [{"type": "null"}, {"const": 0}, {"type": "integer", "minimum": 2}],
-                               "description": "tokens per engine step (chunked prefill); 0 or absent: whole "
-                                              "prompts in one step"},
-    "provenance": {"type": ["object", "null"], "description": "where the numbers come from (database, versions, GPU)"},
-    "fit_error": {"type": ["object", "null"], "description": "the form's error against its source"},
-    "overheads": {"type": ["object", "null"], "description": "named terms added to the source's step times"},
-}
-
-
 def json_schema() -> dict:
     """The JSON Schema of a profile file. Beyond it: a noise ``dist`` names a continuous
     scipy.stats distribution whose ``params`` give a finite mean and support >= 0; the
     slots name engines of the profile; decode's base + per_seq > 0."""
-    coeff = {"type": "number", "minimum": 0}
-    count = {"type": "integer", "minimum": 1}
     noise = {"anyOf": [{"type": "null"}, {"type": "object", "required": ["dist"], "properties": {
         "dist": {"type": "string", "description": "a scipy.stats continuous distribution, e.g. lognorm"},
         "params": {"type": "object", "description": "its keyword parameters"}}}]}
-    terms = lambda *names, optional=(): {"type": "object", "required": list(names),  # noqa: E731
-                                         "properties": {n: coeff for n in (*names, *optional)}}
-    engine = {"type": "object", "required": ["prefill_s", "decode_iteration_s", "request_overhead_s", "max_batch_size",
-                                             "kv_cache_tokens", "block_size_tokens"],
-              "properties": {"prefill_s": terms("base", "per_token", "per_token2", optional=("per_token_cached",)),
-                             "decode_iteration_s": terms("base", "per_seq", "per_context_token"),
-                             "request_overhead_s": coeff, "max_batch_size": count, "kv_cache_tokens": count,
-                             "block_size_tokens": count,
-                             **GPU_FIELDS_SCHEMA,
-                             "noise": {"anyOf": [{"type": "null"}, {"type": "object", "additionalProperties": False,
-                                                                   "properties": {k: noise for k in
-                                                                                  ("prefill", "decode", "overhead")}}]}}}
+    own = ENGINE.schema()
+    engine = own | {"required": ["prefill_s", "decode_iteration_s", *own["required"]],
+                    "properties": {"prefill_s": PREFILL.schema(), "decode_iteration_s": DECODE.schema(),
+                                   **own["properties"],
+                                   "noise": {"anyOf": [{"type": "null"}, {"type": "object", "additionalProperties": False,
+                                                                         "properties": {k: noise for k in NOISE_KEYS}}]}}}
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": "https://staircase.dev/schemas/profile.json",
             "title": "staircase latency profile", "type": "object", "required": ["schema", "engines", "slots"],
             "properties": {"schema": {"const": SCHEMA}, "name": {"type": ["string", "null"]},

@@ -17,16 +17,18 @@ from typing import Mapping, Sequence
 
 from .errors import ConfigError
 
-KINDS = ("int", "float", "bool", "str", "choice", "any")
+KINDS = ("int", "float", "bool", "str", "choice", "object", "any")
 _MISSING = object()
 
 
 @dataclass(frozen=True)
 class Field:
     """One value: ``int`` / ``float`` within ``low`` .. ``high`` (``low`` open with
-    ``open_low``), ``bool``, ``str`` (not blank, with ``nonblank``), ``choice`` among
-    ``choices``, or ``any`` (checked elsewhere). ``nullable``: None is allowed too.
-    ``allowed``: the error's words where the kind's own would say less."""
+    ``open_low``; ``also``: values allowed beside the range), ``bool``, ``str`` (not
+    blank, with ``nonblank``; not empty, with ``nonempty``), ``choice`` among ``choices``,
+    ``object`` (a JSON object, its content not checked here), or ``any`` (checked
+    elsewhere). ``nullable``: None is allowed too. ``allowed``: the error's words where
+    the kind's own would say less."""
 
     name: str
     kind: str
@@ -41,6 +43,7 @@ class Field:
     nonempty: bool = False
     required: bool = False
     allowed: str = ""
+    also: tuple = ()
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -52,8 +55,10 @@ class Field:
             return self.allowed
         if self.kind == "choice":
             return ", ".join(map(str, self.choices))
-        if self.kind in ("bool", "str", "any"):
-            return {"bool": "true or false", "str": "a string", "any": "a value"}[self.kind]
+        if self.kind in ("bool", "str", "object", "any"):
+            return {"bool": "true or false", "str": "a string", "object": "an object" + (" (or null)" if self.nullable
+                                                                                          else ""),
+                    "any": "a value"}[self.kind]
         what = "an integer" if self.kind == "int" else "a number"
         if self.low is None and self.high is None:
             return what
@@ -68,6 +73,8 @@ class Field:
             return True
         if self.kind == "bool":
             return isinstance(value, bool)
+        if self.kind == "object":
+            return isinstance(value, Mapping)
         if self.kind == "str":
             return isinstance(value, str) and (not self.nonblank or bool(value.strip())) and (
                 not self.nonempty or bool(value))
@@ -77,6 +84,8 @@ class Field:
             return False
         if self.kind == "int" and value != int(value):
             return False
+        if value in self.also:
+            return True
         if self.low is not None and (value <= self.low if self.open_low else value < self.low):
             return False
         return self.high is None or value <= self.high
@@ -97,7 +106,7 @@ class Field:
         elif self.kind == "any":
             out = {}
         else:
-            name = {"int": "integer", "float": "number", "bool": "boolean", "str": "string"}[self.kind]
+            name = {"int": "integer", "float": "number", "bool": "boolean", "str": "string", "object": "object"}[self.kind]
             out = {"type": [name, "null"] if self.nullable else name}
             if self.low is not None:
                 out["exclusiveMinimum" if self.open_low else "minimum"] = self.low
@@ -107,6 +116,10 @@ class Field:
                 out["pattern"] = r"\S"
             if self.nonempty:
                 out["minLength"] = 1
+            if self.also:
+                ranged = {"type": name, **{k: v for k, v in out.items() if k != "type"}}
+                out = {"anyOf": [*([{"type": "null"}] if self.nullable else []), *({"const": v} for v in self.also),
+                                 ranged]}
         if self.help:
             out["description"] = self.help
         return out
@@ -118,6 +131,7 @@ class ObjectSpec:
 
     fields: tuple[Field, ...]
     what: str = "an object"
+    open: bool = False  # other keys allowed (and kept out of the checked result)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -127,7 +141,7 @@ class ObjectSpec:
         """Every field of ``raw`` checked, defaults filled in; unknown keys refused."""
         if not isinstance(raw, Mapping):
             raise ConfigError(where, raw, f"{self.what} with {_listed(self.names)}")
-        unknown = sorted(set(raw) - set(self.names))
+        unknown = [] if self.open else sorted(set(raw) - set(self.names))
         if unknown:
             raise ConfigError(f"{where}.{unknown[0]}", raw[unknown[0]], ", ".join(self.names))
         out = {}
@@ -145,8 +159,8 @@ class ObjectSpec:
         for f in self.fields:
             props[f.name] = f.schema() | ({"default": f.default} if f.default is not None and not f.required else {})
         required = [f.name for f in self.fields if f.required]
-        return {"type": "object", "additionalProperties": False, **({"required": required} if required else {}),
-                "properties": props, **more}
+        closed = {} if self.open else {"additionalProperties": False}
+        return {"type": "object", **closed, **({"required": required} if required else {}), "properties": props, **more}
 
 
 def _listed(names: Sequence[str]) -> str:
