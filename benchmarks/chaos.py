@@ -158,14 +158,33 @@ async def requests_loop(runner, policy, queries: list[str], args, hang_s: float)
     return ended
 
 
+async def after_thaw(runner, policy, query: str, request_id: int, faults, fault_plan: list[Fault]) -> dict | None:
+    """One more request once the aggregator has thawed (and the requests loop ended), with
+    no request timeout: that the run goes on after the freeze, whatever the machine's
+    speed (on a slow machine no request of the loop may finish inside its timeout)."""
+    thaws = [f.at_s + f.duration_s for f in fault_plan if f.kind == AGGREGATOR_FREEZE]
+    if not thaws:
+        return None
+    await asyncio.sleep(max(0.0, faults.t0 + max(thaws) + 1.0 - time.monotonic()))
+    budget, runner.request_timeout_s = runner.request_timeout_s, None
+    t = time.monotonic()
+    try:
+        row = await runner.run_request(policy, request_id, query, "chaos/after-thaw")
+    finally:
+        runner.request_timeout_s = budget
+    return {"request_id": request_id, "outcome": row.outcome, "error": row.error,
+            "took_s": round(time.monotonic() - t, 3)}
+
+
 async def flush_every_second(rowlog) -> None:
     while True:
         await asyncio.sleep(1.0)
         rowlog.flush()
 
 
-async def run(args, model, servers: dict, fault_plan: list[Fault]) -> tuple[list[dict], list[dict], dict]:
-    """The requests under ``fault_plan``; (request records, fault records, proxy counts)."""
+async def run(args, model, servers: dict, fault_plan: list[Fault]) -> tuple[list[dict], list[dict], dict, dict | None]:
+    """The requests under ``fault_plan``; (request records, fault records, proxy counts,
+    the request sent after the aggregator thawed)."""
     from staircase.live.prompts import load_prompts
     from staircase.live.gateway.rowlog import RowLog
     from staircase.policies import StaircasePolicy
@@ -181,6 +200,7 @@ async def run(args, model, servers: dict, fault_plan: list[Fault]) -> tuple[list
     background = [asyncio.ensure_future(flush_every_second(rowlog)), asyncio.ensure_future(faults.run(fault_plan))]
     try:
         ended = await requests_loop(runner, policy, queries, args, args.request_timeout_s + HANG_GRACE_S)
+        probe = await after_thaw(runner, policy, queries[0], len(queries), faults, fault_plan)
     finally:
         for task in background:
             task.cancel()
@@ -192,7 +212,7 @@ async def run(args, model, servers: dict, fault_plan: list[Fault]) -> tuple[list
     t0 = faults.t0
     for r in ended:
         r["sent_s"] = round(r["sent_s"] - t0, 3)
-    return ended, faults.table(), {"calls": proxy.calls, **proxy.done}
+    return ended, faults.table(), {"calls": proxy.calls, **proxy.done}, probe
 
 
 def lost_reason(reason: str) -> str:
@@ -220,6 +240,7 @@ def check_rows(ended: list[dict], traces: Path) -> tuple[dict, Counter]:
     requests = [r for r, _ in parts.values()]
     chunks = [c for _, c in parts.values()]
     req = pd.concat(requests, ignore_index=True) if requests else pd.DataFrame(columns=["request_id"])
+    req = req[req["request_id"].isin([r["request_id"] for r in ended])]  # (the after-thaw request: its own check)
     ch = pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame(columns=["request_id", "node", "tokens"])
     on_disk = Counter(req["request_id"])
     finished_ids = {r["request_id"] for r in ended if not r["hung"]}
@@ -233,7 +254,7 @@ def check_rows(ended: list[dict], traces: Path) -> tuple[dict, Counter]:
     return counts, reasons
 
 
-def summarize(args, ended: list[dict], faults: list[dict], proxy: dict) -> dict:
+def summarize(args, ended: list[dict], faults: list[dict], proxy: dict, probe: dict | None = None) -> dict:
     counts, reasons = check_rows(ended, args.out / "traces")
     kinds = Counter(request_kind(r["error"]) if not r["hung"] else "hung" for r in ended)
     injected = Counter(f["kind"] for f in faults if f["injected"])
@@ -251,7 +272,8 @@ def summarize(args, ended: list[dict], faults: list[dict], proxy: dict) -> dict:
             "inputs_lost": sum(reasons.values()), "inputs_lost_by_reason": dict(reasons.most_common()),
             "request_timeout_s": args.request_timeout_s, "slowest_request_s": round(max(done, default=0.0), 3),
             "over_timeout": sum(t > args.request_timeout_s + 5.0 for t in done),
-            "errors": dict(Counter(r["error"][:90] for r in ended if r["error"]).most_common(8))}
+            "errors": dict(Counter(r["error"][:90] for r in ended if r["error"]).most_common(8)),
+            "after_thaw": probe}
 
 
 def table(s: dict) -> str:
@@ -338,11 +360,11 @@ def main(argv=None) -> int:
     started = time.monotonic()
     servers = start_servers(model, 3)
     try:
-        ended, faults, proxy = asyncio.run(run(args, model, servers, fault_plan))
+        ended, faults, proxy, probe = asyncio.run(run(args, model, servers, fault_plan))
     finally:
         for server in servers.values():
             server.stop()
-    summary = summarize(args, ended, faults, proxy) | {"wall_s": round(time.monotonic() - started, 1)}
+    summary = summarize(args, ended, faults, proxy, probe) | {"wall_s": round(time.monotonic() - started, 1)}
     write(args, ended, faults, summary)
     print(table(summary), file=sys.stderr)
     print(json.dumps(summary))

@@ -162,8 +162,10 @@ def test_the_chaos_run_ends_every_request_and_keeps_every_row(tmp_path):
     """benchmarks/chaos.py, small: three proposer servers (one behind the proxy) and an
     in-process aggregator; in the first 12 s one fault of each kind (seed 3), then the
     aggregator frozen for longer than the 20 s request timeout. Every request ends,
-    finished or failed with a named reason; every row is on disk; requests go on after
-    the aggregator thaws."""
+    finished or failed with a named reason; every row is on disk; a request sent after the
+    aggregator thawed (without a timeout, so that this holds at any machine's speed)
+    finishes. How many of the 20 finish inside their timeout depends on the machine, so
+    that is not asserted."""
     out = tmp_path / "chaos"
     t = time.monotonic()
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "chaos.py"), "--requests", "20", "--rate", "0",
@@ -176,7 +178,8 @@ def test_the_chaos_run_ends_every_request_and_keeps_every_row(tmp_path):
     assert s["ended"] == 20 and s["hung"] == 0 and s["not_ended"] == 0 and s["failed_otherwise"] == 0, s
     assert s["rows_lost"] == 0 and s["rows_twice"] == 0 and s["rows_on_disk"] == 20, s
     assert s["answers_without_their_chunks"] == 0 and s["over_timeout"] == 0, s
-    assert s["failed_at_request_timeout"] >= 1 and s["finished"] >= 1, s
+    assert s["failed_at_request_timeout"] >= 1, s
+    assert s["after_thaw"]["outcome"] == "ok", s["after_thaw"]  # the run goes on once the aggregator thawed
     assert s["inputs_lost"] >= 1 and sum(s["proxy_faults_delivered"].values()) >= 1, s
     requests = pd.read_csv(out / "requests.csv")
     assert (requests["took_s"] <= 20 + 5).all() and len(requests) == 20
@@ -184,8 +187,6 @@ def test_the_chaos_run_ends_every_request_and_keeps_every_row(tmp_path):
     named = failed["error"].str.contains(r"L0\.p\d \(") | failed["error"].str.contains("timed out after 20s")
     assert named.all(), failed["error"].tolist()
     faults = pd.read_csv(out / "faults.csv")
-    thawed = faults.loc[faults["kind"] == AGGREGATOR_FREEZE, ["at_s", "duration_s"]].sum(axis=1).max()
-    assert (requests["sent_s"] + requests["took_s"] > thawed).any()  # the rest went on once it thawed
     assert len(faults) == s["faults_skipped"] + sum(s["faults_injected"].values())
     assert (out / "timeline.png").stat().st_size > 10_000 and "rows lost 0" in r.stderr
     print(f"chaos run: {time.monotonic() - t:.0f} s; {s}")
