@@ -12,6 +12,7 @@ declared with them. Nothing below this module but the standard library and the e
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -44,6 +45,8 @@ class Field:
     required: bool = False
     allowed: str = ""
     also: tuple = ()
+    pattern: str = ""  # str: a regular expression the text must contain a match of
+    json: Mapping | None = None  # any: the schema entry as written (the check is elsewhere)
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -77,7 +80,7 @@ class Field:
             return isinstance(value, Mapping)
         if self.kind == "str":
             return isinstance(value, str) and (not self.nonblank or bool(value.strip())) and (
-                not self.nonempty or bool(value))
+                not self.nonempty or bool(value)) and (not self.pattern or re.search(self.pattern, value) is not None)
         if self.kind == "choice":
             return isinstance(value, (str, int, float, bool, type(None))) and value in self.choices
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -104,7 +107,7 @@ class Field:
         if self.kind == "choice":
             out: dict = {"enum": [*self.choices, *([None] if self.nullable and None not in self.choices else [])]}
         elif self.kind == "any":
-            out = {}
+            out = dict(self.json or {})
         else:
             name = {"int": "integer", "float": "number", "bool": "boolean", "str": "string", "object": "object"}[self.kind]
             out = {"type": [name, "null"] if self.nullable else name}
@@ -116,6 +119,8 @@ class Field:
                 out["pattern"] = r"\S"
             if self.nonempty:
                 out["minLength"] = 1
+            if self.pattern:
+                out["pattern"] = self.pattern
             if self.also:
                 ranged = {"type": name, **{k: v for k, v in out.items() if k != "type"}}
                 out = {"anyOf": [*([{"type": "null"}] if self.nullable else []), *({"const": v} for v in self.also),

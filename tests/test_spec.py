@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from staircase.deployment import POOL
 from staircase.errors import ConfigError
-from staircase.live.engines.config import VLLM_ARGS
+from staircase.live.engines.config import ENGINE_SPECS, VLLM_ARGS
 from staircase.sim.profile import DECODE, ENGINE, PREFILL
 from staircase.policies import POLICY_KINDS
 from staircase.spec import Field, ObjectSpec
@@ -21,7 +21,8 @@ VALUES = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floa
 FIELDS = [Field("n", "int", low=1, high=64), Field("x", "float", low=0.0, open_low=True), Field("b", "bool"),
           Field("s", "str", nonblank=True), Field("e", "str", nonempty=True), Field("c", "choice", choices=("a", "b")),
           Field("z", "float", low=0.0, high=1.0, nullable=True)]
-FIELDS += [f for spec in (POOL, VLLM_ARGS, ENGINE, PREFILL, DECODE) for f in spec.fields]
+FIELDS += [f for spec in (POOL, VLLM_ARGS, ENGINE, PREFILL, DECODE, *ENGINE_SPECS.values()) for f in spec.fields
+           if f.kind != "any"]  # (an "any" field's check is its loader's: the schema fuzz in test_fuzz.py covers it)
 FIELDS += [p.field() for cls in POLICY_KINDS.values() for p in cls.SPEC if p.kind not in ("schedule", "name")]
 
 

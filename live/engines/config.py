@@ -30,7 +30,7 @@ from staircase.topology import Topology
 
 from ..machine import DTYPES
 from .base import Engine
-from .http_engine import HTTPEngine, check_url
+from .http_engine import HTTPEngine
 from .inprocess import VLLMEngine
 from .replay import replay_from_spec
 from .serve import ServeEngine, vllm_flags  # noqa: F401 (vllm_flags: part of the config's API)
@@ -48,6 +48,33 @@ VLLM_ARGS = ObjectSpec((
     Field("enable_chunked_prefill", "bool"),
     Field("devices", "str", nonblank=True, allowed='GPU indices as text ("0,1"): CUDA_VISIBLE_DEVICES of the engine'),
 ), what="an object of vLLM arguments")
+
+
+_TEXT = dict(kind="str", nullable=True)
+_CORES = {"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 0}]}
+_MODEL = Field("model", "str", required=True, nonempty=True, allowed="smollm2 or a model folder with a config.json",
+               help="smollm2 (bundled) or a model folder with a config.json")
+_DTYPE = Field("dtype", "choice", choices=DTYPES, nullable=True,
+               help="default: from the machine (staircase.live.machine.engine_settings)")
+_VLLM_ARGS = Field("vllm_args", "any", json={"anyOf": [{"type": "null"}, VLLM_ARGS.schema(
+    description="vLLM engine arguments passed through (a GPU deployment's settings)")]})
+# Each engine kind's fields, declared once: build_engine's checks and the engines JSON Schema come from these
+# (beyond them: a model folder exists, a serve engine's threads, a replay engine's answers or default answer).
+ENGINE_SPECS = {
+    "vllm": ObjectSpec((_MODEL, _DTYPE, _VLLM_ARGS), open=True),
+    "serve": ObjectSpec((_MODEL, _DTYPE, _VLLM_ARGS, Field("threads", "any", json={"anyOf": [_CORES, {"type": "null"}, {
+        "type": "array", "minItems": 1, "items": _CORES, "description": "with a deployment: one per replica"}]})),
+        open=True),
+    "http": ObjectSpec((Field("url", "str", required=True, pattern="^https?://", allowed="an http:// or https:// base URL"),
+                        Field("model", **_TEXT), Field("api_key_env", **_TEXT), Field("tokenizer", **_TEXT)), open=True),
+    "replay": ObjectSpec((Field("answers", "str", allowed="the path of a JSONL file of {\"query\": ..., \"answer\": ...} "
+                                                             "lines (or a default_answer)"),
+                          Field("default_answer", nonblank=True, allowed="a non-empty string",
+                                                            **_TEXT),
+                          Field("tokens_per_s", "float", 30.0, low=0.0, open_low=True),
+                          Field("first_token_s", "float", 0.05, low=0.0),
+                          Field("tokenizer", allowed="a tokenizer folder's path", **_TEXT)), open=True),
+}
 
 
 def check_vllm_args(name: str, raw: object) -> dict:
@@ -130,17 +157,13 @@ def build_engine(name: str, spec: object, dtype: str | None = None) -> Engine:
     kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind not in ENGINE_KINDS:
         raise ConfigError(f"config.engines.{name}.kind", kind, ", ".join(ENGINE_KINDS))
+    ENGINE_SPECS[kind].check(spec, f"config.engines.{name}")
     if kind == "replay":
         return replay_from_spec(name, spec)  # reads the answers file, once
     if kind == "http":
-        url = check_url(f"config.engines.{name}.url", spec.get("url"))
-        _strings(name, spec, ("model", "api_key_env", "tokenizer"))
-        return HTTPEngine(url, spec.get("model", "model"), name=name, api_key_env=spec.get("api_key_env"),
+        return HTTPEngine(spec["url"], spec.get("model") or "model", name=name, api_key_env=spec.get("api_key_env"),
                           tokenizer_path=spec.get("tokenizer"))
-    if spec.get("dtype") is not None and spec["dtype"] not in DTYPES:
-        raise ConfigError(f"config.engines.{name}.dtype", spec["dtype"], ", ".join(DTYPES))
-    _strings(name, spec, ("model",))
-    model = model_path(spec.get("model") or "", f"config.engines.{name}.model")
+    model = model_path(spec["model"], f"config.engines.{name}.model")
     vargs = check_vllm_args(name, spec.get("vllm_args"))
     if kind == "serve":
         threads = spec.get("threads")
@@ -152,13 +175,6 @@ def build_engine(name: str, spec: object, dtype: str | None = None) -> Engine:
         return ServeEngine(model, name=name, threads=None if threads is None else str(threads),
                            dtype=spec.get("dtype") or dtype, vllm_args=vargs)
     return VLLMEngine(model, name=name, dtype=spec.get("dtype") or dtype, vllm_args=vargs)
-
-
-def _strings(name: str, spec: dict, keys) -> None:
-    """Each of ``keys`` in ``spec``, when given, is a string (or null)."""
-    for key in keys:
-        if spec.get(key) is not None and not isinstance(spec[key], str):
-            raise ConfigError(f"config.engines.{name}.{key}", spec[key], "a string")
 
 
 @dataclass
@@ -253,25 +269,10 @@ def json_schema() -> dict:
     ``model`` is ``smollm2`` or a folder with a config.json, ``api_key_env`` names a set
     environment variable, a replay ``answers`` file exists, the slots name engines of
     the config (and ``slots`` may be left out when a deployment file gives them)."""
-    text = {"type": ["string", "null"]}
-    model = {"type": "string", "minLength": 1, "description": "smollm2 (bundled) or a model folder with a config.json"}
-    dtype = {"enum": [*DTYPES, None], "description": "default: from the machine (staircase.live.machine.engine_settings)"}
-    cores = {"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 0}]}
-    vargs = {"anyOf": [{"type": "null"}, VLLM_ARGS.schema(
-        description="vLLM engine arguments passed through (a GPU deployment's settings)")]}
-    kinds = {
-        "vllm": ({"model": model, "dtype": dtype, "vllm_args": vargs}, ["model"]),
-        "serve": ({"model": model, "dtype": dtype, "vllm_args": vargs, "threads": {"anyOf": [cores, {"type": "null"}, {
-            "type": "array", "minItems": 1, "items": cores, "description": "with a deployment: one per replica"}]}},
-                  ["model"]),
-        "http": ({"url": {"type": "string", "pattern": "^https?://"}, "model": text, "api_key_env": text,
-                  "tokenizer": text}, ["url"]),
-        "replay": ({"answers": {"type": "string"}, "default_answer": {"type": ["string", "null"], "pattern": r"\S"},
-                    "tokens_per_s": {"type": "number", "exclusiveMinimum": 0},
-                    "first_token_s": {"type": "number", "minimum": 0}, "tokenizer": text}, []),
-    }
-    engine = {"oneOf": [{"title": kind, "type": "object", "required": ["kind", *required],
-                         "properties": {"kind": {"const": kind}, **props}} for kind, (props, required) in kinds.items()]}
+    engine = {"oneOf": [{"title": kind, "type": "object",
+                         "required": ["kind", *[f.name for f in spec.fields if f.required]],
+                         "properties": {"kind": {"const": kind}, **spec.schema()["properties"]}}
+                        for kind, spec in ENGINE_SPECS.items()]}
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", "$id": SCHEMA_ID,
             "title": "staircase engines and slots", "type": "object", "required": ["engines"],
             "properties": {"engines": {"type": "object", "minProperties": 1, "propertyNames": {"minLength": 1},
