@@ -1,5 +1,4 @@
 """``staircase calibrate``: probe live engines and fit a simulator profile.
-``staircase validate``: replay live runs in the simulator and report the error.
 
 Calibrate, live (engines as in ``staircase live``: ``--model``, ``--url`` or ``--config``)::
 
@@ -8,11 +7,6 @@ Calibrate, live (engines as in ``staircase live``: ``--model``, ``--url`` or ``-
 or fit only, from results folders already recorded (probes or ``staircase live`` runs)::
 
     staircase calibrate --traces results/calibrate-... results/live-...
-
-Validate a profile against held-out live runs (other prompts, other policies or
-concurrency than the calibration saw)::
-
-    staircase validate results/live-A results/live-B --profile my-profile.json
 """
 
 from __future__ import annotations
@@ -39,6 +33,17 @@ from .report import fit_table, print_validation
 
 HELP_CAL = "probe live engines (or read traces) and fit a simulator profile"
 HELP_VAL = "replay live runs in the simulator: live vs simulated percentiles, errors, CDFs"
+VALIDATE_DOC = """``staircase validate``: replay live runs in the simulator and report how far it is.
+
+Validate a profile against held-out live runs (other prompts, other policies or
+concurrency than the calibration saw)::
+
+    staircase validate results/live-A results/live-B --profile my-profile.json
+
+or a GPU profile against published runs (a table of load points)::
+
+    staircase validate --published benchmarks/published/nim-h100.csv
+"""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -75,7 +80,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _register_validate(subparsers: argparse._SubParsersAction) -> None:
-    v = subparsers.add_parser("validate", help=HELP_VAL, description=__doc__,
+    v = subparsers.add_parser("validate", help=HELP_VAL, description=VALIDATE_DOC,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("runs", type=Path, nargs="*", help="`staircase live` results folders (held out from calibration)")
     v.add_argument("--published", type=Path, metavar="CSV",

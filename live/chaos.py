@@ -2,9 +2,11 @@
 
 Three ways to hurt a deployment, all on 127.0.0.1 and all undone at the end:
 
-- ``ChaosProxy``: a small proxy in front of one OpenAI-compatible server that answers
-  the next calls with bursts of 503 or 429, or cuts their streams off after a few
-  events (the connection closed mid-stream);
+- ``ChaosProxy``: the one fault-injecting server: a small proxy in front of one
+  OpenAI-compatible server (or, without one, a stand-in engine of its own) that answers
+  the next calls with bursts of 503 or 429, cuts their streams off, stalls them, sends
+  malformed or truncated streams, or streams slowly but alive (the tests' faulty
+  proposers);
 - ``ProcessFaults``: a proposer server killed (SIGKILL, then started again on the same
   port) or frozen (SIGSTOP, SIGCONT later), and this process's own vLLM engine core
   (the in-process aggregator's) frozen;
@@ -18,6 +20,8 @@ target, when, for how long, or why it was skipped: no server up to hurt).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import os
 import random
 import signal
@@ -73,39 +77,76 @@ def draw_faults(seed: int, horizon_s: float, every_s: float, kinds=KINDS, freeze
                             rng.randint(*burst_calls) if kind in PROXY_KINDS else 0))
 
 
-class ChaosProxy:
-    """127.0.0.1:<port> in front of ``upstream``: completions pass through streamed,
-    except the calls that a burst (``burst``) takes: a 503 or a 429 answer, or a stream
-    cut off after ``cut_after`` events. An upstream that does not answer is a 502."""
+CALL_FAULTS = PROXY_KINDS + ("stall", "malformed", "truncated")  # what one call can be given
 
-    def __init__(self, upstream: str, cut_after: int = 3):
-        self.upstream = upstream.rstrip("/")
-        self.cut_after = cut_after
+
+class ChaosProxy:
+    """The one fault-injecting server: 127.0.0.1:<port>, OpenAI-compatible, in front of
+    ``upstream`` (completions pass through streamed) or, with no upstream, answering
+    itself (a stand-in engine: up to ``tokens`` words, no wait).
+
+    A completion gets a fault from the queue ``burst`` fills (in order), or every call on
+    the path ``/<fault>/v1/...`` gets that fault. Faults (``CALL_FAULTS``): ``http503``,
+    ``http429`` (answered before any token), ``cut`` (the connection closed after
+    ``cut_after`` events), ``stall`` (silent after two events, the connection held
+    open), ``malformed`` (an event that is not JSON), ``truncated`` (ends after two events
+    without a finish or [DONE]). ``/slow/v1/...`` is slow but alive: one call streams at a
+    time (the others queue), its first word after ``slow[0]`` s, then one every
+    ``slow[1]`` s, ``slow[2]`` words. An upstream that does not answer is a 502."""
+
+    def __init__(self, upstream: str | None = None, cut_after: int = 3, tokens: int = 16,
+                 slow: tuple[float, float, int] = (3.0, 0.4, 10)):
+        self.upstream = upstream.rstrip("/") if upstream else None
+        self.cut_after, self.tokens, self.slow = cut_after, tokens, slow
         self.port = free_port()
         self.pending: deque[str] = deque()  # the faults the next calls get, in order
         self.done: Counter = Counter()  # faults delivered, by kind
         self.calls = 0
         self._runner = self._session = None
+        self._one_slot: asyncio.Semaphore | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def url_for(self, mode: str) -> str:
+        """The base URL whose every call gets ``mode`` (a fault of ``CALL_FAULTS``, or slow)."""
+        if mode not in (*CALL_FAULTS, "slow"):
+            raise ConfigError("mode", mode, ", ".join((*CALL_FAULTS, "slow")))
+        return f"{self.url}/{mode}"
+
     def burst(self, kind: str, calls: int) -> None:
-        if kind not in PROXY_KINDS:
-            raise ConfigError("kind", kind, ", ".join(PROXY_KINDS))
+        if kind not in CALL_FAULTS:
+            raise ConfigError("kind", kind, ", ".join(CALL_FAULTS))
         self.pending.extend([kind] * calls)
 
     async def start(self) -> "ChaosProxy":
         import aiohttp
         from aiohttp import web
 
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5))
+        if self.upstream:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, connect=5))
+        self._one_slot = asyncio.Semaphore(1)
         app = web.Application()
-        app.router.add_route("*", "/{path:.*}", self._forward)
+        app.router.add_route("*", "/{path:.*}", self._handle)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    def start_in_thread(self) -> "ChaosProxy":
+        """Serve from a loop of its own in a daemon thread (for callers without a loop)."""
+        import threading
+
+        loop, ready = asyncio.new_event_loop(), threading.Event()
+
+        def serve():
+            asyncio.set_event_loop(loop)
+            loop.run_until_complete(self.start())
+            ready.set()
+            loop.run_forever()
+        threading.Thread(target=serve, daemon=True).start()
+        ready.wait(10)
         return self
 
     async def close(self) -> None:
@@ -114,38 +155,72 @@ class ChaosProxy:
         if self._session is not None:
             await self._session.close()
 
-    async def _forward(self, request):
+    async def _handle(self, request):
         from aiohttp import ClientError, web
 
-        fault = None
-        if request.path.endswith("/completions"):
+        first, _, rest = request.path.lstrip("/").partition("/")
+        mode, path = (first, "/" + rest) if first in (*CALL_FAULTS, "slow") else (None, request.path)
+        fault = mode if mode in CALL_FAULTS else None
+        if path.endswith("/completions"):
             self.calls += 1
-            fault = self.pending.popleft() if self.pending else None
+            fault = fault or (self.pending.popleft() if self.pending else None)
             if fault in ("http503", "http429"):
                 self.done[fault] += 1
                 return web.json_response({"error": {"message": f"chaos: {fault}"}}, status=int(fault[4:]))
+        if self.upstream is None:
+            if path.endswith("/models"):
+                return web.json_response({"data": [{"id": "model"}]})
+            return await self._answer(request, fault, slow=mode == "slow")
         try:
-            async with self._session.request(request.method, self.upstream + request.path_qs,
-                                             data=await request.read(), headers=_forwarded(request.headers)) as up:
+            async with self._session.request(request.method, self.upstream + path + (
+                    f"?{request.query_string}" if request.query_string else ""),
+                    data=await request.read(), headers=_forwarded(request.headers)) as up:
                 if not up.content_type.startswith("text/event-stream"):
                     return web.Response(status=up.status, body=await up.read(), content_type=up.content_type)
-                return await self._stream(request, up, cut=fault == "cut")
+                return await self._relay(request, up.content, fault, up.status)
         except (ClientError, asyncio.TimeoutError) as err:
             return web.json_response({"error": {"message": f"upstream: {type(err).__name__}"}}, status=502)
 
-    async def _stream(self, request, up, cut: bool):
+    async def _answer(self, request, fault: str | None, slow: bool):
+        """The stand-in engine's stream: words, the last with a finish reason, then [DONE]."""
+        max_tokens = (await request.json()).get("max_tokens") or self.tokens
+        first_s, gap_s, words = self.slow if slow else (0.0, 0.0, self.tokens)
+        n = max(1, min(words, int(max_tokens)))
+
+        def event(i: int) -> bytes:
+            body = {"choices": [{"index": 0, "delta": {"content": f" word{i}"}, "token_ids": [1],
+                                 "finish_reason": "length" if i == n - 1 else None}]}
+            return f"data: {json.dumps(body)}\n\n".encode()
+
+        async def lines():
+            async with self._one_slot if slow else contextlib.nullcontext():  # a queue before the first token
+                await asyncio.sleep(first_s)
+                for i in range(n):
+                    if i:
+                        await asyncio.sleep(gap_s)
+                    yield event(i)
+                yield b"data: [DONE]\n\n"
+        return await self._relay(request, lines(), fault, 200)
+
+    async def _relay(self, request, lines, fault: str | None, status: int):
+        """Write an event stream, hurt as ``fault`` says (cut, stall, malformed, truncated)."""
         from aiohttp import web
 
-        resp = web.StreamResponse(status=up.status, headers={"Content-Type": "text/event-stream"})
+        resp = web.StreamResponse(status=status, headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
-        events = 0
-        async for line in up.content:
+        events, hurt_after = 0, self.cut_after if fault == "cut" else 2
+        async for line in lines:
             await resp.write(line)
             events += line.startswith(b"data:")
-            if cut and events >= self.cut_after:
-                self.done["cut"] += 1
-                request.transport.close()  # the connection dies mid-stream: no [DONE], no clean end
-                return resp
+            if fault in ("cut", "stall", "malformed", "truncated") and events >= hurt_after:
+                self.done[fault] += 1
+                if fault == "cut":
+                    request.transport.close()  # the connection dies mid-stream: no [DONE], no clean end
+                elif fault == "stall":
+                    await asyncio.sleep(3600)  # alive, silent: until the caller gives up
+                elif fault == "malformed":
+                    await resp.write(b"data: {this is not json\n\n")
+                return resp  # truncated: ends without a finish reason or [DONE]
         await resp.write_eof()
         return resp
 

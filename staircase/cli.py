@@ -34,7 +34,9 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="staircase",
-        description="Staircase streaming for multi-agent LLM inference: simulate, run live, calibrate.",
+        description="Staircase streaming for multi-agent LLM inference: simulate policies, search them, plan "
+                    "capacity, run them live on vLLM engines or behind the OpenAI API, calibrate and validate the "
+                    "simulator, profile GPU engines, measure answer quality. `staircase COMMAND --help` for each.",
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):

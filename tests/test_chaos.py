@@ -16,7 +16,6 @@ import pytest
 
 from staircase.live.chaos import AGGREGATOR_FREEZE, KINDS, ChaosProxy, Fault, ProcessFaults, draw_faults
 from staircase.live.engines import EngineError, HTTPEngine, Sampling
-from staircase.live.engines.serve import free_port
 from staircase.errors import ConfigError
 from staircase.prompts import Message, Piece, Prompt
 
@@ -101,37 +100,10 @@ def test_freeze_thaw_and_kill_restart_are_real_signals_and_skip_what_is_not_up()
             s.stop()
 
 
-async def upstream(port: int):
-    """A small streaming completions server: five tokens, then [DONE]."""
-    from aiohttp import web
-
-    async def completions(request):
-        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await resp.prepare(request)
-        for i in range(5):
-            event = {"choices": [{"index": 0, "text": f" t{i}", "token_ids": [i], "finish_reason":
-                                  "length" if i == 4 else None}]}
-            await resp.write(f"data: {json.dumps(event)}\n\n".encode())
-        await resp.write(b"data: [DONE]\n\n")
-        return resp
-
-    async def models(request):
-        return web.json_response({"data": [{"id": "model"}]})
-
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", completions)
-    app.router.add_get("/v1/models", models)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    return runner
-
-
 def test_the_proxy_passes_streams_and_delivers_its_bursts_in_order():
     async def scenario():
-        port = free_port()
-        up = await upstream(port)
-        proxy = await ChaosProxy(f"http://127.0.0.1:{port}").start()
+        up = await ChaosProxy(tokens=5).start()  # the upstream: the same server as a stand-in engine, no faults
+        proxy = await ChaosProxy(up.url).start()
         engine = HTTPEngine(proxy.url, "model")
         await engine.start()
 
@@ -148,13 +120,41 @@ def test_the_proxy_passes_streams_and_delivers_its_bursts_in_order():
         finally:
             await engine.close()
             await proxy.close()
-            await up.cleanup()
+            await up.close()
         return got, proxy
     got, proxy = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert got == ["http 503", "truncated stream", "http 429", "http 429", 5, 5]
     assert proxy.calls == 6 and dict(proxy.done) == {"http503": 1, "cut": 1, "http429": 2}
     with pytest.raises(ConfigError, match="^kind: got 'kill'"):
         proxy.burst("kill", 1)
+
+
+def test_the_fault_server_serves_every_fault_on_its_own_path():
+    """No upstream: a stand-in engine whose every call on /<fault>/ gets that fault, as the
+    live fault tests use it; the reasons are the HTTP engine's own words."""
+    async def scenario():
+        server = await ChaosProxy(tokens=4).start()
+        out = {}
+        try:
+            for mode in ("http503", "http429", "cut", "malformed", "truncated", None):
+                engine = HTTPEngine(server.url_for(mode) if mode else server.url, "model")
+                await engine.start()
+                try:
+                    out[mode] = sum([d.tokens async for d in engine.stream("r", PROMPT, 8, Sampling())])
+                except EngineError as err:
+                    out[mode] = err.reason
+                finally:
+                    await engine.close()
+        finally:
+            await server.close()
+        return out, server
+    got, server = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert got == {"http503": "http 503", "http429": "http 429", "cut": "truncated stream",
+                   "malformed": "malformed stream", "truncated": "truncated stream", None: 4}
+    assert server.calls == 6 and dict(server.done) == {"http503": 1, "http429": 1, "cut": 1, "malformed": 1,
+                                                        "truncated": 1}
+    with pytest.raises(ConfigError, match="^mode: got 'kill'"):
+        server.url_for("kill")
 
 
 @pytest.mark.live

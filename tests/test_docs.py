@@ -20,6 +20,10 @@ README_LIMIT_BYTES = 12_000
 FENCE = re.compile(r"(?:<!-- example: (?P<marker>[^\n]*?) -->\n)?```(?P<lang>bash|python)\n(?P<code>.*?)```", re.S)
 REPLACE = re.compile(r'replace "([^"]*)" => "([^"]*)"')
 EXPECT = re.compile(r'expect "([^"]*)"')
+# figure "ROW | COLUMN | VALUE": the printed table's cell in the row that starts with ROW, under the header
+# COLUMN, is VALUE within 2 % (figures stated in a page are checked against what the command prints)
+FIGURE = re.compile(r'figure "([^"|]+)\|([^"|]+)\|([^"]+)"')
+FIGURE_TOLERANCE = 0.02
 VENV_BIN = Path(sys.prefix) / "bin"
 
 
@@ -51,6 +55,24 @@ class Example:
     def expected(self) -> list[str]:
         return EXPECT.findall(self.marker)
 
+    @property
+    def figures(self) -> list[tuple[str, str, float]]:
+        return [(row.strip(), col.strip(), float(value.strip().rstrip("%s ").strip()))
+                for row, col, value in FIGURE.findall(self.marker)]
+
+
+def table_cell(out: str, row: str, column: str) -> float:
+    """A number of a printed table (columns apart by two or more spaces, a dashed rule under
+    the header): the cell under ``column`` in the first row that starts with ``row``."""
+    lines = out.splitlines()
+    for i, line in enumerate(lines[:-1]):
+        header = re.split(r"\s{2,}", line.strip())
+        if column in header and set(lines[i + 1].replace(" ", "")) == {"-"}:
+            for cells in (re.split(r"\s{2,}", r.strip()) for r in lines[i + 2:]):
+                if cells and cells[0] == row and len(cells) == len(header):
+                    return float(cells[header.index(column)].rstrip("% ").strip())
+    raise AssertionError(f"no table with column {column!r} and row {row!r} in:\n{out[-3000:]}")
+
 
 def _examples() -> list[Example]:
     out = []
@@ -72,7 +94,8 @@ def test_the_readme_is_a_front_page():
 def test_every_marker_is_understood():
     for e in EXAMPLES:
         if e.marker:
-            known = e.skip_reason is not None or REPLACE.search(e.marker) or EXPECT.search(e.marker)
+            known = (e.skip_reason is not None or REPLACE.search(e.marker) or EXPECT.search(e.marker)
+                     or FIGURE.search(e.marker))
             assert known, f"{e.id}: unknown example marker {e.marker!r}"
 
 
@@ -155,6 +178,31 @@ def test_example_runs(example: Example, tmp_path, monkeypatch, capsys):
         out = capsys.readouterr().out
     for text in example.expected:
         assert text in out, f"{example.id}: {text!r} not in its output:\n{out[-3000:]}"
+    for row, column, value in example.figures:
+        got = table_cell(out, row, column)
+        assert abs(got - value) <= FIGURE_TOLERANCE * abs(value) + 1e-9, \
+            f"{example.id}: {row} {column} is {got}, the page says {value}: rerun and update the page"
+
+
+def test_the_front_page_states_the_figures_its_example_checks():
+    """The README's headline figures are those getting-started's `staircase sim` example
+    checks (figure markers), so a change that moves them fails there."""
+    example = next(e for e in EXAMPLES if e.page.name == "getting-started.md" and e.figures)
+    readme = (ROOT / "README.md").read_text()
+    figures = {(row, col): v for row, col, v in example.figures}
+    for row, col, text in (("wait-all", "TTFT p50 s", "9.56 s"), ("staircase-prefix-cache-r1", "TTFT p50 s", "1.11 s"),
+                           ("staircase-prefix-cache-r1", "TTFT cut vs wait-all", "88.4 %"),
+                           ("single", "TTFT p50 s", "0.20 s")):
+        assert text in readme, f"README.md no longer states {text}"
+        stated = float(text.split()[0])
+        assert abs(figures[(row, col)] - stated) <= 0.006 * max(1.0, stated), (row, col, figures[(row, col)], stated)
+
+
+def test_a_figure_marker_reads_the_printed_table():
+    out = "policy  TTFT p50 s  TTFT cut\n------  ---------  --------\nwait-all  9.562  0.0 %\nsingle  0.200  97.9 %\n"
+    assert table_cell(out, "single", "TTFT cut") == 97.9 and table_cell(out, "wait-all", "TTFT p50 s") == 9.562
+    with pytest.raises(AssertionError, match="no table"):
+        table_cell(out, "staircase", "TTFT p50 s")
 
 
 def test_every_json_block_parses():

@@ -17,7 +17,7 @@ pytest.importorskip("vllm", reason="the live tests need vllm (make test installs
 
 from adaptive import RandomChunksPolicy  # noqa: E402
 from sessions import later_session_steps  # noqa: E402
-from staircase.live.engines import EngineError, HTTPEngine, Sampling, VLLMServer, free_port  # noqa: E402
+from staircase.live.engines import EngineError, HTTPEngine, Sampling, VLLMServer  # noqa: E402
 from staircase.live.prompts import load_prompts  # noqa: E402
 from staircase.live.runner import LiveRunner  # noqa: E402
 from staircase.live.watchdog import StallLimits  # noqa: E402
@@ -192,82 +192,14 @@ def test_http_server_engine_end_to_end(loop, engine, server):
 # ------------------------------------------------------------------------ faults
 
 
-class FaultyServer:
-    """A small OpenAI-compatible server of the tests' own that misbehaves on purpose:
-    /<mode>/v1/chat/completions with mode stall, http503, http429, malformed, truncated;
-    and one that is slow but alive: mode slow serves one call at a time (the others
-    queue), sends its first token after SLOW_FIRST_S and then one every SLOW_GAP_S."""
-
-    SLOW_FIRST_S, SLOW_GAP_S, SLOW_TOKENS = 3.0, 0.4, 10
-
-    def __init__(self):
-        self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
-        self.ready.wait(10)
-
-    def _serve(self):
-        from aiohttp import web
-
-        async def models(request):
-            return web.json_response({"data": [{"id": "model"}]})
-
-        def delta(text, finish=None):
-            return ("data: " + json.dumps({"choices": [{"index": 0, "delta": {"content": text},
-                                                        "token_ids": [1], "finish_reason": finish}]}) + "\n\n").encode()
-
-        one_slot = asyncio.Semaphore(1)
-
-        async def slow(request):
-            n = min(self.SLOW_TOKENS, int((await request.json()).get("max_tokens", self.SLOW_TOKENS)))
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await resp.prepare(request)
-            async with one_slot:  # a queue before the first token while another call streams
-                await asyncio.sleep(self.SLOW_FIRST_S)
-                for i in range(n):
-                    if i:
-                        await asyncio.sleep(self.SLOW_GAP_S)
-                    await resp.write(delta(f" word{i}", "length" if i == n - 1 else None))
-                await resp.write(b"data: [DONE]\n\n")
-            return resp
-
-        async def chat(request):
-            mode = request.match_info["mode"]
-            if mode == "slow":
-                return await slow(request)
-            if mode.startswith("http"):
-                return web.Response(status=int(mode[4:]), text="nope")
-            resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-            await resp.prepare(request)
-            await resp.write(delta("Hello"))
-            await resp.write(delta(" there"))
-            if mode == "stall":
-                await asyncio.sleep(3600)
-            elif mode == "malformed":
-                await resp.write(b"data: {this is not json\n\n")
-            elif mode == "truncated":
-                return resp  # ends without a finish_reason or [DONE]
-            return resp
-
-        app = web.Application()
-        app.router.add_get("/{mode}/v1/models", models)
-        app.router.add_post("/{mode}/v1/chat/completions", chat)
-        runner = web.AppRunner(app)
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(runner.setup())
-        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-        self.ready.set()
-        self.loop.run_forever()
-
-    def url(self, mode: str) -> str:
-        return f"http://127.0.0.1:{self.port}/{mode}"
-
-
 @pytest.fixture(scope="session")
 def faulty():
-    return FaultyServer()
+    """The fault-injecting server with no upstream (a stand-in engine that misbehaves on
+    purpose: /<fault>/v1/... for stall, http503, http429, malformed, truncated; /slow/:
+    one call at a time, the first token after 3 s, then one every 0.4 s)."""
+    from staircase.live.chaos import ChaosProxy
+
+    return ChaosProxy(slow=(3.0, 0.4, 10)).start_in_thread()
 
 
 # The fault tests' limit: 2 s of engine silence between tokens. Short, so a dead stream
@@ -291,7 +223,7 @@ def run_with_bad_proposer(loop, engine, bad: HTTPEngine, redundancy: int, others
 @pytest.mark.parametrize("mode,reason", [("stall", "stalled 2s"), ("http503", "http 503"), ("http429", "http 429"),
                                          ("malformed", "malformed stream"), ("truncated", "truncated stream")])
 def test_a_lost_proposer_within_r_does_not_stop_the_answer(loop, engine, faulty, mode, reason):
-    row = run_with_bad_proposer(loop, engine, HTTPEngine(faulty.url(mode), "model", name=mode),
+    row = run_with_bad_proposer(loop, engine, HTTPEngine(faulty.url_for(mode), "model", name=mode),
                                 redundancy=1).requests.iloc[0]
     assert row["outcome"] == "ok", row["error"]
     assert row["lost"] == f"L0.p0: {reason}"
@@ -299,7 +231,7 @@ def test_a_lost_proposer_within_r_does_not_stop_the_answer(loop, engine, faulty,
 
 
 def test_more_lost_proposers_than_r_end_the_request_with_a_clear_error(loop, engine, faulty):
-    row = run_with_bad_proposer(loop, engine, HTTPEngine(faulty.url("http503"), "model", name="bad"),
+    row = run_with_bad_proposer(loop, engine, HTTPEngine(faulty.url_for("http503"), "model", name="bad"),
                                 redundancy=0).requests.iloc[0]
     assert row["outcome"] == "error"
     assert "lost 1 of 3 inputs" in row["error"] and "L0.p0 (http 503)" in row["error"]
@@ -311,7 +243,7 @@ def test_slow_but_alive_proposer_and_aggregator_lose_nothing(loop, engine, fault
     takes 3 s to its first token and 0.4 s per token, one call at a time (the aggregator
     queues behind proposer 0 for many seconds), proposers 1 and 2 on the real engine.
     With r = 0 any loss would end the request; nothing may be lost."""
-    slow = HTTPEngine(faulty.url("slow"), "model", name="slow")
+    slow = HTTPEngine(faulty.url_for("slow"), "model", name="slow")
     t = run_with_bad_proposer(loop, engine, slow, redundancy=0, others=slots([slow, engine, engine], slow),
                               policy=policy)
     row = t.requests.iloc[0]
@@ -319,7 +251,7 @@ def test_slow_but_alive_proposer_and_aggregator_lose_nothing(loop, engine, fault
     assert row["lost"] == ""
     c = t.chunks
     agg, p0 = c[c["node"] == "agg"], c[c["node"] == "L0.p0"]
-    assert p0["tokens"].sum() == FaultyServer.SLOW_TOKENS  # proposer 0 streamed to its end
+    assert p0["tokens"].sum() == faulty.slow[2]  # proposer 0 streamed to its end
     assert agg["tokens"].sum() == row["output_tokens"] > 0
     # the slow server really was silent for longer than the limit before each call's first token
     def first_waits(rows):

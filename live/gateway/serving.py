@@ -28,7 +28,7 @@ parameter; a client that disconnects cancels every call of its request on every
 engine; past --max-in-flight requests get 429 with Retry-After; SIGTERM or Ctrl-C
 stops accepting, gives requests in flight --grace-s to end, cancels the rest and
 writes the rows. With the API key's environment variable set (--server-key-env,
-default STAIRCASE_API_KEY, --server-key-env) clients must send it as a bearer token; it is never logged.
+default STAIRCASE_API_KEY) clients must send it as a bearer token; it is never logged.
 
 Rows: every request's chunk and request rows go to rolling parquet parts under
 <out>/traces/ every --flush-s seconds, with config.json, so `staircase validate <out>`
