@@ -23,7 +23,7 @@ from staircase.live.runner import LiveRunner  # noqa: E402
 from staircase.live.watchdog import StallLimits  # noqa: E402
 from staircase.errors import ConfigError  # noqa: E402
 from staircase.policies import StaircasePolicy, WaitAllPolicy  # noqa: E402
-from staircase.topology import moa  # noqa: E402
+from staircase.topology import mad, moa  # noqa: E402
 
 pytestmark = pytest.mark.live
 MAX_TOKENS = 48
@@ -83,6 +83,35 @@ def test_staircase_beats_wait_all_on_real_engines(loop, engine):
     pfx, std = later_agg("staircase-prefix-cache-r1"), later_agg("staircase-standard-r1")
     assert len(pfx) and (pfx["cached_tokens"] > 0).all()
     assert pfx["cached_tokens"].sum() / pfx["prompt_tokens"].sum() > std["cached_tokens"].sum() / max(1, std["prompt_tokens"].sum())
+
+
+@pytest.mark.parametrize("topology", [mad(2, 2), moa(2, layers=2)], ids=["mad-2x2", "moa-2-layers"])
+def test_debate_and_layered_moa_on_the_real_engine(loop, engine, topology):
+    """Multi-agent debate (2 agents, 2 rounds, then the judge) and two-layer MoA run on a
+    real engine as the simulator runs them: every node of every stage answers, later
+    stages read earlier ones' chunks while they stream (staircase) or whole (wait-all),
+    and the answer's tokens are the final node's."""
+    runner = LiveRunner({n.slot: engine for n in topology.nodes}, topology, max_tokens=24,
+                        sampling=Sampling(temperature=0.7, seed=3))
+    policies = [WaitAllPolicy(), StaircasePolicy(redundancy=0, layout="prefix-cache")]
+    traces = run_all(loop, runner, policies, load_prompts("mt_bench", 1))
+    for name, t in traces.items():
+        r, c = t.requests.iloc[0], t.chunks
+        assert r["outcome"] == "ok", (name, r["error"])
+        assert set(c["node"]) == {n.id for n in topology.nodes}, name  # every agent of every round answered
+        assert c.groupby("node")["tokens"].sum().min() > 0, name
+        final = [n.id for n in topology.nodes if n.is_final]
+        assert c[c["user_visible"]]["node"].unique().tolist() == final, name
+        assert c[c["user_visible"]]["tokens"].sum() == r["output_tokens"] > 0, name
+    stair, wait = traces["staircase-prefix-cache-r0"].chunks, traces["wait-all"].chunks
+    later = [n.id for n in topology.nodes if n.stage == 1 and not n.is_final]
+    # a second-stage node's first call starts before its inputs ended (staircase), after them (wait-all)
+    def first_sent(chunks, node):
+        return chunks[chunks["node"] == node]["sent_s"].min()
+    def inputs_end(chunks):
+        return chunks[chunks["stage"] == 0]["end_s"].max()
+    assert all(first_sent(stair, n) < inputs_end(stair) for n in later)
+    assert all(first_sent(wait, n) >= inputs_end(wait) - 1e-6 for n in later)
 
 
 def test_chunk_boundaries_set_while_real_calls_stream(loop, engine):

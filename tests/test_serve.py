@@ -339,3 +339,43 @@ def test_a_live_run_replays_given_arrivals_for_a_paired_comparison(tmp_path, mon
         asyncio.run(runner.run_policy(StaircasePolicy(redundancy=1), ["a", "b", "c", "d"], arrivals=given))
     with pytest.raises(ConfigError, match="arrivals"):
         load_arrivals(tmp_path / "nowhere")
+
+
+def test_a_searchs_best_policy_runs_in_sim_live_and_serve(tmp_path):
+    """The serve guide's headline path, end to end: a real `staircase search` writes
+    best.json; `sim`, `live` (replay engines) and `serve` each run that policy from the file
+    (--policy-config); the server answers under --served-model-name, with the key named by
+    --server-key-env."""
+    from openai import AuthenticationError, OpenAI
+
+    def staircase(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "staircase", *args], capture_output=True, text=True,
+                              timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    staircase("search", "--budget", "6", "--requests", "20", "--fix", "staircase.layout=prefix-cache",
+              "--out", "search", "--no-figure", "--no-progress")
+    best = str(tmp_path / "search" / "best.json")
+    policy = json.loads(Path(best).read_text())["best"]
+    sim = json.loads(staircase("sim", "--requests", "10", "--policies", "", "--policy-config", best,
+                               "--summary-only", "--no-figure", "--format", "json", "--out", "sim"))["policies"]
+    assert len(sim) == 1 and next(iter(sim.values()))["errors"] == 0
+    live = json.loads(staircase("live", "--config", replay_config(tmp_path), "--requests", "1", "--policies", "",
+                                "--policy-config", best, "--no-figure", "--no-progress", "--format", "json",
+                                "--out", "live"))["policies"]
+    assert list(live) == list(sim) and next(iter(live.values()))["errors"] == 0
+    recorded = json.loads((tmp_path / "live" / "config.json").read_text())["policies"][0]
+    assert {k: recorded[k] for k in policy} == policy  # the run ran the searched policy itself
+    srv = ServeProcess(["--config", replay_config(tmp_path), "--policies", "", "--policy-config", best,
+                        "--served-model-name", "my-moa", "--server-key-env", "MY_GATEWAY_KEY"], tmp_path / "out",
+                       env={"MY_GATEWAY_KEY": "k-123"})
+    try:
+        ok = OpenAI(base_url=f"{srv.url}/v1", api_key="k-123", max_retries=0)
+        assert [m.id for m in ok.models.list().data][0] == "my-moa"
+        answer = ok.chat.completions.create(model="my-moa", messages=ask())
+        assert answer.choices[0].message.content == ANSWER
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=f"{srv.url}/v1", api_key="STAIRCASE_API_KEY", max_retries=0).models.list()
+    finally:
+        srv.stop()
