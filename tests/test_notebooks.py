@@ -35,3 +35,23 @@ def test_notebook_executes(name, tmp_path):
     for fig in EXPECTED[name]:
         path = tmp_path / "figures" / fig
         assert path.is_file() and path.stat().st_size > 10_000, fig
+
+
+# figures the manual shows, with their numbers committed beside them: a fresh run must give the same numbers
+COMMITTED = {"chunk_size_tradeoff.ipynb": "ttft_vs_first_chunk.csv"}  # README.md's figure
+
+
+@pytest.mark.parametrize("name", sorted(COMMITTED))
+def test_the_committed_figure_is_what_the_notebook_writes(name, tmp_path):
+    """The README's figure (notebooks/figures/) is the notebook's output at its defaults:
+    its numbers, written beside it, are what a run now gives; a change that moves them
+    fails here until the notebook is run again in notebooks/ and the figure committed."""
+    import pandas as pd
+
+    nb = nbformat.read(NOTEBOOKS / name, as_version=4)
+    nbclient.NotebookClient(nb, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute()
+    fresh = pd.read_csv(tmp_path / "figures" / COMMITTED[name])
+    committed = pd.read_csv(NOTEBOOKS / "figures" / COMMITTED[name])
+    pd.testing.assert_frame_equal(fresh, committed, rtol=1e-4)
+    assert (NOTEBOOKS / "figures" / COMMITTED[name]).with_suffix(".png").is_file()
