@@ -41,6 +41,7 @@ from typing import Mapping
 import numpy as np
 import pandas as pd
 
+from staircase.record import run_record, write_record
 from staircase.report import _clean, summary_frame
 
 from .data import Item
@@ -230,7 +231,7 @@ def write(folder: Path, collected: Collected, scores: pd.DataFrame, summary: pd.
     paths = {"config": folder / "config.json", "answers": folder / "answers.jsonl", "scores": folder / "scores.csv",
              "summary": folder / "summary.csv", "json": folder / "summary.json",
              "table": folder / "quality_table.csv"}
-    paths["config"].write_text(json.dumps(config, indent=2, default=str) + "\n")
+    write_record(folder, run_record("quality") | dict(config))  # (a record's head, whoever called)
     collected.answers.to_json(paths["answers"], orient="records", lines=True, force_ascii=False)
     scores.to_csv(paths["scores"], index=False)
     summary.to_csv(paths["summary"])
