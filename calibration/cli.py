@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from staircase.cli import results_folder, seed_type
+from staircase.cli import HelpFormatter, results_folder, seed_type
 from staircase.deployment import load_deployment
 from staircase.errors import ConfigError
 from staircase.record import run_record, write_record
@@ -50,7 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     from staircase.live.engines import add_deployment_argument, add_engine_arguments
 
     p = subparsers.add_parser("calibrate", help=HELP_CAL, description=__doc__,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=HelpFormatter)
     add_engine_arguments(p)
     g = p.add_argument_group("deployment (every replica probed, one fit per pool model)")
     add_deployment_argument(g)
@@ -81,7 +81,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _register_validate(subparsers: argparse._SubParsersAction) -> None:
     v = subparsers.add_parser("validate", help=HELP_VAL, description=VALIDATE_DOC,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=HelpFormatter)
     v.add_argument("runs", type=Path, nargs="*", help="`staircase live` results folders (held out from calibration)")
     v.add_argument("--published", type=Path, metavar="CSV",
                    help="instead of live runs: a table of published GPU runs (benchmarks/published/*.csv); each "
@@ -123,7 +123,7 @@ MoA engines of several models, one per slot (--model and --tp repeat; the last i
 
 def register_profile(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("profile", help=HELP_PROFILE, description=PROFILE_DOC,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=HelpFormatter)
     p.add_argument("--gpu", default="h100_sxm", help="GPU type of the database (default h100_sxm; --list-gpus)")
     p.add_argument("--backend", default="vllm", help="serving engine: vllm, sglang, trtllm (default vllm)")
     p.add_argument("--model", action="append", help="model id of the database's configs (repeat for several "

@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from staircase.cli import (add_output_arguments, add_topology_policy_arguments, finish_run, seed_type,
+from staircase.cli import (HelpFormatter, add_output_arguments, add_topology_policy_arguments, finish_run, seed_type,
                            topology_and_policies)
 from staircase.errors import ConfigError
 from staircase.record import run_record
@@ -52,7 +52,7 @@ from .engines import EngineOptions, add_deployment_argument, add_engine_argument
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("live", help="run policies on real engines (vLLM in-process, vllm serve, HTTP)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=HelpFormatter)
     add_engine_arguments(p)
     add_deployment_argument(p.add_argument_group("deployment"))
     add_topology_policy_arguments(p, "wait-all,staircase", "1", proposers=3)
@@ -213,7 +213,7 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
     from .gateway.serving import SERVE_DOC
 
     p = subparsers.add_parser("serve", help=SERVE_HELP, description=SERVE_DOC,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
+                              formatter_class=HelpFormatter)
     add_engine_arguments(p)
     add_deployment_argument(p.add_argument_group("deployment"))
     add_topology_policy_arguments(p, "staircase-prefix-cache", "1", proposers=3)

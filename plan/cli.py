@@ -8,7 +8,7 @@ import json
 import shlex
 from pathlib import Path
 
-from staircase.cli import (add_output_arguments, add_topology_policy_arguments, add_workload_arguments,
+from staircase.cli import (HelpFormatter, add_output_arguments, add_topology_policy_arguments, add_workload_arguments,
                            results_folder, seed_type,
                            topology_and_policies, workload_from_args)
 from staircase.deployment import ROUTERS, load_deployment
@@ -52,7 +52,7 @@ PLAN_SLOS = ("ttft_p90<=2", "e2e_p50<=60")
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("plan", help="the cheapest deployment that meets latency SLOs, per policy "
                                            "(no arguments: the embedded default)",
-                              description=PLAN_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=PLAN_HELP, formatter_class=HelpFormatter)
     add_topology_policy_arguments(p, PLAN_POLICIES, "1", proposers=3)
     _traffic_arguments(p)
     _target_arguments(p)

@@ -38,7 +38,7 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from staircase.cli import add_output_arguments, parse_int_list, results_folder, seed_type
+from staircase.cli import HelpFormatter, add_output_arguments, parse_int_list, results_folder, seed_type
 from staircase.errors import ConfigError
 from staircase.record import read_record, run_record, write_record
 from staircase.policies import LAYOUTS, make_policies, policy_from_dict
@@ -55,7 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = subparsers.add_parser("quality", help="score answers of policies against wait-all (exact match, similarity, "
                                               "late-key retention, judge) beside their latency",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=HelpFormatter)
     add_engine_arguments(p)
     g = p.add_argument_group("what is scored")
     g.add_argument("--sets", default="gsm8k_replay,probe", help=f"comma list of {', '.join(SETS)}")

@@ -19,7 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from staircase.cli import (add_output_arguments, add_topology_arguments, add_workload_arguments, build_topology,
+from staircase.cli import (HelpFormatter, add_output_arguments, add_topology_arguments, add_workload_arguments,
+                           build_topology,
                            results_folder, seed_type,
                            workload_from_args)
 from staircase.errors import ConfigError
@@ -40,7 +41,7 @@ from .space import SearchSpace, parse_fix, parse_range
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("search", help="search policies on the simulator (no arguments: the embedded default)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=__doc__, formatter_class=HelpFormatter)
     add_topology_arguments(p)
     g = p.add_argument_group("deployment and traffic (one scenario per profile x workload x load)")
     g.add_argument("--profile", default="default", help="comma list of engine profiles (bundled names or JSON files)")

@@ -15,7 +15,8 @@ import sys
 import time
 
 from staircase.machine import label
-from staircase.cli import (add_output_arguments, add_topology_policy_arguments, add_workload_arguments, finish_run,
+from staircase.cli import (HelpFormatter, add_output_arguments, add_topology_policy_arguments, add_workload_arguments,
+                           finish_run,
                            seed_type, topology_and_policies, workload_from_args)
 from staircase.deployment import load_deployment
 from staircase.record import run_record
@@ -32,7 +33,7 @@ DEFAULT_POLICIES = "wait-all,staircase,single"
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "sim", help="simulate policies on SimPy engines (no arguments: the embedded default)",
-        description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description=__doc__, formatter_class=HelpFormatter)
     add_topology_policy_arguments(p, DEFAULT_POLICIES, "1", proposers=3)
     g = p.add_argument_group("generation")
     g.add_argument("--max-tokens", type=int, default=128,

@@ -26,6 +26,18 @@ from .topology import TOPOLOGY_KINDS, Topology
 ENTRY_POINT_GROUP = "staircase.commands"
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every command's --help: the description as written, each option's default once
+    (not where its help already names one, nor when it is unset: None, off, empty)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default in ("", [], argparse.SUPPRESS)
+        if "default" in text.lower() or unset or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, exit 2, like our own errors
         self.exit(2, f"{self.prog}: error: {message}\n")
