@@ -17,11 +17,6 @@ from staircase.record import topology_and_policies
 from .runs import LiveRun, run_deployment
 
 
-def run_topology_and_policies(cfg: dict):
-    """The topology and policies a run recorded (``staircase.record.topology_and_policies``)."""
-    return topology_and_policies(cfg)
-
-
 def replay(run: LiveRun, profile: Profile, *, replicates: int = 3, seed: int = 0, tokenizer=None,
            policies: Sequence[str] | None = None, with_chunks: bool = False):
     """Simulated request rows per policy (replicates stacked, column ``replicate``);
@@ -29,7 +24,7 @@ def replay(run: LiveRun, profile: Profile, *, replicates: int = 3, seed: int = 0
     if isinstance(replicates, bool) or not isinstance(replicates, int) or replicates < 1:
         raise ConfigError("replicates", replicates, "an integer >= 1")
     cfg = run.config
-    topology, built = run_topology_and_policies(cfg)
+    topology, built = topology_and_policies(cfg)
     by_name = {p.name: p for p in built}
     concurrency = None if cfg.get("rate") else int(cfg.get("concurrency") or 1)
     deployment = run_deployment(run)  # the run's pools and routers, simulated alike

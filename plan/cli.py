@@ -118,7 +118,8 @@ def plan_config_from_args(args: argparse.Namespace) -> PlanConfig:
     topology, policies = topology_and_policies(args)
     slos = [SLO.parse(s) for s in (args.slo or PLAN_SLOS)]
     profile = load_profile(args.profile)
-    whole = {"azure": lambda: len(read_azure(args.trace)), "run": lambda: len(read_arrivals(args.trace or ""))}
+    whole = {"azure": lambda: len(read_azure(args.trace)),  # (run without --trace: the Workload says what is missing)
+             "run": lambda: len(read_arrivals(args.trace)) if args.trace else 200}
     workload = workload_from_args(args, requests=args.requests or whole.get(args.workload, lambda: 200)())
     routers = [r.strip() for r in args.routers.split(",") if r.strip()]
     if args.deployment:

@@ -25,9 +25,9 @@ its own engine instance (several layers or rounds share their slot's engine); wi
 ``"one"`` all slots share a single engine of the aggregator's model (one server
 hosting every agent).
 
-Bundled profiles live in ``staircase/data/profiles/``. The simulator finds that folder
-as data, without importing the ``calibration`` package (calibration imports sim,
-never the other way).
+Bundled profiles live in ``staircase/data/profiles/``; the simulator asks for them by name
+(``staircase.bundled``), never through the ``calibration`` package (calibration imports
+sim, never the other way).
 """
 
 from __future__ import annotations

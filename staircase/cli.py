@@ -190,8 +190,8 @@ def workload_from_args(args: argparse.Namespace, kind: str | None = None, reques
     """The ``Workload`` of `add_workload_arguments`' options (``kind``, ``requests``: instead of theirs)."""
     from .workload import Workload
 
-    return Workload(kind or args.workload, requests or args.requests, getattr(args, "rate", None) or 1.0, args.cv,
-                    getattr(args, "concurrency", 8), args.query_tokens, args.output_tokens, trace=args.trace,
+    return Workload(kind or args.workload, args.requests if requests is None else requests, getattr(args, "rate", 1.0),
+                    args.cv, getattr(args, "concurrency", 8), args.query_tokens, args.output_tokens, trace=args.trace,
                     time_scale=args.time_scale)
 
 

@@ -81,7 +81,8 @@ def test_validate_rebuilds_a_run_from_its_configs_not_its_cli_arguments(tmp_path
     """The same committed run, once as recorded (CLI arguments) and once with only the
     topology and policy configs: the replay is the same."""
     from staircase.calibration.runs import load_live_run
-    from staircase.calibration.replay import replay, run_topology_and_policies
+    from staircase.calibration.replay import replay
+    from staircase.record import topology_and_policies as run_topology_and_policies
     from staircase.sim.profile import load_profile
 
     shutil.copytree(DATA / "live-alpaca-0-7-c1", tmp_path / "run")

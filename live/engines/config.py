@@ -32,7 +32,7 @@ from ..machine import DTYPES
 from .base import Engine
 from .http_engine import HTTPEngine
 from .inprocess import VLLMEngine
-from .replay import replay_from_spec
+from .replay import REPLAY, replay_from_spec
 from .serve import ServeEngine, vllm_flags  # noqa: F401 (vllm_flags: part of the config's API)
 
 ENGINE_KINDS = ("vllm", "serve", "http", "replay")
@@ -67,13 +67,7 @@ ENGINE_SPECS = {
         open=True),
     "http": ObjectSpec((Field("url", "str", required=True, pattern="^https?://", allowed="an http:// or https:// base URL"),
                         Field("model", **_TEXT), Field("api_key_env", **_TEXT), Field("tokenizer", **_TEXT)), open=True),
-    "replay": ObjectSpec((Field("answers", "str", allowed="the path of a JSONL file of {\"query\": ..., \"answer\": ...} "
-                                                             "lines (or a default_answer)"),
-                          Field("default_answer", nonblank=True, allowed="a non-empty string",
-                                                            **_TEXT),
-                          Field("tokens_per_s", "float", 30.0, low=0.0, open_low=True),
-                          Field("first_token_s", "float", 0.05, low=0.0),
-                          Field("tokenizer", allowed="a tokenizer folder's path", **_TEXT)), open=True),
+    "replay": REPLAY,
 }
 
 
@@ -157,9 +151,9 @@ def build_engine(name: str, spec: object, dtype: str | None = None) -> Engine:
     kind = spec.get("kind") if isinstance(spec, dict) else None
     if kind not in ENGINE_KINDS:
         raise ConfigError(f"config.engines.{name}.kind", kind, ", ".join(ENGINE_KINDS))
-    ENGINE_SPECS[kind].check(spec, f"config.engines.{name}")
     if kind == "replay":
-        return replay_from_spec(name, spec)  # reads the answers file, once
+        return replay_from_spec(name, spec)  # checks its fields (REPLAY), reads the answers file once
+    ENGINE_SPECS[kind].check(spec, f"config.engines.{name}")
     if kind == "http":
         return HTTPEngine(spec["url"], spec.get("model") or "model", name=name, api_key_env=spec.get("api_key_env"),
                           tokenizer_path=spec.get("tokenizer"))

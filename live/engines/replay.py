@@ -25,7 +25,6 @@ sits around the engines (``staircase serve``'s schema tests).
 from __future__ import annotations
 
 import asyncio
-import math
 import re
 from pathlib import Path
 from typing import AsyncIterator, Callable, Mapping
@@ -33,23 +32,30 @@ from typing import AsyncIterator, Callable, Mapping
 from staircase.errors import ConfigError
 from staircase.jsonio import read_jsonl
 from staircase.prompts import Prompt
+from staircase.spec import Field, ObjectSpec
 
 from .base import Delta, Engine, EngineError, Sampling
 
 _APPROX_PIECES = re.compile(r"\s*\S{1,4}|\s+$")
+TOKENS_PER_S = Field("tokens_per_s", "float", 30.0, low=0.0, open_low=True)
+FIRST_TOKEN_S = Field("first_token_s", "float", 0.05, low=0.0)
+ANSWERS_FILE = "the path of a JSONL file of {\"query\": ..., \"answer\": ...} lines (or a default_answer)"
+# A replay entry's fields, declared once: replay_from_spec's checks and the engines JSON Schema's entry
+# (beyond them: answers or a default answer, and the answers file's lines).
+REPLAY = ObjectSpec((Field("answers", "str", allowed=ANSWERS_FILE),
+                     Field("default_answer", "str", nullable=True, nonblank=True, allowed="a non-empty string"),
+                     TOKENS_PER_S, FIRST_TOKEN_S,
+                     Field("tokenizer", "str", nullable=True, allowed="a tokenizer folder's path")), open=True)
 
 
 class ReplayEngine(Engine):
     def __init__(self, answers: Mapping[str, str] | Callable[[str], str | None], name: str = "replay",
-                 tokens_per_s: float = 30.0, first_token_s: float = 0.05, tokenizer=None, model: str = "replay"):
-        for field, value in (("tokens_per_s", tokens_per_s), ("first_token_s", first_token_s)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0 \
-                    or (field == "tokens_per_s" and value == 0):
-                raise ConfigError(field, value, "a number > 0" if field == "tokens_per_s" else "a number >= 0")
+                 tokens_per_s: float = TOKENS_PER_S.default, first_token_s: float = FIRST_TOKEN_S.default,
+                 tokenizer=None, model: str = "replay"):
         self.answers = answers
         self.name = name
-        self.tokens_per_s = float(tokens_per_s)
-        self.first_token_s = float(first_token_s)
+        self.tokens_per_s = TOKENS_PER_S.check(tokens_per_s)
+        self.first_token_s = FIRST_TOKEN_S.check(first_token_s)
         self.tokenizer = tokenizer
         self.model = model
 
@@ -112,21 +118,14 @@ def load_answers(path: str | Path, field: str = "answers") -> dict[str, str]:
 
 
 def replay_from_spec(name: str, spec: dict) -> ReplayEngine:
-    """A replay engine from a ``staircase live`` config entry (fields checked)."""
-    default = spec.get("default_answer")
-    if default is not None and (not isinstance(default, str) or not default.strip()):
-        raise ConfigError(f"config.engines.{name}.default_answer", default, "a non-empty string")
-    if spec.get("tokenizer") is not None and not isinstance(spec["tokenizer"], str):
-        raise ConfigError(f"config.engines.{name}.tokenizer", spec["tokenizer"], "a tokenizer folder's path")
-    path = spec.get("answers")
-    if (path is not None or default is None) and not isinstance(path, str):
-        raise ConfigError(f"config.engines.{name}.answers", path,
-                          "the path of a JSONL file of {\"query\": ..., \"answer\": ...} lines (or a default_answer)")
-    answers = load_answers(path, f"config.engines.{name}.answers") if path is not None else {}
+    """A replay engine from a ``staircase live`` config entry (its fields checked: ``REPLAY``)."""
+    where = f"config.engines.{name}"
+    entry = REPLAY.check(spec, where)
+    path, default = entry["answers"], entry["default_answer"]
+    if path is None and default is None:
+        raise ConfigError(f"{where}.answers", None, ANSWERS_FILE)
+    answers = load_answers(path, f"{where}.answers") if path is not None else {}
     if default is not None:
         answers = (lambda table: lambda query: table.get(query, default))(answers)
-    try:
-        return ReplayEngine(answers, name=name, tokens_per_s=spec.get("tokens_per_s", 30.0),
-                            first_token_s=spec.get("first_token_s", 0.05), tokenizer=spec.get("tokenizer"))
-    except ConfigError as err:
-        raise ConfigError(f"config.engines.{name}.{err.field}", err.value, err.allowed) from None
+    return ReplayEngine(answers, name=name, tokens_per_s=entry["tokens_per_s"], first_token_s=entry["first_token_s"],
+                        tokenizer=entry["tokenizer"])
