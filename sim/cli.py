@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from staircase.machine import label
 from staircase.cli import (HelpFormatter, add_output_arguments, add_topology_policy_arguments, add_workload_arguments,
@@ -114,3 +115,84 @@ def _run_config(args: argparse.Namespace, topology, policies, workload, profile)
         seed=args.seed, max_tokens=args.max_tokens, noise=not args.no_noise,
         summary_only=args.summary_only, fault_rates=args.faults,
     )
+
+
+EMULATE_DOC = """``staircase emulate``: a fleet of emulated OpenAI-compatible engines on loopback, timed by
+an engine profile in real time (the simulator's engine model: continuous batching,
+prefill, the prefix cache, KV limits), for load tests and chaos runs at GPU speed
+without GPUs. Not for fidelity: there is no model; tokens are words, every answer is
+max_tokens words long.
+
+    staircase emulate                                     # h100-moa's 4 engines, one replica each
+    staircase emulate --deployment benchmarks/results/plan-azure-h100/deployment-staircase-prefix-cache-r2.json
+    staircase serve --config <out>/engines.json --deployment <out>/deployment.json --proposers 6
+
+Each engine answers at http://HOST:PORT/<engine>/v1 (completions and chat completions,
+streamed with usage, vLLM's token_ids and cached tokens); /metrics has vLLM's metric
+names per engine. <out>/engines.json and <out>/deployment.json point `staircase live`
+and `staircase serve` at the fleet; at the stop (Ctrl-C, SIGTERM) <out>/calls.csv holds
+every call's timing (arrived, admitted, first and last token due and written, tokens).
+"""
+
+
+def register_emulate(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("emulate", help="emulated GPU engines on loopback, timed by a profile (load tests)",
+                              description=EMULATE_DOC, formatter_class=HelpFormatter)
+    p.add_argument("--profile", default="h100-moa", help="engine profile: a JSON file or a bundled name")
+    p.add_argument("--deployment", default=None, metavar="FILE",
+                   help="pools of replicas of the profile's engines (JSON or YAML; a plan's deployment file); "
+                        "default: --replicas of every profile engine")
+    p.add_argument("--replicas", type=int, default=1, help="replicas of each profile engine, without --deployment")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8100)
+    p.add_argument("--stream-interval", type=int, default=1,
+                   help="tokens per streamed event (vLLM's --stream-interval)")
+    p.add_argument("--record-writes", action="store_true",
+                   help="keep every write's time per call (GET /emulator/calls: writes), for a benchmark's "
+                        "per-token delays")
+    p.add_argument("--seed", type=seed_type, default=0, help="seed of the profile's noise")
+    p.add_argument("--no-noise", action="store_true", help="turn the profile's noise off")
+    p.add_argument("--out", type=Path, default=None, help="results folder (default: results/emulate-<UTC timestamp>)")
+    p.set_defaults(func=run_emulate)
+
+
+def run_emulate(args: argparse.Namespace) -> int:
+    import asyncio
+    import json
+
+    from staircase.cli import results_folder
+    from .emulate import client_config, fleet_models
+
+    profile = load_profile(args.profile)
+    deployment = load_deployment(args.deployment, models=list(profile.engines)) if args.deployment else None
+    models = fleet_models(profile, deployment, args.replicas)
+    out = results_folder(args, "emulate")
+    out.mkdir(parents=True, exist_ok=True)
+    config, pools = client_config(models, f"http://{args.host}:{args.port}", profile, deployment)
+    (out / "engines.json").write_text(json.dumps(config, indent=1) + "\n")
+    (out / "deployment.json").write_text(json.dumps(pools, indent=1) + "\n")
+    asyncio.run(_emulate(args, profile, models, out))
+    return 0
+
+
+async def _emulate(args, profile, models, out) -> None:
+    import asyncio
+    import signal
+
+    from .emulate import Fleet, serve_fleet, write_calls
+
+    fleet, runner = await serve_fleet(lambda clock: Fleet(models, clock, seed=args.seed, noise=not args.no_noise,
+                                                          stream_interval=args.stream_interval,
+                                                          record_writes=args.record_writes),
+                                      args.host, args.port)
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    print(f"emulating {len(models)} engines of profile {profile.name} at http://{args.host}:{args.port}/<engine>/v1 "
+          f"({', '.join(list(models)[:4])}{', ...' if len(models) > 4 else ''}); "
+          f"staircase serve --config {out}/engines.json --deployment {out}/deployment.json", flush=True)
+    await stop.wait()
+    await runner.cleanup()
+    write_calls(out / "calls.csv", fleet.calls)
+    print(f"{len(fleet.calls)} calls; timing in {out / 'calls.csv'}; the clock ran at most "
+          f"{fleet.clock.lag_s_max * 1000:.1f} ms late", flush=True)

@@ -30,7 +30,7 @@ from staircase.topology import Topology
 
 from ..machine import DTYPES
 from .base import Engine
-from .http_engine import HTTPEngine
+from .http_engine import HTTPEngine, check_url
 from .inprocess import VLLMEngine
 from .replay import REPLAY, replay_from_spec
 from .serve import ServeEngine, vllm_flags  # noqa: F401 (vllm_flags: part of the config's API)
@@ -65,7 +65,11 @@ ENGINE_SPECS = {
     "serve": ObjectSpec((_MODEL, _DTYPE, _VLLM_ARGS, Field("threads", "any", json={"anyOf": [_CORES, {"type": "null"}, {
         "type": "array", "minItems": 1, "items": _CORES, "description": "with a deployment: one per replica"}]})),
         open=True),
-    "http": ObjectSpec((Field("url", "str", required=True, pattern="^https?://", allowed="an http:// or https:// base URL"),
+    "http": ObjectSpec((Field("url", "any", required=True, allowed="an http:// or https:// base URL; with a deployment, "
+                              "a list of those, one per replica", json={"anyOf": [
+                                  {"type": "string", "pattern": "^https?://"},
+                                  {"type": "array", "minItems": 1, "items": {"type": "string", "pattern": "^https?://"},
+                                   "description": "with a deployment: one per replica"}]}),
                         Field("model", **_TEXT), Field("api_key_env", **_TEXT), Field("tokenizer", **_TEXT)), open=True),
     "replay": REPLAY,
 }
@@ -155,7 +159,12 @@ def build_engine(name: str, spec: object, dtype: str | None = None) -> Engine:
         return replay_from_spec(name, spec)  # checks its fields (REPLAY), reads the answers file once
     ENGINE_SPECS[kind].check(spec, f"config.engines.{name}")
     if kind == "http":
-        return HTTPEngine(spec["url"], spec.get("model") or "model", name=name, api_key_env=spec.get("api_key_env"),
+        url = spec["url"]
+        if not isinstance(url, str):
+            raise ConfigError(f"config.engines.{name}.url", url, "an http:// or https:// base URL (a list, one per "
+                              "replica, only with a deployment)")
+        check_url(f"config.engines.{name}.url", url)
+        return HTTPEngine(url, spec.get("model") or "model", name=name, api_key_env=spec.get("api_key_env"),
                           tokenizer_path=spec.get("tokenizer"))
     model = model_path(spec["model"], f"config.engines.{name}.model")
     vargs = check_vllm_args(name, spec.get("vllm_args"))
@@ -227,19 +236,21 @@ def _replicas(deployment: Deployment, specs: dict, dtype: str | None) -> dict[st
     pools = {}
     for p in deployment.pools.values():
         spec, built = specs[p.model], []
-        threads = spec.get("threads")
-        if isinstance(threads, list) and len(threads) != p.replicas:
-            raise ConfigError(f"config.engines.{p.model}.threads", threads,
-                              f"one CPU list per replica of pool {p.name} ({p.replicas}), or one for all")
+        each = {k: v for k in PER_REPLICA if isinstance(v := spec.get(k), list)}
+        for key, values in each.items():
+            if len(values) != p.replicas:
+                raise ConfigError(f"config.engines.{p.model}.{key}", values,
+                                  f"{PER_REPLICA[key]}: one per replica of pool {p.name} ({p.replicas}), or one for all")
         for i, name in enumerate(replica_names(p)):
-            one = dict(spec)
-            if isinstance(threads, list):
-                one["threads"] = threads[i]
-            elif name in unbound:
+            one = dict(spec) | {k: v[i] for k, v in each.items()}
+            if name in unbound:
                 one["threads"] = cores[unbound.index(name)]
             built.append(build_engine(name, one, dtype))
         pools[p.name] = built
     return pools
+
+
+PER_REPLICA = {"threads": "CPU lists", "url": "base URLs"}  # fields a list gives one replica each of
 
 
 def cores_for(n: int) -> list[str | None]:

@@ -81,7 +81,7 @@ class HTTPEngine(Engine):
         url, body = self._request(prompt, max_tokens, sampling)
         reader = _StreamReader()
         try:
-            async with self.session.post(url, json=body, headers=self._headers()) as resp:
+            async with self.session.post(url, json=body, headers=self._headers() | {"X-Request-Id": request_id}) as resp:
                 if resp.status != 200:
                     raise EngineError(f"http {resp.status}")
                 async for event in _sse_events(resp):
