@@ -201,8 +201,10 @@ def split(results: list[dict], calls: list[dict], final_node: str) -> dict:
 
 
 def _per_token(writes: list) -> list[tuple[float, int]]:
+    """(time, index) of every token of a call, from its flat [time, tokens so far, ...] writes."""
     out, before = [], 0
-    for t, total in writes:
+    for t, total in zip(writes[::2], writes[1::2]):
+        total = int(total)
         out += [(t, i) for i in range(before, total)]
         before = total
     return out
@@ -235,17 +237,21 @@ def summarize(point: dict, client: Client, calls: dict, cpu_s: float, rss_mib: f
     return row
 
 
-async def run_point(point: dict, args, srv_port: int, emu_port: int, srv_pid: int) -> dict:
+async def run_point(point: dict, args, srv_port: int, emu_port: int, srv_pid: int, emu_pid: int) -> dict:
     client = Client(f"http://127.0.0.1:{srv_port}/v1/chat/completions", args)
     cpu0, _ = gateway_usage(srv_pid)
+    emu0, _ = gateway_usage(emu_pid)
     if point["load"] == "closed":
         await client.closed(point["users"], args.duration)
     else:
         await client.open(azure_arrivals(point["scale"], args.duration))
     cpu1, rss = gateway_usage(srv_pid)
+    emu1, _ = gateway_usage(emu_pid)
     await asyncio.sleep(0.5)  # the last calls' records
     calls = await asyncio.to_thread(fetch_calls, emu_port)
-    return summarize(point, client, calls, cpu1 - cpu0, rss, args.final_node)
+    row = summarize(point, client, calls, cpu1 - cpu0, rss, args.final_node)
+    span = max(r["end_s"] for r in client.results) - min(r["sent_s"] for r in client.results)
+    return row | {"emulator_cpu_share": (emu1 - emu0) / span}
 
 
 def points(args) -> list[dict]:
@@ -256,7 +262,7 @@ def points(args) -> list[dict]:
 
 COLUMNS = ["load", "users", "scale", "ok", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_mean_ms", "e2e_p50_s",
            "added_ttft_p50_ms", "added_ttft_p99_ms", "added_itl_p99_ms", "gateway_cpu_us_per_token",
-           "gateway_cpu_share", "gateway_rss_mib", "emulator_lag_ms_max", "within_targets"]
+           "gateway_cpu_share", "gateway_rss_mib", "emulator_cpu_share", "emulator_lag_ms_max", "within_targets"]
 
 
 def main(argv=None) -> int:
@@ -282,7 +288,7 @@ def main(argv=None) -> int:
     rows = []
     try:
         for point in points(args):
-            rows.append(asyncio.run(run_point(point, args, srv_port, emu_port, srv.pid)))
+            rows.append(asyncio.run(run_point(point, args, srv_port, emu_port, srv.pid, emu.pid)))
             print(pd.DataFrame(rows)[COLUMNS].tail(1).to_string(index=False, float_format=lambda v: f"{v:.3g}"),
                   flush=True)
     finally:

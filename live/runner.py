@@ -262,6 +262,7 @@ class LiveRunner:
         finally:
             self.call_ended(call)  # now, not at the task's done-callback: the next placement sees it
             watch.close()
+            await watch.stop()
             await stream.aclose()
 
     def _delta(self, call: "_LiveCall", port: "_LivePort", delta) -> None:

@@ -127,6 +127,7 @@ class CallWatch:
         self.grace_until = float("-inf")  # the final node's extension after a health check
         self.limit_s = pace.first_token_limit(prompt_tokens)
         pace.waiting[id(self)] = self.sent_s + self.limit_s
+        self._pump: _Pump | None = None
 
     def on_delta(self, tokens: int, prompt_tokens: int | None) -> None:
         if prompt_tokens:
@@ -145,6 +146,8 @@ class CallWatch:
 
     def close(self) -> None:
         self.pace.waiting.pop(id(self), None)
+        if self._pump is not None:
+            self._pump.task.cancel()  # (``stop`` waits for it)
 
     def reason(self) -> str:
         if self.last_s is None:
@@ -152,29 +155,96 @@ class CallWatch:
         return f"stalled {self.pace.gap_limit():.3g}s"
 
     async def next(self, stream):
-        """The stream's next delta, or EngineError when the engine looks dead."""
-        task = asyncio.ensure_future(stream.__anext__())
-        task.add_done_callback(_retrieve)  # its outcome is read even if our cleanup is cancelled
+        """The stream's next delta, or EngineError when the engine looks dead. The stream
+        is read by a task of its own (``_Pump``) from the first call on, so a delta that
+        is there already costs no wait, and one that is not costs one future and one timer
+        (not a task and an ``asyncio.wait`` per delta: the gateway's hot path at scale)."""
+        pump = self._pump
+        if pump is None:
+            pump = self._pump = _Pump(stream)
+        while True:
+            if pump.buf:
+                return pump.take()
+            now = time.monotonic()
+            deadline = max(self.pace.earliest_deadline(), self.grace_until)  # cheap: no percentile per delta
+            if deadline <= now:  # quiet that long: is the engine's exact deadline past too?
+                deadline = max(self.pace.deadline(), self.grace_until)
+            if deadline > now:
+                await pump.wait(deadline - now)
+                continue  # a delta came, or the deadline may have moved: the engine delivered to others
+            if pump.buf:
+                continue
+            if self.final and self.healthy is not None and await self.healthy():
+                self.grace_until = time.monotonic() + max(self.pace.gap_limit(),
+                                                         self.pace.first_token_limit(self.prompt_tokens)
+                                                         if self.last_s is None else 0.0)
+                continue
+            raise EngineError(self.reason())
+
+    async def stop(self) -> None:
+        """Stop reading the stream (before it is closed: an async generator a task still
+        runs cannot be)."""
+        if self._pump is not None:
+            await self._pump.stop()
+
+
+_END = object()
+
+
+class _Pump:
+    """Reads one stream into a buffer from a task of its own; the stream's end or error
+    is the buffer's last item."""
+
+    __slots__ = ("buf", "waiter", "task")
+
+    def __init__(self, stream):
+        self.buf: deque = deque()
+        self.waiter: asyncio.Future | None = None
+        self.task = asyncio.ensure_future(self._run(stream))
+        self.task.add_done_callback(_retrieve)
+
+    async def _run(self, stream) -> None:
         try:
-            while True:
-                now = time.monotonic()
-                deadline = max(self.pace.earliest_deadline(), self.grace_until)  # cheap: no percentile per delta
-                if deadline <= now:  # quiet that long: is the engine's exact deadline past too?
-                    deadline = max(self.pace.deadline(), self.grace_until)
-                if deadline > now:
-                    done, _ = await asyncio.wait({task}, timeout=deadline - now)
-                    if done:
-                        return task.result()
-                    continue  # the deadline may have moved: the engine delivered to others
-                if task.done():
-                    return task.result()
-                if self.final and self.healthy is not None and await self.healthy():
-                    self.grace_until = time.monotonic() + max(self.pace.gap_limit(),
-                                                             self.pace.first_token_limit(self.prompt_tokens)
-                                                             if self.last_s is None else 0.0)
-                    continue
-                raise EngineError(self.reason())
+            async for delta in stream:
+                self.buf.append(delta)
+                self._wake()
+            self.buf.append(_END)
+        except Exception as err:  # (an EngineError, or a bug of the stream's: raised to the reader)
+            self.buf.append(err)
         finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
+            self._wake()
+
+    def _wake(self) -> None:
+        w = self.waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    def take(self):
+        item = self.buf.popleft()
+        if item is _END:
+            self.buf.appendleft(_END)  # (the end stays the end)
+            raise StopAsyncIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until the next item, or ``timeout_s``."""
+        loop = asyncio.get_running_loop()
+        self.waiter = w = loop.create_future()
+        timer = loop.call_later(timeout_s, _set_none, w)
+        try:
+            await w
+        finally:
+            timer.cancel()
+            self.waiter = None
+
+    async def stop(self) -> None:
+        if not self.task.done():
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+
+
+def _set_none(fut: asyncio.Future) -> None:
+    if not fut.done():
+        fut.set_result(None)

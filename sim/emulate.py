@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+from array import array
 import itertools
 import math
 import time
@@ -76,7 +77,7 @@ class CallTiming:
     cached_tokens: int = 0
     output_tokens: int = 0
     outcome: str = "running"  # ok, aborted
-    writes: list | None = None  # with ``record_writes``: [(monotonic s, tokens so far)] per write
+    writes: array | None = None  # with ``record_writes``: per write, its time and the tokens so far, flat
 
 
 class _Call(RequestDriver):
@@ -118,14 +119,19 @@ class _Call(RequestDriver):
 class Clock:
     """One SimPy environment for every engine, kept level with the wall clock: its time
     ``t`` is ``t0 + t`` on ``time.monotonic()``. ``sync`` runs every event due by now;
-    ``arm`` asks the loop to run ``sync`` when the next event is due."""
+    ``arm`` asks the loop to run ``sync`` when the next event is due, but at most once per
+    ``resolution_s``: events due within one tick run together, up to that late (a fleet's
+    hundreds of calls each on its own phase would otherwise wake the loop per token)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop):
+    def __init__(self, loop: asyncio.AbstractEventLoop, resolution_s: float = 0.001):
         self.loop, self.env = loop, simpy.Environment()
         self.t0 = time.monotonic()
+        self.resolution_s = resolution_s
         self._handle: asyncio.TimerHandle | None = None
-        self._at = math.inf
+        self._at = math.inf  # when the armed tick runs (clock time)
+        self._last = -math.inf  # when the last tick ran
         self.lag_s_max = 0.0  # the latest an event ran after it was due
+        self.ticks = 0
 
     def wall(self, t: float) -> float:
         return self.t0 + t
@@ -139,20 +145,21 @@ class Clock:
             self.env.run(until=now)
 
     def arm(self) -> None:
-        due = self.env.peek()
-        if due == self._at and self._handle is not None:
+        due = max(self.env.peek(), self._last + self.resolution_s)
+        if due >= self._at:  # the armed tick comes first and arms the next
             return
         if self._handle is not None:
             self._handle.cancel()
-            self._handle = None
         self._at = due
-        if due < math.inf:
-            self._handle = self.loop.call_later(max(0.0, self.t0 + due - time.monotonic()), self._tick)
+        self._handle = self.loop.call_later(max(0.0, self.t0 + due - time.monotonic()), self._tick)
 
     def _tick(self) -> None:
         self._handle, self._at = None, math.inf
+        self.ticks += 1
         self.sync()
-        self.arm()
+        self._last = self.env.now
+        if self.env.peek() < math.inf:
+            self.arm()
 
 
 class EmulatedEngine:
@@ -252,7 +259,7 @@ class Fleet:
 
     def open_call(self, engine: str, request_id: str) -> _Call:
         timing = CallTiming(next(self.ids), engine, request_id, time.monotonic(),
-                            writes=[] if self.record_writes else None)
+                            writes=array("d") if self.record_writes else None)
         self.calls.append(timing)
         return _Call(timing, self.clock)
 

@@ -110,6 +110,8 @@ class EmulatorApp:
                            "/<engine>/v1/chat/completions, /<engine>/v1/models, /<engine>/health, /<engine>/metrics")
 
     async def completion(self, request, engine: EmulatedEngine, chat: bool):
+        from aiohttp import web
+
         try:
             body = await request.json()
         except ValueError:
@@ -128,7 +130,11 @@ class EmulatorApp:
             if not body.get("stream"):
                 return await self._whole(call, chat, body)
             return await self._stream(request, call, events, bool(options.get("include_usage")))
-        except (asyncio.CancelledError, ConnectionError):
+        except ConnectionError:  # the client went away (a cancelled call): abort it, quietly
+            call.timing.outcome = "aborted"
+            engine.abort(call)
+            return web.Response(status=499)  # (no one reads it)
+        except asyncio.CancelledError:
             call.timing.outcome = "aborted"
             engine.abort(call)
             raise
@@ -163,8 +169,8 @@ class EmulatorApp:
             if t.output_tokens == 0:
                 t.first_due_s, t.first_sent_s = items[0][1], sent
             t.last_due_s, t.last_sent_s, t.output_tokens = items[-1][1], sent, total
-            if t.writes is not None:
-                t.writes.append((sent, total))
+            if t.writes is not None:  # (floats in an array: nothing for the garbage collector to walk)
+                t.writes.extend((sent, total))
         if usage:
             await resp.write(events.usage(total, t.cached_tokens))
         await resp.write(b"data: [DONE]\n\n")
@@ -201,7 +207,8 @@ class EmulatorApp:
         from aiohttp import web
 
         since = int(request.query.get("since", 0))
-        calls = [asdict(c) for c in self.fleet.calls[since:]]
+        calls = [asdict(c) | ({"writes": c.writes.tolist()} if c.writes is not None else {})
+                 for c in self.fleet.calls[since:]]
         body = {"lag_s_max": self.fleet.clock.lag_s_max, "calls": calls}
         if request.query.get("clear"):
             self.fleet.calls = [c for c in self.fleet.calls if c.outcome == "running"]

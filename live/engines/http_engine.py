@@ -55,7 +55,9 @@ class HTTPEngine(Engine):
 
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.tokenizer_path))
         if self.session is None:
-            self.session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(
+            # no bound on connections (aiohttp's default, 100 per session, would queue a busy engine's calls
+            # inside this process); the engine's own scheduler is what queues them
+            self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=aiohttp.ClientTimeout(
                 total=None, connect=self.connect_timeout_s, sock_read=self.stall_timeout_s))
         try:
             async with self.session.get(f"{self.base_url}/v1/models", headers=self._headers()) as resp:

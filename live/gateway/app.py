@@ -10,6 +10,7 @@ every engine.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from contextlib import asynccontextmanager, suppress
@@ -51,6 +52,8 @@ def create_app(server: StaircaseServer, on_ready=None, on_stop=None) -> FastAPI:
             return
         if on_ready is not None:
             on_ready()
+        gc.collect()
+        gc.freeze()  # what startup made (modules, engines) is never garbage: full collections skip it
         flusher = asyncio.create_task(server.flush_every())
         try:
             yield

@@ -13,6 +13,7 @@ interval, and ``staircase validate`` reads the parts of a policy as one trace
 from __future__ import annotations
 
 import re
+import threading
 import time
 from pathlib import Path
 
@@ -57,6 +58,7 @@ class RowLog:
         self.opened = 0.0
         self.written = {"requests": 0, "chunks": 0}
         self.arrivals: list[float] = []  # first and last arrival seen (the observed rate)
+        self._lock = threading.Lock()
         self.write_config()
 
     def write_config(self, **more) -> None:
@@ -66,19 +68,43 @@ class RowLog:
     def flush(self, **more) -> int:
         """Move the finished requests' rows into the open part and write it; returns how
         many requests moved."""
+        done, chunks = self.take()
+        self.write(done, chunks, **more)
+        return len(done)
+
+    async def flush_async(self) -> int:
+        """``flush`` with the writing in a worker thread: the event loop only moves the
+        rows (a part's rewrite takes tens of milliseconds it would otherwise hold up every
+        stream for)."""
+        import asyncio
+
+        done, chunks = self.take()
+        await asyncio.to_thread(self.write, done, chunks)
+        return len(done)
+
+    def take(self) -> tuple[list, list]:
+        """The finished requests' rows and their chunks, moved off the recorder (on the
+        loop that appends to it)."""
         rec = self.recorder
         done = rec.requests[:]
-        if done:
-            keys = {(r.policy, r.request_id) for r in done}
-            chunks = [c for c in rec.chunks if (c.policy, c.request_id) in keys]
-            rec.requests.clear()  # (no await in between: nothing was appended meanwhile)
-            rec.chunks[:] = [c for c in rec.chunks if (c.policy, c.request_id) not in keys]
-            self._write_part(done, chunks)
-            self._count(done, chunks)
-        if done or more:  # an open loop at the observed rate (how `staircase validate` replays the arrivals)
-            first, last = self.arrivals or (0.0, 0.0)
-            self.write_config(rate=mean_rate([first, last], self.written["requests"]), **more)
-        return len(done)
+        if not done:
+            return [], []
+        keys = {(r.policy, r.request_id) for r in done}
+        chunks = [c for c in rec.chunks if (c.policy, c.request_id) in keys]
+        rec.requests.clear()  # (no await in between: nothing was appended meanwhile)
+        rec.chunks[:] = [c for c in rec.chunks if (c.policy, c.request_id) not in keys]
+        return done, chunks
+
+    def write(self, done: list, chunks: list, **more) -> None:
+        """Write rows ``take`` moved (one writer at a time: a stop's last flush waits for a
+        flush still writing)."""
+        with self._lock:
+            if done:
+                self._write_part(done, chunks)
+                self._count(done, chunks)
+            if done or more:  # an open loop at the observed rate (how `staircase validate` replays the arrivals)
+                first, last = self.arrivals or (0.0, 0.0)
+                self.write_config(rate=mean_rate([first, last], self.written["requests"]), **more)
 
     def _write_part(self, done: list, chunks: list) -> None:
         full = self.open is not None and (len(self.open[0]) >= self.part_requests

@@ -202,7 +202,7 @@ class StaircaseServer:
         while True:
             await asyncio.sleep(self.settings.flush_s)
             if self.rowlog is not None:
-                self.rowlog.flush()
+                await self.rowlog.flush_async()
 
     def stop_admitting(self) -> None:
         """New requests get 503 from now on (a stop signal's first step)."""
