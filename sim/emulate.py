@@ -95,6 +95,14 @@ class _Call(RequestDriver):
         self.waiter: asyncio.Future | None = None
         self.done = False
 
+    async def next_tokens(self) -> list[tuple[int, float]]:
+        """What the call made since the last ask, as (tokens, when due); empty once it is done."""
+        while not self.pending and not self.done:
+            self.waiter = asyncio.get_running_loop().create_future()
+            await self.waiter
+        items, self.pending = self.pending, []
+        return items
+
     def _wake(self) -> None:
         if self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)

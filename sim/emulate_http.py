@@ -118,7 +118,8 @@ class EmulatorApp:
             return _error(400, "body: not JSON")
         if not isinstance(body, dict):
             return _error(400, "body: not a JSON object")
-        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens") or MAX_TOKENS_DEFAULT
+        given = [body[k] for k in ("max_completion_tokens", "max_tokens") if body.get(k) is not None]
+        max_tokens = given[0] if given else MAX_TOKENS_DEFAULT
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
             return _error(400, f"max_tokens: got {max_tokens!r}; allowed: an integer >= 1")
         call = self.fleet.open_call(engine.name, request.headers.get("X-Request-Id", ""))
@@ -143,21 +144,13 @@ class EmulatorApp:
                 call.timing.outcome = "ok"
             engine.ended(call)
 
-    async def _next(self, call: _Call) -> list[tuple[int, float]]:
-        """What the call made since the last write (empty once it is done)."""
-        while not call.pending and not call.done:
-            call.waiter = asyncio.get_running_loop().create_future()
-            await call.waiter
-        items, call.pending = call.pending, []
-        return items
-
     async def _stream(self, request, call: _Call, events: _Events, usage: bool):
         from aiohttp import web
 
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         await resp.prepare(request)
         t, total = call.timing, 0
-        while items := await self._next(call):
+        while items := await call.next_tokens():
             last = call.done and not call.pending
             data = []
             for k, (tokens, due) in enumerate(items):
@@ -181,7 +174,7 @@ class EmulatorApp:
         from aiohttp import web
 
         t, total = call.timing, 0
-        while items := await self._next(call):
+        while items := await call.next_tokens():
             total += sum(n for n, _ in items)
             if t.output_tokens == 0:
                 t.first_due_s = t.first_sent_s = items[0][1]
