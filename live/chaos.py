@@ -87,7 +87,7 @@ class ChaosProxy:
 
     A completion gets a fault from the queue ``burst`` fills (in order), or every call on
     the path ``/<fault>/v1/...`` gets that fault. Faults (``CALL_FAULTS``): ``http503``,
-    ``http429`` (answered before any token), ``cut`` (the connection closed after
+    ``http429`` (answered before any token, with ``Retry-After: retry_after``), ``cut`` (the connection closed after
     ``cut_after`` events), ``stall`` (silent after two events, the connection held
     open), ``malformed`` (an event that is not JSON), ``truncated`` (ends after two events
     without a finish or [DONE]). ``/slow/v1/...`` is slow but alive: one call streams at a
@@ -98,6 +98,7 @@ class ChaosProxy:
                  slow: tuple[float, float, int] = (3.0, 0.4, 10)):
         self.upstream = upstream.rstrip("/") if upstream else None
         self.cut_after, self.tokens, self.slow = cut_after, tokens, slow
+        self.retry_after = "0"  # the Retry-After of its 503s and 429s (seconds, as text)
         self.port = free_port()
         self.pending: deque[str] = deque()  # the faults the next calls get, in order
         self.done: Counter = Counter()  # faults delivered, by kind
@@ -166,7 +167,8 @@ class ChaosProxy:
             fault = fault or (self.pending.popleft() if self.pending else None)
             if fault in ("http503", "http429"):
                 self.done[fault] += 1
-                return web.json_response({"error": {"message": f"chaos: {fault}"}}, status=int(fault[4:]))
+                return web.json_response({"error": {"message": f"chaos: {fault}"}}, status=int(fault[4:]),
+                                         headers={"Retry-After": self.retry_after})
         if self.upstream is None:
             if path.endswith("/models"):
                 return web.json_response({"data": [{"id": "model"}]})

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import sys
 import time
 import zlib
 from dataclasses import replace
@@ -253,8 +254,10 @@ class LiveRunner:
                 finish = delta.finish_reason or finish
             if call.chunker.tokens:
                 port.report(driver.chunk, call, *call.chunker.take(), self.now())
+            self.placement.outcome(call.replica, True, time.monotonic())
             port.report(driver.finished, call, finish or "stop", self.now())
         except EngineError as err:
+            self._failed_on(call.replica, err)
             port.report(driver.failed, call, err.reason, self.now())
         except asyncio.CancelledError:
             await (call.session.close() if call.session is not None else engine.abort(key))
@@ -264,6 +267,15 @@ class LiveRunner:
             watch.close()
             await watch.stop()
             await stream.aclose()
+
+    def _failed_on(self, replica, err: EngineError) -> None:
+        """A call failed on ``replica``: counted toward its ejection (``Placement.outcome``),
+        which a pool of several replicas logs."""
+        if self.placement.outcome(replica, False, time.monotonic()):
+            pool = self.placement.engine_pools().get(replica.engine.name, "")
+            if len(self.placement.pools.get(pool, ())) > 1:
+                print(f"staircase: replica {replica.engine.name} ejected for {self.placement.cooldown_s:g}s after "
+                      f"{self.placement.eject_after} failed calls in a row (last: {err.reason})", file=sys.stderr)
 
     def _delta(self, call: "_LiveCall", port: "_LivePort", delta) -> None:
         """One delta of a call: its tokens held, its prompt counts and chunk reported; the
@@ -364,7 +376,7 @@ class _LivePort:
         if generate.prompt.session and node.id in self.sessions:  # a session's steps stay on its engine
             session, replica = self.sessions[node.id]
         else:
-            session, replica = None, placement.pick(node.slot, driver.request_id, generate.node)
+            session, replica = None, placement.pick(node.slot, driver.request_id, generate.node, time.monotonic())
         call = _LiveCall(driver, generate, node, sent_s, tokens_before, replica)
         call.engine = replica.name
         if generate.prompt.session:

@@ -203,8 +203,13 @@ class Placement(Generic[R]):
     order) and the pool's router (one per pool, seeded). ``pick`` places a call."""
 
     def __init__(self, deployment: Deployment, slots: Iterable[str], replicas: Mapping[str, Sequence[R]],
-                 seed: int = 0):
-        """``replicas``: pool name -> its ``replicas`` replicas (``<pool>/<i>`` in order)."""
+                 seed: int = 0, eject_after: int = 3, cooldown_s: float = 30.0):
+        """``replicas``: pool name -> its ``replicas`` replicas (``<pool>/<i>`` in order);
+        ``eject_after`` failed calls in a row eject a replica for ``cooldown_s`` (0: never)."""
+        self.eject_after, self.cooldown_s = eject_after, cooldown_s
+        self.failures: dict[int, int] = {}  # id(replica) -> failed calls in a row
+        self.ejected_until: dict[int, float] = {}  # id(replica) -> when it is tried again
+        self.ejections: list[tuple[float, str]] = []  # (when, replica) of every ejection
         used = {slot: deployment.pool_for_slot(slot) for slot in slots}
         for pool in {p.name: p for p in used.values()}.values():
             got = len(replicas.get(pool.name, ()))
@@ -222,9 +227,32 @@ class Placement(Generic[R]):
         """Replica name -> its pool, for the pools some slot uses."""
         return {r.name: pool for pool, reps in self.pools.items() for r in reps}
 
-    def pick(self, slot: str, request_id: int, node_id: str) -> R:
+    def pick(self, slot: str, request_id: int, node_id: str, now: float = 0.0) -> R:
+        """The replica for a call at ``now`` (seconds, the caller's clock): the router picks
+        among the pool's replicas not ejected (``outcome``); when every replica is
+        ejected, among all of them (a pool never routes nowhere)."""
         replicas, router = self.by_slot[slot]
+        if self.ejected_until:
+            up = [r for r in replicas if self.ejected_until.get(id(r), 0.0) <= now]
+            if up and len(up) < len(replicas):
+                replicas = up  # (an affinity router's placements made before may now point elsewhere)
         return replicas[router.pick(replicas, request_id, node_id)]
+
+    def outcome(self, replica: R, ok: bool, now: float) -> bool:
+        """A call on ``replica`` ended, answered (``ok``) or failed (an engine error, not a
+        cancel): after ``eject_after`` failures in a row the replica gets no calls for
+        ``cooldown_s`` (outlier ejection), then is tried again. True when this ejected it."""
+        key = id(replica)
+        if ok:
+            self.failures.pop(key, None)
+            return False
+        self.failures[key] = n = self.failures.get(key, 0) + 1
+        if self.eject_after and n >= self.eject_after:
+            self.failures[key] = 0
+            self.ejected_until[key] = now + self.cooldown_s
+            self.ejections.append((now, getattr(replica, "name", str(key))))
+            return True
+        return False
 
     def least_in_flight(self, slot: str) -> int:
         """Calls in flight on the slot pool's least busy replica (a policy's load signal)."""

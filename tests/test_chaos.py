@@ -151,8 +151,9 @@ def test_the_fault_server_serves_every_fault_on_its_own_path():
     got, server = asyncio.run(asyncio.wait_for(scenario(), 60))
     assert got == {"http503": "http 503", "http429": "http 429", "cut": "truncated stream",
                    "malformed": "malformed stream", "truncated": "truncated stream", None: 4}
-    assert server.calls == 6 and dict(server.done) == {"http503": 1, "http429": 1, "cut": 1, "malformed": 1,
-                                                        "truncated": 1}
+    # a 503 or 429 is tried again (3 times) before the engine gives up: 4 calls each
+    assert server.calls == 12 and dict(server.done) == {"http503": 4, "http429": 4, "cut": 1, "malformed": 1,
+                                                         "truncated": 1}
     with pytest.raises(ConfigError, match="^mode: got 'kill'"):
         server.url_for("kill")
 
@@ -190,3 +191,32 @@ def test_the_chaos_run_ends_every_request_and_keeps_every_row(tmp_path):
     assert len(faults) == s["faults_skipped"] + sum(s["faults_injected"].values())
     assert (out / "timeline.png").stat().st_size > 10_000 and "rows lost 0" in r.stderr
     print(f"chaos run: {time.monotonic() - t:.0f} s; {s}")
+
+
+def test_a_503_or_429_before_the_first_token_is_tried_again_after_retry_after():
+    """A burst of two 503s and a 429 on the next calls: the engine tries again (after the
+    server's Retry-After) and streams the answer; a burst longer than its retries fails."""
+    from staircase.live.engines.http_engine import retry_delay
+
+    async def scenario():
+        server = await ChaosProxy(tokens=4).start()
+        server.retry_after = "0.2"
+        engine = HTTPEngine(server.url, "model")
+        await engine.start()
+        try:
+            server.burst("http503", 2)
+            server.burst("http429", 1)
+            t = time.monotonic()
+            tokens = sum([d.tokens async for d in engine.stream("r", PROMPT, 8, Sampling())])
+            waited = time.monotonic() - t
+            server.burst("http503", 4)
+            with pytest.raises(EngineError, match="^http 503$"):
+                [d async for d in engine.stream("r", PROMPT, 8, Sampling())]
+        finally:
+            await engine.close()
+            await server.close()
+        return tokens, waited, server
+    tokens, waited, server = asyncio.run(asyncio.wait_for(scenario(), 60))
+    assert tokens == 4 and waited >= 0.6 and server.calls == 8
+    assert retry_delay("2", 0, 0.25) == 2.0 and retry_delay("600", 0, 0.25) == 10.0
+    assert retry_delay(None, 2, 0.25) == 1.0 and retry_delay("Wed, 21 Oct 2015 07:28:00 GMT", 0, 0.25) == 0.25

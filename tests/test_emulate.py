@@ -225,3 +225,70 @@ def test_staircase_emulate_serves_a_plan_deployment_and_writes_its_calls(tmp_pat
     rows = (tmp_path / "calls.csv").read_text().splitlines()
     assert len(rows) == 2 and ",r-1," in rows[1] and rows[1].endswith(",ok"), out
     assert "1 calls; timing in" in out
+
+
+def test_placement_ejects_a_replica_that_keeps_failing_and_tries_it_after_the_cooldown():
+    from staircase.deployment import Placement
+
+    class R:
+        def __init__(self, name):
+            self.name, self.in_flight, self.kv_tokens = name, 0, 0
+
+    a, b = R("p/0"), R("p/1")
+    d = deployment_from_dict({"pools": {"p": {"model": "m", "replicas": 2, "router": "round-robin"}},
+                              "slots": {"proposers": ["p"], "aggregator": "p"}})
+    place = Placement(d, ["proposer-0"], {"p": [a, b]}, eject_after=3, cooldown_s=10.0)
+    assert {place.pick("proposer-0", 0, "n", 0.0).name for _ in range(4)} == {"p/0", "p/1"}
+    assert [place.outcome(a, False, 1.0) for _ in range(3)] == [False, False, True]
+    assert {place.pick("proposer-0", 0, "n", 5.0).name for _ in range(4)} == {"p/1"}  # ejected
+    assert place.outcome(b, False, 5.0) is False  # one failure of b: not ejected, and never both
+    assert {place.pick("proposer-0", 0, "n", 11.0).name for _ in range(4)} == {"p/0", "p/1"}  # tried again
+    place.outcome(a, False, 11.0), place.outcome(a, True, 11.5), place.outcome(a, False, 12.0)
+    assert place.failures[id(a)] == 1 and place.ejections == [(1.0, "p/0")]  # an answer resets the count
+
+
+def test_a_pool_stops_sending_to_a_failing_replica_and_its_calls_go_to_the_other():
+    """A pool of two proposer replicas, one behind a server that answers every call with
+    503 (the engine tries each call 4 times), one emulated: after 3 failed calls the bad
+    replica is ejected, every later call goes to the good one, every request answers."""
+    from staircase.live.chaos import ChaosProxy
+    from staircase.live.engines import HTTPEngine
+    from staircase.live.runner import LiveRunner
+    from staircase.policies import StaircasePolicy
+    from staircase.topology import moa
+
+    async def go():
+        port = free_port()
+        fleet, emu = await _fleet(port)
+        bad = await ChaosProxy().start()
+        good_url = f"http://127.0.0.1:{port}/{ENGINE}/0"
+        engines = {"bad": HTTPEngine(bad.url_for("http503"), "m", name="p/0"),
+                   "good": HTTPEngine(good_url, "m", name="p/1"), "agg": HTTPEngine(good_url, "m", name="agg/0")}
+        d = deployment_from_dict({"pools": {"p": {"model": "m", "replicas": 2, "router": "least-loaded"},
+                                            "agg": {"model": "m"}}, "slots": {"proposers": ["p"], "aggregator": "agg"}})
+        topology = moa(3)
+        slot_engines = {n.slot: engines["agg"] if n.slot == "aggregator" else engines["good"] for n in topology.nodes}
+        runner = LiveRunner(slot_engines, topology, max_tokens=8, deployment=d, request_timeout_s=60,
+                            pools={"p": [engines["bad"], engines["good"]], "agg": [engines["agg"]]})
+        await runner.start()
+        try:
+            rows = [await runner.run_request(StaircasePolicy(redundancy=2), i, f"question {i} " * 20)
+                    for i in range(6)]
+        finally:
+            await runner.close()
+            await bad.close()
+            await emu.cleanup()
+        return rows, runner, bad, fleet
+
+    rows, runner, bad, fleet = _run(go())
+    assert [r.outcome for r in rows] == ["ok"] * 6, [r.error for r in rows]
+    assert runner.placement.ejections and runner.placement.ejections[0][1] == "p/0"
+    # 4 tries per call; the calls placed on it before its third failure was known (a request places
+    # its 3 proposers at once), then none
+    assert bad.calls % 4 == 0 and 12 <= bad.calls <= 20
+    on_good = {}
+    for c in fleet.calls:
+        if "L0.p" in c.request_id:
+            job = int(c.request_id.split("-")[-4])
+            on_good[job] = on_good.get(job, 0) + 1
+    assert on_good[4] == on_good[5] == 3  # after the ejection every proposer call went to the good replica

@@ -84,6 +84,13 @@ def test_the_official_client_streamed_and_not(fast):
     ({"model": "staircase", "messages": ask(), "n": 2}, 400, "n", "less than or equal to 1"),
     ({"model": "staircase", "messages": [{"role": "user", "content": "  "}]}, 400, "messages", "no text"),
     ({"model": "staircase", "messages": [{"role": "robot", "content": "hi"}]}, 400, "messages.0.role", "'user'"),
+    # fields the gateway cannot honour are refused, not ignored
+    ({"model": "staircase", "messages": ask(), "tools": [{"type": "function", "function": {"name": "f"}}]}, 400,
+     "tools", "not supported"),
+    ({"model": "staircase", "messages": ask(), "response_format": {"type": "json_object"}}, 400, "response_format",
+     "not supported"),
+    ({"model": "staircase", "messages": ask(), "logprobs": True}, 400, "logprobs", "not supported"),
+    ({"model": "staircase", "messages": ask(), "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "up to 4"),
 ])
 def test_bad_requests_get_openai_errors_naming_the_parameter(fast, body, status, param, needle):
     r = httpx.post(f"{fast.url}/v1/chat/completions", json=body, timeout=30)
@@ -91,6 +98,24 @@ def test_bad_requests_get_openai_errors_naming_the_parameter(fast, body, status,
     err = r.json()["error"]
     assert err["param"] == param and needle in err["message"] and err["type"]
     assert "Traceback" not in r.text
+
+
+def test_stop_ends_the_answer_before_the_stop_string_streamed_and_not(fast):
+    """``stop`` honoured: the answer ends before the first stop string (left out), finish
+    reason ``stop``, streamed (the string may span deltas) or whole; harmless values of
+    the refused fields (``logprobs: false``, ``tool_choice: "none"``) pass."""
+    c = client(fast)
+    whole = c.chat.completions.create(model="staircase", messages=ask(), stop=["blue", "zzz"], logprobs=False)
+    assert whole.choices[0].message.content == "The sky looks " and whole.choices[0].finish_reason == "stop"
+    pieces, finish = [], None
+    for chunk in c.chat.completions.create(model="staircase", messages=ask(), stream=True, stop="short blue",
+                                           tool_choice="none"):
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+    assert "".join(pieces) == ANSWER[:ANSWER.index("short blue")] and finish == "stop"
+    unstopped = c.chat.completions.create(model="staircase", messages=ask(), stop="no such words")
+    assert unstopped.choices[0].message.content == ANSWER
 
 
 def test_a_body_that_is_not_json_is_a_400(fast):

@@ -30,9 +30,13 @@ class HTTPEngine(Engine):
 
     def __init__(self, base_url: str, model: str, name: str = "http", api_key_env: str | None = None,
                  tokenizer_path: str | Path | None = None, connect_timeout_s: float = 5.0,
-                 stall_timeout_s: float | None = None):
+                 stall_timeout_s: float | None = None, retries: int = 3, backoff_s: float = 0.25):
         """``stall_timeout_s``: a socket read timeout of the stream (None: none; the live
-        runner's watchdog tells slow from dead, ``staircase.live.watchdog``)."""
+        runner's watchdog tells slow from dead, ``staircase.live.watchdog``). A 429 or 503
+        (a server that sheds load, before any token) is tried again up to ``retries``
+        times, after the server's ``Retry-After`` when it sends one (capped at
+        ``RETRY_AFTER_MAX_S``), else ``backoff_s`` doubling; the watchdog's first-token
+        limit bounds the whole wait."""
         check_url("url", base_url)
         # the server's root; a base URL ending in /v1 (what OpenAI clients take) means the same server
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
@@ -45,6 +49,7 @@ class HTTPEngine(Engine):
         self.tokenizer = None
         self.connect_timeout_s = connect_timeout_s
         self.stall_timeout_s = stall_timeout_s
+        self.retries, self.backoff_s = retries, backoff_s
         self.session = None
 
     async def start(self) -> None:
@@ -82,14 +87,20 @@ class HTTPEngine(Engine):
 
         url, body = self._request(prompt, max_tokens, sampling)
         reader = _StreamReader()
+        headers = self._headers() | {"X-Request-Id": request_id}
         try:
-            async with self.session.post(url, json=body, headers=self._headers() | {"X-Request-Id": request_id}) as resp:
-                if resp.status != 200:
-                    raise EngineError(f"http {resp.status}")
-                async for event in _sse_events(resp):
-                    delta = reader.delta(event)
-                    if delta is not None:
-                        yield delta
+            for attempt in range(self.retries + 1):
+                async with self.session.post(url, json=body, headers=headers) as resp:
+                    if resp.status in RETRY_STATUS and attempt < self.retries:
+                        await asyncio.sleep(retry_delay(resp.headers.get("Retry-After"), attempt, self.backoff_s))
+                        continue  # (no token came yet: nothing to undo; the watchdog's first-token limit still runs)
+                    if resp.status != 200:
+                        raise EngineError(f"http {resp.status}")
+                    async for event in _sse_events(resp):
+                        delta = reader.delta(event)
+                        if delta is not None:
+                            yield delta
+                    break
         except (EngineError, asyncio.CancelledError):
             raise
         except (asyncio.TimeoutError, aiohttp.ServerTimeoutError):
@@ -156,25 +167,58 @@ class HTTPEngine(Engine):
             self.session = None
 
 
+RETRY_STATUS = (429, 503)
+RETRY_AFTER_MAX_S = 10.0
+
+
+def retry_delay(retry_after: str | None, attempt: int, backoff_s: float) -> float:
+    """Seconds before the next try: the server's ``Retry-After`` (seconds; an HTTP date
+    counts as none) up to ``RETRY_AFTER_MAX_S``, else ``backoff_s * 2**attempt``."""
+    try:
+        given = float(retry_after) if retry_after is not None else None
+    except ValueError:
+        given = None
+    if given is not None and given >= 0:
+        return min(given, RETRY_AFTER_MAX_S)
+    return backoff_s * 2 ** attempt
+
+
 async def _sse_events(resp) -> AsyncIterator[dict]:
-    """The JSON events of a server-sent-events response, up to ``[DONE]``; a line that is
-    not an event or not JSON, or an ``error`` event, raises EngineError."""
+    """The JSON events of a server-sent-events response, up to ``[DONE]``, by the whole
+    grammar: an event is its ``data:`` lines (joined by newlines) up to a blank line;
+    ``event:`` names it (``error``: the server's error), ``id:``, ``retry:``, unknown
+    fields and comment lines (``:``) are read and ignored. Data that is not JSON, or an
+    error event (``event: error`` or an ``error`` object), raises EngineError; data cut off
+    before its blank line is a truncated stream."""
+    data: list[str] = []
+    kind = ""
     async for raw in resp.content:
-        line = raw.decode("utf-8", "replace").strip()
-        if not line or line.startswith(":"):
+        line = raw.decode("utf-8", "replace").rstrip("\r\n")
+        if line:
+            if line[0] != ":":
+                field, _, value = line.partition(":")
+                value = value[1:] if value[:1] == " " else value
+                if field == "data":
+                    data.append(value)
+                elif field == "event":
+                    kind = value
             continue
-        if not line.startswith("data:"):
-            raise EngineError("malformed stream")
-        data = line[5:].strip()
-        if data == "[DONE]":
+        if not data:  # a blank line ends an event; without data there is none
+            kind = ""
+            continue
+        text, data = data[0] if len(data) == 1 else "\n".join(data), []
+        if text == "[DONE]":
             return
         try:
-            event = json.loads(data)
+            event = json.loads(text)
         except json.JSONDecodeError:
             raise EngineError("malformed stream") from None
-        if "error" in event:
-            raise EngineError(f"server error: {str(event['error'])[:100]}")
+        if kind == "error" or not isinstance(event, dict) or "error" in event:
+            raise EngineError(f"server error: {str(event.get('error') if isinstance(event, dict) else event)[:100]}")
+        kind = ""
         yield event
+    if data and data != ["[DONE]"]:
+        raise EngineError("truncated stream")
 
 
 class _StreamReader:

@@ -3,8 +3,12 @@ response models (they are the server's OpenAPI schema), the error shape, and how
 conversation becomes the MoA query.
 
 What is accepted beyond OpenAI's fields: ``policy`` (a registered policy's name; with
-the official client, ``extra_body={"policy": ...}``) and vLLM's ``ignore_eos``. Other
-unknown fields are ignored, as vLLM's own server does.
+the official client, ``extra_body={"policy": ...}``) and vLLM's ``ignore_eos``. Fields
+the gateway cannot honour (``UNHONOURED``: tools, structured output, log probabilities,
+more than one answer) are refused with a 400 naming them rather than ignored; other
+unknown fields are ignored, as vLLM's own server does. ``stop`` ends the answer the
+client gets at the first stop string (the string itself left out, finish reason
+``stop``); the run behind it goes on to its end (its row keeps the whole answer).
 """
 
 from __future__ import annotations
@@ -72,6 +76,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     n: int = Field(1, ge=1, le=1, description="one answer per request")
+    stop: str | list[str] | None = Field(None, description="up to 4 strings; the answer ends before the first")
     ignore_eos: bool = Field(False, description="vLLM's: every call generates its whole budget (benchmarks)")
     policy: str | None = Field(None, description="staircase: a registered policy for this request "
                                                  "(default: the server's first)")
@@ -121,6 +126,65 @@ class Health(BaseModel):
     status: Literal["ok", "stopping"]
     requests_in_flight: int
     max_in_flight: int
+
+
+# fields the gateway cannot honour -> the values that ask for nothing (absent, or one of these, is fine)
+UNHONOURED = {"tools": ([],), "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
+              "response_format": ({"type": "text"},), "logprobs": (False,), "top_logprobs": (0,),
+              "logit_bias": ({},), "audio": (), "modalities": (["text"],), "prediction": ()}
+
+
+def check_honoured(body: ChatCompletionRequest) -> None:
+    """A 400 naming the first field the gateway cannot honour (``UNHONOURED``)."""
+    extra = body.model_extra or {}
+    for name, harmless in UNHONOURED.items():
+        value = extra.get(name)
+        if value is not None and value not in harmless:
+            raise ApiError(400, f"{name}: not supported by staircase serve (an MoA answer is plain text from "
+                                f"the aggregator); leave it out", name)
+    stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    if len(stops) > 4 or any(not s for s in stops):
+        raise ApiError(400, f"stop: got {body.stop!r}; allowed: up to 4 non-empty strings", "stop")
+
+
+def stop_strings(body: ChatCompletionRequest) -> tuple[str, ...]:
+    return (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+
+
+class StopScan:
+    """Cuts a streamed answer at the first of ``stops``: ``feed`` returns the text safe to
+    send (held back: what could still begin a stop string) and whether a stop was met;
+    ``flush`` the rest when the answer ends without one."""
+
+    __slots__ = ("stops", "held", "keep", "stopped")
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops, self.held, self.stopped = stops, "", False
+        self.keep = max(map(len, stops)) - 1 if stops else 0
+
+    def feed(self, text: str) -> str:
+        if not self.stops:
+            return text
+        if self.stopped:
+            return ""
+        buf = self.held + text
+        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped, self.held = True, ""
+            return buf[:cut]
+        safe = len(buf) - self.keep
+        self.held = buf[max(safe, 0):]
+        return buf[:max(safe, 0)]
+
+    def flush(self) -> str:
+        out, self.held = ("" if self.stopped else self.held), ""
+        return out
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """``text`` up to the first stop string, and whether there was one."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
 
 
 def conversation_query(messages: list[ChatMessage]) -> str:

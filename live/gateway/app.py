@@ -26,8 +26,8 @@ from staircase.trace import RequestRow
 
 from ..engines import EngineError
 from .server import Job, StaircaseServer, Stream
-from .api import (ApiError, ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelList,
-                         completion_id)
+from .api import (ApiError, ChatCompletion, ChatCompletionRequest, ErrorResponse, Health, ModelList, StopScan,
+                  completion_id, cut_at_stop)
 
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 429, 503)}
 # each server-sent event: data is a chat.completion.chunk object as JSON, or an error object, or [DONE]
@@ -160,12 +160,24 @@ async def _events(server: StaircaseServer, job: Job, task: asyncio.Task, stream:
     request ends with an error event."""
     head = {"id": completion_id(job.id), "object": "chat.completion.chunk", "created": int(time.time()),
             "model": job.model}
-    first = True
+    first, scan = True, StopScan(job.stops)
+
+    def chunk(text: str) -> str:
+        nonlocal first
+        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        first = False
+        return _sse(head | {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
     try:
         while (item := await stream.queue.get()) is not None:
-            delta = {"role": "assistant", "content": item[0]} if first else {"content": item[0]}
-            first = False
-            yield _sse(head | {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+            if text := scan.feed(item[0]):
+                yield chunk(text)
+            if scan.stopped:  # the answer the client gets ends here; the run goes on to its row
+                yield _sse(head | {"choices": [{"index": 0, "delta": {} if not first else {
+                    "role": "assistant", "content": ""}, "finish_reason": "stop"}]})
+                yield "data: [DONE]\n\n"
+                return
+        if text := scan.flush():
+            yield chunk(text)
         row = stream.row
         if row is None:  # the run raised (``Stream.broke``)
             yield _sse({"error": {"message": stream.error, "type": "server_error", "param": None, "code": 500}})
@@ -178,7 +190,7 @@ async def _events(server: StaircaseServer, job: Job, task: asyncio.Task, stream:
                 yield _sse(head | {"choices": [], "usage": _usage(row, job)})
         yield "data: [DONE]\n\n"
     finally:
-        if not task.done():
+        if not task.done() and not scan.stopped:
             task.cancel(_reason(server))
 
 
@@ -195,8 +207,9 @@ def _usage(row: RequestRow, job: Job) -> dict:
 
 
 def _completion(job: Job, row: RequestRow, server: StaircaseServer) -> dict:
+    text, stopped = cut_at_stop(row.answer_text or "", job.stops)
     return {"id": completion_id(job.id), "object": "chat.completion", "created": int(time.time()),
             "model": job.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": row.answer_text or ""},
-                         "finish_reason": _finish(row, job)}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": "stop" if stopped else _finish(row, job)}],
             "usage": _usage(row, job)}

@@ -25,7 +25,7 @@ from staircase.trace import RequestRow
 from ..engines import Sampling
 from .rowlog import RowLog
 from ..runner import LiveRunner
-from .api import ApiError, ChatCompletionRequest, conversation_query
+from .api import ApiError, ChatCompletionRequest, check_honoured, conversation_query, stop_strings
 from .metrics import ServerMetrics
 
 
@@ -69,6 +69,7 @@ class Job:
     answer_tokens: int
     sampling: Sampling
     model: str
+    stops: tuple[str, ...] = ()
 
 
 class Stream:
@@ -140,6 +141,7 @@ class StaircaseServer:
         if not self.accepting:
             self.metrics.refused.labels("stopping").inc()
             raise ApiError(503, "the server is stopping; no new requests", headers={"Retry-After": "5"})
+        check_honoured(body)
         policy = self._policy(body)
         answer = body.max_completion_tokens or body.max_tokens or self.settings.answer_tokens \
             or self.runner.max_tokens
@@ -156,7 +158,7 @@ class StaircaseServer:
         self.in_flight += 1
         self.metrics.in_flight.set(self.in_flight)
         return Job(next(self.ids), policy, query, min(answer, self.settings.max_answer_tokens),
-                   self._sampling(body), body.model)
+                   self._sampling(body), body.model, stop_strings(body))
 
     def _policy(self, body: ChatCompletionRequest) -> Policy:
         if body.model not in self.model_names:
