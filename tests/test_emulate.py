@@ -292,3 +292,21 @@ def test_a_pool_stops_sending_to_a_failing_replica_and_its_calls_go_to_the_other
             job = int(c.request_id.split("-")[-4])
             on_good[job] = on_good.get(job, 0) + 1
     assert on_good[4] == on_good[5] == 3  # after the ejection every proposer call went to the good replica
+
+
+def test_the_gateway_benchmark_splits_the_latency_on_an_emulated_fleet(tmp_path):
+    """`staircase serve` on an emulated fleet, a few users for a few seconds: the
+    benchmark reports the gateway's added latency for every answered request (figures,
+    not asserted: a benchmark, not a timed test)."""
+    import pandas as pd
+
+    out = tmp_path / "gs"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/gateway_scale.py"), "--users", "2", "--azure", "",
+                           "--duration", "4", "--proposers", "3", "--proposer-tokens", "32", "--answer-tokens", "16",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    row = pd.read_csv(out / "gateway-scale.csv").iloc[0]
+    assert row["ok"] == row["requests"] == row["matched"] > 0
+    for name in ("added_ttft_p50_ms", "added_ttft_p99_ms", "added_itl_p99_ms", "gateway_cpu_us_per_token"):
+        assert row[name] == row[name] and row[name] > -1.0, name  # measured (not NaN), not below zero
+    print(done.stdout[-1500:])
