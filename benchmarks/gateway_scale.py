@@ -265,7 +265,7 @@ COLUMNS = ["load", "users", "scale", "ok", "requests_per_s", "ttft_p50_ms", "ttf
            "gateway_cpu_share", "gateway_rss_mib", "emulator_cpu_share", "emulator_lag_ms_max", "within_targets"]
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", default="8,32,96", help="closed-loop user counts, comma-separated ('' for none)")
     p.add_argument("--azure", default="1,2,4", help="Azure-hour rate multiples, comma-separated ('' for none)")
@@ -281,7 +281,11 @@ def main(argv=None) -> int:
     p.add_argument("--final-node", default="agg", help="the topology's final node (whose tokens are the answer)")
     p.add_argument("--serve-args", default="", help="more `staircase serve` options, e.g. '--workers 2'")
     p.add_argument("--out", type=Path, default=None)
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     out = args.out or ROOT / "results" / f"gateway-scale-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
     out.mkdir(parents=True, exist_ok=True)
     emu, srv, emu_port, srv_port = start_fleet(args, out)

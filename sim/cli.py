@@ -184,7 +184,8 @@ async def _emulate(args, profile, models, out) -> None:
     import asyncio
     import signal
 
-    from .emulate import Fleet, serve_fleet, write_calls
+    from .emulate import Fleet, write_calls
+    from .emulate_http import serve_fleet
 
     fleet, runner = await serve_fleet(lambda clock: Fleet(models, clock, seed=args.seed, noise=not args.no_noise,
                                                           stream_interval=args.stream_interval,

@@ -291,21 +291,3 @@ def client_config(fleet: dict[str, EngineModel], base_url: str, profile: Profile
            "pools": {p: {"model": p, "replicas": len(urls), "router": "least-loaded"} for p, urls in pools.items()},
            "slots": slots}
     return {"engines": engines}, raw
-
-
-async def serve_fleet(fleet_of, host: str = "127.0.0.1", port: int = 8100):
-    """Start the fleet's server (``fleet_of(clock)`` builds the fleet on this loop's
-    clock); returns (fleet, aiohttp runner): ``await runner.cleanup()`` stops it."""
-    from aiohttp import web
-
-    from .emulate_http import EmulatorApp
-
-    fleet = fleet_of(Clock(asyncio.get_running_loop()))
-    runner = web.AppRunner(EmulatorApp(fleet).app(), access_log=None, handle_signals=False)
-    await runner.setup()
-    try:
-        await web.TCPSite(runner, host, port, backlog=1024).start()
-    except OSError as err:
-        await runner.cleanup()
-        raise ConfigError("port", port, f"a free port on {host} ({err.strerror})") from None
-    return fleet, runner

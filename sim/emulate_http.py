@@ -17,7 +17,9 @@ import json
 import time
 from dataclasses import asdict
 
-from .emulate import WORD, EmulatedEngine, Fleet, _Call
+from staircase.errors import ConfigError
+
+from .emulate import WORD, Clock, EmulatedEngine, Fleet, _Call
 
 MAX_TOKENS_DEFAULT = 16
 
@@ -237,3 +239,19 @@ def _metrics(engines: list[EmulatedEngine]) -> str:
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
         lines += [f'{name}{{engine="{e.name}",model_name="{e.model.name}"}} {value(e)}' for e in engines]
     return "\n".join(lines) + "\n"
+
+
+async def serve_fleet(fleet_of, host: str = "127.0.0.1", port: int = 8100):
+    """Start the fleet's server (``fleet_of(clock)`` builds the fleet on this loop's
+    clock); returns (fleet, aiohttp runner): ``await runner.cleanup()`` stops it."""
+    from aiohttp import web
+
+    fleet = fleet_of(Clock(asyncio.get_running_loop()))
+    runner = web.AppRunner(EmulatorApp(fleet).app(), access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, backlog=1024).start()
+    except OSError as err:
+        await runner.cleanup()
+        raise ConfigError("port", port, f"a free port on {host} ({err.strerror})") from None
+    return fleet, runner

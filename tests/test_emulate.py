@@ -20,7 +20,8 @@ import aiohttp  # noqa: E402
 
 from staircase.deployment import deployment_from_dict  # noqa: E402
 from staircase.errors import ConfigError  # noqa: E402
-from staircase.sim.emulate import Fleet, client_config, fleet_models, serve_fleet  # noqa: E402
+from staircase.sim.emulate import Fleet, client_config, fleet_models  # noqa: E402
+from staircase.sim.emulate_http import serve_fleet  # noqa: E402
 from staircase.sim.profile import load_profile  # noqa: E402
 
 from staircase.live.engines.serve import free_port  # noqa: E402
