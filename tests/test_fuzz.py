@@ -232,12 +232,15 @@ ANSWERS = str(Path(__file__).parent / "data" / "fuzz-answers.jsonl")
 
 def _repair_engines(raw: dict) -> dict:
     """Models the bundled one, answers a real file, keys from a set variable, slots
-    naming the config's engines: what the schema cannot say."""
+    naming the config's engines, one URL or CPU list where no deployment gives replicas:
+    what the schema cannot say."""
     for spec in raw["engines"].values():
         if spec["kind"] in ("vllm", "serve"):
             spec["model"] = "smollm2"
             if isinstance(spec.get("threads"), list):
                 spec["threads"] = spec["threads"][0]
+        if spec["kind"] == "http" and isinstance(spec.get("url"), list):
+            spec["url"] = spec["url"][0]  # (a list only with a deployment, one per replica: loaded without one)
         if spec.get("api_key_env") is not None:
             spec["api_key_env"] = "HOME"
         if spec["kind"] == "replay":
