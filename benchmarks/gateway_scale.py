@@ -214,7 +214,9 @@ def pct(xs, q: float) -> float:
     return float(np.percentile(xs, q)) * 1000 if len(xs) else math.nan
 
 
-def summarize(point: dict, client: Client, calls: dict, cpu_s: float, rss_mib: float, final_node: str) -> dict:
+def summarize(point: dict, client: Client, calls: dict, cpu_s: tuple[float, float], rss_mib: float,
+              final_node: str) -> dict:
+    """One point's row; ``cpu_s`` is the gateway's and the emulator's CPU seconds over it."""
     ok = [r for r in client.results if r["status"] == 200 and not r["error"] and r["tokens_s"]]
     parts = split(ok, calls["calls"], final_node)
     ttft = [r["tokens_s"][0] - r["sent_s"] for r in ok]
@@ -230,8 +232,8 @@ def summarize(point: dict, client: Client, calls: dict, cpu_s: float, rss_mib: f
         "added_itl_p50_ms": pct(parts["added_itl"], 50), "added_itl_p99_ms": pct(parts["added_itl"], 99),
         "inbound_p50_ms": pct(parts["inbound"], 50), "inbound_p99_ms": pct(parts["inbound"], 99),
         "delay_p50_ms": pct(parts["delay"], 50), "delay_p99_ms": pct(parts["delay"], 99),
-        "tokens_streamed_per_s": streamed / span, "gateway_cpu_us_per_token": cpu_s / max(1, streamed) * 1e6,
-        "gateway_cpu_share": cpu_s / span, "gateway_rss_mib": rss_mib,
+        "tokens_streamed_per_s": streamed / span, "gateway_cpu_us_per_token": cpu_s[0] / max(1, streamed) * 1e6,
+        "gateway_cpu_share": cpu_s[0] / span, "emulator_cpu_share": cpu_s[1] / span, "gateway_rss_mib": rss_mib,
         "emulator_lag_ms_max": calls["lag_s_max"] * 1000, "matched": len(parts["added_ttft"])}
     row["within_targets"] = bool(all(row[k] <= v for k, v in TARGETS.items()))
     return row
@@ -249,9 +251,7 @@ async def run_point(point: dict, args, srv_port: int, emu_port: int, srv_pid: in
     emu1, _ = gateway_usage(emu_pid)
     await asyncio.sleep(0.5)  # the last calls' records
     calls = await asyncio.to_thread(fetch_calls, emu_port)
-    row = summarize(point, client, calls, cpu1 - cpu0, rss, args.final_node)
-    span = max(r["end_s"] for r in client.results) - min(r["sent_s"] for r in client.results)
-    return row | {"emulator_cpu_share": (emu1 - emu0) / span}
+    return summarize(point, client, calls, (cpu1 - cpu0, emu1 - emu0), rss, args.final_node)
 
 
 def points(args) -> list[dict]:

@@ -205,19 +205,21 @@ def test_staircase_emulate_serves_a_plan_deployment_and_writes_its_calls(tmp_pat
                              str(port), "--out", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     try:
-        for _ in range(200):
+        deadline = time.monotonic() + 120  # a slow CPU's import and fleet build
+        while True:
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1)
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
                 break
             except OSError:
-                time.sleep(0.1)
+                assert proc.poll() is None and time.monotonic() < deadline, "the emulator did not start"
+                time.sleep(0.2)
         req = urllib.request.Request(f"http://127.0.0.1:{port}/aggregator/1/v1/completions", method="POST",
                                      data=json.dumps({"prompt": "a b c", "max_tokens": 3}).encode(),
                                      headers={"X-Request-Id": "r-1"})
-        answer = json.load(urllib.request.urlopen(req, timeout=10))
+        answer = json.load(urllib.request.urlopen(req, timeout=60))
     finally:
         proc.terminate()
-        out = proc.communicate(timeout=30)[0]
+        out = proc.communicate(timeout=120)[0]
     assert answer["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,
                                "prompt_tokens_details": {"cached_tokens": 0}}
     engines = json.loads((tmp_path / "engines.json").read_text())["engines"]

@@ -214,7 +214,7 @@ async def _sse_events(resp) -> AsyncIterator[dict]:
         except json.JSONDecodeError:
             raise EngineError("malformed stream") from None
         if kind == "error" or not isinstance(event, dict) or "error" in event:
-            raise EngineError(f"server error: {str(event.get('error') if isinstance(event, dict) else event)[:100]}")
+            raise EngineError(f"server error: {str(event.get('error', event) if isinstance(event, dict) else event)[:100]}")
         kind = ""
         yield event
     if data and data != ["[DONE]"]:

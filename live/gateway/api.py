@@ -142,7 +142,7 @@ def check_honoured(body: ChatCompletionRequest) -> None:
         if value is not None and value not in harmless:
             raise ApiError(400, f"{name}: not supported by staircase serve (an MoA answer is plain text from "
                                 f"the aggregator); leave it out", name)
-    stops = [body.stop] if isinstance(body.stop, str) else body.stop or []
+    stops = stop_strings(body)
     if len(stops) > 4 or any(not s for s in stops):
         raise ApiError(400, f"stop: got {body.stop!r}; allowed: up to 4 non-empty strings", "stop")
 
@@ -168,10 +168,10 @@ class StopScan:
         if self.stopped:
             return ""
         buf = self.held + text
-        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
-            self.stopped, self.held = True, ""
-            return buf[:cut]
+        head, self.stopped = cut_at_stop(buf, self.stops)
+        if self.stopped:
+            self.held = ""
+            return head
         safe = len(buf) - self.keep
         self.held = buf[max(safe, 0):]
         return buf[:max(safe, 0)]

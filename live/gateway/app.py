@@ -167,13 +167,16 @@ async def _events(server: StaircaseServer, job: Job, task: asyncio.Task, stream:
         delta = {"role": "assistant", "content": text} if first else {"content": text}
         first = False
         return _sse(head | {"choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+
+    def finish(reason: str) -> str:
+        delta = {"role": "assistant", "content": ""} if first else {}
+        return _sse(head | {"choices": [{"index": 0, "delta": delta, "finish_reason": reason}]})
     try:
         while (item := await stream.queue.get()) is not None:
             if text := scan.feed(item[0]):
                 yield chunk(text)
             if scan.stopped:  # the answer the client gets ends here; the run goes on to its row
-                yield _sse(head | {"choices": [{"index": 0, "delta": {} if not first else {
-                    "role": "assistant", "content": ""}, "finish_reason": "stop"}]})
+                yield finish("stop")
                 yield "data: [DONE]\n\n"
                 return
         if text := scan.flush():
@@ -184,8 +187,7 @@ async def _events(server: StaircaseServer, job: Job, task: asyncio.Task, stream:
         elif row.outcome != "ok":
             yield _sse({"error": ApiError(503, f"the request failed: {row.error}").body()["error"]})
         else:
-            yield _sse(head | {"choices": [{"index": 0, "delta": {} if not first else {"role": "assistant",
-                                            "content": ""}, "finish_reason": _finish(row, job)}]})
+            yield finish(_finish(row, job))
             if usage:
                 yield _sse(head | {"choices": [], "usage": _usage(row, job)})
         yield "data: [DONE]\n\n"

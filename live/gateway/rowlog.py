@@ -12,6 +12,7 @@ interval, and ``staircase validate`` reads the parts of a policy as one trace
 
 from __future__ import annotations
 
+import asyncio
 import re
 import threading
 import time
@@ -76,8 +77,6 @@ class RowLog:
         """``flush`` with the writing in a worker thread: the event loop only moves the
         rows (a part's rewrite takes tens of milliseconds it would otherwise hold up every
         stream for)."""
-        import asyncio
-
         done, chunks = self.take()
         await asyncio.to_thread(self.write, done, chunks)
         return len(done)
