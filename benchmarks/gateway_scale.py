@@ -76,7 +76,7 @@ def start(cmd: list[str], log: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
-def start_fleet(args, out: Path) -> tuple[subprocess.Popen, subprocess.Popen, int, int]:
+def start_fleet(args, out: Path, workers: int = 1) -> tuple[subprocess.Popen, subprocess.Popen, int, int]:
     """(emulator, server, emulator port, server port), both answering."""
     emu_port, srv_port = free_port(), free_port()
     fleet = ["--deployment", str(args.deployment)] if args.deployment else ["--replicas", "1"]
@@ -87,7 +87,7 @@ def start_fleet(args, out: Path) -> tuple[subprocess.Popen, subprocess.Popen, in
            "--deployment", str(out / "emulate/deployment.json"), "--proposers", str(args.proposers),
            "--policies", args.policy, "--redundancy", str(args.redundancy), "--max-tokens", str(args.proposer_tokens),
            "--answer-tokens", str(args.answer_tokens), "--max-in-flight", "4096", "--port", str(srv_port),
-           "--out", str(out / "serve"), *args.serve_args.split()]
+           "--workers", str(workers), "--out", str(out / "serve"), *args.serve_args.split()]
     srv = start(cmd, out / "serve.log")
     wait_until(f"http://127.0.0.1:{srv_port}/health", srv, "staircase serve", out / "serve.log")
     return emu, srv, emu_port, srv_port
@@ -159,12 +159,13 @@ def azure_arrivals(scale: float, duration_s: float) -> list[float]:
 
 
 def gateway_usage(pid: int) -> tuple[float, float]:
-    """(CPU seconds, resident MiB) of the server process."""
+    """(CPU seconds, resident MiB) of a process and its children (``serve --workers``)."""
     import psutil
 
-    p = psutil.Process(pid)
-    t = p.cpu_times()
-    return t.user + t.system, p.memory_info().rss / 2**20
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    cpu = sum(t.user + t.system for t in (p.cpu_times() for p in procs))
+    return cpu, sum(p.memory_info().rss for p in procs) / 2**20
 
 
 def fetch_calls(emu_port: int) -> dict:
@@ -210,6 +211,19 @@ def _per_token(writes: list) -> list[tuple[float, int]]:
     return out
 
 
+def busiest_share(ok: list[dict], workers: int) -> float:
+    """The share of the answered requests the busiest worker took (worker k numbers its
+    requests k, k + n, ...: the completion id says which)."""
+    jobs = [r["job"] % workers for r in ok if r["job"] is not None]
+    return float(np.bincount(jobs, minlength=workers).max() / len(jobs)) if jobs else math.nan
+
+
+def highest_within(df: pd.DataFrame) -> dict:
+    """Per worker count: the highest request rate of a point within the targets (None: none was)."""
+    return {int(w): (float(g[g.within_targets].requests_per_s.max()) if g.within_targets.any() else None)
+            for w, g in df.groupby("workers")}
+
+
 def pct(xs, q: float) -> float:
     return float(np.percentile(xs, q)) * 1000 if len(xs) else math.nan
 
@@ -234,7 +248,8 @@ def summarize(point: dict, client: Client, calls: dict, cpu_s: tuple[float, floa
         "delay_p50_ms": pct(parts["delay"], 50), "delay_p99_ms": pct(parts["delay"], 99),
         "tokens_streamed_per_s": streamed / span, "gateway_cpu_us_per_token": cpu_s[0] / max(1, streamed) * 1e6,
         "gateway_cpu_share": cpu_s[0] / span, "emulator_cpu_share": cpu_s[1] / span, "gateway_rss_mib": rss_mib,
-        "emulator_lag_ms_max": calls["lag_s_max"] * 1000, "matched": len(parts["added_ttft"])}
+        "emulator_lag_ms_max": calls["lag_s_max"] * 1000, "matched": len(parts["added_ttft"]),
+        "busiest_worker_share": busiest_share(ok, point.get("workers", 1))}
     row["within_targets"] = bool(all(row[k] <= v for k, v in TARGETS.items()))
     return row
 
@@ -260,9 +275,9 @@ def points(args) -> list[dict]:
     return out
 
 
-COLUMNS = ["load", "users", "scale", "ok", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_mean_ms", "e2e_p50_s",
+COLUMNS = ["workers", "load", "users", "scale", "ok", "requests_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_mean_ms", "e2e_p50_s",
            "added_ttft_p50_ms", "added_ttft_p99_ms", "added_itl_p99_ms", "gateway_cpu_us_per_token",
-           "gateway_cpu_share", "gateway_rss_mib", "emulator_cpu_share", "emulator_lag_ms_max", "within_targets"]
+           "gateway_cpu_share", "gateway_rss_mib", "emulator_cpu_share", "emulator_lag_ms_max", "busiest_worker_share", "within_targets"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -279,35 +294,48 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--answer-tokens", type=int, default=256)
     p.add_argument("--prompt-words", type=int, default=200)
     p.add_argument("--final-node", default="agg", help="the topology's final node (whose tokens are the answer)")
-    p.add_argument("--serve-args", default="", help="more `staircase serve` options, e.g. '--workers 2'")
+    p.add_argument("--workers", default="1", help="gateway processes (`serve --workers`), comma-separated: each "
+                   "count runs every point on a fresh fleet, e.g. '1,2'")
+    p.add_argument("--serve-args", default="", help="more `staircase serve` options")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    out = args.out or ROOT / "results" / f"gateway-scale-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+def run_fleet(args, out: Path, workers: int) -> list[dict]:
+    """Every point on a fresh emulator and a server of ``workers`` processes."""
     out.mkdir(parents=True, exist_ok=True)
-    emu, srv, emu_port, srv_port = start_fleet(args, out)
+    emu, srv, emu_port, srv_port = start_fleet(args, out, workers)
     rows = []
     try:
         for point in points(args):
-            rows.append(asyncio.run(run_point(point, args, srv_port, emu_port, srv.pid, emu.pid)))
+            row = asyncio.run(run_point(point | {"workers": workers}, args, srv_port, emu_port, srv.pid, emu.pid))
+            rows.append(row)
             print(pd.DataFrame(rows)[COLUMNS].tail(1).to_string(index=False, float_format=lambda v: f"{v:.3g}"),
                   flush=True)
     finally:
         for proc in (srv, emu):
             os.killpg(proc.pid, signal.SIGTERM)
         for proc in (srv, emu):
-            proc.wait(60)
+            proc.wait(90)
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = args.out or ROOT / "results" / f"gateway-scale-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
+    counts = [int(w) for w in args.workers.split(",")]
+    rows = []
+    for workers in counts:
+        rows += run_fleet(args, out if len(counts) == 1 else out / f"workers-{workers}", workers)
     df = pd.DataFrame(rows)
     df.to_csv(out / "gateway-scale.csv", index=False)
     from staircase.machine import describe_cpu as describe
 
     (out / "gateway-scale.json").write_text(json.dumps(
         {"machine": describe(), "targets": TARGETS, "args": {k: str(v) for k, v in vars(args).items()},
-         "rows": rows}, indent=1) + "\n")
+         "highest_within_targets_req_per_s": highest_within(df), "rows": rows}, indent=1) + "\n")
     print(df[COLUMNS].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"highest rate within the targets, by workers: {highest_within(df)}")
     print(f"\nresults: {out}")
     return 0
 

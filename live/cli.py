@@ -229,6 +229,8 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--grace-s", type=float, default=30.0,
                    help="on SIGTERM or Ctrl-C: how long requests in flight may finish before they are cancelled")
     g.add_argument("--flush-s", type=float, default=5.0, help="how often finished requests' rows are written")
+    g.add_argument("--workers", type=int, default=1,
+                   help="gateway processes on the one port (http and replay engines only); rows and /metrics merged")
     g = p.add_argument_group("answers and sampling")
     g.add_argument("--max-tokens", type=int, default=128, help="max tokens of each proposer's answer")
     g.add_argument("--answer-tokens", type=int, default=None,
@@ -246,21 +248,37 @@ def serve(args: argparse.Namespace) -> int:
     from staircase.cli import results_folder
 
     from .gateway.server import ServeSettings
+    from .gateway.workers import check_shareable, serve_workers
+
+    args.out = results_folder(args, "serve")
+    topology_and_policies(args)  # every option checked here, once, before a worker starts
+    stall_limits(args)
+    _serve_settings(args, ServeSettings)
+    check_shareable(args.workers, EngineOptions.from_mapping(vars(args)).to_config())
+    try:
+        if args.workers > 1:
+            serve_workers(args, args.workers, args.out, serve_one)
+        else:
+            serve_one(args)
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+def serve_one(args: argparse.Namespace, worker=None) -> None:
+    """One gateway process: the whole server, or worker ``worker.k`` of ``--workers``
+    (``staircase.live.gateway.workers``)."""
+    from .gateway.server import ServeSettings
 
     topology, policies = topology_and_policies(args)
     stall = stall_limits(args)
     settings = _serve_settings(args, ServeSettings)
     raw = EngineOptions.from_mapping(vars(args)).to_config()
     deployment = load_deployment(args.deployment) if args.deployment else None
-    folder = results_folder(args, "serve")
-    try:
-        with open_engines(raw, topology, dtype=args.dtype, deployment=deployment) as engines:
-            runner = make_runner(args, engines, topology, stall)
-            config = _serve_config(args, topology, policies, raw, runner, stall) | engines.machine
-            _serve_forever(args, runner, policies, settings, folder, config)
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    with open_engines(raw, topology, dtype=args.dtype, deployment=deployment) as engines:
+        runner = make_runner(args, engines, topology, stall)
+        config = _serve_config(args, topology, policies, raw, runner, stall) | engines.machine
+        _serve_forever(args, runner, policies, settings, args.out, config, worker)
 
 
 def _serve_settings(args: argparse.Namespace, settings_type):
@@ -284,14 +302,20 @@ def _serve_config(args: argparse.Namespace, topology, policies, raw: dict, runne
         started_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
-def _serve_forever(args: argparse.Namespace, runner, policies, settings, folder: Path, config: dict) -> None:
-    """Run the HTTP server until SIGTERM or Ctrl-C; the rows are written as it goes and at the end."""
+def _serve_forever(args: argparse.Namespace, runner, policies, settings, folder: Path, config: dict,
+                   worker=None) -> None:
+    """Run the HTTP server until SIGTERM or Ctrl-C; the rows are written as it goes and at
+    the end (a worker's summary is its parent's to write, over all workers)."""
     from .gateway.rowlog import RowLog
     from .gateway.server import StaircaseServer
     from .gateway.app import create_app
     from .gateway.serving import ready_message, run_uvicorn, write_summary
 
-    server = StaircaseServer(runner, policies, settings, RowLog(folder, runner.recorder, config))
-    app = create_app(server, on_ready=lambda: print(ready_message(args.host, args.port, server, folder), flush=True),
-                     on_stop=lambda summary: write_summary(folder, summary))
-    run_uvicorn(app, server, args.host, args.port)
+    if worker is not None:
+        runner.set_epoch(worker.epoch)
+    rowlog = RowLog(folder, runner.recorder, config, worker=None if worker is None else worker.k)
+    server = StaircaseServer(runner, policies, settings, rowlog, None if worker is None else (worker.k, worker.n))
+    ready = print if worker is None else worker.ready
+    app = create_app(server, on_ready=lambda: ready(ready_message(args.host, args.port, server, folder), flush=True),
+                     on_stop=None if worker is not None else lambda summary: write_summary(folder, summary))
+    run_uvicorn(app, server, args.host, args.port, worker)

@@ -102,6 +102,11 @@ class LiveRunner:
     def now(self) -> float:
         return time.perf_counter() - self._t0
 
+    def set_epoch(self, t0: float) -> None:
+        """Count time from ``t0`` (a ``time.perf_counter()`` value: one clock for every
+        process of the machine), as ``staircase serve --workers`` does in each worker."""
+        self._t0 = t0
+
     async def start(self) -> None:
         for engine in self.all_engines:
             await engine.start()

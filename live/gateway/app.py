@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager, suppress
 from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from staircase.errors import ConfigError
@@ -54,13 +54,16 @@ def create_app(server: StaircaseServer, on_ready=None, on_stop=None) -> FastAPI:
             on_ready()
         gc.collect()
         gc.freeze()  # what startup made (modules, engines) is never garbage: full collections skip it
-        flusher = asyncio.create_task(server.flush_every())
+        tasks = [asyncio.create_task(server.flush_every())]
+        if server.metrics.multiprocess:
+            tasks.append(asyncio.create_task(server.sample_every()))
         try:
             yield
         finally:
-            flusher.cancel()
-            with suppress(asyncio.CancelledError):
-                await flusher
+            for task in tasks:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
             summary = await server.shutdown()
             if on_stop is not None:
                 on_stop(summary)
@@ -127,7 +130,7 @@ def _routes(app: FastAPI, server: StaircaseServer) -> None:
 
     @app.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
     async def metrics():
-        return Response(generate_latest(server.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(server.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 async def _unless_gone(server: StaircaseServer, request: Request, task: asyncio.Task) -> RequestRow:

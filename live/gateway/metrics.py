@@ -7,6 +7,11 @@ flight, requests refused (429 past the queue bound, 503 while stopping), and per
 engine the calls the runner has in flight on it (``staircase_engine_calls_in_flight``)
 and, where the engine can say (in-process vLLM), the requests the engine itself is
 running (``staircase_engine_running_requests``).
+
+Under ``staircase serve --workers`` (``multiprocess``) the values live in
+prometheus-client's multiprocess files and a scrape reads every worker's: counters and
+histograms summed, the in-flight gauges summed over live workers; the calls per engine
+are then sampled each second (``sample_engines``) rather than read at the scrape.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 from staircase.trace import RequestRow
@@ -55,7 +60,8 @@ class _EngineCollector:
 
 
 class ServerMetrics:
-    def __init__(self, runner):
+    def __init__(self, runner, multiprocess: bool = False):
+        self.runner, self.multiprocess = runner, multiprocess
         self.registry = r = CollectorRegistry()
         self.ttft = Histogram("staircase_ttft_seconds", "time to the answer's first token", ["policy"],
                               buckets=LATENCY_BUCKETS, registry=r)
@@ -71,8 +77,30 @@ class ServerMetrics:
                             ["policy", "reason"], registry=r)
         self.refused = Counter("staircase_requests_refused", "requests refused before they ran",
                                ["reason"], registry=r)
-        self.in_flight = Gauge("staircase_requests_in_flight", "requests admitted and not ended", registry=r)
-        r.register(_EngineCollector(runner))
+        self.in_flight = Gauge("staircase_requests_in_flight", "requests admitted and not ended", registry=r,
+                               multiprocess_mode="livesum")
+        if multiprocess:
+            self.engine_calls = Gauge("staircase_engine_calls_in_flight", "calls the runner has in flight on an "
+                                      "engine (sampled each second per worker)", ["engine"], registry=r,
+                                      multiprocess_mode="livesum")
+        else:
+            r.register(_EngineCollector(runner))
+
+    def sample_engines(self) -> None:
+        """The calls in flight per engine into the shared gauge (multiprocess only)."""
+        for replica in self.runner.replicas.values():
+            self.engine_calls.labels(replica.name).set(replica.in_flight)
+
+    def exposition(self) -> bytes:
+        """The scrape's text: this process's registry, or every worker's (multiprocess)."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        self.sample_engines()
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return generate_latest(merged)
 
     def delta(self, policy: str, gap_s: float, tokens: int) -> None:
         """A streamed piece of ``tokens`` tokens, ``gap_s`` after the previous one."""

@@ -24,7 +24,7 @@ from staircase.driver import Recorder
 from staircase.record import write_record
 from staircase.trace import CHUNK_COLUMNS, REQUEST_COLUMNS, frame, read_chunks, read_requests
 
-PART = re.compile(r"^(?P<policy>.+)\.part-(?P<n>\d+)\.requests\.parquet$")
+PART = re.compile(r"^(?P<policy>.+?)(\.worker-(?P<worker>\d+))?\.part-(?P<n>\d+)\.requests\.parquet$")
 
 
 def mean_rate(times: list[float], count: int | None = None) -> float:
@@ -45,11 +45,15 @@ class RowLog:
     """The results folder of a server: config.json and the rolling trace parts. A part
     grows (rewritten whole, atomically, at each flush) until it holds ``part_requests``
     requests or is ``part_s`` seconds old; the next flush starts a new one. Memory holds
-    the open part's rows only."""
+    the open part's rows only. ``worker`` (``staircase serve --workers``): this process's
+    number; its parts are ``<policy>.worker-<k>.part-<n>``, its config
+    ``workers/<k>/config.json`` with its first and last arrival (``arrivals_s``), which
+    the parent merges (``staircase.live.gateway.workers.merge_configs``)."""
 
     def __init__(self, folder: Path, recorder: Recorder, config: dict, part_requests: int = 1000,
-                 part_s: float = 600.0):
-        self.folder, self.recorder = Path(folder), recorder
+                 part_s: float = 600.0, worker: int | None = None):
+        self.folder, self.recorder, self.worker = Path(folder), recorder, worker
+        self.stem = "" if worker is None else f".worker-{worker}"
         self.traces = self.folder / "traces"
         self.traces.mkdir(parents=True, exist_ok=True)
         self.config = dict(config)
@@ -64,7 +68,11 @@ class RowLog:
 
     def write_config(self, **more) -> None:
         self.config |= more | {"rows_written": dict(self.written), "parts": self.parts}
-        write_record(self.folder, self.config)  # atomically: a reader never sees half a file
+        if self.worker is None:
+            write_record(self.folder, self.config)  # atomically: a reader never sees half a file
+        else:
+            write_record(self.folder / "workers" / str(self.worker),
+                         self.config | {"worker": self.worker, "arrivals_s": self.arrivals})
 
     def flush(self, **more) -> int:
         """Move the finished requests' rows into the open part and write it; returns how
@@ -115,7 +123,7 @@ class RowLog:
         self.open[1].extend(chunks)
         requests, all_chunks = self.open
         for policy in sorted({r.policy for r in requests}):
-            stem = self.traces / f"{safe_name(policy)}.part-{self.parts:05d}"
+            stem = self.traces / f"{safe_name(policy)}{self.stem}.part-{self.parts:05d}"
             for rows, columns, kind in ((requests, REQUEST_COLUMNS, "requests"), (all_chunks, CHUNK_COLUMNS, "chunks")):
                 tmp = Path(f"{stem}.{kind}.parquet.tmp")
                 frame([r for r in rows if r.policy == policy], columns).to_parquet(tmp, index=False)

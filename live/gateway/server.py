@@ -105,7 +105,9 @@ class Stream:
 
 class StaircaseServer:
     def __init__(self, runner: LiveRunner, policies: list[Policy], settings: ServeSettings | None = None,
-                 rowlog: RowLog | None = None):
+                 rowlog: RowLog | None = None, worker: tuple[int, int] | None = None):
+        """``worker``: (k, n) under ``staircase serve --workers n``: ids k, k + n, ...
+        (unique over the workers) and metrics in prometheus' multiprocess files."""
         if not policies:
             raise ConfigError("policies", [], "at least one policy to serve")
         for policy in policies:
@@ -114,14 +116,14 @@ class StaircaseServer:
         self.runner, self.settings, self.rowlog = runner, settings or ServeSettings(), rowlog
         self.policies = {p.name: p for p in policies}
         self.default = policies[0]
-        self.metrics = ServerMetrics(runner)
+        self.metrics = ServerMetrics(runner, multiprocess=worker is not None)
         self.in_flight = 0
         self.accepting = False
         self.in_flight_at_stop: int | None = None
         self.failed: Exception | None = None  # why the engines did not start
         self.after_stop = {"ok": 0, "error": 0, "cancelled": 0}
         self.tasks: set[asyncio.Task] = set()
-        self.ids = itertools.count()
+        self.ids = itertools.count(*worker) if worker is not None else itertools.count()
         self.created = int(time.time())
 
     @property
@@ -205,6 +207,12 @@ class StaircaseServer:
             await asyncio.sleep(self.settings.flush_s)
             if self.rowlog is not None:
                 await self.rowlog.flush_async()
+
+    async def sample_every(self, period_s: float = 1.0) -> None:
+        """The calls in flight per engine into the workers' shared gauge (multiprocess)."""
+        while True:
+            self.metrics.sample_engines()
+            await asyncio.sleep(period_s)
 
     def stop_admitting(self) -> None:
         """New requests get 503 from now on (a stop signal's first step)."""

@@ -66,11 +66,14 @@ class _Uvicorn(uvicorn.Server):
     """uvicorn's server; a stop signal also closes the staircase server's door at once
     (new requests 503, /health says stopping) while uvicorn waits for the open ones."""
 
-    def __init__(self, config: uvicorn.Config, server):
+    def __init__(self, config: uvicorn.Config, server, worker=None):
         super().__init__(config)
-        self.staircase = server
+        self.staircase, self.worker = server, worker
 
     async def on_tick(self, counter: int) -> bool:
+        if self.worker is not None and self.worker.orphaned() and not self.should_exit:  # the parent is gone
+            self.staircase.stop_admitting()
+            self.should_exit = True
         return bool(self.staircase.failed) or await super().on_tick(counter)
 
     def handle_exit(self, sig, frame) -> None:
@@ -78,12 +81,13 @@ class _Uvicorn(uvicorn.Server):
         super().handle_exit(sig, frame)
 
 
-def run_uvicorn(app, server, host: str, port: int) -> None:
+def run_uvicorn(app, server, host: str, port: int, worker=None) -> None:
     """Serve ``app`` until SIGTERM or Ctrl-C (uvicorn re-raises the signal after the stop);
-    an engine that did not start is raised here (a one-line error)."""
+    an engine that did not start is raised here (a one-line error). A ``worker``
+    (``staircase.live.gateway.workers.Worker``) accepts on the socket its parent bound."""
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
                             timeout_graceful_shutdown=server.settings.grace_s)
-    _Uvicorn(config, server).run()
+    _Uvicorn(config, server, worker).run(sockets=None if worker is None else [worker.sock])
     if isinstance(server.failed, ConfigError):
         raise server.failed
     if server.failed is not None:
