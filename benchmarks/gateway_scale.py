@@ -96,17 +96,18 @@ def start_fleet(args, out: Path, workers: int = 1) -> tuple[subprocess.Popen, su
 class Client:
     """The load client: streamed chat completions, every answer token's arrival kept."""
 
-    def __init__(self, url: str, args):
-        self.url, self.args = url, args
+    def __init__(self, url: str, args, model: str = "staircase", headers: dict | None = None, **body):
+        """``body``: more fields of each request (e.g. ``max_tokens``)."""
+        self.url, self.args, self.model, self.headers, self.body = url, args, model, headers or {}, body
         self.prompt = " ".join(f"w{i % 97}" for i in range(args.prompt_words))
         self.results: list[dict] = []
 
     async def one(self, session, k: int) -> None:
-        body = {"model": "staircase", "stream": True, "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": f"q{k} {self.prompt}"}]}
+        body = {"model": self.model, "stream": True, "stream_options": {"include_usage": True},
+                "messages": [{"role": "user", "content": f"q{k} {self.prompt}"}], **self.body}
         r = {"sent_s": time.monotonic(), "tokens_s": [], "job": None, "status": 0, "error": ""}
         try:
-            async with session.post(self.url, json=body) as resp:
+            async with session.post(self.url, json=body, headers=self.headers) as resp:
                 r["status"] = resp.status
                 async for raw in resp.content:
                     if not raw.startswith(b"data: {"):
@@ -116,7 +117,7 @@ class Client:
                     if "error" in event:
                         r["error"] = str(event["error"].get("message"))[:80]
                         continue
-                    if r["job"] is None:
+                    if r["job"] is None and event.get("id", "").startswith("chatcmpl-staircase-"):
                         r["job"] = int(event["id"].rsplit("-", 1)[1])
                     for ch in event.get("choices") or ():
                         n = (ch.get("delta") or {}).get("content", "").count(" x")

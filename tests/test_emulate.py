@@ -306,10 +306,31 @@ def test_the_gateway_benchmark_splits_the_latency_on_an_emulated_fleet(tmp_path)
     out = tmp_path / "gs"
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks/gateway_scale.py"), "--users", "2", "--azure", "",
                            "--duration", "4", "--proposers", "3", "--proposer-tokens", "32", "--answer-tokens", "16",
-                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+                           "--workers", "1,2", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    row = pd.read_csv(out / "gateway-scale.csv").iloc[0]
-    assert row["ok"] == row["requests"] == row["matched"] > 0
-    for name in ("added_ttft_p50_ms", "added_ttft_p99_ms", "added_itl_p99_ms", "gateway_cpu_us_per_token"):
-        assert row[name] == row[name] and row[name] > -1.0, name  # measured (not NaN), not below zero
+    rows = pd.read_csv(out / "gateway-scale.csv")
+    assert list(rows.workers) == [1, 2]
+    for _, row in rows.iterrows():
+        assert row["ok"] == row["requests"] == row["matched"] > 0
+        for name in ("added_ttft_p50_ms", "added_ttft_p99_ms", "added_itl_p99_ms", "gateway_cpu_us_per_token"):
+            assert row[name] == row[name] and row[name] > -1.0, name  # measured (not NaN), not below zero
+    assert rows.busiest_worker_share.iloc[0] == 1.0 and 0.5 <= rows.busiest_worker_share.iloc[1] <= 1.0
     print(done.stdout[-1500:])
+
+
+def test_the_litellm_comparison_needs_its_command_and_subtracts_the_direct_baseline(tmp_path):
+    """benchmarks/gateway_anchor.py (LiteLLM is installed beside, not here): without the
+    command it stops naming --litellm; its arithmetic on rows of the three gateways."""
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks/gateway_anchor.py"), "--litellm",
+                           str(tmp_path / "none")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--litellm: got" in done.stderr and "litellm[proxy]==" in done.stderr
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from gateway_anchor import added, ratios
+
+    rows = [{"gateway": g, "users": 1, "ttft_p50_ms": t, "ttft_p99_ms": 2 * t, "itl_p50_ms": 1.0, "itl_p99_ms": 2.0,
+             "cpu_ms_per_request": c, "cpu_us_per_token": c / 10} for g, t, c in
+            (("direct", 10.0, 0.0), ("staircase", 12.0, 4.0), ("litellm", 18.0, 16.0))]
+    df = added(rows)
+    assert list(df.added_ttft_p50_ms) == [0.0, 2.0, 8.0] and list(df.added_ttft_p99_ms) == [0.0, 4.0, 16.0]
+    (r,) = ratios(df)
+    assert r["added_ttft_p50_ms_staircase_over_litellm"] == 0.25 and r["cpu_ms_per_request_staircase_over_litellm"] == 0.25
